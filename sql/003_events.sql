@@ -1,0 +1,88 @@
+-- 003_events.sql: the event queue and the error log.
+--
+-- Life of an event (marketing.pipeline_events.status):
+--
+--   pending --claim--> processing --delivered--> processed
+--      ^                  |   |
+--      |                  |   +--failed, attempts left--> failed --due again--> (claimed)
+--      |                  |   +--failed, none left------> dead
+--      |                  +--lease ran out (consumer crashed)--> claimed again
+--      +--------------- replay (from failed, dead or processed)
+--
+-- next_attempt_at is when the event may be claimed: for pending and failed
+-- events the earliest (next) delivery attempt, for a processing event the end
+-- of its lease. One partial index on it serves every claim, so the claim cost
+-- does not grow with the number of processed events kept as history.
+
+CREATE TABLE marketing.pipeline_events (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_type      text NOT NULL,
+    payload         jsonb NOT NULL,
+    status          text NOT NULL DEFAULT 'pending',
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    processed_at    timestamptz,
+    last_error      text,
+    source_table    text,
+    source_op       text,
+    source_key      jsonb,
+    replay_count    integer NOT NULL DEFAULT 0,
+    CONSTRAINT event_type_format CHECK (event_type ~ '^[a-z][a-z0-9_]{0,46}$'),
+    CONSTRAINT status_known
+        CHECK (status IN ('pending', 'processing', 'processed', 'failed', 'dead')),
+    CONSTRAINT processed_at_iff_processed CHECK ((status = 'processed') = (processed_at IS NOT NULL)),
+    CONSTRAINT attempts_not_negative CHECK (attempts >= 0),
+    CONSTRAINT source_op_known CHECK (source_op IN ('INSERT', 'UPDATE', 'DELETE', 'EMIT'))
+);
+
+-- Claims: "due events in order" is a range scan of this index, whatever the history.
+CREATE INDEX pipeline_events_due_idx ON marketing.pipeline_events (next_attempt_at, id)
+    WHERE status IN ('pending', 'failed', 'processing');
+-- Recent events (ORDER BY created_at DESC) and time-range replays.
+CREATE INDEX pipeline_events_created_idx ON marketing.pipeline_events (created_at);
+-- Latency views and retention of delivered events.
+CREATE INDEX pipeline_events_processed_idx ON marketing.pipeline_events (processed_at)
+    WHERE status = 'processed';
+
+COMMENT ON TABLE marketing.pipeline_events IS
+    'The event queue: one row per stage change (or pipeline.emit call), delivered to the webhook of its event_type.';
+COMMENT ON COLUMN marketing.pipeline_events.event_type IS 'Lower-case identifier (a-z, 0-9, _; at most 47 characters).';
+COMMENT ON COLUMN marketing.pipeline_events.payload IS
+    'Row data: {"new": row} for INSERT, {"new": row, "old": row} for UPDATE, {"old": row} for DELETE; '
+    'grouped events hold {"key": ..., "count": n, "new": [rows]}.';
+COMMENT ON COLUMN marketing.pipeline_events.status IS 'pending, processing, processed, failed (will be retried) or dead (gave up).';
+COMMENT ON COLUMN marketing.pipeline_events.attempts IS 'Delivery attempts since the event was created or last replayed.';
+COMMENT ON COLUMN marketing.pipeline_events.next_attempt_at IS
+    'pending/failed: earliest next delivery attempt. processing: end of the lease, after which the event is claimed again.';
+COMMENT ON COLUMN marketing.pipeline_events.processed_at IS 'When delivery succeeded.';
+COMMENT ON COLUMN marketing.pipeline_events.last_error IS 'Error of the latest failed attempt.';
+COMMENT ON COLUMN marketing.pipeline_events.source_table IS 'schema.table whose change produced the event.';
+COMMENT ON COLUMN marketing.pipeline_events.source_op IS 'INSERT, UPDATE, DELETE, or EMIT for pipeline.emit.';
+COMMENT ON COLUMN marketing.pipeline_events.source_key IS 'Primary key of the changed row (or the group key of a grouped event), as JSON.';
+COMMENT ON COLUMN marketing.pipeline_events.replay_count IS 'How many times the event was replayed.';
+
+CREATE TABLE marketing.pipeline_error_log (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    stage           text NOT NULL,
+    event_id        bigint REFERENCES marketing.pipeline_events (id) ON DELETE SET NULL,
+    error_message   text NOT NULL,
+    details         jsonb NOT NULL DEFAULT '{}',
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    resolved        boolean NOT NULL DEFAULT false,
+    resolved_at     timestamptz,
+    resolution_note text,
+    CONSTRAINT stage_not_blank CHECK (NOT pipeline._is_blank(stage)),
+    CONSTRAINT error_message_not_blank CHECK (NOT pipeline._is_blank(error_message)),
+    CONSTRAINT resolved_at_iff_resolved CHECK (resolved = (resolved_at IS NOT NULL))
+);
+CREATE INDEX pipeline_error_log_created_idx ON marketing.pipeline_error_log (created_at);
+CREATE INDEX pipeline_error_log_unresolved_idx ON marketing.pipeline_error_log (created_at)
+    WHERE NOT resolved;
+-- Deleting old events sets event_id to NULL here; this index keeps that cheap.
+CREATE INDEX pipeline_error_log_event_idx ON marketing.pipeline_error_log (event_id);
+
+COMMENT ON TABLE marketing.pipeline_error_log IS
+    'Failures of the pipeline: failed deliveries and errors reported by receivers (pipeline.log_error).';
+COMMENT ON COLUMN marketing.pipeline_error_log.stage IS 'Event type of the failed event, or the stage name a receiver reported.';
+COMMENT ON COLUMN marketing.pipeline_error_log.details IS 'Structured context: attempt, status code, response excerpt, ...';

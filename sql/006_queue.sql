@@ -1,0 +1,238 @@
+-- 006_queue.sql: queue operations for whoever delivers events.
+--
+-- A consumer claims a batch (the events become processing, with a lease),
+-- commits, delivers them, and reports each outcome with mark_delivered or
+-- mark_failed. If it dies instead, the lease runs out and the events are
+-- claimed again: delivery is at least once, so receivers should treat the
+-- event id as an idempotency key.
+--
+-- Settings (read with current_setting, so they work without the library too;
+-- set them with ALTER DATABASE ... SET or ALTER SYSTEM SET):
+--   pipeline.max_attempts  attempts before an event is dead        (default 10)
+--   pipeline.backoff_base  delay after the first failed attempt    (default 5s)
+--   pipeline.backoff_cap   longest delay between attempts          (default 1h)
+--   pipeline.lease_time    lease of a claimed event                 (default 30s)
+
+CREATE FUNCTION pipeline._setting(name text, fallback text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(nullif(current_setting('pipeline.' || name, true), ''), fallback)
+$$;
+
+-- Back to pending, due now, with a fresh set of attempts.
+CREATE FUNCTION pipeline._requeue(event_ids bigint[]) RETURNS SETOF bigint
+LANGUAGE sql AS $$
+    UPDATE marketing.pipeline_events e
+    SET status = 'pending',
+        next_attempt_at = now(),
+        attempts = 0,
+        processed_at = NULL,
+        replay_count = e.replay_count + 1
+    WHERE e.id = ANY (event_ids) AND e.status <> 'processing'
+    RETURNING e.id;
+$$;
+
+-- Raises a clear error naming the ids that do not exist.
+CREATE FUNCTION pipeline._require_events(event_ids bigint[]) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_missing bigint[];
+BEGIN
+    IF event_ids IS NULL OR array_position(event_ids, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'event ids must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT array_agg(DISTINCT want.id ORDER BY want.id) INTO v_missing
+    FROM unnest(event_ids) AS want(id)
+    WHERE NOT EXISTS (SELECT 1 FROM marketing.pipeline_events e WHERE e.id = want.id);
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'no event with id %', array_to_string(v_missing[1:20], ', ')
+                        || CASE WHEN cardinality(v_missing) > 20 THEN ' (and more)' ELSE '' END
+            USING ERRCODE = 'no_data_found';
+    END IF;
+END
+$$;
+
+-- Delay before the next attempt after a failed attempt number `attempt`:
+-- exponential from backoff_base, capped at backoff_cap, with 50-100% jitter so
+-- that events failing together do not come back together.
+CREATE FUNCTION pipeline.backoff(attempt integer) RETURNS interval
+LANGUAGE sql VOLATILE AS $$
+    SELECT least(pipeline._setting('backoff_cap', '1h')::interval,
+                 pipeline._setting('backoff_base', '5s')::interval
+                     * power(2, least(greatest(coalesce(attempt, 1), 1) - 1, 30)))
+           * (0.5 + random() / 2)
+$$;
+COMMENT ON FUNCTION pipeline.backoff(integer) IS
+    'Delay before retrying after failed attempt n: backoff_base * 2^(n-1), at most backoff_cap, times a random 0.5-1.';
+
+-- Claiming due events: they become processing until the lease ends.
+CREATE FUNCTION pipeline.claim(
+    batch_size  integer DEFAULT 100,
+    lease       interval DEFAULT NULL,
+    event_types text[] DEFAULT NULL
+) RETURNS SETOF marketing.pipeline_events
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_lease interval := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
+BEGIN
+    IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION 'pipeline.claim: batch_size must be between 1 and 10000, not %', coalesce(batch_size::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_lease <= interval '0' THEN
+        RAISE EXCEPTION 'pipeline.claim: lease must be positive, not %', v_lease
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    WITH due AS (
+        SELECT e.id
+        FROM marketing.pipeline_events e
+        WHERE e.status IN ('pending', 'failed', 'processing')
+          AND e.next_attempt_at <= now()
+          AND (event_types IS NULL OR e.event_type = ANY (event_types))
+        ORDER BY e.next_attempt_at, e.id
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE marketing.pipeline_events e
+    SET status = 'processing',
+        attempts = e.attempts + 1,
+        next_attempt_at = now() + v_lease
+    FROM due
+    WHERE e.id = due.id
+    RETURNING e.*;
+END
+$$;
+COMMENT ON FUNCTION pipeline.claim(integer, interval, text[]) IS
+    'Claims up to batch_size due events (oldest due first, skipping rows other consumers hold): '
+    'they become processing with attempts + 1 until the lease ends. Commit before delivering.';
+
+-- Recording a successful delivery.
+CREATE FUNCTION pipeline.mark_delivered(event_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE marketing.pipeline_events e
+    SET status = 'processed', processed_at = now()
+    WHERE e.id = event_id AND e.status = 'processing';
+    IF FOUND THEN
+        RETURN true;
+    END IF;
+    PERFORM pipeline._require_events(ARRAY[event_id]);
+    RETURN false;
+END
+$$;
+COMMENT ON FUNCTION pipeline.mark_delivered(bigint) IS
+    'Marks a claimed event processed. False (and no change) when it was not processing, e.g. already delivered.';
+
+CREATE FUNCTION pipeline.mark_delivered(event_ids bigint[]) RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pipeline._require_events(event_ids);
+    RETURN QUERY
+    UPDATE marketing.pipeline_events e
+    SET status = 'processed', processed_at = now()
+    WHERE e.id = ANY (event_ids) AND e.status = 'processing'
+    RETURNING e.id;
+END
+$$;
+COMMENT ON FUNCTION pipeline.mark_delivered(bigint[]) IS
+    'Marks claimed events processed; returns the ids that changed.';
+
+-- Recording a failed delivery: retried later, or dead when out of attempts.
+CREATE FUNCTION pipeline.mark_failed(
+    event_id bigint,
+    error    text,
+    retry_at timestamptz DEFAULT NULL,
+    details  jsonb DEFAULT NULL,
+    retry    boolean DEFAULT true
+) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_event  marketing.pipeline_events;
+    v_status text;
+BEGIN
+    IF error IS NULL OR pipeline._is_blank(error) THEN
+        RAISE EXCEPTION 'pipeline.mark_failed: error must describe the failure'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pipeline._require_events(ARRAY[event_id]);
+    SELECT * INTO v_event FROM marketing.pipeline_events e WHERE e.id = event_id FOR UPDATE;
+    IF v_event.status <> 'processing' THEN
+        RETURN NULL;
+    END IF;
+
+    v_status := CASE
+        WHEN NOT coalesce(retry, true)
+          OR v_event.attempts >= pipeline._setting('max_attempts', '10')::integer THEN 'dead'
+        ELSE 'failed'
+    END;
+    UPDATE marketing.pipeline_events e
+    SET status = v_status,
+        last_error = error,
+        next_attempt_at = CASE WHEN v_status = 'dead' THEN now()
+                               ELSE coalesce(retry_at, now() + pipeline.backoff(v_event.attempts)) END
+    WHERE e.id = event_id;
+
+    INSERT INTO marketing.pipeline_error_log (stage, event_id, error_message, details)
+    VALUES (v_event.event_type, event_id, error,
+            coalesce(details, '{}') || jsonb_build_object('attempt', v_event.attempts, 'status', v_status));
+    RETURN v_status;
+END
+$$;
+COMMENT ON FUNCTION pipeline.mark_failed(bigint, text, timestamptz, jsonb, boolean) IS
+    'Records a failed delivery of a claimed event and logs the error. Returns failed (retried at retry_at, '
+    'or after pipeline.backoff) or dead (out of attempts, or retry => false); NULL if the event was not processing.';
+
+-- Putting events back to pending for immediate delivery. The attempt count
+-- restarts (so the event gets a full set of retries); errors already logged stay.
+CREATE FUNCTION pipeline.replay(event_ids bigint[]) RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_busy bigint[];
+BEGIN
+    PERFORM pipeline._require_events(event_ids);
+    SELECT array_agg(e.id ORDER BY e.id) INTO v_busy
+    FROM marketing.pipeline_events e
+    WHERE e.id = ANY (event_ids) AND e.status = 'processing';
+    IF v_busy IS NOT NULL THEN
+        RAISE EXCEPTION 'pipeline.replay: events % are being delivered right now', v_busy
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Wait for the delivery to finish or its lease to run out, then replay.';
+    END IF;
+    RETURN QUERY SELECT pipeline._requeue(event_ids);
+END
+$$;
+COMMENT ON FUNCTION pipeline.replay(bigint[]) IS
+    'Requeues the given events for immediate delivery; all or none. Returns the ids requeued.';
+
+CREATE FUNCTION pipeline.replay(event_id bigint) RETURNS bigint
+LANGUAGE sql AS $$
+    SELECT pipeline.replay(ARRAY[event_id]);
+$$;
+COMMENT ON FUNCTION pipeline.replay(bigint) IS
+    'Requeues one event (failed, dead, processed or pending) for immediate delivery; returns its id.';
+
+CREATE FUNCTION pipeline.replay_failed(
+    event_type text DEFAULT NULL,
+    since      timestamptz DEFAULT NULL,
+    until      timestamptz DEFAULT NULL
+) RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF event_type IS NOT NULL THEN
+        PERFORM pipeline._check_event_type(event_type);
+    END IF;
+    IF since > until THEN
+        RAISE EXCEPTION 'pipeline.replay_failed: since (%) is after until (%)', since, until
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY SELECT pipeline._requeue(array_agg(e.id))
+    FROM marketing.pipeline_events e
+    WHERE e.status IN ('failed', 'dead')
+      AND (replay_failed.event_type IS NULL OR e.event_type = replay_failed.event_type)
+      AND (since IS NULL OR e.created_at >= since)
+      AND (until IS NULL OR e.created_at < until);
+END
+$$;
+COMMENT ON FUNCTION pipeline.replay_failed(text, timestamptz, timestamptz) IS
+    'Requeues every failed or dead event, optionally of one type and created in [since, until); returns the ids requeued.';

@@ -1,0 +1,91 @@
+-- 009_verify.sql: a self-check of the installation.
+--
+-- SELECT * FROM pipeline.verify() lists every object the pipeline needs with
+-- ok or what is wrong; SELECT * FROM pipeline.verify() WHERE status <> 'ok'
+-- is empty on a healthy install. It works the same in trigger-only mode.
+
+CREATE FUNCTION pipeline.verify()
+RETURNS TABLE (kind text, name text, status text)
+LANGUAGE sql STABLE AS $$
+WITH expected (kind, name) AS (
+    VALUES ('schema', 'intake'), ('schema', 'marketing'), ('schema', 'pipeline'),
+           ('table', 'intake.company_raw_intake'),
+           ('table', 'marketing.company_master'),
+           ('table', 'marketing.company_slots'),
+           ('table', 'marketing.email_verification'),
+           ('table', 'marketing.pipeline_events'),
+           ('table', 'marketing.pipeline_error_log'),
+           ('table', 'pipeline.watches'),
+           ('table', 'pipeline.stages'),
+           ('view', 'marketing.vw_outreach_ready'),
+           ('view', 'marketing.vw_pipeline_funnel'),
+           ('view', 'marketing.vw_pending_events'),
+           ('view', 'marketing.vw_processing_latency'),
+           ('view', 'marketing.vw_unresolved_errors'),
+           ('view', 'marketing.vw_error_rate_24h'),
+           ('function', 'pipeline._capture'),
+           ('function', 'pipeline.watch'),
+           ('function', 'pipeline.unwatch'),
+           ('function', 'pipeline.emit'),
+           ('function', 'pipeline.claim'),
+           ('function', 'pipeline.mark_delivered'),
+           ('function', 'pipeline.mark_failed'),
+           ('function', 'pipeline.replay'),
+           ('function', 'pipeline.replay_failed'),
+           ('function', 'pipeline.log_error'),
+           ('function', 'pipeline.resolve_error'),
+           ('function', 'pipeline.resolve_errors')
+),
+objects AS (
+    SELECT x.kind, x.name,
+           CASE x.kind
+               WHEN 'schema' THEN
+                   CASE WHEN to_regnamespace(x.name) IS NULL THEN 'missing' ELSE 'ok' END
+               WHEN 'function' THEN
+                   CASE WHEN EXISTS (
+                       SELECT 1 FROM pg_proc p
+                       WHERE p.pronamespace = to_regnamespace(split_part(x.name, '.', 1))
+                         AND p.proname = split_part(x.name, '.', 2))
+                   THEN 'ok' ELSE 'missing' END
+               ELSE
+                   (SELECT CASE
+                               WHEN r.relkind IS NULL THEN 'missing'
+                               WHEN r.relkind IN ('r', 'p') AND x.kind = 'table' THEN 'ok'
+                               WHEN r.relkind = 'v' AND x.kind = 'view' THEN 'ok'
+                               ELSE 'not a ' || x.kind
+                           END
+                    FROM (SELECT (SELECT c.relkind FROM pg_class c
+                                  WHERE c.oid = to_regclass(x.name)) AS relkind) r)
+           END AS status
+    FROM expected x
+),
+-- Every stage trigger, and every watch a user added.
+wanted_triggers AS (
+    SELECT s.source_table::text AS table_name,
+           format('pipeline_%s_%s', s.event_type, lower(s.operation)) AS trigger_name
+    FROM pipeline.stages s
+    WHERE s.event_type IS NOT NULL
+    UNION
+    SELECT w.source_table::text, w.trigger_name::text
+    FROM pipeline.watches w
+),
+triggers AS (
+    SELECT 'trigger'::text AS kind,
+           wt.table_name || '.' || wt.trigger_name AS name,
+           CASE
+               WHEN to_regclass(wt.table_name) IS NULL THEN 'missing table'
+               WHEN t.oid IS NULL THEN 'missing'
+               WHEN t.tgenabled = 'D' THEN 'disabled'
+               WHEN t.tgfoid <> 'pipeline._capture()'::regprocedure THEN 'calls another function'
+               ELSE 'ok'
+           END AS status
+    FROM wanted_triggers wt
+    LEFT JOIN pg_trigger t
+           ON t.tgrelid = to_regclass(wt.table_name) AND t.tgname = wt.trigger_name
+)
+SELECT kind, name, status FROM objects
+UNION ALL
+(SELECT kind, name, status FROM triggers ORDER BY name)
+$$;
+COMMENT ON FUNCTION pipeline.verify() IS
+    'Lists every schema, table, view, function and stage trigger the pipeline needs, with ok or what is wrong.';
