@@ -68,8 +68,8 @@ CREATE TABLE marketing.company_master (
     intake_id      bigint UNIQUE REFERENCES intake.company_raw_intake (id) ON DELETE SET NULL,
     company_name   text NOT NULL,
     website        text NOT NULL,
-    domain         text NOT NULL GENERATED ALWAYS AS (
-                       lower(substring(website FROM '^[A-Za-z]+://(?:www\.)?([^/:?#]+)'))
+    domain         text GENERATED ALWAYS AS (
+                       substring(lower(website) FROM '^[a-z]+://(?:www\.)?([^/:?#]+)')
                    ) STORED,
     industry       text,
     employee_count integer,

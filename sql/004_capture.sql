@@ -135,7 +135,7 @@ CREATE FUNCTION pipeline.watch(
     condition    text DEFAULT NULL,
     columns      text[] DEFAULT NULL,
     group_by     text DEFAULT NULL
-) RETURNS name
+) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     v_op      text := upper(btrim(operation));
