@@ -776,7 +776,7 @@ $$;
 COMMENT ON FUNCTION pipeline.mark_delivered(bigint) IS
     'Marks a claimed event processed. False (and no change) when it was not processing, e.g. already delivered.';
 
-CREATE FUNCTION pipeline.mark_delivered(event_ids bigint[]) RETURNS SETOF bigint
+CREATE FUNCTION pipeline.mark_delivered_many(event_ids bigint[]) RETURNS SETOF bigint
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pipeline._require_events(event_ids);
@@ -787,7 +787,7 @@ BEGIN
     RETURNING e.id;
 END
 $$;
-COMMENT ON FUNCTION pipeline.mark_delivered(bigint[]) IS
+COMMENT ON FUNCTION pipeline.mark_delivered_many(bigint[]) IS
     'Marks claimed events processed; returns the ids that changed.';
 
 -- Recording a failed delivery: retried later, or dead when out of attempts.
@@ -837,7 +837,7 @@ COMMENT ON FUNCTION pipeline.mark_failed(bigint, text, timestamptz, jsonb, boole
 
 -- Putting events back to pending for immediate delivery. The attempt count
 -- restarts (so the event gets a full set of retries); errors already logged stay.
-CREATE FUNCTION pipeline.replay(event_ids bigint[]) RETURNS SETOF bigint
+CREATE FUNCTION pipeline.replay_many(event_ids bigint[]) RETURNS SETOF bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     v_busy bigint[];
@@ -854,12 +854,12 @@ BEGIN
     RETURN QUERY SELECT pipeline._requeue(event_ids);
 END
 $$;
-COMMENT ON FUNCTION pipeline.replay(bigint[]) IS
+COMMENT ON FUNCTION pipeline.replay_many(bigint[]) IS
     'Requeues the given events for immediate delivery; all or none. Returns the ids requeued.';
 
 CREATE FUNCTION pipeline.replay(event_id bigint) RETURNS bigint
 LANGUAGE sql AS $$
-    SELECT pipeline.replay(ARRAY[event_id]);
+    SELECT pipeline.replay_many(ARRAY[event_id]);
 $$;
 COMMENT ON FUNCTION pipeline.replay(bigint) IS
     'Requeues one event (failed, dead, processed or pending) for immediate delivery; returns its id.';
@@ -1143,8 +1143,10 @@ WITH expected (kind, name) AS (
            ('function', 'pipeline.emit'),
            ('function', 'pipeline.claim'),
            ('function', 'pipeline.mark_delivered'),
+           ('function', 'pipeline.mark_delivered_many'),
            ('function', 'pipeline.mark_failed'),
            ('function', 'pipeline.replay'),
+           ('function', 'pipeline.replay_many'),
            ('function', 'pipeline.replay_failed'),
            ('function', 'pipeline.log_error'),
            ('function', 'pipeline.resolve_error'),

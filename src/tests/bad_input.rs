@@ -4,7 +4,6 @@
 #[pgrx::pg_schema]
 mod tests {
     use crate::tests::*;
-    use pgrx::prelude::*;
 
     /// Asserts that a statement fails naming `expected` and changes nothing.
     #[track_caller]

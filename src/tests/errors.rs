@@ -3,7 +3,6 @@
 #[pgrx::pg_schema]
 mod tests {
     use crate::tests::*;
-    use pgrx::prelude::*;
 
     fn unresolved() -> i64 {
         count("SELECT count(*) FROM marketing.vw_unresolved_errors")

@@ -3,7 +3,6 @@
 #[pgrx::pg_schema]
 mod tests {
     use crate::tests::*;
-    use pgrx::prelude::*;
 
     /// Emits n events of a type; returns their ids.
     fn emit(event_type: &str, n: usize) -> Vec<i64> {
@@ -150,7 +149,7 @@ mod tests {
         );
         assert_eq!(
             count(&format!(
-                "SELECT count(*) FROM pipeline.mark_delivered(ARRAY[{}, {}])",
+                "SELECT count(*) FROM pipeline.mark_delivered_many(ARRAY[{}, {}])",
                 ids[1], ids[2]
             )),
             2
@@ -162,14 +161,14 @@ mod tests {
         );
         assert_error(
             &format!(
-                "SELECT pipeline.mark_delivered(ARRAY[{}, 987654321, NULL])",
+                "SELECT pipeline.mark_delivered_many(ARRAY[{}, 987654321, NULL])",
                 ids[0]
             ),
             "event ids must not be NULL",
         );
         assert_error(
             &format!(
-                "SELECT pipeline.mark_delivered(ARRAY[{}, 987654321])",
+                "SELECT pipeline.mark_delivered_many(ARRAY[{}, 987654321])",
                 ids[0]
             ),
             "no event with id 987654321",
@@ -319,13 +318,13 @@ mod tests {
             "no event with id 987654321",
         );
         assert_error(
-            &format!("SELECT pipeline.replay(ARRAY[{}, 987654321])", ids[1]),
+            &format!("SELECT pipeline.replay_many(ARRAY[{}, 987654321])", ids[1]),
             "no event with id 987654321",
         );
         assert_eq!(status(ids[1]), "dead", "all or nothing");
 
         let replayed = count(&format!(
-            "SELECT count(*) FROM pipeline.replay(ARRAY[{}, {}])",
+            "SELECT count(*) FROM pipeline.replay_many(ARRAY[{}, {}])",
             ids[1], ids[2]
         ));
         assert_eq!(replayed, 2);

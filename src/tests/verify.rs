@@ -3,7 +3,6 @@
 #[pgrx::pg_schema]
 mod tests {
     use crate::tests::*;
-    use pgrx::prelude::*;
 
     fn problems() -> serde_json::Value {
         json("SELECT coalesce(jsonb_object_agg(name, status), '{}') FROM pipeline.verify() WHERE status <> 'ok'")

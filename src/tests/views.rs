@@ -3,7 +3,6 @@
 #[pgrx::pg_schema]
 mod tests {
     use crate::tests::*;
-    use pgrx::prelude::*;
     use serde_json::json;
 
     #[pg_test]
@@ -80,7 +79,7 @@ mod tests {
         assert_eq!(pong["pending"], 1);
 
         run("SELECT * FROM pipeline.claim(10)");
-        run("SELECT pipeline.mark_delivered(array_agg(id)) FROM marketing.pipeline_events WHERE status = 'processing'");
+        run("SELECT pipeline.mark_delivered_many(array_agg(id)) FROM marketing.pipeline_events WHERE status = 'processing'");
         assert_eq!(
             count("SELECT count(*) FROM marketing.vw_pending_events WHERE event_type = 'pong'"),
             0,

@@ -1,0 +1,77 @@
+//! NOTIFY pipeline_event: every committed event is announced with a small
+//! JSON payload, however large the row, and nothing is announced for a
+//! transaction that rolls back.
+
+mod support;
+
+use std::time::Duration;
+
+use postgres::fallible_iterator::FallibleIterator;
+use support::Cluster;
+
+#[test]
+fn every_event_is_announced_with_a_small_payload() {
+    let cluster = Cluster::start("notify", &[]);
+    cluster
+        .connect("postgres", "postgres")
+        .batch_execute("CREATE EXTENSION pipeline_ext")
+        .unwrap();
+
+    let mut listener = cluster.connect("postgres", "postgres");
+    listener.batch_execute("LISTEN pipeline_event").unwrap();
+
+    let mut writer = cluster.connect("postgres", "postgres");
+    // A row of several megabytes, with a name at the length limit.
+    let id: i64 = writer
+        .query_one(
+            "INSERT INTO intake.company_raw_intake (company, raw)
+             VALUES (repeat('Ж', 500), jsonb_build_object('blob', repeat('x', 3000000)))
+             RETURNING id",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut tx = writer.transaction().unwrap();
+    tx.batch_execute("INSERT INTO intake.company_raw_intake (company) VALUES ('Rolled Back')")
+        .unwrap();
+    tx.rollback().unwrap();
+    writer
+        .batch_execute("SELECT pipeline.emit('manual_check')")
+        .unwrap();
+
+    let received: Vec<_> = listener
+        .notifications()
+        .timeout_iter(Duration::from_secs(5))
+        .take(3)
+        .collect()
+        .unwrap();
+    assert_eq!(
+        received.len(),
+        2,
+        "one per committed event, none for the rollback: {received:?}"
+    );
+
+    let first = &received[0];
+    assert_eq!(first.channel(), "pipeline_event");
+    assert!(
+        first.payload().len() < 8000,
+        "payload of {} bytes",
+        first.payload().len()
+    );
+    let payload: serde_json::Value = serde_json::from_str(first.payload()).unwrap();
+    let event_id: i64 = writer
+        .query_one(
+            "SELECT id FROM marketing.pipeline_events WHERE source_key = jsonb_build_object('id', $1::bigint)",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(payload["id"], event_id);
+    assert_eq!(payload["event_type"], "company_created");
+    assert_eq!(payload["table"], "intake.company_raw_intake");
+    assert_eq!(payload["op"], "INSERT");
+
+    let second: serde_json::Value = serde_json::from_str(received[1].payload()).unwrap();
+    assert_eq!(second["event_type"], "manual_check");
+    assert_eq!(second["op"], "EMIT");
+}

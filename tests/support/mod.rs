@@ -1,0 +1,204 @@
+//! A throwaway PostgreSQL cluster for the tests that `#[pg_test]` cannot
+//! run: committed transactions, several sessions, a role that is not a
+//! superuser. Each cluster runs as the postgres user (PostgreSQL refuses
+//! root) on a free port of 127.0.0.1, with trust authentication, and is
+//! stopped and removed when dropped.
+//!
+//! It uses the PostgreSQL named by PG_CONFIG (default: Debian's 15) and the
+//! pipeline_ext installed into it (`cargo pgrx install`, which bin/test runs).
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub struct Cluster {
+    pub port: u16,
+    dir: PathBuf,
+    bindir: PathBuf,
+}
+
+impl Cluster {
+    /// Starts a new cluster; `settings` go into its postgresql.conf.
+    pub fn start(name: &str, settings: &[(&str, &str)]) -> Cluster {
+        let bindir = pg_bindir();
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let nth = STARTED.fetch_add(1, Ordering::SeqCst);
+        let dir =
+            std::env::temp_dir().join(format!("pipeline_ext-{name}-{}-{nth}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create cluster directory");
+        if running_as_root() {
+            run_checked(Command::new("chown").arg("postgres:postgres").arg(&dir));
+        }
+        let data = dir.join("data");
+        let mut initdb = as_postgres(&bindir.join("initdb"));
+        initdb.arg("-D").arg(&data).args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]);
+        run_checked(&mut initdb);
+
+        let port = free_port();
+        let mut conf = format!(
+            "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n",
+            dir.display()
+        );
+        for (key, value) in settings {
+            conf.push_str(&format!("{key} = '{value}'\n"));
+        }
+        append(&data.join("postgresql.conf"), &conf);
+
+        let cluster = Cluster { port, dir, bindir };
+        cluster.pg_ctl(
+            &["start", "-w", "-t", "60", "-l"],
+            Some(&cluster.dir.join("server.log")),
+        );
+        cluster
+    }
+
+    pub fn connect(&self, database: &str, user: &str) -> postgres::Client {
+        postgres::Config::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .user(user)
+            .dbname(database)
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connect to {database} as {user}: {e}\n{}", self.log()))
+    }
+
+    /// Runs psql against a database; returns its output whatever happened.
+    pub fn psql(&self, database: &str, user: &str, args: &[&str]) -> Output {
+        Command::new(self.bindir.join("psql"))
+            .args([
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                user,
+                "-d",
+                database,
+            ])
+            .args(args)
+            .output()
+            .expect("run psql")
+    }
+
+    /// The server log so far, for failure messages.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    fn pg_ctl(&self, args: &[&str], log: Option<&Path>) {
+        let mut cmd = as_postgres(&self.bindir.join("pg_ctl"));
+        cmd.arg("-D").arg(self.dir.join("data")).args(args);
+        if let Some(log) = log {
+            cmd.arg(log);
+        }
+        run_checked(&mut cmd);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["stop", "-m", "immediate", "-w"])
+            .output();
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Rows of a query whose only column is text, in order.
+pub fn texts(client: &mut postgres::Client, sql: &str) -> Vec<String> {
+    client
+        .query(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        .collect()
+}
+
+/// The one value of a query returning one row and column.
+pub fn one<T: for<'a> postgres::types::FromSql<'a>>(client: &mut postgres::Client, sql: &str) -> T {
+    client
+        .query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn pg_bindir() -> PathBuf {
+    let pg_config = std::env::var("PG_CONFIG")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let out = Command::new(&pg_config)
+        .arg("--bindir")
+        .output()
+        .unwrap_or_else(|e| panic!("{pg_config}: {e}"));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A command that runs as the postgres user when we are root.
+fn as_postgres(program: &Path) -> Command {
+    if running_as_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run_checked(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if port != 5432 {
+            return port;
+        }
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    let mut content = fs::read_to_string(path).expect("read postgresql.conf");
+    content.push_str(text);
+    fs::write(path, content).expect("write postgresql.conf");
+}
