@@ -76,20 +76,17 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("connect to {database} as {user}: {e}\n{}", self.log()))
     }
 
+    /// A client program (psql, pg_dump, ...) pointed at this cluster as `user`.
+    pub fn client(&self, program: &str, user: &str) -> Command {
+        let mut cmd = Command::new(self.bindir.join(program));
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", user]);
+        cmd
+    }
+
     /// Runs psql against a database; returns its output whatever happened.
     pub fn psql(&self, database: &str, user: &str, args: &[&str]) -> Output {
-        Command::new(self.bindir.join("psql"))
-            .args([
-                "-X",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                user,
-                "-d",
-                database,
-            ])
+        self.client("psql", user)
+            .args(["-X", "-d", database])
             .args(args)
             .output()
             .expect("run psql")
