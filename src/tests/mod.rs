@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod errors;
+mod indexes;
 mod queue;
 mod stages;
 mod verify;
