@@ -75,6 +75,10 @@ END
 $$;
 COMMENT ON FUNCTION pipeline._capture() IS
     'Trigger function behind every watch: writes the row change as an event and announces it on pipeline_event.';
+-- It writes events with its owner's rights, so a role that may use it in
+-- CREATE TRIGGER could forge events of any type: only roles granted EXECUTE
+-- (and the owner) can watch tables.
+REVOKE ALL ON FUNCTION pipeline._capture() FROM PUBLIC;
 
 -- Emitting an event by hand (for receivers and scripts).
 CREATE FUNCTION pipeline.emit(event_type text, payload jsonb DEFAULT '{}') RETURNS bigint
@@ -141,6 +145,7 @@ DECLARE
     v_op      text := upper(btrim(operation));
     v_kind    "char";
     v_schema  name;
+    v_name    name;
     v_trigger name;
     v_keys    text[];
     v_args    text;
@@ -151,7 +156,7 @@ BEGIN
         RAISE EXCEPTION 'pipeline.watch: source_table must not be NULL'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    SELECT c.relkind, n.nspname INTO v_kind, v_schema
+    SELECT c.relkind, n.nspname, c.relname INTO v_kind, v_schema, v_name
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.oid = source_table;
     IF NOT FOUND THEN
@@ -163,9 +168,8 @@ BEGIN
             USING ERRCODE = 'wrong_object_type',
                   HINT = 'Only ordinary and partitioned tables can be watched.';
     END IF;
-    IF v_schema IN ('pg_catalog', 'information_schema', 'pg_toast')
-       OR source_table IN ('marketing.pipeline_events'::regclass, 'marketing.pipeline_error_log'::regclass)
-       OR v_schema = 'pipeline' THEN
+    IF v_schema IN ('pg_catalog', 'information_schema', 'pg_toast', 'pipeline')
+       OR (v_schema = 'marketing' AND v_name IN ('pipeline_events', 'pipeline_error_log')) THEN
         RAISE EXCEPTION 'pipeline.watch: % cannot be watched', source_table
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'System catalogs and the pipeline''s own tables cannot produce events.';
@@ -289,7 +293,8 @@ BEGIN
       AND w.event_type = _drop_watch.event_type
       AND w.operation = _drop_watch.operation
     RETURNING w.trigger_name INTO v_trigger;
-    IF v_trigger IS NOT NULL THEN
+    -- The table may be gone already (then so is its trigger).
+    IF v_trigger IS NOT NULL AND EXISTS (SELECT 1 FROM pg_class WHERE oid = source_table) THEN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger, source_table);
     END IF;
 END

@@ -185,4 +185,58 @@ mod tests {
             "no watch left behind"
         );
     }
+
+    #[pg_test]
+    fn watch_of_a_dropped_table_can_be_removed() {
+        orders_table();
+        run("SELECT pipeline.watch('public.orders', 'order_placed')");
+        let oid = count("SELECT 'public.orders'::regclass::oid::bigint");
+        run("DROP TABLE public.orders");
+        assert_eq!(
+            text("SELECT status FROM pipeline.verify() WHERE kind = 'trigger' AND status <> 'ok'"),
+            "missing table"
+        );
+        assert_eq!(
+            count(&format!(
+                "SELECT pipeline.unwatch({oid}::oid::regclass, 'order_placed')"
+            )),
+            1
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM pipeline.verify() WHERE status <> 'ok'"),
+            0
+        );
+    }
+
+    #[pg_test]
+    fn watch_needs_execute_on_the_capture_function() {
+        // The capture function writes events with its owner's rights: a role
+        // that could attach it to a table of its own could forge any event.
+        run("CREATE ROLE pipeline_test_forger");
+        run("GRANT USAGE ON SCHEMA pipeline, tests TO pipeline_test_forger");
+        run("GRANT CREATE, USAGE ON SCHEMA public TO pipeline_test_forger");
+        run("SET LOCAL ROLE pipeline_test_forger");
+        run("CREATE TABLE public.forged (id int PRIMARY KEY)");
+        assert_error(
+            "CREATE TRIGGER forge AFTER INSERT ON public.forged FOR EACH ROW
+             EXECUTE FUNCTION pipeline._capture('company_validated', '')",
+            "permission denied for function pipeline._capture",
+        );
+        assert_error(
+            "SELECT pipeline.watch('public.forged', 'company_validated')",
+            "permission denied",
+        );
+        run("RESET ROLE");
+        run("GRANT EXECUTE ON FUNCTION pipeline._capture() TO pipeline_test_forger");
+        run("GRANT INSERT, SELECT, DELETE ON pipeline.watches TO pipeline_test_forger");
+        run("SET LOCAL ROLE pipeline_test_forger");
+        assert_eq!(
+            text("SELECT pipeline.watch('public.forged', 'forged_row')"),
+            "pipeline_forged_row_insert",
+            "a role granted EXECUTE may watch its tables"
+        );
+        run("INSERT INTO public.forged VALUES (1)");
+        run("RESET ROLE");
+        assert_eq!(events_of("forged_row").len(), 1);
+    }
 }
