@@ -227,6 +227,9 @@ CREATE INDEX pipeline_events_due_idx ON marketing.pipeline_events (next_attempt_
     WHERE status IN ('pending', 'failed', 'processing');
 -- Recent events (ORDER BY created_at DESC) and time-range replays.
 CREATE INDEX pipeline_events_created_idx ON marketing.pipeline_events (created_at);
+-- Dead events wait for a person: counting and listing them stays cheap.
+CREATE INDEX pipeline_events_dead_idx ON marketing.pipeline_events (created_at)
+    WHERE status = 'dead';
 -- Latency views and retention of delivered events.
 CREATE INDEX pipeline_events_processed_idx ON marketing.pipeline_events (processed_at)
     WHERE status = 'processed';
@@ -764,18 +767,62 @@ COMMENT ON FUNCTION pipeline.claim(integer, interval, text[]) IS
     'Claims up to batch_size due events (oldest due first, skipping rows other consumers hold): '
     'they become processing with attempts + 1 until the lease ends. Commit before delivering.';
 
+-- Settling claimed events: the one place where a delivery outcome changes an
+-- event. Delivered events become processed; failed ones failed (due again at
+-- retry_at, or after pipeline.backoff) or dead (attempts used up, or give_up),
+-- and every failure goes to the error log. Only events still processing, and
+-- (when attempt is given) still in that attempt, change: a consumer whose
+-- lease ran out and whose event was claimed again cannot overwrite the newer
+-- attempt. The arrays are parallel; missing trailing values count as NULL.
+CREATE FUNCTION pipeline._settle(
+    event_ids bigint[],
+    attempts  integer[],
+    delivered boolean[],
+    errors    text[],
+    retry_at  timestamptz[],
+    give_up   boolean[],
+    details   jsonb[]
+) RETURNS TABLE (event_id bigint, status text)
+LANGUAGE sql AS $$
+    WITH outcome AS (
+        SELECT o.*, e.attempts AS current_attempts,
+               CASE WHEN o.delivered THEN 'processed'
+                    WHEN coalesce(o.give_up, false)
+                      OR e.attempts >= pipeline._setting('max_attempts', '10')::integer THEN 'dead'
+                    ELSE 'failed'
+               END AS new_status
+        FROM unnest(_settle.event_ids, _settle.attempts, _settle.delivered, _settle.errors, _settle.retry_at,
+                    _settle.give_up, _settle.details)
+                 AS o(event_id, attempt, delivered, error, retry_at, give_up, details)
+        JOIN marketing.pipeline_events e ON e.id = o.event_id
+        WHERE e.status = 'processing' AND (o.attempt IS NULL OR e.attempts = o.attempt)
+    ), settled AS (
+        UPDATE marketing.pipeline_events e
+        SET status = o.new_status,
+            processed_at = CASE WHEN o.new_status = 'processed' THEN now() END,
+            next_attempt_at = CASE WHEN o.new_status = 'failed'
+                                   THEN coalesce(o.retry_at, now() + pipeline.backoff(o.current_attempts))
+                                   ELSE e.next_attempt_at END,
+            last_error = CASE WHEN o.new_status = 'processed' THEN e.last_error ELSE o.error END
+        FROM outcome o
+        WHERE e.id = o.event_id AND e.status = 'processing' AND e.attempts = o.current_attempts
+        RETURNING e.id, e.event_type, e.status, e.attempts, o.error, o.details
+    ), logged AS (
+        INSERT INTO marketing.pipeline_error_log (stage, event_id, error_message, details)
+        SELECT s.event_type, s.id, coalesce(s.error, 'delivery failed'),
+               coalesce(s.details, '{}') || jsonb_build_object('attempt', s.attempts, 'status', s.status)
+        FROM settled s
+        WHERE s.status <> 'processed'
+    )
+    SELECT s.id, s.status FROM settled s;
+$$;
+
 -- Recording a successful delivery.
 CREATE FUNCTION pipeline.mark_delivered(event_id bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE marketing.pipeline_events e
-    SET status = 'processed', processed_at = now()
-    WHERE e.id = event_id AND e.status = 'processing';
-    IF FOUND THEN
-        RETURN true;
-    END IF;
     PERFORM pipeline._require_events(ARRAY[event_id]);
-    RETURN false;
+    RETURN EXISTS (SELECT 1 FROM pipeline._settle(ARRAY[event_id], NULL, ARRAY[true], NULL, NULL, NULL, NULL));
 END
 $$;
 COMMENT ON FUNCTION pipeline.mark_delivered(bigint) IS
@@ -786,10 +833,9 @@ LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pipeline._require_events(event_ids);
     RETURN QUERY
-    UPDATE marketing.pipeline_events e
-    SET status = 'processed', processed_at = now()
-    WHERE e.id = ANY (event_ids) AND e.status = 'processing'
-    RETURNING e.id;
+    SELECT s.event_id
+    FROM pipeline._settle(event_ids, NULL, array_fill(true, ARRAY[cardinality(event_ids)]),
+                          NULL, NULL, NULL, NULL) s;
 END
 $$;
 COMMENT ON FUNCTION pipeline.mark_delivered_many(bigint[]) IS
@@ -804,36 +850,15 @@ CREATE FUNCTION pipeline.mark_failed(
     retry    boolean DEFAULT true
 ) RETURNS text
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_event  marketing.pipeline_events;
-    v_status text;
 BEGIN
     IF error IS NULL OR pipeline._is_blank(error) THEN
         RAISE EXCEPTION 'pipeline.mark_failed: error must describe the failure'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     PERFORM pipeline._require_events(ARRAY[event_id]);
-    SELECT * INTO v_event FROM marketing.pipeline_events e WHERE e.id = event_id FOR UPDATE;
-    IF v_event.status <> 'processing' THEN
-        RETURN NULL;
-    END IF;
-
-    v_status := CASE
-        WHEN NOT coalesce(retry, true)
-          OR v_event.attempts >= pipeline._setting('max_attempts', '10')::integer THEN 'dead'
-        ELSE 'failed'
-    END;
-    UPDATE marketing.pipeline_events e
-    SET status = v_status,
-        last_error = error,
-        next_attempt_at = CASE WHEN v_status = 'dead' THEN now()
-                               ELSE coalesce(retry_at, now() + pipeline.backoff(v_event.attempts)) END
-    WHERE e.id = event_id;
-
-    INSERT INTO marketing.pipeline_error_log (stage, event_id, error_message, details)
-    VALUES (v_event.event_type, event_id, error,
-            coalesce(details, '{}') || jsonb_build_object('attempt', v_event.attempts, 'status', v_status));
-    RETURN v_status;
+    RETURN (SELECT s.status
+            FROM pipeline._settle(ARRAY[event_id], NULL, ARRAY[false], ARRAY[error], ARRAY[retry_at],
+                                  ARRAY[NOT coalesce(retry, true)], ARRAY[details]) s);
 END
 $$;
 COMMENT ON FUNCTION pipeline.mark_failed(bigint, text, timestamptz, jsonb, boolean) IS
@@ -1210,5 +1235,688 @@ UNION ALL
 $$;
 COMMENT ON FUNCTION pipeline.verify() IS
     'Lists every schema, table, view, function and stage trigger the pipeline needs, with ok or what is wrong.';
+
+-- ==== sql/010_webhooks.sql ====
+
+-- 010_webhooks.sql: where each event type is delivered.
+--
+-- One endpoint per event type. Events whose type has no enabled endpoint stay
+-- pending: they are not lost, dropped or counted as failed, and go out once an
+-- endpoint is registered or enabled again. Deployments keep the registry as
+-- n8n_webhook_registry.json; import_registry loads it, export_registry gives
+-- it back in the same shape.
+
+-- Why a header set is unusable, or NULL when it is fine: a JSON object of
+-- header names (HTTP tokens) to string values without line breaks, leaving
+-- alone the headers the worker sets itself.
+CREATE FUNCTION pipeline._header_problem(headers jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN headers IS NULL THEN 'headers must not be NULL (use {} for none)'
+        WHEN jsonb_typeof(headers) <> 'object' THEN
+            'headers must be a JSON object of names to strings, not ' || jsonb_typeof(headers)
+        ELSE (
+            SELECT string_agg(problem, '; ')
+            FROM (
+                SELECT CASE
+                    WHEN h.key !~ '^[!#$%&''*+.^_`|~0-9A-Za-z-]+$' THEN
+                        format('header name %s is not a valid HTTP header name', to_json(h.key))
+                    WHEN lower(h.key) IN ('content-type', 'content-length', 'host', 'transfer-encoding',
+                                          'connection', 'webhook-id', 'webhook-timestamp', 'webhook-signature') THEN
+                        format('header %s is set by the worker and cannot be overridden', to_json(h.key))
+                    WHEN jsonb_typeof(h.value) <> 'string' THEN
+                        format('header %s must have a string value, not %s', to_json(h.key), jsonb_typeof(h.value))
+                    WHEN h.value #>> '{}' ~ '[\r\n\x00]' THEN
+                        format('header %s must not contain line breaks', to_json(h.key))
+                END AS problem
+                FROM jsonb_each(headers) AS h
+            ) p
+        )
+    END
+$$;
+
+-- Why a webhook URL is unusable, or NULL when it is fine.
+CREATE FUNCTION pipeline._url_problem(url text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN url IS NULL THEN 'url must not be NULL'
+        WHEN url !~* '^https?://' THEN format('url %s is not an http:// or https:// URL', to_json(url))
+        WHEN url !~* '^https?://[^\s/?#@]+([/?#]\S*)?$' THEN format('url %s is not a valid URL', to_json(url))
+        WHEN char_length(url) > 2048 THEN 'url is longer than 2048 characters'
+    END
+$$;
+
+-- Standard Webhooks secrets are whsec_ followed by base64; other secrets are
+-- used as they are (their UTF-8 bytes are the HMAC key).
+CREATE FUNCTION pipeline._secret_problem(secret text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF secret IS NULL THEN
+        RETURN NULL;
+    ELSIF pipeline._is_blank(secret) THEN
+        RETURN 'secret is blank (use NULL for no signature)';
+    ELSIF secret LIKE 'whsec\_%' THEN
+        BEGIN
+            IF length(decode(substr(secret, 7), 'base64')) = 0 THEN
+                RETURN 'secret whsec_... holds no key';
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RETURN 'secret whsec_... must continue with base64';
+        END;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TABLE pipeline.webhooks (
+    event_type      text PRIMARY KEY,
+    url             text NOT NULL,
+    method          text NOT NULL DEFAULT 'POST',
+    headers         jsonb NOT NULL DEFAULT '{}',
+    secret          text,
+    timeout_ms      integer,
+    max_in_flight   integer,
+    enabled         boolean NOT NULL DEFAULT true,
+    disabled_reason text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT event_type_format CHECK (event_type ~ '^[a-z][a-z0-9_]{0,46}$'),
+    CONSTRAINT url_valid CHECK (pipeline._url_problem(url) IS NULL),
+    CONSTRAINT method_known CHECK (method IN ('POST', 'PUT', 'PATCH')),
+    CONSTRAINT headers_valid CHECK (pipeline._header_problem(headers) IS NULL),
+    CONSTRAINT secret_valid CHECK (pipeline._secret_problem(secret) IS NULL),
+    CONSTRAINT timeout_ms_range CHECK (timeout_ms BETWEEN 1 AND 300000),
+    CONSTRAINT max_in_flight_range CHECK (max_in_flight BETWEEN 1 AND 1000),
+    CONSTRAINT disabled_has_reason CHECK (enabled OR disabled_reason IS NOT NULL)
+);
+COMMENT ON TABLE pipeline.webhooks IS
+    'Where events are delivered: one endpoint per event type. Holds secrets: grant SELECT with care.';
+COMMENT ON COLUMN pipeline.webhooks.headers IS 'Extra request headers, e.g. {"Authorization": "Basic ..."} for n8n Basic Auth.';
+COMMENT ON COLUMN pipeline.webhooks.secret IS 'Signing secret (whsec_<base64> as in Standard Webhooks); NULL sends no webhook-signature.';
+COMMENT ON COLUMN pipeline.webhooks.timeout_ms IS 'Request timeout; NULL uses pipeline.http_timeout.';
+COMMENT ON COLUMN pipeline.webhooks.max_in_flight IS 'At most this many deliveries to the endpoint at once; NULL: pipeline.concurrency.';
+COMMENT ON COLUMN pipeline.webhooks.disabled_reason IS 'Why the endpoint is disabled (by hand, or 410 Gone from the receiver).';
+
+-- Raises the first problem of an endpoint's fields, naming the field.
+CREATE FUNCTION pipeline._check_webhook(
+    event_type text, url text, method text, headers jsonb, secret text,
+    timeout_ms integer, max_in_flight integer, allow_unknown_type boolean, context text
+) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_problem text;
+BEGIN
+    PERFORM pipeline._check_event_type(event_type);
+    IF NOT coalesce(allow_unknown_type, false)
+       AND NOT EXISTS (SELECT 1 FROM pipeline.stages s WHERE s.event_type = _check_webhook.event_type)
+       AND NOT EXISTS (SELECT 1 FROM pipeline.watches w WHERE w.event_type = _check_webhook.event_type) THEN
+        RAISE EXCEPTION '%unknown event type %', context, quote_literal(event_type)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'No stage or watch emits it. Watch a table first, or pass allow_unknown_type => true '
+                         'for events sent with pipeline.emit.';
+    END IF;
+    v_problem := coalesce(
+        pipeline._url_problem(url),
+        CASE WHEN method IS NULL OR upper(method) NOT IN ('POST', 'PUT', 'PATCH')
+             THEN format('method must be POST, PUT or PATCH, not %s', coalesce(to_json(method)::text, 'NULL')) END,
+        pipeline._header_problem(headers),
+        pipeline._secret_problem(secret),
+        CASE WHEN timeout_ms NOT BETWEEN 1 AND 300000
+             THEN format('timeout_ms must be between 1 and 300000, not %s', timeout_ms) END,
+        CASE WHEN max_in_flight NOT BETWEEN 1 AND 1000
+             THEN format('max_in_flight must be between 1 and 1000, not %s', max_in_flight) END);
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', context || v_problem USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+-- Registering (or replacing) the endpoint of an event type.
+CREATE FUNCTION pipeline.register_webhook(
+    event_type         text,
+    url                text,
+    method             text DEFAULT 'POST',
+    headers            jsonb DEFAULT '{}',
+    secret             text DEFAULT NULL,
+    timeout_ms         integer DEFAULT NULL,
+    max_in_flight      integer DEFAULT NULL,
+    enabled            boolean DEFAULT true,
+    allow_unknown_type boolean DEFAULT false
+) RETURNS pipeline.webhooks
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row pipeline.webhooks;
+BEGIN
+    PERFORM pipeline._check_webhook(event_type, url, method, headers, secret, timeout_ms, max_in_flight,
+                                    allow_unknown_type, 'pipeline.register_webhook: ');
+    INSERT INTO pipeline.webhooks AS w
+        (event_type, url, method, headers, secret, timeout_ms, max_in_flight, enabled, disabled_reason)
+    VALUES (event_type, url, upper(method), headers, secret, timeout_ms, max_in_flight, coalesce(enabled, true),
+            CASE WHEN NOT coalesce(enabled, true) THEN 'registered disabled' END)
+    ON CONFLICT ON CONSTRAINT webhooks_pkey DO UPDATE
+    SET url = excluded.url, method = excluded.method, headers = excluded.headers, secret = excluded.secret,
+        timeout_ms = excluded.timeout_ms, max_in_flight = excluded.max_in_flight, enabled = excluded.enabled,
+        disabled_reason = excluded.disabled_reason, updated_at = now()
+    RETURNING * INTO v_row;
+    RETURN v_row;
+END
+$$;
+COMMENT ON FUNCTION pipeline.register_webhook(text, text, text, jsonb, text, integer, integer, boolean, boolean) IS
+    'Registers the endpoint for an event type, replacing any earlier one; returns it.';
+
+-- Changing some fields of an endpoint; NULL leaves a field as it is.
+-- secret => '' removes the secret; timeout_ms => 0 and max_in_flight => 0
+-- go back to the global settings.
+CREATE FUNCTION pipeline.update_webhook(
+    event_type    text,
+    url           text DEFAULT NULL,
+    method        text DEFAULT NULL,
+    headers       jsonb DEFAULT NULL,
+    secret        text DEFAULT NULL,
+    timeout_ms    integer DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL
+) RETURNS pipeline.webhooks
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_old pipeline.webhooks;
+    v_new pipeline.webhooks;
+BEGIN
+    v_old := pipeline._require_webhook(event_type);
+    v_new := v_old;
+    v_new.url := coalesce(url, v_old.url);
+    v_new.method := upper(coalesce(method, v_old.method));
+    v_new.headers := coalesce(headers, v_old.headers);
+    v_new.secret := CASE WHEN secret = '' THEN NULL ELSE coalesce(secret, v_old.secret) END;
+    v_new.timeout_ms := CASE WHEN timeout_ms = 0 THEN NULL ELSE coalesce(timeout_ms, v_old.timeout_ms) END;
+    v_new.max_in_flight := CASE WHEN max_in_flight = 0 THEN NULL ELSE coalesce(max_in_flight, v_old.max_in_flight) END;
+    PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_new.headers, v_new.secret,
+                                    v_new.timeout_ms, v_new.max_in_flight, true, 'pipeline.update_webhook: ');
+    UPDATE pipeline.webhooks w
+    SET url = v_new.url, method = v_new.method, headers = v_new.headers, secret = v_new.secret,
+        timeout_ms = v_new.timeout_ms, max_in_flight = v_new.max_in_flight, updated_at = now()
+    WHERE w.event_type = v_old.event_type
+    RETURNING * INTO v_new;
+    RETURN v_new;
+END
+$$;
+COMMENT ON FUNCTION pipeline.update_webhook(text, text, text, jsonb, text, integer, integer) IS
+    'Changes the given fields of an endpoint (NULL keeps a field; secret => '''' removes the secret, '
+    'timeout_ms => 0 and max_in_flight => 0 restore the global settings); returns it.';
+
+-- Stopping deliveries to an endpoint; its events wait.
+CREATE FUNCTION pipeline.disable_webhook(event_type text, reason text DEFAULT 'disabled by hand')
+RETURNS pipeline.webhooks
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row pipeline.webhooks;
+BEGIN
+    PERFORM pipeline._require_webhook(event_type);
+    UPDATE pipeline.webhooks w
+    SET enabled = false, disabled_reason = coalesce(nullif(btrim(reason), ''), 'disabled by hand'), updated_at = now()
+    WHERE w.event_type = disable_webhook.event_type
+    RETURNING * INTO v_row;
+    RETURN v_row;
+END
+$$;
+COMMENT ON FUNCTION pipeline.disable_webhook(text, text) IS
+    'Stops deliveries to the endpoint of an event type; its events wait until it is enabled again.';
+
+-- Resuming deliveries to an endpoint.
+CREATE FUNCTION pipeline.enable_webhook(event_type text) RETURNS pipeline.webhooks
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row pipeline.webhooks;
+BEGIN
+    PERFORM pipeline._require_webhook(event_type);
+    UPDATE pipeline.webhooks w
+    SET enabled = true, disabled_reason = NULL, updated_at = now()
+    WHERE w.event_type = enable_webhook.event_type
+    RETURNING * INTO v_row;
+    RETURN v_row;
+END
+$$;
+COMMENT ON FUNCTION pipeline.enable_webhook(text) IS
+    'Resumes deliveries to the endpoint of an event type (also after a 410 Gone disabled it).';
+
+-- Removing an endpoint; its events wait for a new one.
+CREATE FUNCTION pipeline.remove_webhook(event_type text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM pipeline.webhooks w WHERE w.event_type = remove_webhook.event_type;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION pipeline.remove_webhook(text) IS
+    'Removes the endpoint of an event type (false if there was none); its events wait for a new one.';
+
+CREATE FUNCTION pipeline._require_webhook(event_type text) RETURNS pipeline.webhooks
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_row pipeline.webhooks;
+BEGIN
+    SELECT * INTO v_row FROM pipeline.webhooks w WHERE w.event_type = _require_webhook.event_type;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no webhook is registered for event type %', coalesce(quote_literal(event_type), 'NULL')
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v_row;
+END
+$$;
+
+-- Loading n8n_webhook_registry.json:
+--   {"base_url": "https://x.app.n8n.cloud",
+--    "webhooks": {"company_created": "/webhook/validate-company", ...}}
+-- A value is a path joined to base_url, a full URL, or an object with url and
+-- the optional fields method, headers, secret, timeout_ms, max_in_flight,
+-- enabled. All or nothing; the same file twice changes nothing. Endpoints not
+-- in the file stay as they are, and so does the enabled flag of an existing
+-- endpoint unless the file sets it.
+CREATE FUNCTION pipeline.import_registry(registry jsonb)
+RETURNS TABLE (event_type text, url text, action text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_base    text;
+    v_key     text;
+    v_entry   record;
+    v_spec    jsonb;
+    v_url     text;
+    v_old     pipeline.webhooks;
+    v_new     pipeline.webhooks;
+    v_where   text;
+BEGIN
+    IF registry IS NULL OR jsonb_typeof(registry) <> 'object' THEN
+        RAISE EXCEPTION 'registry must be a JSON object with base_url and webhooks'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR v_key IN SELECT jsonb_object_keys(registry) LOOP
+        IF v_key NOT IN ('base_url', 'webhooks') THEN
+            RAISE EXCEPTION 'registry: unknown key % (expected base_url and webhooks)', to_json(v_key)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    IF registry ? 'base_url' THEN
+        IF jsonb_typeof(registry -> 'base_url') <> 'string'
+           OR pipeline._url_problem(registry ->> 'base_url') IS NOT NULL
+           OR registry ->> 'base_url' ~ '[?#]' THEN
+            RAISE EXCEPTION 'registry: base_url must be an http(s) URL without query, not %', registry -> 'base_url'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        v_base := rtrim(registry ->> 'base_url', '/');
+    END IF;
+    IF jsonb_typeof(registry -> 'webhooks') IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'registry: webhooks must be an object of event types to endpoints'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    FOR v_entry IN SELECT e.key, e.value FROM jsonb_each(registry -> 'webhooks') e ORDER BY e.key LOOP
+        v_where := format('registry: webhooks.%s: ', v_entry.key);
+        v_spec := CASE WHEN jsonb_typeof(v_entry.value) = 'string' THEN jsonb_build_object('url', v_entry.value)
+                       ELSE v_entry.value END;
+        IF jsonb_typeof(v_spec) <> 'object' THEN
+            RAISE EXCEPTION '%must be a path starting with /, a full URL or an object with url, not %',
+                v_where, jsonb_typeof(v_spec)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOR v_key IN SELECT jsonb_object_keys(v_spec) LOOP
+            IF v_key NOT IN ('url', 'method', 'headers', 'secret', 'timeout_ms', 'max_in_flight', 'enabled') THEN
+                RAISE EXCEPTION '%unknown key % (expected url, method, headers, secret, timeout_ms, max_in_flight, enabled)',
+                    v_where, to_json(v_key)
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+        END LOOP;
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'url', 'string');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'method', 'string');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'secret', 'string');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'timeout_ms', 'number');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'max_in_flight', 'number');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'enabled', 'boolean');
+        IF NOT v_spec ? 'url' THEN
+            RAISE EXCEPTION '%url is missing', v_where USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        v_url := v_spec ->> 'url';
+        IF v_url LIKE '/%' THEN
+            IF v_base IS NULL THEN
+                RAISE EXCEPTION '%', v_where || to_json(v_url)::text || ' is a path, but the registry has no base_url'
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            v_url := v_base || v_url;
+        ELSIF v_url !~* '^https?://' THEN
+            RAISE EXCEPTION '%', v_where || to_json(v_url)::text || ' must be a path starting with / or a full http(s) URL'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOR v_key IN SELECT unnest(ARRAY['timeout_ms', 'max_in_flight']) LOOP
+            IF v_spec ? v_key AND (v_spec ->> v_key)::numeric <> trunc((v_spec ->> v_key)::numeric) THEN
+                RAISE EXCEPTION '%', v_where || v_key || ' must be a whole number' USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+        END LOOP;
+
+        SELECT * INTO v_old FROM pipeline.webhooks w WHERE w.event_type = v_entry.key;
+        v_new.event_type := v_entry.key;
+        v_new.url := v_url;
+        v_new.method := upper(coalesce(v_spec ->> 'method', 'POST'));
+        v_new.headers := coalesce(v_spec -> 'headers', '{}');
+        v_new.secret := v_spec ->> 'secret';
+        v_new.timeout_ms := (v_spec ->> 'timeout_ms')::numeric::integer;
+        v_new.max_in_flight := (v_spec ->> 'max_in_flight')::numeric::integer;
+        v_new.enabled := coalesce((v_spec ->> 'enabled')::boolean, v_old.enabled, true);
+        PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_new.headers, v_new.secret,
+                                        v_new.timeout_ms, v_new.max_in_flight, false, v_where);
+
+        event_type := v_new.event_type;
+        url := v_new.url;
+        IF v_old.event_type IS NULL THEN
+            PERFORM pipeline.register_webhook(v_new.event_type, v_new.url, v_new.method, v_new.headers,
+                                              v_new.secret, v_new.timeout_ms, v_new.max_in_flight, v_new.enabled);
+            action := 'created';
+        ELSIF (v_old.url, v_old.method, v_old.headers, v_old.secret, v_old.timeout_ms, v_old.max_in_flight,
+               v_old.enabled)
+              IS NOT DISTINCT FROM
+              (v_new.url, v_new.method, v_new.headers, v_new.secret, v_new.timeout_ms, v_new.max_in_flight,
+               v_new.enabled) THEN
+            action := 'unchanged';
+        ELSE
+            UPDATE pipeline.webhooks w
+            SET url = v_new.url, method = v_new.method, headers = v_new.headers, secret = v_new.secret,
+                timeout_ms = v_new.timeout_ms, max_in_flight = v_new.max_in_flight, enabled = v_new.enabled,
+                disabled_reason = CASE WHEN v_new.enabled THEN NULL
+                                       ELSE coalesce(w.disabled_reason, 'disabled in the registry') END,
+                updated_at = now()
+            WHERE w.event_type = v_new.event_type;
+            action := 'updated';
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pipeline.import_registry(jsonb) IS
+    'Loads an n8n_webhook_registry.json document into pipeline.webhooks (all or nothing, idempotent); '
+    'returns each endpoint with created, updated or unchanged.';
+
+CREATE FUNCTION pipeline._check_json_type(context text, spec jsonb, key text, expected text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF spec ? key AND jsonb_typeof(spec -> key) <> expected THEN
+        RAISE EXCEPTION '%', format('%s%s must be a %s, not %s', context, key, expected, jsonb_typeof(spec -> key))
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+-- The registry in the file's shape: base_url is the origin most endpoints
+-- share; an endpoint with nothing but a URL under it is written as its path.
+CREATE FUNCTION pipeline.export_registry() RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    WITH base AS (
+        SELECT substring(w.url FROM '^(https?://[^/?#]+)') AS origin
+        FROM pipeline.webhooks w
+        GROUP BY 1
+        ORDER BY count(*) DESC, 1
+        LIMIT 1
+    ), entries AS (
+        SELECT w.event_type,
+               CASE WHEN b.origin IS NOT NULL AND w.url LIKE b.origin || '/%'
+                    THEN substr(w.url, length(b.origin) + 1) ELSE w.url END AS url,
+               jsonb_strip_nulls(jsonb_build_object(
+                   'method', nullif(w.method, 'POST'),
+                   'headers', nullif(w.headers, '{}'),
+                   'secret', w.secret,
+                   'timeout_ms', w.timeout_ms,
+                   'max_in_flight', w.max_in_flight,
+                   'enabled', CASE WHEN NOT w.enabled THEN false END)) AS options
+        FROM pipeline.webhooks w
+        LEFT JOIN base b ON true
+    )
+    SELECT jsonb_strip_nulls(jsonb_build_object(
+        'base_url', (SELECT origin FROM base),
+        'webhooks', coalesce(
+            (SELECT jsonb_object_agg(e.event_type,
+                                     CASE WHEN e.options = '{}' THEN to_jsonb(e.url)
+                                          ELSE jsonb_build_object('url', e.url) || e.options END)
+             FROM entries e),
+            '{}')))
+$$;
+COMMENT ON FUNCTION pipeline.export_registry() IS
+    'The webhook registry in the shape of n8n_webhook_registry.json; import_registry of it changes nothing.';
+
+-- ==== sql/011_delivery.sql ====
+
+-- 011_delivery.sql: what the delivery worker reads and writes.
+--
+-- The worker (src/worker.rs) claims a batch with pipeline._claim_deliveries,
+-- commits, sends the requests, then records every outcome with
+-- pipeline._record_deliveries in a new transaction. Both are plain SQL, so an
+-- outside consumer in trigger-only mode can use them too.
+
+CREATE TABLE marketing.pipeline_delivery_attempts (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id         bigint NOT NULL REFERENCES marketing.pipeline_events (id) ON DELETE CASCADE,
+    attempt          integer NOT NULL,
+    event_type       text NOT NULL,
+    url              text NOT NULL,
+    outcome          text NOT NULL,
+    status_code      integer,
+    duration_ms      integer NOT NULL,
+    error            text,
+    response_excerpt text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT outcome_known CHECK (outcome IN ('delivered', 'retry', 'failed', 'gone'))
+);
+CREATE INDEX pipeline_delivery_attempts_event_idx ON marketing.pipeline_delivery_attempts (event_id, attempt);
+CREATE INDEX pipeline_delivery_attempts_created_idx ON marketing.pipeline_delivery_attempts (created_at);
+COMMENT ON TABLE marketing.pipeline_delivery_attempts IS
+    'Every delivery attempt: endpoint, HTTP status (NULL when no response came), duration, and the error or the start of the response body.';
+COMMENT ON COLUMN marketing.pipeline_delivery_attempts.outcome IS
+    'delivered (2xx); retry (timeout, connection error, 429, 5xx); failed (other status); gone (410: endpoint disabled).';
+
+-- A batch of due events that have an enabled endpoint, claimed as by
+-- pipeline.claim, each with its endpoint and the request body to send.
+CREATE FUNCTION pipeline._claim_deliveries(batch_size integer, lease interval DEFAULT NULL)
+RETURNS TABLE (
+    event_id      bigint,
+    attempt       integer,
+    event_type    text,
+    url           text,
+    method        text,
+    headers       text,
+    secret        text,
+    timeout_ms    integer,
+    max_in_flight integer,
+    body          text
+)
+LANGUAGE sql AS $$
+    SELECT c.id, c.attempts, c.event_type, w.url, w.method, w.headers::text, w.secret, w.timeout_ms,
+           w.max_in_flight,
+           jsonb_build_object(
+               'id', c.id,
+               'type', c.event_type,
+               'created_at', c.created_at,
+               'attempt', c.attempts,
+               'source', jsonb_build_object('table', c.source_table, 'op', c.source_op, 'key', c.source_key),
+               'data', c.payload)::text
+    FROM pipeline.claim(_claim_deliveries.batch_size, _claim_deliveries.lease,
+                        ARRAY(SELECT w.event_type FROM pipeline.webhooks w WHERE w.enabled)) c
+    JOIN pipeline.webhooks w ON w.event_type = c.event_type
+$$;
+
+-- Recording a batch of delivery outcomes (parallel arrays, one entry per
+-- attempt): every attempt is logged, the events are settled, and a 410 Gone
+-- disables the endpoint that answered it.
+CREATE FUNCTION pipeline._record_deliveries(
+    event_ids      bigint[],
+    attempts       integer[],
+    outcomes       text[],
+    status_codes   integer[],
+    errors         text[],
+    retry_after_ms integer[],
+    durations_ms   integer[],
+    excerpts       text[],
+    urls           text[]
+) RETURNS TABLE (event_id bigint, status text)
+LANGUAGE sql AS $$
+    WITH o AS (
+        SELECT o.*, e.event_type
+        FROM unnest(_record_deliveries.event_ids, _record_deliveries.attempts, _record_deliveries.outcomes,
+                    _record_deliveries.status_codes, _record_deliveries.errors, _record_deliveries.retry_after_ms,
+                    _record_deliveries.durations_ms, _record_deliveries.excerpts, _record_deliveries.urls)
+                 AS o(event_id, attempt, outcome, status_code, error, retry_after_ms, duration_ms, excerpt, url)
+        JOIN marketing.pipeline_events e ON e.id = o.event_id
+    ), logged AS (
+        INSERT INTO marketing.pipeline_delivery_attempts
+            (event_id, attempt, event_type, url, outcome, status_code, duration_ms, error, response_excerpt)
+        SELECT o.event_id, o.attempt, o.event_type, o.url, o.outcome, o.status_code, o.duration_ms, o.error,
+               o.excerpt
+        FROM o
+    ), gone AS (
+        UPDATE pipeline.webhooks w
+        SET enabled = false,
+            disabled_reason = format('410 Gone from %s at %s', o.url, now()),
+            updated_at = now()
+        FROM o
+        WHERE o.outcome = 'gone' AND w.event_type = o.event_type AND w.url = o.url AND w.enabled
+    )
+    SELECT s.event_id, s.status
+    FROM pipeline._settle(
+        ARRAY(SELECT o.event_id FROM o ORDER BY o.event_id),
+        ARRAY(SELECT o.attempt FROM o ORDER BY o.event_id),
+        ARRAY(SELECT o.outcome = 'delivered' FROM o ORDER BY o.event_id),
+        ARRAY(SELECT coalesce(o.error, 'HTTP ' || o.status_code) FROM o ORDER BY o.event_id),
+        ARRAY(SELECT now() + make_interval(secs => o.retry_after_ms / 1000.0) FROM o ORDER BY o.event_id),
+        NULL,
+        ARRAY(SELECT jsonb_strip_nulls(jsonb_build_object('url', o.url, 'status_code', o.status_code,
+                                                          'outcome', o.outcome, 'response_excerpt', o.excerpt))
+              FROM o ORDER BY o.event_id)) s;
+$$;
+
+-- Deleting old history in small batches (the worker calls it every round
+-- until it returns less than max_rows): delivered events older than
+-- older_than (their attempts go with them) and attempts older than it.
+-- Failed and dead events stay until someone replays or deletes them.
+CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
+    v_events  bigint;
+    v_attempts bigint;
+BEGIN
+    IF v_age <= interval '0' THEN
+        RETURN 0;  -- retention 0 keeps everything
+    END IF;
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'pipeline.purge: max_rows must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH old AS (
+        SELECT e.id FROM marketing.pipeline_events e
+        WHERE e.status = 'processed' AND e.processed_at < now() - v_age
+        ORDER BY e.processed_at
+        LIMIT max_rows
+        FOR UPDATE SKIP LOCKED
+    )
+    DELETE FROM marketing.pipeline_events e USING old WHERE e.id = old.id;
+    GET DIAGNOSTICS v_events = ROW_COUNT;
+    WITH old AS (
+        SELECT a.id FROM marketing.pipeline_delivery_attempts a
+        WHERE a.created_at < now() - v_age
+        ORDER BY a.created_at
+        LIMIT max_rows
+    )
+    DELETE FROM marketing.pipeline_delivery_attempts a USING old WHERE a.id = old.id;
+    GET DIAGNOSTICS v_attempts = ROW_COUNT;
+    RETURN v_events + v_attempts;
+END
+$$;
+COMMENT ON FUNCTION pipeline.purge(interval, integer) IS
+    'Deletes up to max_rows delivered events older than older_than (default pipeline.retention) and up to '
+    'max_rows old delivery attempts; returns how many rows went. Retention 0 keeps everything.';
+
+-- Per endpoint: state, backlog and the last hour of deliveries.
+CREATE VIEW marketing.vw_endpoint_health AS
+SELECT w.event_type,
+       w.url,
+       w.enabled,
+       w.disabled_reason,
+       (SELECT count(*) FROM marketing.pipeline_events e
+        WHERE e.event_type = w.event_type AND e.status IN ('pending', 'failed', 'processing')) AS waiting,
+       count(a.id) FILTER (WHERE a.outcome = 'delivered') AS delivered_1h,
+       count(a.id) FILTER (WHERE a.outcome <> 'delivered') AS failed_1h,
+       round(avg(a.duration_ms) FILTER (WHERE a.outcome = 'delivered'), 1) AS avg_ms_1h,
+       max(a.created_at) AS last_attempt_at,
+       (SELECT a2.status_code FROM marketing.pipeline_delivery_attempts a2
+        WHERE a2.event_type = w.event_type AND a2.created_at > now() - interval '1 hour'
+        ORDER BY a2.created_at DESC LIMIT 1) AS last_status_code
+FROM pipeline.webhooks w
+LEFT JOIN marketing.pipeline_delivery_attempts a
+       ON a.event_type = w.event_type AND a.created_at > now() - interval '1 hour'
+GROUP BY w.event_type, w.url, w.enabled, w.disabled_reason
+ORDER BY w.event_type;
+COMMENT ON VIEW marketing.vw_endpoint_health IS
+    'Each endpoint: enabled or why not, events waiting for it, and its deliveries, failures and latency in the last hour.';
+
+-- One row to see whether the pipeline is moving.
+CREATE FUNCTION pipeline.status()
+RETURNS TABLE (
+    worker_running         boolean,
+    worker_pid             integer,
+    pending                bigint,
+    processing             bigint,
+    failed                 bigint,
+    dead                   bigint,
+    oldest_pending_age     interval,
+    delivered_last_minute  bigint,
+    failed_last_minute     bigint,
+    endpoints_enabled      bigint,
+    endpoints_disabled     bigint,
+    unresolved_errors      bigint
+)
+LANGUAGE sql STABLE AS $$
+    SELECT (SELECT a.pid FROM pg_stat_activity a
+            WHERE a.backend_type = 'pipeline_ext worker' AND a.datname = current_database() LIMIT 1) IS NOT NULL,
+           (SELECT a.pid FROM pg_stat_activity a
+            WHERE a.backend_type = 'pipeline_ext worker' AND a.datname = current_database() LIMIT 1),
+           count(*) FILTER (WHERE e.status = 'pending'),
+           count(*) FILTER (WHERE e.status = 'processing'),
+           count(*) FILTER (WHERE e.status = 'failed'),
+           (SELECT count(*) FROM marketing.pipeline_events d WHERE d.status = 'dead'),
+           now() - min(e.created_at) FILTER (WHERE e.status IN ('pending', 'failed')),
+           (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
+            WHERE a.created_at > now() - interval '1 minute' AND a.outcome = 'delivered'),
+           (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
+            WHERE a.created_at > now() - interval '1 minute' AND a.outcome <> 'delivered'),
+           (SELECT count(*) FROM pipeline.webhooks w WHERE w.enabled),
+           (SELECT count(*) FROM pipeline.webhooks w WHERE NOT w.enabled),
+           (SELECT count(*) FROM marketing.pipeline_error_log l WHERE NOT l.resolved)
+    FROM marketing.pipeline_events e
+    WHERE e.status IN ('pending', 'processing', 'failed')
+$$;
+COMMENT ON FUNCTION pipeline.status() IS
+    'Whether the delivery worker runs in this database, events by open status, dead events, the oldest '
+    'waiting event''s age, deliveries and failures in the last minute, endpoints, unresolved errors.';
+
+-- Handing back claimed events that were never sent (the worker is stopping):
+-- pending again, due now, and the claim does not count as an attempt.
+CREATE FUNCTION pipeline._release(event_ids bigint[], attempts integer[]) RETURNS integer
+LANGUAGE sql AS $$
+    WITH released AS (
+        UPDATE marketing.pipeline_events e
+        SET status = 'pending', attempts = e.attempts - 1, next_attempt_at = now()
+        FROM unnest(_release.event_ids, _release.attempts) AS j(event_id, attempt)
+        WHERE e.id = j.event_id AND e.status = 'processing' AND e.attempts = j.attempt
+        RETURNING e.id
+    )
+    SELECT count(*)::integer FROM released
+$$;
+
+-- Seconds until the next event with an enabled endpoint is due (negative
+-- when one is due already; NULL when none waits), so the worker sleeps
+-- exactly until a retry or an expiring lease needs it.
+CREATE FUNCTION pipeline._next_due_in() RETURNS double precision
+LANGUAGE sql STABLE AS $$
+    SELECT extract(epoch FROM e.next_attempt_at - clock_timestamp())::double precision
+    FROM marketing.pipeline_events e
+    WHERE e.status IN ('pending', 'failed', 'processing')
+      AND e.event_type IN (SELECT w.event_type FROM pipeline.webhooks w WHERE w.enabled)
+    ORDER BY e.next_attempt_at, e.id
+    LIMIT 1
+$$;
 
 COMMIT;

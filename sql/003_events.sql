@@ -41,6 +41,9 @@ CREATE INDEX pipeline_events_due_idx ON marketing.pipeline_events (next_attempt_
     WHERE status IN ('pending', 'failed', 'processing');
 -- Recent events (ORDER BY created_at DESC) and time-range replays.
 CREATE INDEX pipeline_events_created_idx ON marketing.pipeline_events (created_at);
+-- Dead events wait for a person: counting and listing them stays cheap.
+CREATE INDEX pipeline_events_dead_idx ON marketing.pipeline_events (created_at)
+    WHERE status = 'dead';
 -- Latency views and retention of delivered events.
 CREATE INDEX pipeline_events_processed_idx ON marketing.pipeline_events (processed_at)
     WHERE status = 'processed';

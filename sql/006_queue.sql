@@ -107,18 +107,62 @@ COMMENT ON FUNCTION pipeline.claim(integer, interval, text[]) IS
     'Claims up to batch_size due events (oldest due first, skipping rows other consumers hold): '
     'they become processing with attempts + 1 until the lease ends. Commit before delivering.';
 
+-- Settling claimed events: the one place where a delivery outcome changes an
+-- event. Delivered events become processed; failed ones failed (due again at
+-- retry_at, or after pipeline.backoff) or dead (attempts used up, or give_up),
+-- and every failure goes to the error log. Only events still processing, and
+-- (when attempt is given) still in that attempt, change: a consumer whose
+-- lease ran out and whose event was claimed again cannot overwrite the newer
+-- attempt. The arrays are parallel; missing trailing values count as NULL.
+CREATE FUNCTION pipeline._settle(
+    event_ids bigint[],
+    attempts  integer[],
+    delivered boolean[],
+    errors    text[],
+    retry_at  timestamptz[],
+    give_up   boolean[],
+    details   jsonb[]
+) RETURNS TABLE (event_id bigint, status text)
+LANGUAGE sql AS $$
+    WITH outcome AS (
+        SELECT o.*, e.attempts AS current_attempts,
+               CASE WHEN o.delivered THEN 'processed'
+                    WHEN coalesce(o.give_up, false)
+                      OR e.attempts >= pipeline._setting('max_attempts', '10')::integer THEN 'dead'
+                    ELSE 'failed'
+               END AS new_status
+        FROM unnest(_settle.event_ids, _settle.attempts, _settle.delivered, _settle.errors, _settle.retry_at,
+                    _settle.give_up, _settle.details)
+                 AS o(event_id, attempt, delivered, error, retry_at, give_up, details)
+        JOIN marketing.pipeline_events e ON e.id = o.event_id
+        WHERE e.status = 'processing' AND (o.attempt IS NULL OR e.attempts = o.attempt)
+    ), settled AS (
+        UPDATE marketing.pipeline_events e
+        SET status = o.new_status,
+            processed_at = CASE WHEN o.new_status = 'processed' THEN now() END,
+            next_attempt_at = CASE WHEN o.new_status = 'failed'
+                                   THEN coalesce(o.retry_at, now() + pipeline.backoff(o.current_attempts))
+                                   ELSE e.next_attempt_at END,
+            last_error = CASE WHEN o.new_status = 'processed' THEN e.last_error ELSE o.error END
+        FROM outcome o
+        WHERE e.id = o.event_id AND e.status = 'processing' AND e.attempts = o.current_attempts
+        RETURNING e.id, e.event_type, e.status, e.attempts, o.error, o.details
+    ), logged AS (
+        INSERT INTO marketing.pipeline_error_log (stage, event_id, error_message, details)
+        SELECT s.event_type, s.id, coalesce(s.error, 'delivery failed'),
+               coalesce(s.details, '{}') || jsonb_build_object('attempt', s.attempts, 'status', s.status)
+        FROM settled s
+        WHERE s.status <> 'processed'
+    )
+    SELECT s.id, s.status FROM settled s;
+$$;
+
 -- Recording a successful delivery.
 CREATE FUNCTION pipeline.mark_delivered(event_id bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE marketing.pipeline_events e
-    SET status = 'processed', processed_at = now()
-    WHERE e.id = event_id AND e.status = 'processing';
-    IF FOUND THEN
-        RETURN true;
-    END IF;
     PERFORM pipeline._require_events(ARRAY[event_id]);
-    RETURN false;
+    RETURN EXISTS (SELECT 1 FROM pipeline._settle(ARRAY[event_id], NULL, ARRAY[true], NULL, NULL, NULL, NULL));
 END
 $$;
 COMMENT ON FUNCTION pipeline.mark_delivered(bigint) IS
@@ -129,10 +173,9 @@ LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pipeline._require_events(event_ids);
     RETURN QUERY
-    UPDATE marketing.pipeline_events e
-    SET status = 'processed', processed_at = now()
-    WHERE e.id = ANY (event_ids) AND e.status = 'processing'
-    RETURNING e.id;
+    SELECT s.event_id
+    FROM pipeline._settle(event_ids, NULL, array_fill(true, ARRAY[cardinality(event_ids)]),
+                          NULL, NULL, NULL, NULL) s;
 END
 $$;
 COMMENT ON FUNCTION pipeline.mark_delivered_many(bigint[]) IS
@@ -147,36 +190,15 @@ CREATE FUNCTION pipeline.mark_failed(
     retry    boolean DEFAULT true
 ) RETURNS text
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_event  marketing.pipeline_events;
-    v_status text;
 BEGIN
     IF error IS NULL OR pipeline._is_blank(error) THEN
         RAISE EXCEPTION 'pipeline.mark_failed: error must describe the failure'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     PERFORM pipeline._require_events(ARRAY[event_id]);
-    SELECT * INTO v_event FROM marketing.pipeline_events e WHERE e.id = event_id FOR UPDATE;
-    IF v_event.status <> 'processing' THEN
-        RETURN NULL;
-    END IF;
-
-    v_status := CASE
-        WHEN NOT coalesce(retry, true)
-          OR v_event.attempts >= pipeline._setting('max_attempts', '10')::integer THEN 'dead'
-        ELSE 'failed'
-    END;
-    UPDATE marketing.pipeline_events e
-    SET status = v_status,
-        last_error = error,
-        next_attempt_at = CASE WHEN v_status = 'dead' THEN now()
-                               ELSE coalesce(retry_at, now() + pipeline.backoff(v_event.attempts)) END
-    WHERE e.id = event_id;
-
-    INSERT INTO marketing.pipeline_error_log (stage, event_id, error_message, details)
-    VALUES (v_event.event_type, event_id, error,
-            coalesce(details, '{}') || jsonb_build_object('attempt', v_event.attempts, 'status', v_status));
-    RETURN v_status;
+    RETURN (SELECT s.status
+            FROM pipeline._settle(ARRAY[event_id], NULL, ARRAY[false], ARRAY[error], ARRAY[retry_at],
+                                  ARRAY[NOT coalesce(retry, true)], ARRAY[details]) s);
 END
 $$;
 COMMENT ON FUNCTION pipeline.mark_failed(bigint, text, timestamptz, jsonb, boolean) IS

@@ -1,14 +1,37 @@
-//! pipeline_ext: the outreach pipeline's data model, stage triggers and event
-//! queue, installed by `CREATE EXTENSION pipeline_ext`.
+//! pipeline_ext: the outreach pipeline's data model, stage triggers, event
+//! queue and the background worker that delivers events to webhooks.
 //!
 //! Every SQL object lives in `sql/NNN_*.sql`, loaded here in numeric order.
 //! The same files, concatenated by `bin/build-trigger-only`, make the
 //! trigger-only script for hosts that cannot load this library (Neon), so
 //! nothing in them may depend on Rust code. SQL that only the extension has
-//! lives in `sql/extension/`.
+//! lives in `sql/extension/` and next to the Rust it needs (src/wake.rs).
+//!
+//! Modules: settings (GUCs), wake (commit wake-up of the worker), worker
+//! (the background worker's loop), queue (its SQL), delivery (HTTP, no
+//! PostgreSQL).
+
+mod delivery;
+mod queue;
+mod settings;
+mod wake;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
+#[pgrx::pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // NB: shared memory and background workers can only be set up while the
+    // postmaster loads shared_preload_libraries; loaded later (a plain
+    // CREATE EXTENSION), the library serves SQL only and nothing delivers.
+    let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
+    settings::register(preloading);
+    wake::register_commit_callback();
+    if preloading {
+        wake::init_shared_memory();
+        worker::register();
+    }
+}
 // NB: each file requires the one before it, so the generated script keeps
 // the numeric order that bin/build-trigger-only uses too.
 ::pgrx::extension_sql_file!("../sql/001_schemas.sql", name = "schemas", bootstrap);
@@ -51,6 +74,16 @@
     "../sql/009_verify.sql",
     name = "verify",
     requires = ["views"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/010_webhooks.sql",
+    name = "webhooks",
+    requires = ["verify"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/011_delivery.sql",
+    name = "delivery",
+    requires = ["webhooks"]
 );
 ::pgrx::extension_sql_file!(
     "../sql/extension/config_dump.sql",

@@ -14,9 +14,11 @@ const SCENARIO: &str = include_str!("fixtures/stage_scenario.sql");
 
 /// Every object of the pipeline's schemas, one line each, sorted: relations,
 /// columns, constraints, indexes, functions (with a digest of their body),
-/// triggers, view definitions and comments.
+/// triggers, view definitions and comments. Functions written in C (the
+/// library's) and what uses them are left out: they are the extension's own.
 const CATALOG: &str = r#"
-WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname IN ('intake', 'marketing', 'pipeline'))
+WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname IN ('intake', 'marketing', 'pipeline')),
+c_functions AS (SELECT oid FROM pg_proc WHERE prolang = (SELECT oid FROM pg_language WHERE lanname = 'c'))
 SELECT x FROM (
     SELECT format('relation %s %s', c.oid::regclass, c.relkind) AS x
     FROM pg_class c WHERE c.relnamespace IN (SELECT oid FROM ns)
@@ -38,11 +40,11 @@ SELECT x FROM (
                   p.oid::regprocedure, pg_get_function_result(p.oid), l.lanname, p.prosecdef, p.proconfig,
                   p.provolatile, md5(p.prosrc))
     FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
-    WHERE p.pronamespace IN (SELECT oid FROM ns)
+    WHERE p.pronamespace IN (SELECT oid FROM ns) AND p.oid NOT IN (SELECT oid FROM c_functions)
     UNION ALL
     SELECT format('trigger %s', pg_get_triggerdef(t.oid))
     FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-    WHERE NOT t.tgisinternal AND c.relnamespace IN (SELECT oid FROM ns)
+    WHERE NOT t.tgisinternal AND c.relnamespace IN (SELECT oid FROM ns) AND t.tgfoid NOT IN (SELECT oid FROM c_functions)
     UNION ALL
     SELECT format('view %s %s', c.oid::regclass, md5(pg_get_viewdef(c.oid)))
     FROM pg_class c WHERE c.relkind = 'v' AND c.relnamespace IN (SELECT oid FROM ns)
@@ -50,7 +52,8 @@ SELECT x FROM (
     SELECT format('comment %s %s %s', d.classoid::regclass, d.objsubid, md5(d.description))
     FROM pg_description d
     WHERE (d.classoid = 'pg_class'::regclass AND d.objoid IN (SELECT oid FROM pg_class WHERE relnamespace IN (SELECT oid FROM ns)))
-       OR (d.classoid = 'pg_proc'::regclass AND d.objoid IN (SELECT oid FROM pg_proc WHERE pronamespace IN (SELECT oid FROM ns)))
+       OR (d.classoid = 'pg_proc'::regclass AND d.objoid NOT IN (SELECT oid FROM c_functions)
+           AND d.objoid IN (SELECT oid FROM pg_proc WHERE pronamespace IN (SELECT oid FROM ns)))
 ) objects
 ORDER BY x
 "#;

@@ -12,6 +12,8 @@ SELECT pg_catalog.pg_extension_config_dump('marketing.email_verification', '');
 SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_events', '');
 SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_error_log', '');
 SELECT pg_catalog.pg_extension_config_dump('pipeline.watches', 'WHERE NOT builtin');
+SELECT pg_catalog.pg_extension_config_dump('pipeline.webhooks', '');
+SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_delivery_attempts', '');
 
 -- Identity sequences too, or restored rows would collide with new ones.
 -- NB: one call per statement; each call rewrites the pg_extension row.
@@ -21,3 +23,4 @@ SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('ma
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('marketing.email_verification', 'id'), '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('marketing.pipeline_events', 'id'), '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('marketing.pipeline_error_log', 'id'), '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('marketing.pipeline_delivery_attempts', 'id'), '');

@@ -1,0 +1,439 @@
+-- 010_webhooks.sql: where each event type is delivered.
+--
+-- One endpoint per event type. Events whose type has no enabled endpoint stay
+-- pending: they are not lost, dropped or counted as failed, and go out once an
+-- endpoint is registered or enabled again. Deployments keep the registry as
+-- n8n_webhook_registry.json; import_registry loads it, export_registry gives
+-- it back in the same shape.
+
+-- Why a header set is unusable, or NULL when it is fine: a JSON object of
+-- header names (HTTP tokens) to string values without line breaks, leaving
+-- alone the headers the worker sets itself.
+CREATE FUNCTION pipeline._header_problem(headers jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN headers IS NULL THEN 'headers must not be NULL (use {} for none)'
+        WHEN jsonb_typeof(headers) <> 'object' THEN
+            'headers must be a JSON object of names to strings, not ' || jsonb_typeof(headers)
+        ELSE (
+            SELECT string_agg(problem, '; ')
+            FROM (
+                SELECT CASE
+                    WHEN h.key !~ '^[!#$%&''*+.^_`|~0-9A-Za-z-]+$' THEN
+                        format('header name %s is not a valid HTTP header name', to_json(h.key))
+                    WHEN lower(h.key) IN ('content-type', 'content-length', 'host', 'transfer-encoding',
+                                          'connection', 'webhook-id', 'webhook-timestamp', 'webhook-signature') THEN
+                        format('header %s is set by the worker and cannot be overridden', to_json(h.key))
+                    WHEN jsonb_typeof(h.value) <> 'string' THEN
+                        format('header %s must have a string value, not %s', to_json(h.key), jsonb_typeof(h.value))
+                    WHEN h.value #>> '{}' ~ '[\r\n\x00]' THEN
+                        format('header %s must not contain line breaks', to_json(h.key))
+                END AS problem
+                FROM jsonb_each(headers) AS h
+            ) p
+        )
+    END
+$$;
+
+-- Why a webhook URL is unusable, or NULL when it is fine.
+CREATE FUNCTION pipeline._url_problem(url text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN url IS NULL THEN 'url must not be NULL'
+        WHEN url !~* '^https?://' THEN format('url %s is not an http:// or https:// URL', to_json(url))
+        WHEN url !~* '^https?://[^\s/?#@]+([/?#]\S*)?$' THEN format('url %s is not a valid URL', to_json(url))
+        WHEN char_length(url) > 2048 THEN 'url is longer than 2048 characters'
+    END
+$$;
+
+-- Standard Webhooks secrets are whsec_ followed by base64; other secrets are
+-- used as they are (their UTF-8 bytes are the HMAC key).
+CREATE FUNCTION pipeline._secret_problem(secret text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF secret IS NULL THEN
+        RETURN NULL;
+    ELSIF pipeline._is_blank(secret) THEN
+        RETURN 'secret is blank (use NULL for no signature)';
+    ELSIF secret LIKE 'whsec\_%' THEN
+        BEGIN
+            IF length(decode(substr(secret, 7), 'base64')) = 0 THEN
+                RETURN 'secret whsec_... holds no key';
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RETURN 'secret whsec_... must continue with base64';
+        END;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TABLE pipeline.webhooks (
+    event_type      text PRIMARY KEY,
+    url             text NOT NULL,
+    method          text NOT NULL DEFAULT 'POST',
+    headers         jsonb NOT NULL DEFAULT '{}',
+    secret          text,
+    timeout_ms      integer,
+    max_in_flight   integer,
+    enabled         boolean NOT NULL DEFAULT true,
+    disabled_reason text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT event_type_format CHECK (event_type ~ '^[a-z][a-z0-9_]{0,46}$'),
+    CONSTRAINT url_valid CHECK (pipeline._url_problem(url) IS NULL),
+    CONSTRAINT method_known CHECK (method IN ('POST', 'PUT', 'PATCH')),
+    CONSTRAINT headers_valid CHECK (pipeline._header_problem(headers) IS NULL),
+    CONSTRAINT secret_valid CHECK (pipeline._secret_problem(secret) IS NULL),
+    CONSTRAINT timeout_ms_range CHECK (timeout_ms BETWEEN 1 AND 300000),
+    CONSTRAINT max_in_flight_range CHECK (max_in_flight BETWEEN 1 AND 1000),
+    CONSTRAINT disabled_has_reason CHECK (enabled OR disabled_reason IS NOT NULL)
+);
+COMMENT ON TABLE pipeline.webhooks IS
+    'Where events are delivered: one endpoint per event type. Holds secrets: grant SELECT with care.';
+COMMENT ON COLUMN pipeline.webhooks.headers IS 'Extra request headers, e.g. {"Authorization": "Basic ..."} for n8n Basic Auth.';
+COMMENT ON COLUMN pipeline.webhooks.secret IS 'Signing secret (whsec_<base64> as in Standard Webhooks); NULL sends no webhook-signature.';
+COMMENT ON COLUMN pipeline.webhooks.timeout_ms IS 'Request timeout; NULL uses pipeline.http_timeout.';
+COMMENT ON COLUMN pipeline.webhooks.max_in_flight IS 'At most this many deliveries to the endpoint at once; NULL: pipeline.concurrency.';
+COMMENT ON COLUMN pipeline.webhooks.disabled_reason IS 'Why the endpoint is disabled (by hand, or 410 Gone from the receiver).';
+
+-- Raises the first problem of an endpoint's fields, naming the field.
+CREATE FUNCTION pipeline._check_webhook(
+    event_type text, url text, method text, headers jsonb, secret text,
+    timeout_ms integer, max_in_flight integer, allow_unknown_type boolean, context text
+) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_problem text;
+BEGIN
+    PERFORM pipeline._check_event_type(event_type);
+    IF NOT coalesce(allow_unknown_type, false)
+       AND NOT EXISTS (SELECT 1 FROM pipeline.stages s WHERE s.event_type = _check_webhook.event_type)
+       AND NOT EXISTS (SELECT 1 FROM pipeline.watches w WHERE w.event_type = _check_webhook.event_type) THEN
+        RAISE EXCEPTION '%unknown event type %', context, quote_literal(event_type)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'No stage or watch emits it. Watch a table first, or pass allow_unknown_type => true '
+                         'for events sent with pipeline.emit.';
+    END IF;
+    v_problem := coalesce(
+        pipeline._url_problem(url),
+        CASE WHEN method IS NULL OR upper(method) NOT IN ('POST', 'PUT', 'PATCH')
+             THEN format('method must be POST, PUT or PATCH, not %s', coalesce(to_json(method)::text, 'NULL')) END,
+        pipeline._header_problem(headers),
+        pipeline._secret_problem(secret),
+        CASE WHEN timeout_ms NOT BETWEEN 1 AND 300000
+             THEN format('timeout_ms must be between 1 and 300000, not %s', timeout_ms) END,
+        CASE WHEN max_in_flight NOT BETWEEN 1 AND 1000
+             THEN format('max_in_flight must be between 1 and 1000, not %s', max_in_flight) END);
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', context || v_problem USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+-- Registering (or replacing) the endpoint of an event type.
+CREATE FUNCTION pipeline.register_webhook(
+    event_type         text,
+    url                text,
+    method             text DEFAULT 'POST',
+    headers            jsonb DEFAULT '{}',
+    secret             text DEFAULT NULL,
+    timeout_ms         integer DEFAULT NULL,
+    max_in_flight      integer DEFAULT NULL,
+    enabled            boolean DEFAULT true,
+    allow_unknown_type boolean DEFAULT false
+) RETURNS pipeline.webhooks
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row pipeline.webhooks;
+BEGIN
+    PERFORM pipeline._check_webhook(event_type, url, method, headers, secret, timeout_ms, max_in_flight,
+                                    allow_unknown_type, 'pipeline.register_webhook: ');
+    INSERT INTO pipeline.webhooks AS w
+        (event_type, url, method, headers, secret, timeout_ms, max_in_flight, enabled, disabled_reason)
+    VALUES (event_type, url, upper(method), headers, secret, timeout_ms, max_in_flight, coalesce(enabled, true),
+            CASE WHEN NOT coalesce(enabled, true) THEN 'registered disabled' END)
+    ON CONFLICT ON CONSTRAINT webhooks_pkey DO UPDATE
+    SET url = excluded.url, method = excluded.method, headers = excluded.headers, secret = excluded.secret,
+        timeout_ms = excluded.timeout_ms, max_in_flight = excluded.max_in_flight, enabled = excluded.enabled,
+        disabled_reason = excluded.disabled_reason, updated_at = now()
+    RETURNING * INTO v_row;
+    RETURN v_row;
+END
+$$;
+COMMENT ON FUNCTION pipeline.register_webhook(text, text, text, jsonb, text, integer, integer, boolean, boolean) IS
+    'Registers the endpoint for an event type, replacing any earlier one; returns it.';
+
+-- Changing some fields of an endpoint; NULL leaves a field as it is.
+-- secret => '' removes the secret; timeout_ms => 0 and max_in_flight => 0
+-- go back to the global settings.
+CREATE FUNCTION pipeline.update_webhook(
+    event_type    text,
+    url           text DEFAULT NULL,
+    method        text DEFAULT NULL,
+    headers       jsonb DEFAULT NULL,
+    secret        text DEFAULT NULL,
+    timeout_ms    integer DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL
+) RETURNS pipeline.webhooks
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_old pipeline.webhooks;
+    v_new pipeline.webhooks;
+BEGIN
+    v_old := pipeline._require_webhook(event_type);
+    v_new := v_old;
+    v_new.url := coalesce(url, v_old.url);
+    v_new.method := upper(coalesce(method, v_old.method));
+    v_new.headers := coalesce(headers, v_old.headers);
+    v_new.secret := CASE WHEN secret = '' THEN NULL ELSE coalesce(secret, v_old.secret) END;
+    v_new.timeout_ms := CASE WHEN timeout_ms = 0 THEN NULL ELSE coalesce(timeout_ms, v_old.timeout_ms) END;
+    v_new.max_in_flight := CASE WHEN max_in_flight = 0 THEN NULL ELSE coalesce(max_in_flight, v_old.max_in_flight) END;
+    PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_new.headers, v_new.secret,
+                                    v_new.timeout_ms, v_new.max_in_flight, true, 'pipeline.update_webhook: ');
+    UPDATE pipeline.webhooks w
+    SET url = v_new.url, method = v_new.method, headers = v_new.headers, secret = v_new.secret,
+        timeout_ms = v_new.timeout_ms, max_in_flight = v_new.max_in_flight, updated_at = now()
+    WHERE w.event_type = v_old.event_type
+    RETURNING * INTO v_new;
+    RETURN v_new;
+END
+$$;
+COMMENT ON FUNCTION pipeline.update_webhook(text, text, text, jsonb, text, integer, integer) IS
+    'Changes the given fields of an endpoint (NULL keeps a field; secret => '''' removes the secret, '
+    'timeout_ms => 0 and max_in_flight => 0 restore the global settings); returns it.';
+
+-- Stopping deliveries to an endpoint; its events wait.
+CREATE FUNCTION pipeline.disable_webhook(event_type text, reason text DEFAULT 'disabled by hand')
+RETURNS pipeline.webhooks
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row pipeline.webhooks;
+BEGIN
+    PERFORM pipeline._require_webhook(event_type);
+    UPDATE pipeline.webhooks w
+    SET enabled = false, disabled_reason = coalesce(nullif(btrim(reason), ''), 'disabled by hand'), updated_at = now()
+    WHERE w.event_type = disable_webhook.event_type
+    RETURNING * INTO v_row;
+    RETURN v_row;
+END
+$$;
+COMMENT ON FUNCTION pipeline.disable_webhook(text, text) IS
+    'Stops deliveries to the endpoint of an event type; its events wait until it is enabled again.';
+
+-- Resuming deliveries to an endpoint.
+CREATE FUNCTION pipeline.enable_webhook(event_type text) RETURNS pipeline.webhooks
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row pipeline.webhooks;
+BEGIN
+    PERFORM pipeline._require_webhook(event_type);
+    UPDATE pipeline.webhooks w
+    SET enabled = true, disabled_reason = NULL, updated_at = now()
+    WHERE w.event_type = enable_webhook.event_type
+    RETURNING * INTO v_row;
+    RETURN v_row;
+END
+$$;
+COMMENT ON FUNCTION pipeline.enable_webhook(text) IS
+    'Resumes deliveries to the endpoint of an event type (also after a 410 Gone disabled it).';
+
+-- Removing an endpoint; its events wait for a new one.
+CREATE FUNCTION pipeline.remove_webhook(event_type text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM pipeline.webhooks w WHERE w.event_type = remove_webhook.event_type;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION pipeline.remove_webhook(text) IS
+    'Removes the endpoint of an event type (false if there was none); its events wait for a new one.';
+
+CREATE FUNCTION pipeline._require_webhook(event_type text) RETURNS pipeline.webhooks
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_row pipeline.webhooks;
+BEGIN
+    SELECT * INTO v_row FROM pipeline.webhooks w WHERE w.event_type = _require_webhook.event_type;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no webhook is registered for event type %', coalesce(quote_literal(event_type), 'NULL')
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v_row;
+END
+$$;
+
+-- Loading n8n_webhook_registry.json:
+--   {"base_url": "https://x.app.n8n.cloud",
+--    "webhooks": {"company_created": "/webhook/validate-company", ...}}
+-- A value is a path joined to base_url, a full URL, or an object with url and
+-- the optional fields method, headers, secret, timeout_ms, max_in_flight,
+-- enabled. All or nothing; the same file twice changes nothing. Endpoints not
+-- in the file stay as they are, and so does the enabled flag of an existing
+-- endpoint unless the file sets it.
+CREATE FUNCTION pipeline.import_registry(registry jsonb)
+RETURNS TABLE (event_type text, url text, action text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_base    text;
+    v_key     text;
+    v_entry   record;
+    v_spec    jsonb;
+    v_url     text;
+    v_old     pipeline.webhooks;
+    v_new     pipeline.webhooks;
+    v_where   text;
+BEGIN
+    IF registry IS NULL OR jsonb_typeof(registry) <> 'object' THEN
+        RAISE EXCEPTION 'registry must be a JSON object with base_url and webhooks'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR v_key IN SELECT jsonb_object_keys(registry) LOOP
+        IF v_key NOT IN ('base_url', 'webhooks') THEN
+            RAISE EXCEPTION 'registry: unknown key % (expected base_url and webhooks)', to_json(v_key)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    IF registry ? 'base_url' THEN
+        IF jsonb_typeof(registry -> 'base_url') <> 'string'
+           OR pipeline._url_problem(registry ->> 'base_url') IS NOT NULL
+           OR registry ->> 'base_url' ~ '[?#]' THEN
+            RAISE EXCEPTION 'registry: base_url must be an http(s) URL without query, not %', registry -> 'base_url'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        v_base := rtrim(registry ->> 'base_url', '/');
+    END IF;
+    IF jsonb_typeof(registry -> 'webhooks') IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'registry: webhooks must be an object of event types to endpoints'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    FOR v_entry IN SELECT e.key, e.value FROM jsonb_each(registry -> 'webhooks') e ORDER BY e.key LOOP
+        v_where := format('registry: webhooks.%s: ', v_entry.key);
+        v_spec := CASE WHEN jsonb_typeof(v_entry.value) = 'string' THEN jsonb_build_object('url', v_entry.value)
+                       ELSE v_entry.value END;
+        IF jsonb_typeof(v_spec) <> 'object' THEN
+            RAISE EXCEPTION '%must be a path starting with /, a full URL or an object with url, not %',
+                v_where, jsonb_typeof(v_spec)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOR v_key IN SELECT jsonb_object_keys(v_spec) LOOP
+            IF v_key NOT IN ('url', 'method', 'headers', 'secret', 'timeout_ms', 'max_in_flight', 'enabled') THEN
+                RAISE EXCEPTION '%unknown key % (expected url, method, headers, secret, timeout_ms, max_in_flight, enabled)',
+                    v_where, to_json(v_key)
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+        END LOOP;
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'url', 'string');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'method', 'string');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'secret', 'string');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'timeout_ms', 'number');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'max_in_flight', 'number');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'enabled', 'boolean');
+        IF NOT v_spec ? 'url' THEN
+            RAISE EXCEPTION '%url is missing', v_where USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        v_url := v_spec ->> 'url';
+        IF v_url LIKE '/%' THEN
+            IF v_base IS NULL THEN
+                RAISE EXCEPTION '%', v_where || to_json(v_url)::text || ' is a path, but the registry has no base_url'
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            v_url := v_base || v_url;
+        ELSIF v_url !~* '^https?://' THEN
+            RAISE EXCEPTION '%', v_where || to_json(v_url)::text || ' must be a path starting with / or a full http(s) URL'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOR v_key IN SELECT unnest(ARRAY['timeout_ms', 'max_in_flight']) LOOP
+            IF v_spec ? v_key AND (v_spec ->> v_key)::numeric <> trunc((v_spec ->> v_key)::numeric) THEN
+                RAISE EXCEPTION '%', v_where || v_key || ' must be a whole number' USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+        END LOOP;
+
+        SELECT * INTO v_old FROM pipeline.webhooks w WHERE w.event_type = v_entry.key;
+        v_new.event_type := v_entry.key;
+        v_new.url := v_url;
+        v_new.method := upper(coalesce(v_spec ->> 'method', 'POST'));
+        v_new.headers := coalesce(v_spec -> 'headers', '{}');
+        v_new.secret := v_spec ->> 'secret';
+        v_new.timeout_ms := (v_spec ->> 'timeout_ms')::numeric::integer;
+        v_new.max_in_flight := (v_spec ->> 'max_in_flight')::numeric::integer;
+        v_new.enabled := coalesce((v_spec ->> 'enabled')::boolean, v_old.enabled, true);
+        PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_new.headers, v_new.secret,
+                                        v_new.timeout_ms, v_new.max_in_flight, false, v_where);
+
+        event_type := v_new.event_type;
+        url := v_new.url;
+        IF v_old.event_type IS NULL THEN
+            PERFORM pipeline.register_webhook(v_new.event_type, v_new.url, v_new.method, v_new.headers,
+                                              v_new.secret, v_new.timeout_ms, v_new.max_in_flight, v_new.enabled);
+            action := 'created';
+        ELSIF (v_old.url, v_old.method, v_old.headers, v_old.secret, v_old.timeout_ms, v_old.max_in_flight,
+               v_old.enabled)
+              IS NOT DISTINCT FROM
+              (v_new.url, v_new.method, v_new.headers, v_new.secret, v_new.timeout_ms, v_new.max_in_flight,
+               v_new.enabled) THEN
+            action := 'unchanged';
+        ELSE
+            UPDATE pipeline.webhooks w
+            SET url = v_new.url, method = v_new.method, headers = v_new.headers, secret = v_new.secret,
+                timeout_ms = v_new.timeout_ms, max_in_flight = v_new.max_in_flight, enabled = v_new.enabled,
+                disabled_reason = CASE WHEN v_new.enabled THEN NULL
+                                       ELSE coalesce(w.disabled_reason, 'disabled in the registry') END,
+                updated_at = now()
+            WHERE w.event_type = v_new.event_type;
+            action := 'updated';
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pipeline.import_registry(jsonb) IS
+    'Loads an n8n_webhook_registry.json document into pipeline.webhooks (all or nothing, idempotent); '
+    'returns each endpoint with created, updated or unchanged.';
+
+CREATE FUNCTION pipeline._check_json_type(context text, spec jsonb, key text, expected text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF spec ? key AND jsonb_typeof(spec -> key) <> expected THEN
+        RAISE EXCEPTION '%', format('%s%s must be a %s, not %s', context, key, expected, jsonb_typeof(spec -> key))
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+-- The registry in the file's shape: base_url is the origin most endpoints
+-- share; an endpoint with nothing but a URL under it is written as its path.
+CREATE FUNCTION pipeline.export_registry() RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    WITH base AS (
+        SELECT substring(w.url FROM '^(https?://[^/?#]+)') AS origin
+        FROM pipeline.webhooks w
+        GROUP BY 1
+        ORDER BY count(*) DESC, 1
+        LIMIT 1
+    ), entries AS (
+        SELECT w.event_type,
+               CASE WHEN b.origin IS NOT NULL AND w.url LIKE b.origin || '/%'
+                    THEN substr(w.url, length(b.origin) + 1) ELSE w.url END AS url,
+               jsonb_strip_nulls(jsonb_build_object(
+                   'method', nullif(w.method, 'POST'),
+                   'headers', nullif(w.headers, '{}'),
+                   'secret', w.secret,
+                   'timeout_ms', w.timeout_ms,
+                   'max_in_flight', w.max_in_flight,
+                   'enabled', CASE WHEN NOT w.enabled THEN false END)) AS options
+        FROM pipeline.webhooks w
+        LEFT JOIN base b ON true
+    )
+    SELECT jsonb_strip_nulls(jsonb_build_object(
+        'base_url', (SELECT origin FROM base),
+        'webhooks', coalesce(
+            (SELECT jsonb_object_agg(e.event_type,
+                                     CASE WHEN e.options = '{}' THEN to_jsonb(e.url)
+                                          ELSE jsonb_build_object('url', e.url) || e.options END)
+             FROM entries e),
+            '{}')))
+$$;
+COMMENT ON FUNCTION pipeline.export_registry() IS
+    'The webhook registry in the shape of n8n_webhook_registry.json; import_registry of it changes nothing.';

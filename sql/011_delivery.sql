@@ -1,0 +1,238 @@
+-- 011_delivery.sql: what the delivery worker reads and writes.
+--
+-- The worker (src/worker.rs) claims a batch with pipeline._claim_deliveries,
+-- commits, sends the requests, then records every outcome with
+-- pipeline._record_deliveries in a new transaction. Both are plain SQL, so an
+-- outside consumer in trigger-only mode can use them too.
+
+CREATE TABLE marketing.pipeline_delivery_attempts (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id         bigint NOT NULL REFERENCES marketing.pipeline_events (id) ON DELETE CASCADE,
+    attempt          integer NOT NULL,
+    event_type       text NOT NULL,
+    url              text NOT NULL,
+    outcome          text NOT NULL,
+    status_code      integer,
+    duration_ms      integer NOT NULL,
+    error            text,
+    response_excerpt text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT outcome_known CHECK (outcome IN ('delivered', 'retry', 'failed', 'gone'))
+);
+CREATE INDEX pipeline_delivery_attempts_event_idx ON marketing.pipeline_delivery_attempts (event_id, attempt);
+CREATE INDEX pipeline_delivery_attempts_created_idx ON marketing.pipeline_delivery_attempts (created_at);
+COMMENT ON TABLE marketing.pipeline_delivery_attempts IS
+    'Every delivery attempt: endpoint, HTTP status (NULL when no response came), duration, and the error or the start of the response body.';
+COMMENT ON COLUMN marketing.pipeline_delivery_attempts.outcome IS
+    'delivered (2xx); retry (timeout, connection error, 429, 5xx); failed (other status); gone (410: endpoint disabled).';
+
+-- A batch of due events that have an enabled endpoint, claimed as by
+-- pipeline.claim, each with its endpoint and the request body to send.
+CREATE FUNCTION pipeline._claim_deliveries(batch_size integer, lease interval DEFAULT NULL)
+RETURNS TABLE (
+    event_id      bigint,
+    attempt       integer,
+    event_type    text,
+    url           text,
+    method        text,
+    headers       text,
+    secret        text,
+    timeout_ms    integer,
+    max_in_flight integer,
+    body          text
+)
+LANGUAGE sql AS $$
+    SELECT c.id, c.attempts, c.event_type, w.url, w.method, w.headers::text, w.secret, w.timeout_ms,
+           w.max_in_flight,
+           jsonb_build_object(
+               'id', c.id,
+               'type', c.event_type,
+               'created_at', c.created_at,
+               'attempt', c.attempts,
+               'source', jsonb_build_object('table', c.source_table, 'op', c.source_op, 'key', c.source_key),
+               'data', c.payload)::text
+    FROM pipeline.claim(_claim_deliveries.batch_size, _claim_deliveries.lease,
+                        ARRAY(SELECT w.event_type FROM pipeline.webhooks w WHERE w.enabled)) c
+    JOIN pipeline.webhooks w ON w.event_type = c.event_type
+$$;
+
+-- Recording a batch of delivery outcomes (parallel arrays, one entry per
+-- attempt): every attempt is logged, the events are settled, and a 410 Gone
+-- disables the endpoint that answered it.
+CREATE FUNCTION pipeline._record_deliveries(
+    event_ids      bigint[],
+    attempts       integer[],
+    outcomes       text[],
+    status_codes   integer[],
+    errors         text[],
+    retry_after_ms integer[],
+    durations_ms   integer[],
+    excerpts       text[],
+    urls           text[]
+) RETURNS TABLE (event_id bigint, status text)
+LANGUAGE sql AS $$
+    WITH o AS (
+        SELECT o.*, e.event_type
+        FROM unnest(_record_deliveries.event_ids, _record_deliveries.attempts, _record_deliveries.outcomes,
+                    _record_deliveries.status_codes, _record_deliveries.errors, _record_deliveries.retry_after_ms,
+                    _record_deliveries.durations_ms, _record_deliveries.excerpts, _record_deliveries.urls)
+                 AS o(event_id, attempt, outcome, status_code, error, retry_after_ms, duration_ms, excerpt, url)
+        JOIN marketing.pipeline_events e ON e.id = o.event_id
+    ), logged AS (
+        INSERT INTO marketing.pipeline_delivery_attempts
+            (event_id, attempt, event_type, url, outcome, status_code, duration_ms, error, response_excerpt)
+        SELECT o.event_id, o.attempt, o.event_type, o.url, o.outcome, o.status_code, o.duration_ms, o.error,
+               o.excerpt
+        FROM o
+    ), gone AS (
+        UPDATE pipeline.webhooks w
+        SET enabled = false,
+            disabled_reason = format('410 Gone from %s at %s', o.url, now()),
+            updated_at = now()
+        FROM o
+        WHERE o.outcome = 'gone' AND w.event_type = o.event_type AND w.url = o.url AND w.enabled
+    )
+    SELECT s.event_id, s.status
+    FROM pipeline._settle(
+        ARRAY(SELECT o.event_id FROM o ORDER BY o.event_id),
+        ARRAY(SELECT o.attempt FROM o ORDER BY o.event_id),
+        ARRAY(SELECT o.outcome = 'delivered' FROM o ORDER BY o.event_id),
+        ARRAY(SELECT coalesce(o.error, 'HTTP ' || o.status_code) FROM o ORDER BY o.event_id),
+        ARRAY(SELECT now() + make_interval(secs => o.retry_after_ms / 1000.0) FROM o ORDER BY o.event_id),
+        NULL,
+        ARRAY(SELECT jsonb_strip_nulls(jsonb_build_object('url', o.url, 'status_code', o.status_code,
+                                                          'outcome', o.outcome, 'response_excerpt', o.excerpt))
+              FROM o ORDER BY o.event_id)) s;
+$$;
+
+-- Deleting old history in small batches (the worker calls it every round
+-- until it returns less than max_rows): delivered events older than
+-- older_than (their attempts go with them) and attempts older than it.
+-- Failed and dead events stay until someone replays or deletes them.
+CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
+    v_events  bigint;
+    v_attempts bigint;
+BEGIN
+    IF v_age <= interval '0' THEN
+        RETURN 0;  -- retention 0 keeps everything
+    END IF;
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'pipeline.purge: max_rows must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH old AS (
+        SELECT e.id FROM marketing.pipeline_events e
+        WHERE e.status = 'processed' AND e.processed_at < now() - v_age
+        ORDER BY e.processed_at
+        LIMIT max_rows
+        FOR UPDATE SKIP LOCKED
+    )
+    DELETE FROM marketing.pipeline_events e USING old WHERE e.id = old.id;
+    GET DIAGNOSTICS v_events = ROW_COUNT;
+    WITH old AS (
+        SELECT a.id FROM marketing.pipeline_delivery_attempts a
+        WHERE a.created_at < now() - v_age
+        ORDER BY a.created_at
+        LIMIT max_rows
+    )
+    DELETE FROM marketing.pipeline_delivery_attempts a USING old WHERE a.id = old.id;
+    GET DIAGNOSTICS v_attempts = ROW_COUNT;
+    RETURN v_events + v_attempts;
+END
+$$;
+COMMENT ON FUNCTION pipeline.purge(interval, integer) IS
+    'Deletes up to max_rows delivered events older than older_than (default pipeline.retention) and up to '
+    'max_rows old delivery attempts; returns how many rows went. Retention 0 keeps everything.';
+
+-- Per endpoint: state, backlog and the last hour of deliveries.
+CREATE VIEW marketing.vw_endpoint_health AS
+SELECT w.event_type,
+       w.url,
+       w.enabled,
+       w.disabled_reason,
+       (SELECT count(*) FROM marketing.pipeline_events e
+        WHERE e.event_type = w.event_type AND e.status IN ('pending', 'failed', 'processing')) AS waiting,
+       count(a.id) FILTER (WHERE a.outcome = 'delivered') AS delivered_1h,
+       count(a.id) FILTER (WHERE a.outcome <> 'delivered') AS failed_1h,
+       round(avg(a.duration_ms) FILTER (WHERE a.outcome = 'delivered'), 1) AS avg_ms_1h,
+       max(a.created_at) AS last_attempt_at,
+       (SELECT a2.status_code FROM marketing.pipeline_delivery_attempts a2
+        WHERE a2.event_type = w.event_type AND a2.created_at > now() - interval '1 hour'
+        ORDER BY a2.created_at DESC LIMIT 1) AS last_status_code
+FROM pipeline.webhooks w
+LEFT JOIN marketing.pipeline_delivery_attempts a
+       ON a.event_type = w.event_type AND a.created_at > now() - interval '1 hour'
+GROUP BY w.event_type, w.url, w.enabled, w.disabled_reason
+ORDER BY w.event_type;
+COMMENT ON VIEW marketing.vw_endpoint_health IS
+    'Each endpoint: enabled or why not, events waiting for it, and its deliveries, failures and latency in the last hour.';
+
+-- One row to see whether the pipeline is moving.
+CREATE FUNCTION pipeline.status()
+RETURNS TABLE (
+    worker_running         boolean,
+    worker_pid             integer,
+    pending                bigint,
+    processing             bigint,
+    failed                 bigint,
+    dead                   bigint,
+    oldest_pending_age     interval,
+    delivered_last_minute  bigint,
+    failed_last_minute     bigint,
+    endpoints_enabled      bigint,
+    endpoints_disabled     bigint,
+    unresolved_errors      bigint
+)
+LANGUAGE sql STABLE AS $$
+    SELECT (SELECT a.pid FROM pg_stat_activity a
+            WHERE a.backend_type = 'pipeline_ext worker' AND a.datname = current_database() LIMIT 1) IS NOT NULL,
+           (SELECT a.pid FROM pg_stat_activity a
+            WHERE a.backend_type = 'pipeline_ext worker' AND a.datname = current_database() LIMIT 1),
+           count(*) FILTER (WHERE e.status = 'pending'),
+           count(*) FILTER (WHERE e.status = 'processing'),
+           count(*) FILTER (WHERE e.status = 'failed'),
+           (SELECT count(*) FROM marketing.pipeline_events d WHERE d.status = 'dead'),
+           now() - min(e.created_at) FILTER (WHERE e.status IN ('pending', 'failed')),
+           (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
+            WHERE a.created_at > now() - interval '1 minute' AND a.outcome = 'delivered'),
+           (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
+            WHERE a.created_at > now() - interval '1 minute' AND a.outcome <> 'delivered'),
+           (SELECT count(*) FROM pipeline.webhooks w WHERE w.enabled),
+           (SELECT count(*) FROM pipeline.webhooks w WHERE NOT w.enabled),
+           (SELECT count(*) FROM marketing.pipeline_error_log l WHERE NOT l.resolved)
+    FROM marketing.pipeline_events e
+    WHERE e.status IN ('pending', 'processing', 'failed')
+$$;
+COMMENT ON FUNCTION pipeline.status() IS
+    'Whether the delivery worker runs in this database, events by open status, dead events, the oldest '
+    'waiting event''s age, deliveries and failures in the last minute, endpoints, unresolved errors.';
+
+-- Handing back claimed events that were never sent (the worker is stopping):
+-- pending again, due now, and the claim does not count as an attempt.
+CREATE FUNCTION pipeline._release(event_ids bigint[], attempts integer[]) RETURNS integer
+LANGUAGE sql AS $$
+    WITH released AS (
+        UPDATE marketing.pipeline_events e
+        SET status = 'pending', attempts = e.attempts - 1, next_attempt_at = now()
+        FROM unnest(_release.event_ids, _release.attempts) AS j(event_id, attempt)
+        WHERE e.id = j.event_id AND e.status = 'processing' AND e.attempts = j.attempt
+        RETURNING e.id
+    )
+    SELECT count(*)::integer FROM released
+$$;
+
+-- Seconds until the next event with an enabled endpoint is due (negative
+-- when one is due already; NULL when none waits), so the worker sleeps
+-- exactly until a retry or an expiring lease needs it.
+CREATE FUNCTION pipeline._next_due_in() RETURNS double precision
+LANGUAGE sql STABLE AS $$
+    SELECT extract(epoch FROM e.next_attempt_at - clock_timestamp())::double precision
+    FROM marketing.pipeline_events e
+    WHERE e.status IN ('pending', 'failed', 'processing')
+      AND e.event_type IN (SELECT w.event_type FROM pipeline.webhooks w WHERE w.enabled)
+    ORDER BY e.next_attempt_at, e.id
+    LIMIT 1
+$$;

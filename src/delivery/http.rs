@@ -1,0 +1,150 @@
+//! Sending one delivery over HTTP(S).
+//!
+//! One ureq agent serves every thread and keeps connections alive between
+//! requests and batches. https is verified against the system trust store,
+//! plus the certificates of `pipeline.ca_file` when set. Redirects are not
+//! followed: a 3xx answer is a failed delivery, as Standard Webhooks says.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+
+use super::signature::sign;
+use super::verdict::{retry_after, Verdict};
+use super::{Attempt, Job};
+
+/// How much of a response body is kept in the attempt log.
+const EXCERPT_CHARS: usize = 500;
+/// How much of a response body is read at most (so the connection can be
+/// reused when the body is small, without reading a huge one).
+const READ_LIMIT: u64 = 64 * 1024;
+
+pub struct HttpClient {
+    agent: ureq::Agent,
+}
+
+impl HttpClient {
+    /// `concurrency` sizes the connection pool; `ca_file` adds trusted CAs.
+    pub fn new(concurrency: usize, ca_file: Option<&str>) -> Result<HttpClient, String> {
+        let tls = TlsConfig::builder()
+            .root_certs(RootCerts::Specific(Arc::new(trusted_roots(ca_file)?)))
+            .build();
+        let config = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .max_idle_connections(concurrency.max(1) * 4)
+            .max_idle_connections_per_host(concurrency.max(1))
+            .user_agent(concat!("pipeline_ext/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Ok(HttpClient {
+            agent: config.new_agent(),
+        })
+    }
+
+    /// Sends one job and says what came of it; never panics on network trouble.
+    pub fn send(&self, job: &Job) -> Attempt {
+        let started = Instant::now();
+        let endpoint = &job.endpoint;
+        let id = job.event_id.to_string();
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+
+        let request = match endpoint.method.as_str() {
+            "PUT" => self.agent.put(&endpoint.url),
+            "PATCH" => self.agent.patch(&endpoint.url),
+            _ => self.agent.post(&endpoint.url),
+        };
+        let mut request = request
+            .config()
+            .timeout_global(Some(endpoint.timeout))
+            .build()
+            .header("content-type", "application/json")
+            .header("webhook-id", &id)
+            .header("webhook-timestamp", timestamp.to_string());
+        if let Some(key) = &endpoint.signing_key {
+            request = request.header("webhook-signature", sign(key, &id, timestamp, &job.body));
+        }
+        for (name, value) in &endpoint.headers {
+            request = request.header(name, value);
+        }
+
+        let mut attempt = Attempt::new(job);
+        match request.send(job.body.as_bytes()) {
+            Ok(mut response) => {
+                let status = response.status().as_u16();
+                attempt.status_code = Some(status);
+                attempt.verdict = Verdict::of_status(status);
+                attempt.retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry_after(v, SystemTime::now()));
+                let mut body = Vec::new();
+                let _ = response
+                    .body_mut()
+                    .as_reader()
+                    .take(READ_LIMIT)
+                    .read_to_end(&mut body);
+                attempt.excerpt = excerpt(&body);
+                if attempt.verdict != Verdict::Delivered {
+                    attempt.error = Some(format!("HTTP {status}"));
+                }
+            }
+            Err(error) => {
+                attempt.verdict = Verdict::Retry;
+                attempt.error = Some(describe(&error));
+            }
+        }
+        attempt.duration = started.elapsed();
+        attempt
+    }
+}
+
+/// The start of a response body, as text; None when empty.
+fn excerpt(body: &[u8]) -> Option<String> {
+    if body.is_empty() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(body);
+    Some(text.chars().take(EXCERPT_CHARS).collect())
+}
+
+fn describe(error: &ureq::Error) -> String {
+    match error {
+        ureq::Error::Timeout(what) => format!("timed out ({what})"),
+        ureq::Error::HostNotFound => "host not found".into(),
+        ureq::Error::ConnectionFailed => "connection failed".into(),
+        ureq::Error::Io(e) => format!("connection error: {e}"),
+        other => other.to_string(),
+    }
+}
+
+/// The system's CA certificates, and those of ca_file.
+fn trusted_roots(ca_file: Option<&str>) -> Result<Vec<Certificate<'static>>, String> {
+    let system = rustls_native_certs::load_native_certs();
+    let mut roots: Vec<Certificate<'static>> = system
+        .certs
+        .iter()
+        .map(|der| Certificate::from_der(der.as_ref()).to_owned())
+        .collect();
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("pipeline.ca_file {path}: {e}"))?;
+        let before = roots.len();
+        for item in ureq::tls::parse_pem(&pem) {
+            if let PemItem::Certificate(cert) =
+                item.map_err(|e| format!("pipeline.ca_file {path}: {e}"))?
+            {
+                roots.push(cert);
+            }
+        }
+        if roots.len() == before {
+            return Err(format!("pipeline.ca_file {path}: no PEM certificate in it"));
+        }
+    }
+    Ok(roots)
+}

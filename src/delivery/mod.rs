@@ -1,0 +1,175 @@
+//! Delivery: turning claimed events into HTTP requests and their answers into
+//! verdicts. Nothing here calls into PostgreSQL, so it runs on plain threads
+//! and is tested on its own; src/queue.rs hands it jobs and stores what
+//! comes back.
+
+mod dispatch;
+mod http;
+mod signature;
+mod verdict;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use dispatch::dispatch;
+pub use http::HttpClient;
+pub use signature::key_of;
+pub use verdict::Verdict;
+
+/// Where and how one event type is delivered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub event_type: String,
+    pub url: String,
+    pub method: String,
+    pub headers: Vec<(String, String)>,
+    pub signing_key: Option<Vec<u8>>,
+    pub timeout: Duration,
+    pub max_in_flight: usize,
+}
+
+impl Endpoint {
+    /// Builds an endpoint from a row of pipeline.webhooks; NULL timeout and
+    /// max_in_flight take the global settings.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_row(
+        event_type: &str,
+        url: &str,
+        method: &str,
+        headers_json: &str,
+        secret: Option<&str>,
+        timeout_ms: Option<i32>,
+        max_in_flight: Option<i32>,
+        default_timeout: Duration,
+        default_in_flight: usize,
+    ) -> Result<Endpoint, String> {
+        let headers: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(headers_json)
+                .map_err(|e| format!("headers of {event_type}: {e}"))?;
+        let headers = headers
+            .into_iter()
+            .map(|(name, value)| match value {
+                serde_json::Value::String(value) => Ok((name, value)),
+                other => Err(format!(
+                    "header {name} of {event_type} is not a string: {other}"
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Endpoint {
+            event_type: event_type.to_string(),
+            url: url.to_string(),
+            method: method.to_ascii_uppercase(),
+            headers,
+            signing_key: secret.map(key_of).transpose()?,
+            timeout: timeout_ms.map_or(default_timeout, |ms| {
+                Duration::from_millis(ms.max(1) as u64)
+            }),
+            max_in_flight: max_in_flight.map_or(default_in_flight, |n| n.max(1) as usize),
+        })
+    }
+}
+
+/// One event to send.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub event_id: i64,
+    pub attempt: i32,
+    pub endpoint: Arc<Endpoint>,
+    pub body: String,
+}
+
+/// What one delivery attempt came to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub event_id: i64,
+    pub attempt: i32,
+    pub url: String,
+    pub verdict: Verdict,
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+    pub retry_after: Option<Duration>,
+    pub duration: Duration,
+    pub excerpt: Option<String>,
+}
+
+impl Attempt {
+    /// An attempt of `job` that has not happened yet (a retry, until told otherwise).
+    pub fn new(job: &Job) -> Attempt {
+        Attempt {
+            verdict: Verdict::Retry,
+            error: None,
+            ..Attempt::refused(
+                job.event_id,
+                job.attempt,
+                job.endpoint.url.clone(),
+                String::new(),
+            )
+        }
+    }
+
+    /// An event that could not even be sent (its endpoint row is unusable).
+    pub fn refused(event_id: i64, attempt: i32, url: String, error: String) -> Attempt {
+        Attempt {
+            event_id,
+            attempt,
+            url,
+            verdict: Verdict::Failed,
+            status_code: None,
+            error: Some(error),
+            retry_after: None,
+            duration: Duration::ZERO,
+            excerpt: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_from_row() {
+        let endpoint = Endpoint::from_row(
+            "company_created",
+            "https://n8n.example/webhook/validate-company",
+            "post",
+            r#"{"Authorization": "Basic dTpw", "X-Team": "growth"}"#,
+            Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            None,
+            Some(4),
+            Duration::from_secs(5),
+            16,
+        )
+        .unwrap();
+        assert_eq!(endpoint.method, "POST");
+        assert_eq!(endpoint.headers.len(), 2);
+        assert_eq!(endpoint.timeout, Duration::from_secs(5));
+        assert_eq!(endpoint.max_in_flight, 4);
+        assert_eq!(endpoint.signing_key.as_deref().map(<[u8]>::len), Some(24));
+
+        let err = Endpoint::from_row(
+            "x",
+            "http://a",
+            "POST",
+            r#"{"A": 1}"#,
+            None,
+            None,
+            None,
+            Duration::ZERO,
+            1,
+        );
+        assert!(err.unwrap_err().contains("not a string"));
+        let err = Endpoint::from_row(
+            "x",
+            "http://a",
+            "POST",
+            "{}",
+            Some("whsec_!!"),
+            None,
+            None,
+            Duration::ZERO,
+            1,
+        );
+        assert!(err.unwrap_err().contains("base64"));
+    }
+}

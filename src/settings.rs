@@ -1,0 +1,206 @@
+//! The `pipeline.*` settings (GUCs).
+//!
+//! All but `pipeline.database` take effect after
+//! `ALTER SYSTEM SET ...; SELECT pg_reload_conf();`: the worker rereads them
+//! on SIGHUP. The queue settings (max_attempts, backoff, lease) are
+//! superuser-settable per session too, because the SQL queue functions read
+//! them with current_setting() wherever they run; the sql/ files carry the
+//! same defaults for trigger-only installs, where this library is absent.
+
+use std::ffi::{CStr, CString};
+use std::time::Duration;
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(100);
+static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(16);
+static HTTP_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
+static BACKOFF_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+static BACKOFF_CAP_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
+static LEASE_TIME_S: GucSetting<i32> = GucSetting::<i32>::new(30);
+static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
+static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Registers the settings; called from `_PG_init` in every process that
+/// loads the library. `preloading`: loaded by shared_preload_libraries.
+pub fn register(preloading: bool) {
+    GucRegistry::define_bool_guc(
+        c"pipeline.enabled",
+        c"Whether the delivery worker delivers events.",
+        c"When off, the worker keeps running but sends nothing; events wait.",
+        &ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    // NB: the worker connects to one database when it starts, so changing it
+    // needs a server restart; and PostgreSQL only accepts such a setting
+    // while shared_preload_libraries load (without the worker it is moot).
+    if preloading {
+        GucRegistry::define_string_guc(
+            c"pipeline.database",
+            c"Database the delivery worker works in (changing it needs a server restart).",
+            c"The worker waits there until CREATE EXTENSION pipeline_ext has run.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
+    int(
+        c"pipeline.batch_size",
+        c"Events the worker claims per round.",
+        c"Each round claims this many due events, delivers them concurrently, then records the outcomes.",
+        &BATCH_SIZE,
+        1,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    int(
+        c"pipeline.concurrency",
+        c"HTTP requests the worker keeps in flight at once.",
+        c"An endpoint's max_in_flight lowers this for that endpoint.",
+        &CONCURRENCY,
+        1,
+        256,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    int(
+        c"pipeline.http_timeout",
+        c"Time limit of one delivery request.",
+        c"An endpoint's timeout_ms overrides it. A request that runs out of time is retried.",
+        &HTTP_TIMEOUT_MS,
+        1,
+        300_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"pipeline.max_attempts",
+        c"Delivery attempts before an event is dead.",
+        c"Counted from the event's creation or its last replay.",
+        &MAX_ATTEMPTS,
+        1,
+        1_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    int(
+        c"pipeline.backoff_base",
+        c"Delay after the first failed attempt.",
+        c"The n-th retry waits backoff_base * 2^(n-1), at most backoff_cap, times a random 0.5-1.",
+        &BACKOFF_BASE_MS,
+        1,
+        86_400_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"pipeline.backoff_cap",
+        c"Longest delay between two attempts.",
+        c"A Retry-After header from the receiver is honoured even when longer.",
+        &BACKOFF_CAP_MS,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"pipeline.lease_time",
+        c"How long a claimed event stays processing.",
+        c"If the worker dies mid-batch, its events are claimed again once the lease ends.",
+        &LEASE_TIME_S,
+        1,
+        86_400,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    int(
+        c"pipeline.retention",
+        c"Age after which delivered events and delivery attempts are deleted.",
+        c"The worker deletes them in small batches. 0 keeps everything.",
+        &RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    int(
+        c"pipeline.poll_interval",
+        c"Longest the worker sleeps without a wake-up.",
+        c"Commits wake the worker at once; this is only a safety net.",
+        &POLL_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"pipeline.ca_file",
+        c"Extra PEM file of CA certificates trusted for https endpoints.",
+        c"Added to the system trust store; empty for none.",
+        &CA_FILE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"pipeline".as_ptr()) };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn int(
+    name: &'static CStr,
+    short: &'static CStr,
+    long: &'static CStr,
+    setting: &'static GucSetting<i32>,
+    min: i32,
+    max: i32,
+    context: GucContext,
+    flags: GucFlags,
+) {
+    GucRegistry::define_int_guc(name, short, long, setting, min, max, context, flags);
+}
+
+/// What the worker needs of the settings, read on its main thread.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerSettings {
+    pub enabled: bool,
+    pub batch_size: i32,
+    pub concurrency: usize,
+    pub http_timeout: Duration,
+    pub lease: Duration,
+    pub retention: Duration,
+    pub poll_interval: Duration,
+    pub ca_file: Option<String>,
+}
+
+pub fn worker_settings() -> WorkerSettings {
+    WorkerSettings {
+        enabled: ENABLED.get(),
+        batch_size: BATCH_SIZE.get(),
+        concurrency: CONCURRENCY.get() as usize,
+        http_timeout: millis(HTTP_TIMEOUT_MS.get()),
+        lease: Duration::from_secs(LEASE_TIME_S.get() as u64),
+        retention: Duration::from_secs(RETENTION_S.get() as u64),
+        poll_interval: millis(POLL_INTERVAL_MS.get()),
+        ca_file: CA_FILE
+            .get()
+            .map(|s| s.to_string_lossy().into_owned())
+            .filter(|s| !s.trim().is_empty()),
+    }
+}
+
+pub fn database() -> String {
+    DATABASE
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "postgres".into())
+}
+
+fn millis(ms: i32) -> Duration {
+    Duration::from_millis(ms.max(0) as u64)
+}

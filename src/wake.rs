@@ -1,0 +1,122 @@
+//! Waking the delivery worker when events are committed.
+//!
+//! The worker cannot LISTEN (background workers are refused), so a write of
+//! marketing.pipeline_events fires a statement trigger that only raises a
+//! flag in the writing backend. At commit, a transaction callback sees the
+//! flag and sets the worker's latch, found through its PGPROC number in
+//! shared memory. One wake per transaction, whatever the number of events;
+//! an aborted transaction wakes nobody. The worker's poll interval covers
+//! anything that slips past (a prepared transaction committed elsewhere).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PgAtomic};
+
+const NO_WORKER: u32 = u32::MAX;
+
+/// PGPROC number of the running worker, or NO_WORKER.
+static WORKER_PROC: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pipeline_ext_worker_proc") };
+
+/// Set in _PG_init under shared_preload_libraries: only then does the
+/// shared memory above exist.
+static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
+
+/// This backend wrote events in the current transaction.
+static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+
+/// Called from _PG_init while shared_preload_libraries are loaded.
+pub fn init_shared_memory() {
+    pg_shmem_init!(WORKER_PROC = AtomicU32::new(NO_WORKER));
+    SHARED_MEMORY.store(true, Ordering::Relaxed);
+}
+
+/// Called from _PG_init in every process that loads the library.
+pub fn register_commit_callback() {
+    unsafe { pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut()) };
+}
+
+/// The worker announces itself; the entry is cleared when it exits.
+pub fn publish_worker() {
+    if !SHARED_MEMORY.load(Ordering::Relaxed) {
+        return;
+    }
+    unsafe {
+        WORKER_PROC
+            .get()
+            .store((*pg_sys::MyProc).pgprocno as u32, Ordering::SeqCst);
+        pg_sys::before_shmem_exit(Some(unpublish_worker), pg_sys::Datum::from(0));
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn unpublish_worker(_code: i32, _arg: pg_sys::Datum) {
+    WORKER_PROC.get().store(NO_WORKER, Ordering::SeqCst);
+}
+
+fn is_worker() -> bool {
+    unsafe { !pg_sys::MyBgworkerEntry.is_null() }
+}
+
+/// Statement trigger on marketing.pipeline_events (INSERT, UPDATE): the
+/// transaction has events to deliver (new ones, or replayed ones).
+#[pg_trigger(sql = "
+    CREATE FUNCTION pipeline._wake_worker() RETURNS trigger
+    LANGUAGE c AS 'MODULE_PATHNAME', '_wake_worker_wrapper';
+    COMMENT ON FUNCTION pipeline._wake_worker() IS
+        'Wakes the delivery worker when the transaction commits (extension only).';
+")]
+fn _wake_worker<'a>(
+    _trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    // The worker's own claims and outcomes need no wake-up.
+    if !is_worker() {
+        WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
+    }
+    Ok(None)
+}
+
+pgrx::extension_sql!(
+    r#"
+    CREATE TRIGGER pipeline_wake_worker
+        AFTER INSERT OR UPDATE ON marketing.pipeline_events
+        FOR EACH STATEMENT EXECUTE FUNCTION pipeline._wake_worker();
+    "#,
+    name = "wake_trigger",
+    requires = ["events", _wake_worker]
+);
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_transaction_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT
+            if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) =>
+        {
+            wake_worker();
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}
+
+fn wake_worker() {
+    if !SHARED_MEMORY.load(Ordering::Relaxed) {
+        return;
+    }
+    let procno = WORKER_PROC.get().load(Ordering::SeqCst);
+    if procno == NO_WORKER {
+        return;
+    }
+    // A stale number (the worker just exited) only wakes some other process
+    // once, which is harmless.
+    unsafe {
+        let proc = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
+        pg_sys::SetLatch(&raw mut (*proc).procLatch);
+    }
+}

@@ -1,0 +1,272 @@
+//! The delivery worker: drains marketing.pipeline_events to the webhooks of
+//! pipeline.webhooks.
+//!
+//! One background worker, started by the postmaster when the library is in
+//! shared_preload_libraries, works in the database named by
+//! pipeline.database. It waits quietly until CREATE EXTENSION pipeline_ext
+//! has run there. Each round:
+//!
+//!   1. claim: one short transaction claims a batch of due events whose type
+//!      has an enabled endpoint (FOR UPDATE SKIP LOCKED). They become
+//!      processing with a lease (pipeline.lease_time) and the transaction
+//!      commits: no transaction stays open while requests are in flight.
+//!   2. deliver: plain threads (src/delivery/) send the batch concurrently
+//!      over keep-alive connections, within each endpoint's max_in_flight.
+//!      They never call into PostgreSQL.
+//!   3. record: a second transaction logs every attempt and settles every
+//!      event (processed, failed with its next attempt time, or dead), and
+//!      disables endpoints that answered 410 Gone.
+//!
+//! Rounds repeat while batches come back full; then the worker sleeps until
+//! the next event is due (a retry, an expiring lease), the poll interval, or
+//! a wake-up: a commit that wrote events sets its latch (src/wake.rs), so new
+//! events leave within milliseconds.
+//!
+//! Crashes: if the worker dies mid-batch, its claimed events stay processing
+//! until their lease ends and are then claimed again. Delivery is therefore
+//! at least once; receivers use the webhook-id header (the event id, the same
+//! on every attempt) to drop duplicates. On SIGTERM the worker finishes the
+//! requests in flight, hands back the events it had not started, records
+//! everything and exits; the postmaster restarts it unless the server is
+//! shutting down.
+
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+use pgrx::spi::SpiResult;
+
+use crate::delivery::{dispatch, HttpClient};
+use crate::settings::{self, WorkerSettings};
+use crate::{queue, wake};
+
+/// How often old history is purged, at most.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// Rows purged per transaction.
+const PURGE_BATCH: i32 = 1_000;
+/// Pause after a failed transaction, so a persistent error does not spin.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// Registers the worker; only effective from _PG_init under shared_preload_libraries.
+pub fn register() {
+    BackgroundWorkerBuilder::new("pipeline_ext delivery worker")
+        .set_type("pipeline_ext worker")
+        .set_library("pipeline_ext")
+        .set_function("pipeline_ext_worker_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+struct Worker {
+    settings: WorkerSettings,
+    client: Result<HttpClient, String>,
+    waiting_for_extension: bool,
+    last_purge: Option<Instant>,
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = settings::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    wake::publish_worker();
+
+    let settings = settings::worker_settings();
+    log!(
+        "pipeline_ext worker {} started in database \"{database}\": {settings:?}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let mut worker = Worker {
+        client: build_client(&settings),
+        settings,
+        waiting_for_extension: false,
+        last_purge: None,
+    };
+
+    while !shutdown_requested() {
+        if BackgroundWorker::sighup_received() || reload_requested() {
+            worker.reload();
+        }
+        let sleep = worker.round();
+        report_activity(pg_sys::BackendState::STATE_IDLE, "waiting");
+        if !BackgroundWorker::wait_latch(Some(sleep)) {
+            break;
+        }
+    }
+    log!("pipeline_ext worker stopping");
+    // NB: a non-zero exit lets the postmaster start the worker again after
+    // pg_terminate_backend(); during a server shutdown nothing restarts.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+impl Worker {
+    fn reload(&mut self) {
+        unsafe {
+            pg_sys::ConfigReloadPending = 0;
+            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+        }
+        let settings = settings::worker_settings();
+        if settings == self.settings {
+            return;
+        }
+        if settings.ca_file != self.settings.ca_file
+            || settings.concurrency != self.settings.concurrency
+        {
+            self.client = build_client(&settings);
+        }
+        log!("pipeline_ext worker settings reloaded: {settings:?}");
+        self.settings = settings;
+    }
+
+    /// Delivers everything that is due; returns how long to sleep.
+    fn round(&mut self) -> Duration {
+        let poll = self.settings.poll_interval;
+        if !self.settings.enabled {
+            return poll;
+        }
+        if !in_transaction(
+            "checking for the extension",
+            || Ok(queue::extension_ready()),
+        )
+        .unwrap_or(false)
+        {
+            if !self.waiting_for_extension {
+                log!("pipeline_ext worker waiting for CREATE EXTENSION pipeline_ext in this database");
+                self.waiting_for_extension = true;
+            }
+            return poll;
+        }
+        self.waiting_for_extension = false;
+        let client = match &self.client {
+            Ok(client) => client,
+            Err(_) => return poll,
+        };
+
+        loop {
+            if shutdown_requested() || reload_requested() {
+                return Duration::ZERO;
+            }
+            report_activity(pg_sys::BackendState::STATE_RUNNING, "claiming events");
+            let Some((jobs, refused)) =
+                in_transaction("claiming events", || queue::claim(&self.settings))
+            else {
+                return ERROR_PAUSE;
+            };
+            let claimed = jobs.len() + refused.len();
+            if claimed == 0 {
+                break;
+            }
+            report_activity(pg_sys::BackendState::STATE_RUNNING, "delivering events");
+            let (mut attempts, unsent) = dispatch(
+                jobs,
+                self.settings.concurrency,
+                |job| client.send(job),
+                shutdown_requested,
+            );
+            attempts.extend(refused);
+            report_activity(pg_sys::BackendState::STATE_RUNNING, "recording deliveries");
+            let recorded = in_transaction("recording deliveries", || {
+                queue::record(&attempts)?;
+                queue::release(&unsent)
+            });
+            if recorded.is_none() {
+                // The events stay processing and are claimed again when the lease ends.
+                return ERROR_PAUSE;
+            }
+            if claimed < self.settings.batch_size as usize {
+                break;
+            }
+        }
+
+        self.purge_if_due();
+        match in_transaction("finding the next due event", queue::next_due_in) {
+            Some(Some(due)) => due.min(poll),
+            Some(None) => poll,
+            None => ERROR_PAUSE,
+        }
+    }
+
+    fn purge_if_due(&mut self) {
+        if self.settings.retention.is_zero()
+            || self.last_purge.is_some_and(|at| at.elapsed() < PURGE_EVERY)
+        {
+            return;
+        }
+        self.last_purge = Some(Instant::now());
+        report_activity(pg_sys::BackendState::STATE_RUNNING, "purging old history");
+        // Small transactions keep locks short and let autovacuum keep up.
+        while !shutdown_requested() {
+            match in_transaction("purging old history", || queue::purge(PURGE_BATCH)) {
+                Some(deleted) if deleted >= PURGE_BATCH as i64 => continue,
+                _ => break,
+            }
+        }
+    }
+}
+
+fn build_client(settings: &WorkerSettings) -> Result<HttpClient, String> {
+    HttpClient::new(settings.concurrency, settings.ca_file.as_deref()).inspect_err(|error| {
+        warning!("pipeline_ext worker cannot deliver until this is fixed: {error}");
+    })
+}
+
+/// SIGTERM arrived (safe to ask from any thread: it reads one flag).
+fn shutdown_requested() -> bool {
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+}
+
+/// SIGHUP arrived and the settings have not been reread yet.
+fn reload_requested() -> bool {
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ConfigReloadPending) != 0 }
+}
+
+fn report_activity(state: pg_sys::BackendState::Type, what: &str) {
+    let text = std::ffi::CString::new(what).unwrap_or_default();
+    unsafe { pg_sys::pgstat_report_activity(state, text.as_ptr()) };
+}
+
+/// Runs `body` in a transaction of its own. An error (SQL or Rust) rolls the
+/// transaction back, is logged as a warning, and gives None: the worker
+/// carries on with the next round instead of dying.
+fn in_transaction<R>(what: &str, body: impl FnOnce() -> SpiResult<R>) -> Option<R> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let result: Result<R, String> =
+        PgTryBuilder::new(AssertUnwindSafe(|| body().map_err(|e| e.to_string())))
+            .catch_others(|e| Err(caught(e)))
+            .catch_rust_panic(|e| Err(caught(e)))
+            .execute();
+    match result {
+        Ok(value) => {
+            unsafe {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Some(value)
+        }
+        Err(message) => {
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            warning!("pipeline_ext worker: {what} failed: {message}");
+            None
+        }
+    }
+}
+
+fn caught(error: pg_sys::panic::CaughtError) -> String {
+    match error {
+        pg_sys::panic::CaughtError::PostgresError(report)
+        | pg_sys::panic::CaughtError::ErrorReport(report)
+        | pg_sys::panic::CaughtError::RustPanic {
+            ereport: report, ..
+        } => report.message().to_string(),
+    }
+}
