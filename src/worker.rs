@@ -25,12 +25,14 @@
 //! Crashes: if the worker dies mid-batch, its claimed events stay processing
 //! until their lease ends and are then claimed again. Delivery is therefore
 //! at least once; receivers use the webhook-id header (the event id, the same
-//! on every attempt) to drop duplicates. On SIGTERM the worker finishes the
-//! requests in flight, hands back the events it had not started, records
-//! everything and exits; the postmaster restarts it unless the server is
-//! shutting down.
+//! on every attempt) to drop duplicates. On SIGTERM the worker starts no new
+//! request, hands back the events it had not started, records what finished
+//! and exits; the postmaster restarts it unless the server is shutting down.
+//! Requests still in flight are abandoned rather than waited for: their
+//! events stay processing until the lease ends.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{
@@ -64,7 +66,7 @@ pub fn register() {
 
 struct Worker {
     settings: WorkerSettings,
-    client: Result<HttpClient, String>,
+    client: Result<Arc<HttpClient>, String>,
     waiting_for_extension: bool,
     last_purge: Option<Instant>,
 }
@@ -144,9 +146,10 @@ impl Worker {
         }
         self.waiting_for_extension = false;
         let client = match &self.client {
-            Ok(client) => client,
+            Ok(client) => client.clone(),
             Err(_) => return poll,
         };
+        let send = Arc::new(move |job: &crate::delivery::Job| client.send(job));
 
         loop {
             if shutdown_requested() || reload_requested() {
@@ -166,7 +169,7 @@ impl Worker {
             let (mut attempts, unsent) = dispatch(
                 jobs,
                 self.settings.concurrency,
-                |job| client.send(job),
+                send.clone(),
                 shutdown_requested,
             );
             attempts.extend(refused);
@@ -210,10 +213,12 @@ impl Worker {
     }
 }
 
-fn build_client(settings: &WorkerSettings) -> Result<HttpClient, String> {
-    HttpClient::new(settings.concurrency, settings.ca_file.as_deref()).inspect_err(|error| {
-        warning!("pipeline_ext worker cannot deliver until this is fixed: {error}");
-    })
+fn build_client(settings: &WorkerSettings) -> Result<Arc<HttpClient>, String> {
+    HttpClient::new(settings.concurrency, settings.ca_file.as_deref())
+        .map(Arc::new)
+        .inspect_err(|error| {
+            warning!("pipeline_ext worker cannot deliver until this is fixed: {error}");
+        })
 }
 
 /// SIGTERM arrived (safe to ask from any thread: it reads one flag).

@@ -2,20 +2,30 @@
 //!
 //! `concurrency` threads take jobs in order, skipping an endpoint that has
 //! max_in_flight requests out already (n8n, for one, only queues what it
-//! cannot serve). Jobs of one endpoint leave in the order they came. When
-//! `stop` turns true (SIGTERM), threads start nothing new: the jobs not yet
-//! started come back untouched, for the caller to release.
+//! cannot serve). Jobs of one endpoint leave in the order they came.
+//!
+//! When `stop` turns true (SIGTERM) nothing new starts and the call returns
+//! at once with the attempts finished so far and the jobs never started. The
+//! requests still in flight are abandoned: their events stay processing and
+//! are delivered again when their lease ends, which keeps delivery at least
+//! once without making shutdown wait for a slow receiver.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use super::{Attempt, Job};
 
+/// How often the calling thread looks at `stop` while requests run.
+const STOP_CHECK: Duration = Duration::from_millis(50);
+
+#[derive(Default)]
 struct Board {
     waiting: Vec<(String, VecDeque<Job>)>,
     in_flight: HashMap<String, usize>,
     next: usize,
     attempts: Vec<Attempt>,
+    stopped: bool,
 }
 
 impl Board {
@@ -36,79 +46,97 @@ impl Board {
         None
     }
 
-    fn waiting_jobs(&mut self) -> Vec<Job> {
-        self.waiting
-            .iter_mut()
-            .flat_map(|(_, jobs)| jobs.drain(..))
-            .collect()
+    fn nothing_waiting(&self) -> bool {
+        self.waiting.iter().all(|(_, jobs)| jobs.is_empty())
+    }
+
+    fn done(&self) -> bool {
+        self.nothing_waiting() && self.in_flight.values().all(|&n| n == 0)
     }
 }
 
+type Shared = Arc<(Mutex<Board>, Condvar)>;
+
 /// Sends every job with `send`; returns the attempts made and the jobs left
 /// unsent because `stop` said so.
-pub fn dispatch<S, T>(
+pub fn dispatch<S>(
     jobs: Vec<Job>,
     concurrency: usize,
-    send: S,
-    stop: T,
+    send: Arc<S>,
+    stop: fn() -> bool,
 ) -> (Vec<Attempt>, Vec<Job>)
 where
-    S: Fn(&Job) -> Attempt + Sync,
-    T: Fn() -> bool + Sync,
+    S: Fn(&Job) -> Attempt + Send + Sync + 'static,
 {
     let total = jobs.len();
-    let mut waiting: Vec<(String, VecDeque<Job>)> = Vec::new();
+    let mut board = Board {
+        attempts: Vec::with_capacity(total),
+        ..Board::default()
+    };
     for job in jobs {
         let key = &job.endpoint.event_type;
-        match waiting.iter_mut().find(|(k, _)| k == key) {
+        match board.waiting.iter_mut().find(|(k, _)| k == key) {
             Some((_, queue)) => queue.push_back(job),
-            None => waiting.push((key.clone(), VecDeque::from([job]))),
+            None => board.waiting.push((key.clone(), VecDeque::from([job]))),
         }
     }
-    let board = Mutex::new(Board {
-        waiting,
-        in_flight: HashMap::new(),
-        next: 0,
-        attempts: Vec::with_capacity(total),
-    });
-    let changed = Condvar::new();
+    let shared: Shared = Arc::new((Mutex::new(board), Condvar::new()));
 
-    let threads = concurrency.clamp(1, total.max(1));
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| loop {
-                let job = {
-                    let mut state = board.lock().unwrap();
-                    loop {
-                        if stop() {
-                            break None;
-                        }
-                        if let Some(job) = state.take() {
-                            break Some(job);
-                        }
-                        if state.waiting.iter().all(|(_, jobs)| jobs.is_empty()) {
-                            break None;
-                        }
-                        // Jobs wait, but their endpoints are full: wait for a finish.
-                        state = changed.wait(state).unwrap();
-                    }
-                };
-                let Some(job) = job else {
-                    changed.notify_all();
-                    return;
-                };
-                let attempt = send(&job);
-                let mut state = board.lock().unwrap();
-                *state.in_flight.get_mut(&job.endpoint.event_type).unwrap() -= 1;
-                state.attempts.push(attempt);
-                drop(state);
-                changed.notify_all();
-            });
+    for _ in 0..concurrency.clamp(1, total.max(1)) {
+        let (shared, send) = (shared.clone(), send.clone());
+        std::thread::spawn(move || sender(&shared, &*send, stop));
+    }
+
+    let (lock, changed) = &*shared;
+    let mut board = lock.lock().unwrap();
+    loop {
+        if board.done() {
+            break;
         }
-    });
-    let mut board = board.into_inner().unwrap();
-    let unsent = board.waiting_jobs();
-    (board.attempts, unsent)
+        if stop() {
+            board.stopped = true;
+            changed.notify_all();
+            break;
+        }
+        board = changed.wait_timeout(board, STOP_CHECK).unwrap().0;
+    }
+    let attempts = std::mem::take(&mut board.attempts);
+    let unsent = board
+        .waiting
+        .iter_mut()
+        .flat_map(|(_, jobs)| jobs.drain(..))
+        .collect();
+    (attempts, unsent)
+}
+
+/// One sending thread: takes jobs until none is left or the batch stops.
+fn sender<S: Fn(&Job) -> Attempt>(shared: &Shared, send: &S, stop: fn() -> bool) {
+    let (lock, changed) = &**shared;
+    loop {
+        let job = {
+            let mut board = lock.lock().unwrap();
+            loop {
+                if board.stopped || stop() || board.nothing_waiting() {
+                    break None;
+                }
+                if let Some(job) = board.take() {
+                    break Some(job);
+                }
+                // Jobs wait, but their endpoints are full: wait for a finish.
+                board = changed.wait(board).unwrap();
+            }
+        };
+        let Some(job) = job else {
+            changed.notify_all();
+            return;
+        };
+        let attempt = send(&job);
+        let mut board = lock.lock().unwrap();
+        *board.in_flight.get_mut(&job.endpoint.event_type).unwrap() -= 1;
+        board.attempts.push(attempt);
+        drop(board);
+        changed.notify_all();
+    }
 }
 
 #[cfg(test)]
@@ -116,8 +144,6 @@ mod tests {
     use super::*;
     use crate::delivery::{Endpoint, Verdict};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use std::time::Duration;
 
     fn endpoint(name: &str, cap: usize) -> Arc<Endpoint> {
         Arc::new(Endpoint {
@@ -141,48 +167,39 @@ mod tests {
         .collect()
     }
 
+    fn never() -> bool {
+        false
+    }
+
     #[test]
     fn every_job_once_within_each_cap() {
+        static IN_FLIGHT: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        static PEAK: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
         let slow = endpoint("slow", 2);
         let fast = endpoint("fast", 100);
         let mut all = jobs(&slow, 0..20);
         all.extend(jobs(&fast, 100..180));
-        let in_flight: HashMap<&str, AtomicUsize> =
-            [("slow", AtomicUsize::new(0)), ("fast", AtomicUsize::new(0))]
-                .into_iter()
-                .collect();
-        let peak: HashMap<&str, AtomicUsize> =
-            [("slow", AtomicUsize::new(0)), ("fast", AtomicUsize::new(0))]
-                .into_iter()
-                .collect();
 
-        let (attempts, unsent) = dispatch(
-            all,
-            8,
-            |job| {
-                let name = job.endpoint.event_type.as_str();
-                let now = in_flight[name].fetch_add(1, Ordering::SeqCst) + 1;
-                peak[name].fetch_max(now, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(2));
-                in_flight[name].fetch_sub(1, Ordering::SeqCst);
-                Attempt {
-                    verdict: Verdict::Delivered,
-                    ..Attempt::new(job)
-                }
-            },
-            || false,
-        );
+        let send = Arc::new(|job: &Job| {
+            let i = usize::from(job.endpoint.event_type == "fast");
+            let now = IN_FLIGHT[i].fetch_add(1, Ordering::SeqCst) + 1;
+            PEAK[i].fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(2));
+            IN_FLIGHT[i].fetch_sub(1, Ordering::SeqCst);
+            Attempt {
+                verdict: Verdict::Delivered,
+                ..Attempt::new(job)
+            }
+        });
+        let (attempts, unsent) = dispatch(all, 8, send, never);
         assert!(unsent.is_empty());
         let mut ids: Vec<i64> = attempts.iter().map(|a| a.event_id).collect();
         ids.sort();
         let expected: Vec<i64> = (0..20).chain(100..180).collect();
         assert_eq!(ids, expected, "each job sent exactly once");
+        assert!(PEAK[0].load(Ordering::SeqCst) <= 2, "cap of 2 respected");
         assert!(
-            peak["slow"].load(Ordering::SeqCst) <= 2,
-            "cap of 2 respected"
-        );
-        assert!(
-            peak["fast"].load(Ordering::SeqCst) > 2,
+            PEAK[1].load(Ordering::SeqCst) > 2,
             "other endpoints are not held back"
         );
     }
@@ -190,27 +207,26 @@ mod tests {
     #[test]
     fn one_endpoint_keeps_its_order_with_one_slot() {
         let only = endpoint("only", 1);
-        let (attempts, _) = dispatch(jobs(&only, 0..30), 4, Attempt::new, || false);
+        let (attempts, _) = dispatch(jobs(&only, 0..30), 4, Arc::new(Attempt::new), never);
         let ids: Vec<i64> = attempts.iter().map(|a| a.event_id).collect();
         assert_eq!(ids, (0..30).collect::<Vec<_>>());
     }
 
     #[test]
     fn stop_returns_the_jobs_not_started() {
+        static STOPPING: AtomicBool = AtomicBool::new(false);
         let only = endpoint("only", 1);
-        let stopping = AtomicBool::new(false);
-        let (attempts, unsent) = dispatch(
-            jobs(&only, 0..10),
-            2,
-            |job| {
-                if job.event_id == 2 {
-                    stopping.store(true, Ordering::SeqCst);
-                }
-                Attempt::new(job)
-            },
-            || stopping.load(Ordering::SeqCst),
-        );
-        assert_eq!(attempts.len(), 3);
+        let send = Arc::new(|job: &Job| {
+            if job.event_id == 2 {
+                STOPPING.store(true, Ordering::SeqCst);
+            }
+            Attempt::new(job)
+        });
+        let (attempts, unsent) = dispatch(jobs(&only, 0..10), 2, send, || {
+            STOPPING.load(Ordering::SeqCst)
+        });
+        let sent: Vec<i64> = attempts.iter().map(|a| a.event_id).collect();
+        assert_eq!(sent, [0, 1, 2]);
         assert_eq!(
             unsent.iter().map(|j| j.event_id).collect::<Vec<_>>(),
             (3..10).collect::<Vec<_>>()
@@ -218,8 +234,30 @@ mod tests {
     }
 
     #[test]
+    fn stop_does_not_wait_for_a_slow_request() {
+        static STOPPING: AtomicBool = AtomicBool::new(false);
+        let only = endpoint("only", 1);
+        let send = Arc::new(|job: &Job| {
+            STOPPING.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_secs(5));
+            Attempt::new(job)
+        });
+        let started = std::time::Instant::now();
+        let (attempts, unsent) = dispatch(jobs(&only, 0..3), 1, send, || {
+            STOPPING.load(Ordering::SeqCst)
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "returned after {:?}",
+            started.elapsed()
+        );
+        assert!(attempts.is_empty(), "the abandoned request has no outcome");
+        assert_eq!(unsent.len(), 2);
+    }
+
+    #[test]
     fn empty_batch() {
-        let (attempts, unsent) = dispatch(vec![], 4, Attempt::new, || false);
+        let (attempts, unsent) = dispatch(vec![], 4, Arc::new(Attempt::new), never);
         assert!(attempts.is_empty() && unsent.is_empty());
     }
 }

@@ -9,11 +9,14 @@
 
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 pub struct Cluster {
     pub port: u16,
@@ -64,6 +67,60 @@ impl Cluster {
             Some(&cluster.dir.join("server.log")),
         );
         cluster
+    }
+
+    /// A cluster with the extension preloaded (so the delivery worker runs in
+    /// database postgres) and created there; waits for the worker to start.
+    pub fn with_worker(name: &str, settings: &[(&str, &str)]) -> Cluster {
+        let mut all = vec![
+            ("shared_preload_libraries", "pipeline_ext"),
+            ("pipeline.database", "postgres"),
+        ];
+        all.extend_from_slice(settings);
+        let cluster = Cluster::start(name, &all);
+        let mut client = cluster.connect("postgres", "postgres");
+        client
+            .batch_execute("CREATE EXTENSION pipeline_ext")
+            .unwrap();
+        cluster.worker_pid(&mut client);
+        cluster
+    }
+
+    /// The worker's pid, once it runs.
+    pub fn worker_pid(&self, client: &mut postgres::Client) -> i32 {
+        let mut pid = None;
+        eventually(Duration::from_secs(20), "the worker to start", || {
+            pid = client
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pipeline_ext worker'",
+                    &[],
+                )
+                .ok()
+                .flatten()
+                .map(|row| row.get(0));
+            pid.is_some()
+        });
+        pid.unwrap()
+    }
+
+    /// Runs SQL, reconnecting while the server restarts (after a crash).
+    pub fn connect_retrying(&self, database: &str, user: &str) -> postgres::Client {
+        let mut client = None;
+        eventually(
+            Duration::from_secs(30),
+            "the server to accept connections",
+            || {
+                client = postgres::Config::new()
+                    .host("127.0.0.1")
+                    .port(self.port)
+                    .user(user)
+                    .dbname(database)
+                    .connect(postgres::NoTls)
+                    .ok();
+                client.is_some()
+            },
+        );
+        client.unwrap()
     }
 
     pub fn connect(&self, database: &str, user: &str) -> postgres::Client {
@@ -117,6 +174,15 @@ impl Drop for Cluster {
         if !std::thread::panicking() {
             let _ = fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// Polls `done` every few milliseconds until it holds; panics after `limit`.
+pub fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "waited {limit:?} for {what}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

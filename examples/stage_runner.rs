@@ -1,0 +1,145 @@
+//! The stage runner: a stand-in for the five n8n workflows of the outreach
+//! pipeline. It receives the pipeline's webhooks on the same paths n8n
+//! serves (so n8n/n8n_webhook_registry.json works with only base_url
+//! changed) and writes back to the database as the workflows do, which fires
+//! the next stage's trigger:
+//!
+//!   POST /webhook/validate-company  company_created    -> validated / invalid
+//!   POST /webhook/promote-company   company_validated  -> marketing.company_master
+//!   POST /webhook/create-slots      company_promoted   -> ceo and cfo slots
+//!   POST /webhook/enrich-contact    slots_created      -> contacts enriched
+//!   POST /webhook/verify-email      contact_enriched   -> marketing.email_verification
+//!
+//! Every write is idempotent (deliveries are at least once). It answers 200
+//! when the write committed and 500 when it failed, so the worker retries.
+//!
+//!   cargo run --example stage_runner -- --listen 127.0.0.1:28901 \
+//!       --database "host=127.0.0.1 port=28815 user=postgres dbname=postgres"
+
+use std::sync::Arc;
+
+use postgres::{Client, NoTls};
+use serde_json::Value;
+
+const USAGE: &str = "usage: stage_runner --listen HOST:PORT --database CONNINFO [--threads N]";
+
+fn main() {
+    let mut listen = None;
+    let mut database = None;
+    let mut threads = 4;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--listen" => listen = args.next(),
+            "--database" => database = args.next(),
+            "--threads" => threads = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
+            _ => panic!("{USAGE}"),
+        }
+    }
+    let (listen, database) = (listen.expect(USAGE), database.expect(USAGE));
+    let server = Arc::new(
+        tiny_http::Server::http(&listen).unwrap_or_else(|e| panic!("listen on {listen}: {e}")),
+    );
+    eprintln!("stage runner listening on http://{listen}");
+
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let server = server.clone();
+            let database = database.clone();
+            std::thread::spawn(move || {
+                let mut db =
+                    Client::connect(&database, NoTls).unwrap_or_else(|e| panic!("connect: {e}"));
+                for mut request in server.incoming_requests() {
+                    let mut body = String::new();
+                    let _ = request.as_reader().read_to_string(&mut body);
+                    let (status, message) = match handle(&mut db, request.url(), &body) {
+                        Ok(done) => (200, done),
+                        Err(error) => {
+                            eprintln!("stage runner: {} failed: {error}", request.url());
+                            if db.is_closed() {
+                                if let Ok(fresh) = Client::connect(&database, NoTls) {
+                                    db = fresh;
+                                }
+                            }
+                            (500, error)
+                        }
+                    };
+                    let reply = serde_json::json!({ "message": message }).to_string();
+                    let _ = request
+                        .respond(tiny_http::Response::from_string(reply).with_status_code(status));
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.join();
+    }
+}
+
+/// Does one stage's work for one event; returns what it did.
+fn handle(db: &mut Client, path: &str, body: &str) -> Result<String, String> {
+    let event: Value = serde_json::from_str(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let data = &event["data"];
+    let new = &data["new"];
+    let done = match path {
+        "/webhook/validate-company" => {
+            // A website must look like a URL; the company name must not be a placeholder.
+            let website = new["website"].as_str().unwrap_or("");
+            let valid = website.starts_with("http://") || website.starts_with("https://");
+            db.execute(
+                "UPDATE intake.company_raw_intake
+                 SET validated = $2, validation_status = CASE WHEN $2 THEN 'valid' ELSE 'invalid' END,
+                     validation_errors = CASE WHEN $2 THEN '{}' ELSE '{website is not a URL}' END,
+                     validated_at = now()
+                 WHERE id = $1 AND validation_status = 'pending'",
+                &[&id(new)?, &valid],
+            )
+        }
+        "/webhook/promote-company" => db.execute(
+            "INSERT INTO marketing.company_master (intake_id, company_name, website, industry, city, state, country)
+             SELECT id, company, website, industry, city, state, country
+             FROM intake.company_raw_intake WHERE id = $1 AND validated
+             ON CONFLICT DO NOTHING",
+            &[&id(new)?],
+        ),
+        "/webhook/create-slots" => db.execute(
+            "INSERT INTO marketing.company_slots (company_id, slot_role)
+             SELECT $1, role FROM unnest(ARRAY['ceo', 'cfo']) AS role
+             ON CONFLICT DO NOTHING",
+            &[&id(new)?],
+        ),
+        "/webhook/enrich-contact" => {
+            // slots_created carries every new slot of the company in data.new.
+            let slots: Vec<i64> = new
+                .as_array()
+                .ok_or("slots_created without slots")?
+                .iter()
+                .map(id)
+                .collect::<Result<_, _>>()?;
+            db.execute(
+                "UPDATE marketing.company_slots s
+                 SET enrichment_status = 'enriched', enrichment_source = 'stage_runner', enriched_at = now(),
+                     full_name = initcap(s.slot_role) || ' of ' || c.company_name,
+                     title = upper(s.slot_role), email = s.slot_role || '@' || c.domain
+                 FROM marketing.company_master c
+                 WHERE c.id = s.company_id AND s.id = ANY($1) AND s.enrichment_status <> 'enriched'",
+                &[&slots],
+            )
+        }
+        "/webhook/verify-email" => db.execute(
+            "INSERT INTO marketing.email_verification (slot_id, email, result, score, provider)
+             SELECT s.id, s.email, 'valid', 95, 'stage_runner'
+             FROM marketing.company_slots s
+             WHERE s.id = $1 AND s.email IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM marketing.email_verification v WHERE v.slot_id = s.id)",
+            &[&id(new)?],
+        ),
+        other => return Err(format!("no workflow at {other}")),
+    };
+    done.map(|rows| format!("{path}: {rows} row(s)"))
+        .map_err(|e| e.to_string())
+}
+
+fn id(row: &Value) -> Result<i64, String> {
+    row["id"].as_i64().ok_or_else(|| format!("no id in {row}"))
+}

@@ -1,0 +1,570 @@
+//! The delivery worker against a real cluster (extension preloaded) and real
+//! HTTP receivers on 127.0.0.1.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use hmac::{Hmac, KeyInit, Mac};
+use support::receiver::{Answer, Receiver};
+use support::{eventually, one, texts, Cluster};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn register(client: &mut postgres::Client, event_type: &str, url: &str, options: &str) {
+    client
+        .batch_execute(&format!(
+            "SELECT pipeline.register_webhook('{event_type}', '{url}', allow_unknown_type => true{options})"
+        ))
+        .unwrap();
+}
+
+fn emit(client: &mut postgres::Client, event_type: &str, n: i64) -> Vec<i64> {
+    client
+        .query(
+            "SELECT pipeline.emit($1, jsonb_build_object('n', n)) FROM generate_series(1, $2::bigint) n",
+            &[&event_type, &n],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+fn statuses(client: &mut postgres::Client, event_type: &str) -> Vec<String> {
+    texts(
+        client,
+        &format!(
+            "SELECT format('%s:%s:%s', status, attempts, replay_count) FROM marketing.pipeline_events
+             WHERE event_type = '{event_type}' ORDER BY id"
+        ),
+    )
+}
+
+fn wait_for_status(client: &mut postgres::Client, event_type: &str, expected: &[&str]) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{event_type} events to be {expected:?}"),
+        || statuses(client, event_type) == expected,
+    );
+}
+
+fn ids(received: &[support::receiver::Received]) -> BTreeSet<i64> {
+    received.iter().map(|r| r.event_id()).collect()
+}
+
+#[test]
+fn delivers_on_commit_with_signed_standard_headers() {
+    // A poll interval of an hour: only the commit wake-up can be this fast.
+    let cluster = Cluster::with_worker("worker-commit", &[("pipeline.poll_interval", "1h")]);
+    let receiver = Receiver::ok();
+    let mut db = cluster.connect("postgres", "postgres");
+    db.batch_execute(&format!(
+        "SELECT pipeline.register_webhook('company_created', '{}', secret => '{SECRET}',
+                                          headers => '{{\"Authorization\": \"Basic dTpw\"}}')",
+        receiver.url("/webhook/validate-company")
+    ))
+    .unwrap();
+
+    let mut worst = Duration::ZERO;
+    for n in 0..20 {
+        let intake: i64 = db
+            .query_one(
+                "INSERT INTO intake.company_raw_intake (company, website) VALUES ($1, 'https://acme.example') RETURNING id",
+                &[&format!("Acme {n}")],
+            )
+            .unwrap()
+            .get(0);
+        let committed = Instant::now();
+        let event: i64 = db
+            .query_one(
+                "SELECT id FROM marketing.pipeline_events WHERE source_key = jsonb_build_object('id', $1::bigint)",
+                &[&intake],
+            )
+            .unwrap()
+            .get(0);
+        let all = receiver.wait_for(Duration::from_secs(5), "the event", |r| {
+            r.iter().any(|r| r.event_id() == event)
+        });
+        let got = all.iter().find(|r| r.event_id() == event).unwrap();
+        worst = worst.max(got.at.saturating_duration_since(committed));
+    }
+    assert!(
+        worst < Duration::from_secs(1),
+        "slowest commit-to-receipt: {worst:?}"
+    );
+    eprintln!("slowest commit-to-receipt of 20: {worst:?}");
+
+    let request = &receiver.received()[0];
+    assert_eq!(request.path, "/webhook/validate-company");
+    assert_eq!(request.header("content-type"), Some("application/json"));
+    assert_eq!(request.header("authorization"), Some("Basic dTpw"));
+    let id = request.header("webhook-id").unwrap();
+    assert_eq!(id, request.event_id().to_string());
+    let timestamp: i64 = request
+        .header("webhook-timestamp")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((now - timestamp).abs() < 60);
+
+    // The receiver's check, as the Standard Webhooks libraries do it.
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(&SECRET["whsec_".len()..])
+        .unwrap();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{timestamp}.{}", request.body).as_bytes());
+    let expected = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    assert_eq!(request.header("webhook-signature"), Some(expected.as_str()));
+
+    let body = request.json();
+    assert_eq!(body["type"], "company_created");
+    assert_eq!(body["attempt"], 1);
+    assert_eq!(body["source"]["table"], "intake.company_raw_intake");
+    assert_eq!(body["source"]["op"], "INSERT");
+    assert_eq!(body["data"]["new"]["company"], "Acme 0");
+    assert!(body["created_at"].is_string());
+
+    wait_for_status(&mut db, "company_created", &["processed:1:0"; 20]);
+    assert_eq!(
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM marketing.pipeline_delivery_attempts WHERE outcome = 'delivered'"
+        ),
+        20
+    );
+    let status = texts(&mut db, "SELECT format('%s %s %s', worker_running, pending, delivered_last_minute) FROM pipeline.status()");
+    assert_eq!(status, ["t 0 20"]);
+}
+
+#[test]
+fn receiver_down_then_back_loses_nothing() {
+    let cluster = Cluster::with_worker(
+        "worker-down",
+        &[
+            ("pipeline.backoff_base", "200ms"),
+            ("pipeline.backoff_cap", "1s"),
+            ("pipeline.max_attempts", "1000"),
+        ],
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut db = cluster.connect("postgres", "postgres");
+    register(
+        &mut db,
+        "ping",
+        &format!("http://127.0.0.1:{port}/ping"),
+        "",
+    );
+    let sent: BTreeSet<i64> = emit(&mut db, "ping", 30).into_iter().collect();
+
+    eventually(
+        Duration::from_secs(10),
+        "failed attempts while the receiver is down",
+        || {
+            one::<i64>(
+                &mut db,
+                "SELECT count(*) FROM marketing.pipeline_delivery_attempts WHERE outcome = 'retry'",
+            ) >= 30
+        },
+    );
+    let error = texts(
+        &mut db,
+        "SELECT DISTINCT last_error FROM marketing.pipeline_events",
+    );
+    assert!(
+        error
+            .iter()
+            .all(|e| e.contains("connection") || e.contains("refused")),
+        "{error:?}"
+    );
+
+    let receiver = Receiver::on_port(port, |_, _| Answer::status(200));
+    let got = receiver.wait_for(Duration::from_secs(20), "every event", |r| ids(r) == sent);
+    assert_eq!(ids(&got), sent);
+    eventually(Duration::from_secs(10), "all processed", || {
+        statuses(&mut db, "ping")
+            .iter()
+            .all(|s| s.starts_with("processed"))
+    });
+    assert_eq!(
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM marketing.pipeline_events WHERE status = 'dead'"
+        ),
+        0
+    );
+}
+
+#[test]
+fn answers_decide_retry_backoff_gone_and_death() {
+    let cluster = Cluster::with_worker(
+        "worker-answers",
+        &[
+            ("pipeline.max_attempts", "3"),
+            ("pipeline.backoff_base", "100ms"),
+            ("pipeline.backoff_cap", "300ms"),
+        ],
+    );
+    let receiver = Receiver::scripted(|request, earlier| match (request.path.as_str(), earlier) {
+        ("/flaky", 0) => Answer::status(500),
+        ("/throttled", 0) => Answer {
+            headers: vec![("Retry-After", "2".into())],
+            ..Answer::status(429)
+        },
+        ("/rejected", _) => Answer::status(400),
+        ("/redirect", _) => Answer {
+            headers: vec![("Location", "http://127.0.0.1:1/".into())],
+            ..Answer::status(302)
+        },
+        ("/slow", 0) => Answer {
+            delay: Duration::from_secs(3),
+            ..Answer::status(200)
+        },
+        ("/gone", 0) => Answer::status(410),
+        _ => Answer::status(200),
+    });
+    let mut db = cluster.connect("postgres", "postgres");
+    for name in ["flaky", "throttled", "rejected", "redirect", "gone"] {
+        register(&mut db, name, &receiver.url(&format!("/{name}")), "");
+    }
+    register(
+        &mut db,
+        "slow",
+        &receiver.url("/slow"),
+        ", timeout_ms => 300",
+    );
+    for name in ["flaky", "throttled", "rejected", "redirect", "slow", "gone"] {
+        emit(&mut db, name, 1);
+    }
+
+    wait_for_status(&mut db, "flaky", &["processed:2:0"]);
+    wait_for_status(&mut db, "rejected", &["dead:3:0"]);
+    wait_for_status(&mut db, "redirect", &["dead:3:0"]);
+    wait_for_status(&mut db, "slow", &["processed:2:0"]);
+    wait_for_status(&mut db, "throttled", &["processed:2:0"]);
+
+    // Retry-After: 2 outweighs a 100 ms backoff.
+    let throttled: Vec<_> = receiver
+        .received()
+        .into_iter()
+        .filter(|r| r.path == "/throttled")
+        .collect();
+    let gap = throttled[1].at - throttled[0].at;
+    assert!(gap >= Duration::from_millis(1900), "retried after {gap:?}");
+    assert_eq!(throttled[1].json()["attempt"], 2);
+
+    let outcomes = |event_type: &str| {
+        texts(
+            &mut cluster.connect("postgres", "postgres"),
+            &format!(
+                "SELECT format('%s %s %s', outcome, coalesce(status_code::text, '-'), coalesce(error, '-'))
+                 FROM marketing.pipeline_delivery_attempts WHERE event_type = '{event_type}' ORDER BY id"
+            ),
+        )
+    };
+    assert_eq!(outcomes("flaky"), ["retry 500 HTTP 500", "delivered 200 -"]);
+    assert_eq!(outcomes("rejected"), ["failed 400 HTTP 400"; 3]);
+    assert_eq!(outcomes("redirect"), ["failed 302 HTTP 302"; 3]);
+    let slow = outcomes("slow");
+    assert!(slow[0].starts_with("retry - timed out"), "{slow:?}");
+    assert_eq!(
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM marketing.pipeline_error_log WHERE stage = 'rejected'"
+        ),
+        3,
+        "every failed attempt is in the error log"
+    );
+
+    // 410 Gone disables the endpoint; its events wait, and go once it is enabled.
+    eventually(
+        Duration::from_secs(10),
+        "the endpoint to be disabled",
+        || {
+            !one::<bool>(
+                &mut db,
+                "SELECT enabled FROM pipeline.webhooks WHERE event_type = 'gone'",
+            )
+        },
+    );
+    let reason: String = one(
+        &mut db,
+        "SELECT disabled_reason FROM pipeline.webhooks WHERE event_type = 'gone'",
+    );
+    assert!(reason.starts_with("410 Gone from"), "{reason}");
+    emit(&mut db, "gone", 1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        receiver
+            .received()
+            .iter()
+            .filter(|r| r.path == "/gone")
+            .count(),
+        1
+    );
+    assert_eq!(statuses(&mut db, "gone"), ["failed:1:0", "pending:0:0"]);
+    db.batch_execute("SELECT pipeline.enable_webhook('gone')")
+        .unwrap();
+    wait_for_status(&mut db, "gone", &["processed:2:0", "processed:1:0"]);
+}
+
+#[test]
+fn replay_one_and_many_after_death() {
+    let cluster = Cluster::with_worker("worker-replay", &[("pipeline.max_attempts", "1")]);
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver = {
+        let healthy = healthy.clone();
+        Receiver::scripted(move |_, _| {
+            Answer::status(if healthy.load(std::sync::atomic::Ordering::SeqCst) {
+                200
+            } else {
+                503
+            })
+        })
+    };
+    let mut db = cluster.connect("postgres", "postgres");
+    register(&mut db, "ping", &receiver.url("/ping"), "");
+    let events = emit(&mut db, "ping", 3);
+    wait_for_status(&mut db, "ping", &["dead:1:0"; 3]);
+
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    let replayed: i64 = db
+        .query_one("SELECT pipeline.replay($1)", &[&events[0]])
+        .unwrap()
+        .get(0);
+    assert_eq!(replayed, events[0]);
+    wait_for_status(&mut db, "ping", &["processed:1:1", "dead:1:0", "dead:1:0"]);
+
+    assert_eq!(
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM pipeline.replay_failed('ping')"
+        ),
+        2
+    );
+    wait_for_status(&mut db, "ping", &["processed:1:1"; 3]);
+    let history: Vec<String> = texts(
+        &mut db,
+        &format!(
+            "SELECT format('%s:%s', attempt, outcome) FROM marketing.pipeline_delivery_attempts
+             WHERE event_id = {} ORDER BY id",
+            events[0]
+        ),
+    );
+    assert_eq!(
+        history,
+        ["1:retry", "1:delivered"],
+        "the attempt history survives the replay"
+    );
+    let err = db
+        .query_one("SELECT pipeline.replay(987654321)", &[])
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().map(|e| e.message()),
+        Some("no event with id 987654321")
+    );
+}
+
+#[test]
+fn settings_take_effect_after_reload() {
+    let cluster = Cluster::with_worker("worker-reload", &[]);
+    let receiver = Receiver::ok();
+    let mut db = cluster.connect("postgres", "postgres");
+    register(&mut db, "ping", &receiver.url("/ping"), "");
+
+    // NB: ALTER SYSTEM refuses to run in a transaction block, so one statement per call.
+    let set = |db: &mut postgres::Client, statements: &[&str]| {
+        for statement in statements {
+            db.batch_execute(statement).unwrap();
+        }
+    };
+    set(
+        &mut db,
+        &[
+            "ALTER SYSTEM SET pipeline.enabled = off",
+            "SELECT pg_reload_conf()",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    emit(&mut db, "ping", 5);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        receiver.received().is_empty(),
+        "delivered while pipeline.enabled = off"
+    );
+    assert_eq!(statuses(&mut db, "ping"), ["pending:0:0"; 5]);
+
+    set(
+        &mut db,
+        &[
+            "ALTER SYSTEM SET pipeline.enabled = on",
+            "ALTER SYSTEM SET pipeline.concurrency = 3",
+            "SELECT pg_reload_conf()",
+        ],
+    );
+    receiver.wait_for(Duration::from_secs(15), "delivery after enabling", |r| {
+        r.len() == 5
+    });
+    eventually(Duration::from_secs(5), "the reload to be logged", || {
+        cluster.log().contains("settings reloaded") && cluster.log().contains("concurrency: 3")
+    });
+
+    // The database cannot change without a restart, and PostgreSQL says so.
+    set(
+        &mut db,
+        &[
+            "ALTER SYSTEM SET pipeline.database = 'elsewhere'",
+            "SELECT pg_reload_conf()",
+        ],
+    );
+    eventually(Duration::from_secs(5), "the restart notice", || {
+        cluster
+            .log()
+            .contains("\"pipeline.database\" cannot be changed without restarting the server")
+    });
+    let pending: i64 = one(
+        &mut db,
+        "SELECT count(*) FROM marketing.pipeline_events WHERE status <> 'processed'",
+    );
+    assert_eq!(pending, 0);
+}
+
+#[test]
+fn worker_killed_mid_batch_loses_nothing() {
+    let cluster = Cluster::with_worker(
+        "worker-kill",
+        &[
+            ("pipeline.lease_time", "2s"),
+            ("pipeline.concurrency", "4"),
+            ("pipeline.batch_size", "40"),
+        ],
+    );
+    let receiver = Receiver::scripted(|_, _| Answer {
+        delay: Duration::from_millis(150),
+        ..Answer::status(200)
+    });
+    let mut db = cluster.connect("postgres", "postgres");
+    register(&mut db, "ping", &receiver.url("/ping"), "");
+    let worker = cluster.worker_pid(&mut db);
+    let sent: BTreeSet<i64> = emit(&mut db, "ping", 40).into_iter().collect();
+
+    receiver.wait_for(Duration::from_secs(10), "the batch to be under way", |r| {
+        r.len() >= 5
+    });
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &worker.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    // The postmaster restarts everything; the claimed events come back when
+    // their lease ends.
+    let mut db = cluster.connect_retrying("postgres", "postgres");
+    let restarted = cluster.worker_pid(&mut db);
+    assert_ne!(restarted, worker);
+    let got = receiver.wait_for(
+        Duration::from_secs(30),
+        "every event after the restart",
+        |r| ids(r) == sent,
+    );
+    eventually(Duration::from_secs(10), "all processed", || {
+        statuses(&mut db, "ping")
+            .iter()
+            .all(|s| s.starts_with("processed"))
+    });
+    eprintln!(
+        "{} events, {} requests (duplicates are the in-flight batch)",
+        sent.len(),
+        got.len()
+    );
+}
+
+#[test]
+fn worker_is_visible_restarts_and_stops_promptly() {
+    let cluster = Cluster::with_worker("worker-life", &[]);
+    let receiver = Receiver::scripted(|_, _| Answer {
+        delay: Duration::from_secs(20),
+        ..Answer::status(200)
+    });
+    let mut db = cluster.connect("postgres", "postgres");
+    let name: String = one(
+        &mut db,
+        "SELECT backend_type FROM pg_stat_activity WHERE backend_type LIKE '%pipeline_ext%'",
+    );
+    assert_eq!(name, "pipeline_ext worker");
+
+    // Terminated in the middle of a slow request: it goes at once, hands the
+    // event to its lease, and the postmaster starts it again.
+    register(
+        &mut db,
+        "ping",
+        &receiver.url("/ping"),
+        ", timeout_ms => 60000",
+    );
+    emit(&mut db, "ping", 1);
+    receiver.wait_for(Duration::from_secs(5), "the slow request", |r| r.len() == 1);
+    let pid = cluster.worker_pid(&mut db);
+    let asked = Instant::now();
+    db.batch_execute(&format!("SELECT pg_terminate_backend({pid})"))
+        .unwrap();
+    eventually(Duration::from_secs(3), "the worker to exit", || {
+        one::<i64>(
+            &mut db,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+        ) == 0
+    });
+    let exit = asked.elapsed();
+    assert!(exit < Duration::from_secs(2), "took {exit:?} to stop");
+    let again = cluster.worker_pid(&mut db);
+    assert_ne!(again, pid);
+    assert_eq!(
+        statuses(&mut db, "ping"),
+        ["processing:1:0"],
+        "left to its lease"
+    );
+}
+
+#[test]
+fn waits_quietly_for_the_extension() {
+    let cluster = Cluster::start(
+        "worker-wait",
+        &[
+            ("shared_preload_libraries", "pipeline_ext"),
+            ("pipeline.database", "postgres"),
+        ],
+    );
+    let mut db = cluster.connect("postgres", "postgres");
+    cluster.worker_pid(&mut db);
+    std::thread::sleep(Duration::from_millis(500));
+    let log = cluster.log();
+    assert_eq!(
+        log.matches("waiting for CREATE EXTENSION pipeline_ext")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("ERROR") && !log.contains("WARNING"), "{log}");
+
+    let receiver = Receiver::ok();
+    db.batch_execute("CREATE EXTENSION pipeline_ext").unwrap();
+    register(&mut db, "ping", &receiver.url("/ping"), "");
+    emit(&mut db, "ping", 1);
+    receiver.wait_for(
+        Duration::from_secs(15),
+        "delivery once the extension exists",
+        |r| r.len() == 1,
+    );
+}
