@@ -11,6 +11,7 @@ mod stages;
 mod verify;
 mod views;
 mod watch;
+mod webhooks;
 
 use pgrx::prelude::*;
 use pgrx::JsonB;

@@ -13,8 +13,8 @@ mod tests {
         assert_eq!(problems(), serde_json::json!({}));
         let kinds = json("SELECT jsonb_object_agg(kind, n) FROM (SELECT kind, count(*) AS n FROM pipeline.verify() GROUP BY kind) k");
         assert_eq!(kinds["schema"], 3);
-        assert_eq!(kinds["table"], 8);
-        assert_eq!(kinds["view"], 6);
+        assert_eq!(kinds["table"], 10);
+        assert_eq!(kinds["view"], 7);
         assert_eq!(kinds["trigger"], 6);
     }
 

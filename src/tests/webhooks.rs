@@ -1,0 +1,374 @@
+//! The webhook registry: register, change, disable, remove, import, export.
+
+#[pgrx::pg_schema]
+mod tests {
+    use crate::tests::*;
+    use serde_json::json;
+
+    const REGISTRY: &str = r#"{"base_url": "https://example.app.n8n.cloud", "webhooks": {
+        "company_created": "/webhook/validate-company",
+        "company_validated": "/webhook/promote-company",
+        "company_promoted": "/webhook/create-slots",
+        "slots_created": "/webhook/enrich-contact",
+        "contact_enriched": "/webhook/verify-email"}}"#;
+
+    fn webhook(event_type: &str) -> serde_json::Value {
+        json(&format!(
+            "SELECT to_jsonb(w) - 'created_at' - 'updated_at' FROM pipeline.webhooks w WHERE event_type = '{event_type}'"
+        ))
+    }
+
+    #[pg_test]
+    fn webhooks_register_change_disable_remove() {
+        run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/webhook/validate-company',
+                 headers => '{\"Authorization\": \"Basic dTpw\"}', secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw',
+                 timeout_ms => 2000, max_in_flight => 4)");
+        let row = webhook("company_created");
+        assert_eq!(row["method"], "POST");
+        assert_eq!(row["headers"], json!({ "Authorization": "Basic dTpw" }));
+        assert_eq!(row["max_in_flight"], 4);
+        assert_eq!(row["enabled"], true);
+
+        run("SELECT pipeline.update_webhook('company_created', method => 'put', timeout_ms => 0, secret => '')");
+        let row = webhook("company_created");
+        assert_eq!(row["method"], "PUT");
+        assert!(row["timeout_ms"].is_null(), "0 restores the global setting");
+        assert!(row["secret"].is_null(), "'' removes the secret");
+        assert_eq!(row["max_in_flight"], 4, "untouched fields stay");
+
+        run("SELECT pipeline.disable_webhook('company_created', 'n8n maintenance')");
+        assert_eq!(
+            webhook("company_created")["disabled_reason"],
+            "n8n maintenance"
+        );
+        run("SELECT pipeline.enable_webhook('company_created')");
+        assert_eq!(webhook("company_created")["enabled"], true);
+        assert!(webhook("company_created")["disabled_reason"].is_null());
+
+        run("SELECT pipeline.register_webhook('company_created', 'http://127.0.0.1:5678/webhook/x')");
+        assert_eq!(
+            webhook("company_created")["max_in_flight"],
+            serde_json::Value::Null,
+            "register replaces"
+        );
+        assert_eq!(
+            value::<bool>("SELECT pipeline.remove_webhook('company_created')"),
+            Some(true)
+        );
+        assert_eq!(
+            value::<bool>("SELECT pipeline.remove_webhook('company_created')"),
+            Some(false)
+        );
+    }
+
+    #[pg_test]
+    fn webhooks_refuse_bad_endpoints() {
+        let register = |args: &str| format!("SELECT pipeline.register_webhook({args})");
+        let cases = [
+            ("'company_created', 'ftp://n8n.example/x'", "is not an http:// or https:// URL"),
+            ("'company_created', 'n8n.example/webhook'", "is not an http:// or https:// URL"),
+            ("'company_created', 'https://n8n example/x'", "is not a valid URL"),
+            ("'company_created', NULL", "url must not be NULL"),
+            ("'company_created', 'https://n8n.example', method => 'GET'", "method must be POST, PUT or PATCH"),
+            ("'company_created', 'https://n8n.example', headers => '[1]'", "headers must be a JSON object"),
+            ("'company_created', 'https://n8n.example', headers => '{\"X-Key\": 5}'", "must have a string value"),
+            ("'company_created', 'https://n8n.example', headers => '{\"Bad Name\": \"v\"}'", "not a valid HTTP header name"),
+            (
+                "'company_created', 'https://n8n.example', headers => '{\"X-Key\": \"a\\r\\nX-Evil: 1\"}'",
+                "must not contain line breaks",
+            ),
+            ("'company_created', 'https://n8n.example', headers => '{\"Content-Type\": \"text/plain\"}'", "set by the worker"),
+            ("'company_created', 'https://n8n.example', headers => '{\"webhook-signature\": \"v1,x\"}'", "set by the worker"),
+            ("'company_created', 'https://n8n.example', secret => 'whsec_!!'", "must continue with base64"),
+            ("'company_created', 'https://n8n.example', secret => ' '", "secret is blank"),
+            ("'company_created', 'https://n8n.example', timeout_ms => 0", "timeout_ms must be between 1 and 300000"),
+            ("'company_created', 'https://n8n.example', max_in_flight => -1", "max_in_flight must be between 1 and 1000"),
+            ("'no_such_event', 'https://n8n.example'", "unknown event type 'no_such_event'"),
+            ("'Bad Type', 'https://n8n.example'", "invalid event type 'Bad Type'"),
+        ];
+        for (args, expected) in cases {
+            assert_error(&register(args), expected);
+        }
+        assert_eq!(
+            count("SELECT count(*) FROM pipeline.webhooks"),
+            0,
+            "nothing half-registered"
+        );
+        assert_error(
+            "SELECT pipeline.update_webhook('company_created', url => 'https://x.example')",
+            "no webhook is registered for event type 'company_created'",
+        );
+        assert_error(
+            "SELECT pipeline.disable_webhook('company_created')",
+            "no webhook is registered",
+        );
+        run("SELECT pipeline.register_webhook('manual_ping', 'https://n8n.example', allow_unknown_type => true)");
+        assert_error(
+            "SELECT pipeline.update_webhook('manual_ping', url => 'mailto:x@y.z')",
+            "is not an http:// or https:// URL",
+        );
+    }
+
+    #[pg_test]
+    fn webhooks_import_export_round_trip() {
+        let imported = json(&format!(
+            "SELECT jsonb_agg(jsonb_build_array(event_type, url, action) ORDER BY event_type)
+             FROM pipeline.import_registry('{REGISTRY}')"
+        ));
+        assert_eq!(
+            imported[0],
+            json!([
+                "company_created",
+                "https://example.app.n8n.cloud/webhook/validate-company",
+                "created"
+            ])
+        );
+        assert_eq!(imported.as_array().unwrap().len(), 5);
+        assert_eq!(count("SELECT count(*) FROM pipeline.webhooks"), 5);
+
+        let again = json(&format!(
+            "SELECT jsonb_agg(DISTINCT action) FROM pipeline.import_registry('{REGISTRY}')"
+        ));
+        assert_eq!(
+            again,
+            json!(["unchanged"]),
+            "importing the same file twice changes nothing"
+        );
+
+        let exported = json("SELECT pipeline.export_registry()");
+        let original: serde_json::Value = serde_json::from_str(REGISTRY).unwrap();
+        assert_eq!(exported, original, "export gives the file back");
+
+        // Objects, full URLs and a disabled endpoint survive the round trip too.
+        run(
+            r#"SELECT pipeline.import_registry('{"base_url": "https://example.app.n8n.cloud/", "webhooks": {
+                 "company_created": {"url": "/webhook/validate-company", "headers": {"Authorization": "Basic dTpw"},
+                                     "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "timeout_ms": 2500,
+                                     "max_in_flight": 4, "method": "PUT"},
+                 "email_verified": {"url": "http://127.0.0.1:9000/done", "enabled": false}}}')"#,
+        );
+        assert_eq!(
+            webhook("company_created")["url"],
+            "https://example.app.n8n.cloud/webhook/validate-company"
+        );
+        assert_eq!(webhook("company_created")["timeout_ms"], 2500);
+        assert_eq!(webhook("email_verified")["enabled"], false);
+        let exported = text("SELECT pipeline.export_registry()::text");
+        let actions = json(&format!(
+            "SELECT jsonb_agg(DISTINCT action) FROM pipeline.import_registry('{exported}')"
+        ));
+        assert_eq!(
+            actions,
+            json!(["unchanged"]),
+            "import(export()) changes nothing: {exported}"
+        );
+
+        // The enabled flag of an existing endpoint is kept unless the file sets it.
+        run("SELECT pipeline.disable_webhook('company_promoted', '410 Gone')");
+        run(&format!("SELECT pipeline.import_registry('{REGISTRY}')"));
+        assert_eq!(webhook("company_promoted")["enabled"], false);
+    }
+
+    #[pg_test]
+    fn webhooks_import_names_the_wrong_key() {
+        let before = count("SELECT count(*) FROM pipeline.webhooks");
+        let cases = [
+            ("[]", "registry must be a JSON object"),
+            (r#"{"base_url": "https://x.example", "webhooks": {}, "version": 2}"#, r#"registry: unknown key "version""#),
+            (r#"{"base_url": "https://x.example"}"#, "registry: webhooks must be an object"),
+            (r#"{"base_url": 5, "webhooks": {}}"#, "registry: base_url must be an http(s) URL"),
+            (r#"{"base_url": "ftp://x.example", "webhooks": {}}"#, "registry: base_url must be an http(s) URL"),
+            (r#"{"webhooks": {"company_created": "/webhook/a"}}"#, "registry: webhooks.company_created: \"/webhook/a\" is a path, but the registry has no base_url"),
+            (r#"{"base_url": "https://x.example", "webhooks": {"company_created": 42}}"#, "registry: webhooks.company_created: must be a path"),
+            (r#"{"base_url": "https://x.example", "webhooks": {"company_created": "webhook/a"}}"#, "must be a path starting with / or a full http(s) URL"),
+            (r#"{"base_url": "https://x.example", "webhooks": {"company_created": {"url": "/a", "timeout": 5}}}"#, r#"registry: webhooks.company_created: unknown key "timeout""#),
+            (r#"{"base_url": "https://x.example", "webhooks": {"company_created": {"headers": {}}}}"#, "registry: webhooks.company_created: url is missing"),
+            (r#"{"base_url": "https://x.example", "webhooks": {"company_created": {"url": "/a", "timeout_ms": "5"}}}"#, "registry: webhooks.company_created: timeout_ms must be a number, not string"),
+            (r#"{"base_url": "https://x.example", "webhooks": {"company_created": {"url": "/a", "timeout_ms": 2.5}}}"#, "timeout_ms must be a whole number"),
+            (r#"{"base_url": "https://x.example", "webhooks": {"company_created": {"url": "/a", "enabled": "yes"}}}"#, "enabled must be a boolean, not string"),
+            (r#"{"base_url": "https://x.example", "webhooks": {"company_created": {"url": "/a", "headers": {"X": 1}}}}"#, "registry: webhooks.company_created: header \"X\" must have a string value"),
+            (r#"{"base_url": "https://x.example", "webhooks": {"no_such_event": "/a"}}"#, "registry: webhooks.no_such_event: unknown event type 'no_such_event'"),
+            // All or nothing: the good first entry is not kept either.
+            (r#"{"base_url": "https://x.example", "webhooks": {"company_created": "/ok", "company_validated": "nope"}}"#, "webhooks.company_validated"),
+        ];
+        for (registry, expected) in cases {
+            assert_error(
+                &format!("SELECT pipeline.import_registry('{registry}')"),
+                expected,
+            );
+        }
+        assert_error(
+            "SELECT pipeline.import_registry(NULL)",
+            "registry must be a JSON object",
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM pipeline.webhooks"),
+            before,
+            "bad input changes nothing"
+        );
+    }
+
+    #[pg_test]
+    fn webhooks_decide_what_is_claimed() {
+        run("SELECT pipeline.emit('company_created', '{}') FROM generate_series(1, 3)");
+        run("SELECT pipeline.emit('company_validated', '{}')");
+        assert_eq!(
+            count("SELECT count(*) FROM pipeline._claim_deliveries(10)"),
+            0,
+            "no endpoint: events wait"
+        );
+        run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/validate')");
+        let claimed = json(
+            "SELECT jsonb_agg(to_jsonb(c) ORDER BY event_id) FROM pipeline._claim_deliveries(10) c",
+        );
+        assert_eq!(claimed.as_array().unwrap().len(), 3);
+        let body: serde_json::Value =
+            serde_json::from_str(claimed[0]["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["type"], "company_created");
+        assert_eq!(body["attempt"], 1);
+        assert_eq!(body["source"]["op"], "EMIT");
+        assert_eq!(body["data"], json!({}));
+        assert_eq!(claimed[0]["url"], "https://n8n.example/validate");
+
+        run("SELECT pipeline.register_webhook('company_validated', 'https://n8n.example/promote', enabled => false)");
+        assert_eq!(
+            count("SELECT count(*) FROM pipeline._claim_deliveries(10)"),
+            0,
+            "disabled: events wait"
+        );
+        assert_eq!(
+            text("SELECT status FROM marketing.pipeline_events WHERE event_type = 'company_validated'"),
+            "pending",
+            "waiting is not failing"
+        );
+    }
+
+    #[pg_test]
+    fn webhooks_record_outcomes() {
+        run("SET LOCAL pipeline.max_attempts = 2");
+        run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/validate')");
+        run("SELECT pipeline.emit('company_created', '{}') FROM generate_series(1, 4)");
+        let ids: Vec<i64> = json(
+            "SELECT jsonb_agg(event_id ORDER BY event_id) FROM pipeline._claim_deliveries(10)",
+        )
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+        let [ok, busy, bad, gone] = ids[..] else {
+            panic!("{ids:?}")
+        };
+        let settled = json(&format!(
+            "SELECT jsonb_object_agg(event_id, status) FROM pipeline._record_deliveries(
+                 ARRAY[{ok}, {busy}, {bad}, {gone}]::bigint[], ARRAY[1, 1, 1, 1],
+                 ARRAY['delivered', 'retry', 'failed', 'gone'], ARRAY[200, 429, 400, 410],
+                 ARRAY[NULL, 'HTTP 429', 'HTTP 400', 'HTTP 410'], ARRAY[NULL, 60000, NULL, NULL]::integer[],
+                 ARRAY[12, 3, 4, 5], ARRAY['ok', NULL, 'bad field', NULL],
+                 ARRAY['https://n8n.example/validate', 'https://n8n.example/validate',
+                       'https://n8n.example/validate', 'https://n8n.example/validate'])"
+        ));
+        assert_eq!(
+            settled,
+            json!({ ok.to_string(): "processed", busy.to_string(): "failed", bad.to_string(): "failed", gone.to_string(): "failed" })
+        );
+        assert_eq!(
+            count(&format!(
+                "SELECT count(*) FROM marketing.pipeline_events
+                 WHERE id = {busy} AND next_attempt_at BETWEEN now() + interval '59 seconds' AND now() + interval '61 seconds'"
+            )),
+            1,
+            "Retry-After sets the next attempt"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM marketing.pipeline_delivery_attempts"),
+            4
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM marketing.pipeline_error_log"),
+            3
+        );
+        assert_eq!(
+            text("SELECT response_excerpt FROM marketing.pipeline_delivery_attempts WHERE outcome = 'failed'"),
+            "bad field"
+        );
+        assert_eq!(
+            value::<bool>("SELECT enabled FROM pipeline.webhooks"),
+            Some(false),
+            "410 disables"
+        );
+
+        // A stale outcome (its lease ran out and the event was claimed again) changes nothing.
+        run(&format!("UPDATE marketing.pipeline_events SET status = 'processing', attempts = 2 WHERE id = {bad}"));
+        let stale = count(&format!(
+            "SELECT count(*) FROM pipeline._record_deliveries(ARRAY[{bad}]::bigint[], ARRAY[1], ARRAY['delivered'],
+                 ARRAY[200], ARRAY[NULL]::text[], ARRAY[NULL]::integer[], ARRAY[1], ARRAY[NULL]::text[],
+                 ARRAY['https://n8n.example/validate'])"
+        ));
+        assert_eq!(stale, 0);
+        assert_eq!(
+            text(&format!(
+                "SELECT status FROM marketing.pipeline_events WHERE id = {bad}"
+            )),
+            "processing"
+        );
+    }
+
+    #[pg_test]
+    fn webhooks_release_purge_and_status() {
+        run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/validate')");
+        run("SELECT pipeline.emit('company_created', '{}') FROM generate_series(1, 3)");
+        let claimed: Vec<(i64, i32)> = json("SELECT jsonb_agg(jsonb_build_array(event_id, attempt)) FROM pipeline._claim_deliveries(10)")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_i64().unwrap(), p[1].as_i64().unwrap() as i32))
+            .collect();
+        let (first, attempt) = claimed[0];
+        assert_eq!(
+            count(&format!(
+                "SELECT pipeline._release(ARRAY[{first}], ARRAY[{attempt}])::bigint"
+            )),
+            1
+        );
+        assert_eq!(
+            text(&format!("SELECT format('%s %s', status, attempts) FROM marketing.pipeline_events WHERE id = {first}")),
+            "pending 0",
+            "an unsent claim is not an attempt"
+        );
+
+        let status = json("SELECT to_jsonb(s) FROM pipeline.status() s");
+        assert_eq!(
+            status["worker_running"], false,
+            "no worker in the test cluster"
+        );
+        assert_eq!(status["pending"], 1);
+        assert_eq!(status["processing"], 2);
+        assert_eq!(status["endpoints_enabled"], 1);
+
+        run("INSERT INTO marketing.pipeline_events (event_type, payload, status, created_at, processed_at)
+             SELECT 'company_created', '{}', 'processed', now() - interval '30 days', now() - interval '30 days'
+             FROM generate_series(1, 25)");
+        assert_eq!(
+            count("SELECT pipeline.purge(interval '7 days', 10)"),
+            10,
+            "at most max_rows a call"
+        );
+        assert_eq!(count("SELECT pipeline.purge(interval '7 days', 10)"), 10);
+        assert_eq!(count("SELECT pipeline.purge(interval '7 days', 10)"), 5);
+        assert_eq!(count("SELECT pipeline.purge(interval '7 days', 10)"), 0);
+        assert_eq!(
+            count("SELECT pipeline.purge(interval '0', 10)"),
+            0,
+            "retention 0 keeps everything"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM marketing.pipeline_events"),
+            3,
+            "recent and undelivered events stay"
+        );
+        let health = json("SELECT to_jsonb(h) FROM marketing.vw_endpoint_health h");
+        assert_eq!(health["waiting"], 3);
+        assert_eq!(health["enabled"], true);
+    }
+}
