@@ -89,7 +89,7 @@ fn handle(db: &mut Client, path: &str, body: &str) -> Result<String, String> {
             db.execute(
                 "UPDATE intake.company_raw_intake
                  SET validated = $2, validation_status = CASE WHEN $2 THEN 'valid' ELSE 'invalid' END,
-                     validation_errors = CASE WHEN $2 THEN '{}' ELSE '{website is not a URL}' END,
+                     validation_errors = CASE WHEN $2 THEN '{}'::text[] ELSE '{website is not a URL}' END,
                      validated_at = now()
                  WHERE id = $1 AND validation_status = 'pending'",
                 &[&id(new)?, &valid],

@@ -74,8 +74,27 @@ impl Receiver {
         port: u16,
         script: impl Fn(&Received, usize) -> Answer + Send + Sync + 'static,
     ) -> Receiver {
-        let server =
-            Arc::new(tiny_http::Server::http(("127.0.0.1", port)).expect("start receiver"));
+        Receiver::serve(
+            tiny_http::Server::http(("127.0.0.1", port)).expect("start receiver"),
+            script,
+        )
+    }
+
+    /// An https receiver with this certificate chain and key (PEM), answering 200.
+    pub fn https(certificate: &str, private_key: &str) -> Receiver {
+        let config = tiny_http::SslConfig {
+            certificate: certificate.as_bytes().to_vec(),
+            private_key: private_key.as_bytes().to_vec(),
+        };
+        let server = tiny_http::Server::https("127.0.0.1:0", config).expect("start https receiver");
+        Receiver::serve(server, |_, _| Answer::status(200))
+    }
+
+    fn serve(
+        server: tiny_http::Server,
+        script: impl Fn(&Received, usize) -> Answer + Send + Sync + 'static,
+    ) -> Receiver {
+        let server = Arc::new(server);
         let port = server.server_addr().to_ip().expect("ip address").port();
         let received = Arc::new(Mutex::new(Vec::new()));
         let script: Arc<Script> = Arc::new(script);
