@@ -16,63 +16,71 @@
 //!   cargo run --example stage_runner -- --listen 127.0.0.1:28901 \
 //!       --database "host=127.0.0.1 port=28815 user=postgres dbname=postgres"
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use postgres::{Client, NoTls};
 use serde_json::Value;
 
-const USAGE: &str = "usage: stage_runner --listen HOST:PORT --database CONNINFO [--threads N]";
+// The HTTP server the tests' receivers use too (not all of it is used here).
+#[path = "../tests/support/http_server.rs"]
+#[allow(dead_code)]
+mod http_server;
+
+const USAGE: &str = "usage: stage_runner --listen HOST:PORT --database CONNINFO [--connections N]";
 
 fn main() {
     let mut listen = None;
     let mut database = None;
-    let mut threads = 4;
+    let mut connections = 4;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => listen = args.next(),
             "--database" => database = args.next(),
-            "--threads" => threads = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
+            "--connections" => connections = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
             _ => panic!("{USAGE}"),
         }
     }
     let (listen, database) = (listen.expect(USAGE), database.expect(USAGE));
-    let server = Arc::new(
-        tiny_http::Server::http(&listen).unwrap_or_else(|e| panic!("listen on {listen}: {e}")),
-    );
-    eprintln!("stage runner listening on http://{listen}");
 
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            let server = server.clone();
-            let database = database.clone();
-            std::thread::spawn(move || {
-                let mut db =
-                    Client::connect(&database, NoTls).unwrap_or_else(|e| panic!("connect: {e}"));
-                for mut request in server.incoming_requests() {
-                    let mut body = String::new();
-                    let _ = request.as_reader().read_to_string(&mut body);
-                    let (status, message) = match handle(&mut db, request.url(), &body) {
-                        Ok(done) => (200, done),
-                        Err(error) => {
-                            eprintln!("stage runner: {} failed: {error}", request.url());
-                            if db.is_closed() {
-                                if let Ok(fresh) = Client::connect(&database, NoTls) {
-                                    db = fresh;
-                                }
-                            }
-                            (500, error)
-                        }
-                    };
-                    let reply = serde_json::json!({ "message": message }).to_string();
-                    let _ = request
-                        .respond(tiny_http::Response::from_string(reply).with_status_code(status));
-                }
+    // A few database connections, each used by one request at a time.
+    let pool: Arc<Vec<Mutex<Client>>> = Arc::new(
+        (0..connections)
+            .map(|_| {
+                Mutex::new(
+                    Client::connect(&database, NoTls).unwrap_or_else(|e| panic!("connect: {e}")),
+                )
             })
-        })
-        .collect();
-    for worker in workers {
-        let _ = worker.join();
+            .collect(),
+    );
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let _server = http_server::Server::start(&listen, None, move |request| {
+        let slot = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % pool.len();
+        let mut db = pool[slot].lock().unwrap();
+        if db.is_closed() {
+            if let Ok(fresh) = Client::connect(&database, NoTls) {
+                *db = fresh;
+            }
+        }
+        let (status, message) = match handle(&mut db, &request.path, &request.body) {
+            Ok(done) => (200, done),
+            Err(error) => {
+                eprintln!("stage runner: {} failed: {error}", request.path);
+                (500, error)
+            }
+        };
+        http_server::Response {
+            status,
+            headers: vec![("content-type", "application/json".into())],
+            body: serde_json::json!({ "message": message }).to_string(),
+            delay: Duration::ZERO,
+        }
+    })
+    .unwrap_or_else(|e| panic!("listen on {listen}: {e}"));
+    eprintln!("stage runner listening on http://{listen}");
+    loop {
+        std::thread::park();
     }
 }
 

@@ -45,7 +45,7 @@ use crate::delivery::{dispatch, HttpClient};
 use crate::settings::{self, WorkerSettings};
 use crate::{queue, wake};
 
-/// How often old history is purged, at most.
+/// Longest time between two purges of old history.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// Rows purged per transaction.
 const PURGE_BATCH: i32 = 1_000;
@@ -196,8 +196,10 @@ impl Worker {
     }
 
     fn purge_if_due(&mut self) {
+        // A tenth of the retention, between a second and a minute, apart.
+        let every = (self.settings.retention / 10).clamp(Duration::from_secs(1), PURGE_EVERY);
         if self.settings.retention.is_zero()
-            || self.last_purge.is_some_and(|at| at.elapsed() < PURGE_EVERY)
+            || self.last_purge.is_some_and(|at| at.elapsed() < every)
         {
             return;
         }

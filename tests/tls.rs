@@ -27,8 +27,8 @@ fn https_needs_a_trusted_certificate() {
         .signed_by(&leaf_key, &ca)
         .unwrap();
     let receiver = Receiver::https(
-        &format!("{}{}", leaf.pem(), ca.pem()),
-        &leaf_key.serialize_pem(),
+        vec![leaf.der().to_vec(), ca.der().to_vec()],
+        leaf_key.serialize_der(),
     );
 
     let cluster = Cluster::with_worker(

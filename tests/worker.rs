@@ -517,6 +517,21 @@ fn worker_is_visible_restarts_and_stops_promptly() {
     emit(&mut db, "ping", 1);
     receiver.wait_for(Duration::from_secs(5), "the slow request", |r| r.len() == 1);
     let pid = cluster.worker_pid(&mut db);
+    let (state, in_transaction): (String, bool) = {
+        let row = db
+            .query_one(
+                "SELECT query, xact_start IS NOT NULL OR backend_xid IS NOT NULL
+                 FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(state, "delivering events");
+    assert!(
+        !in_transaction,
+        "no transaction stays open while a request is in flight"
+    );
     let asked = Instant::now();
     db.batch_execute(&format!("SELECT pg_terminate_backend({pid})"))
         .unwrap();
@@ -566,5 +581,26 @@ fn waits_quietly_for_the_extension() {
         Duration::from_secs(15),
         "delivery once the extension exists",
         |r| r.len() == 1,
+    );
+}
+
+#[test]
+fn retention_deletes_old_history_in_small_batches() {
+    let cluster = Cluster::with_worker("worker-retention", &[("pipeline.retention", "1s")]);
+    let receiver = Receiver::ok();
+    let mut db = cluster.connect("postgres", "postgres");
+    register(&mut db, "ping", &receiver.url("/ping"), "");
+    emit(&mut db, "ping", 5);
+    receiver.wait_for(Duration::from_secs(5), "delivery", |r| r.len() == 5);
+    eventually(
+        Duration::from_secs(15),
+        "delivered events and their attempts to go",
+        || {
+            one::<i64>(&mut db, "SELECT count(*) FROM marketing.pipeline_events") == 0
+                && one::<i64>(
+                    &mut db,
+                    "SELECT count(*) FROM marketing.pipeline_delivery_attempts",
+                ) == 0
+        },
     );
 }

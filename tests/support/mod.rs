@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod http_server;
 pub mod receiver;
 
 use std::fs;

@@ -1,20 +1,16 @@
 //! A real HTTP receiver on 127.0.0.1 for the worker tests: it records every
 //! request (with the moment it arrived) and answers as the test's script
-//! says, each request on a thread of its own so slow answers overlap.
+//! says.
 
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-#[derive(Clone, Debug)]
-pub struct Received {
-    pub path: String,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-    pub at: Instant,
-}
+use super::http_server::{Request, Response, Server};
 
-impl Received {
+pub type Received = Request;
+
+impl Request {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -49,12 +45,10 @@ impl Answer {
     }
 }
 
-type Script = dyn Fn(&Received, usize) -> Answer + Send + Sync;
-
 pub struct Receiver {
     pub port: u16,
     received: Arc<Mutex<Vec<Received>>>,
-    server: Arc<tiny_http::Server>,
+    _server: Server,
 }
 
 impl Receiver {
@@ -74,77 +68,54 @@ impl Receiver {
         port: u16,
         script: impl Fn(&Received, usize) -> Answer + Send + Sync + 'static,
     ) -> Receiver {
-        Receiver::serve(
-            tiny_http::Server::http(("127.0.0.1", port)).expect("start receiver"),
-            script,
-        )
+        Receiver::serve(&format!("127.0.0.1:{port}"), None, script)
     }
 
-    /// An https receiver with this certificate chain and key (PEM), answering 200.
-    pub fn https(certificate: &str, private_key: &str) -> Receiver {
-        let config = tiny_http::SslConfig {
-            certificate: certificate.as_bytes().to_vec(),
-            private_key: private_key.as_bytes().to_vec(),
-        };
-        let server = tiny_http::Server::https("127.0.0.1:0", config).expect("start https receiver");
-        Receiver::serve(server, |_, _| Answer::status(200))
+    /// An https receiver with this certificate chain and key, answering 200.
+    pub fn https(chain: Vec<Vec<u8>>, private_key_pkcs8: Vec<u8>) -> Receiver {
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                chain.into_iter().map(CertificateDer::from).collect(),
+                PrivatePkcs8KeyDer::from(private_key_pkcs8).into(),
+            )
+            .expect("a certificate and its key");
+        Receiver::serve("127.0.0.1:0", Some(Arc::new(config)), |_, _| {
+            Answer::status(200)
+        })
     }
 
     fn serve(
-        server: tiny_http::Server,
+        addr: &str,
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
         script: impl Fn(&Received, usize) -> Answer + Send + Sync + 'static,
     ) -> Receiver {
-        let server = Arc::new(server);
-        let port = server.server_addr().to_ip().expect("ip address").port();
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let script: Arc<Script> = Arc::new(script);
-        {
-            let (server, received) = (server.clone(), received.clone());
-            thread::spawn(move || {
-                for mut request in server.incoming_requests() {
-                    let at = Instant::now();
-                    let mut body = String::new();
-                    let _ = request.as_reader().read_to_string(&mut body);
-                    let got = Received {
-                        path: request.url().to_string(),
-                        headers: request
-                            .headers()
-                            .iter()
-                            .map(|h| (h.field.to_string(), h.value.to_string()))
-                            .collect(),
-                        body,
-                        at,
-                    };
-                    let earlier = {
-                        let mut all = received.lock().unwrap();
-                        let n = all
-                            .iter()
-                            .filter(|r: &&Received| r.path == got.path)
-                            .count();
-                        all.push(got.clone());
-                        n
-                    };
-                    let script = script.clone();
-                    thread::spawn(move || {
-                        let answer = script(&got, earlier);
-                        thread::sleep(answer.delay);
-                        let mut response = tiny_http::Response::from_string(
-                            "{\"message\":\"Workflow was started\"}",
-                        )
-                        .with_status_code(answer.status);
-                        for (name, value) in answer.headers {
-                            response
-                                .add_header(tiny_http::Header::from_bytes(name, value).unwrap());
-                        }
-                        let _ = request.respond(response);
-                    });
-                }
-            });
-        }
+        let received = Arc::new(Mutex::new(Vec::<Received>::new()));
+        let log = received.clone();
+        let server = Server::start(addr, tls, move |request| {
+            let earlier = {
+                let mut all = log.lock().unwrap();
+                let n = all.iter().filter(|r| r.path == request.path).count();
+                all.push(request.clone());
+                n
+            };
+            let answer = script(&request, earlier);
+            Response {
+                status: answer.status,
+                headers: answer.headers,
+                body: "{\"message\":\"Workflow was started\"}".into(),
+                delay: answer.delay,
+            }
+        })
+        .expect("start the receiver");
         Receiver {
-            port,
+            port: server.addr.port(),
             received,
-            server,
+            _server: server,
         }
     }
 
@@ -176,11 +147,5 @@ impl Receiver {
             );
             thread::sleep(Duration::from_millis(5));
         }
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.server.unblock();
     }
 }
