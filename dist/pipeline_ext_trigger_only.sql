@@ -1455,37 +1455,33 @@ COMMENT ON FUNCTION pipeline.update_webhook(text, text, text, jsonb, text, integ
     'Changes the given fields of an endpoint (NULL keeps a field; secret => '''' removes the secret, '
     'timeout_ms => 0 and max_in_flight => 0 restore the global settings); returns it.';
 
--- Stopping deliveries to an endpoint; its events wait.
-CREATE FUNCTION pipeline.disable_webhook(event_type text, reason text DEFAULT 'disabled by hand')
-RETURNS pipeline.webhooks
+CREATE FUNCTION pipeline._set_enabled(event_type text, enabled boolean, reason text) RETURNS pipeline.webhooks
 LANGUAGE plpgsql AS $$
 DECLARE
     v_row pipeline.webhooks;
 BEGIN
     PERFORM pipeline._require_webhook(event_type);
     UPDATE pipeline.webhooks w
-    SET enabled = false, disabled_reason = coalesce(nullif(btrim(reason), ''), 'disabled by hand'), updated_at = now()
-    WHERE w.event_type = disable_webhook.event_type
+    SET enabled = _set_enabled.enabled, disabled_reason = reason, updated_at = now()
+    WHERE w.event_type = _set_enabled.event_type
     RETURNING * INTO v_row;
     RETURN v_row;
 END
+$$;
+
+-- Stopping deliveries to an endpoint; its events wait.
+CREATE FUNCTION pipeline.disable_webhook(event_type text, reason text DEFAULT 'disabled by hand')
+RETURNS pipeline.webhooks
+LANGUAGE sql AS $$
+    SELECT pipeline._set_enabled(event_type, false, coalesce(nullif(btrim(reason), ''), 'disabled by hand'))
 $$;
 COMMENT ON FUNCTION pipeline.disable_webhook(text, text) IS
     'Stops deliveries to the endpoint of an event type; its events wait until it is enabled again.';
 
 -- Resuming deliveries to an endpoint.
 CREATE FUNCTION pipeline.enable_webhook(event_type text) RETURNS pipeline.webhooks
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_row pipeline.webhooks;
-BEGIN
-    PERFORM pipeline._require_webhook(event_type);
-    UPDATE pipeline.webhooks w
-    SET enabled = true, disabled_reason = NULL, updated_at = now()
-    WHERE w.event_type = enable_webhook.event_type
-    RETURNING * INTO v_row;
-    RETURN v_row;
-END
+LANGUAGE sql AS $$
+    SELECT pipeline._set_enabled(event_type, true, NULL)
 $$;
 COMMENT ON FUNCTION pipeline.enable_webhook(text) IS
     'Resumes deliveries to the endpoint of an event type (also after a 410 Gone disabled it).';

@@ -67,7 +67,8 @@ pub fn register() {
 struct Worker {
     settings: WorkerSettings,
     client: Result<Arc<HttpClient>, String>,
-    waiting_for_extension: bool,
+    extension_found: bool,
+    waiting_logged: bool,
     last_purge: Option<Instant>,
 }
 
@@ -87,7 +88,8 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
     let mut worker = Worker {
         client: build_client(&settings),
         settings,
-        waiting_for_extension: false,
+        extension_found: false,
+        waiting_logged: false,
         last_purge: None,
     };
 
@@ -114,16 +116,18 @@ impl Worker {
             pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
         }
         let settings = settings::worker_settings();
-        if settings == self.settings {
-            return;
-        }
-        if settings.ca_file != self.settings.ca_file
+        // NB: with a CA file the client is rebuilt on every reload, so a
+        // renewed file is picked up without renaming it.
+        if settings.ca_file.is_some()
+            || settings.ca_file != self.settings.ca_file
             || settings.concurrency != self.settings.concurrency
         {
             self.client = build_client(&settings);
         }
-        log!("pipeline_ext worker settings reloaded: {settings:?}");
-        self.settings = settings;
+        if settings != self.settings {
+            log!("pipeline_ext worker settings reloaded: {settings:?}");
+            self.settings = settings;
+        }
     }
 
     /// Delivers everything that is due; returns how long to sleep.
@@ -132,19 +136,9 @@ impl Worker {
         if !self.settings.enabled {
             return poll;
         }
-        if !in_transaction(
-            "checking for the extension",
-            || Ok(queue::extension_ready()),
-        )
-        .unwrap_or(false)
-        {
-            if !self.waiting_for_extension {
-                log!("pipeline_ext worker waiting for CREATE EXTENSION pipeline_ext in this database");
-                self.waiting_for_extension = true;
-            }
+        if !self.extension_ready() {
             return poll;
         }
-        self.waiting_for_extension = false;
         let client = match &self.client {
             Ok(client) => client.clone(),
             Err(_) => return poll,
@@ -159,6 +153,8 @@ impl Worker {
             let Some((jobs, refused)) =
                 in_transaction("claiming events", || queue::claim(&self.settings))
             else {
+                // DROP EXTENSION, for one: look for the extension again.
+                self.extension_found = false;
                 return ERROR_PAUSE;
             };
             let claimed = jobs.len() + refused.len();
@@ -193,6 +189,24 @@ impl Worker {
             Some(None) => poll,
             None => ERROR_PAUSE,
         }
+    }
+
+    /// Whether CREATE EXTENSION has run here; asked until it has, then
+    /// again only after a failed claim.
+    fn extension_ready(&mut self) -> bool {
+        if !self.extension_found {
+            self.extension_found =
+                in_transaction(
+                    "checking for the extension",
+                    || Ok(queue::extension_ready()),
+                )
+                .unwrap_or(false);
+            if !self.extension_found && !self.waiting_logged {
+                log!("pipeline_ext worker waiting for CREATE EXTENSION pipeline_ext in this database");
+                self.waiting_logged = true;
+            }
+        }
+        self.extension_found
     }
 
     fn purge_if_due(&mut self) {

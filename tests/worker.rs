@@ -472,9 +472,7 @@ fn worker_killed_mid_batch_loses_nothing() {
 
     // The postmaster restarts everything; the claimed events come back when
     // their lease ends.
-    let mut db = cluster.connect_retrying("postgres", "postgres");
-    let restarted = cluster.worker_pid(&mut db);
-    assert_ne!(restarted, worker);
+    let (mut db, _) = cluster.new_worker(worker);
     let got = receiver.wait_for(
         Duration::from_secs(30),
         "every event after the restart",

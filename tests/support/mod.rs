@@ -104,24 +104,39 @@ impl Cluster {
         pid.unwrap()
     }
 
-    /// Runs SQL, reconnecting while the server restarts (after a crash).
-    pub fn connect_retrying(&self, database: &str, user: &str) -> postgres::Client {
-        let mut client = None;
+    /// After the worker `old` died: waits, through the postmaster's crash
+    /// restart (which drops every connection), for a worker with another
+    /// pid; returns a fresh connection and that pid.
+    pub fn new_worker(&self, old: i32) -> (postgres::Client, i32) {
+        let mut found = None;
         eventually(
             Duration::from_secs(30),
-            "the server to accept connections",
+            "a new worker after the crash",
             || {
-                client = postgres::Config::new()
+                let connected = postgres::Config::new()
                     .host("127.0.0.1")
                     .port(self.port)
-                    .user(user)
-                    .dbname(database)
-                    .connect(postgres::NoTls)
-                    .ok();
-                client.is_some()
+                    .user("postgres")
+                    .dbname("postgres")
+                    .connect(postgres::NoTls);
+                let Ok(mut client) = connected else {
+                    return false;
+                };
+                let pid: Option<i32> = client
+                .query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pipeline_ext worker'", &[])
+                .ok()
+                .flatten()
+                .map(|row| row.get(0));
+                match pid {
+                    Some(pid) if pid != old => {
+                        found = Some((client, pid));
+                        true
+                    }
+                    _ => false,
+                }
             },
         );
-        client.unwrap()
+        found.unwrap()
     }
 
     pub fn connect(&self, database: &str, user: &str) -> postgres::Client {
