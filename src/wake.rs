@@ -58,8 +58,9 @@ fn is_worker() -> bool {
     unsafe { !pg_sys::MyBgworkerEntry.is_null() }
 }
 
-/// Statement trigger on marketing.pipeline_events (INSERT, UPDATE): the
-/// transaction has events to deliver (new ones, or replayed ones).
+/// Statement trigger on marketing.pipeline_events and pipeline.webhooks
+/// (INSERT, UPDATE): the transaction may have made events deliverable (new,
+/// replayed, or waiting for an endpoint that is now there).
 #[pg_trigger(sql = "
     CREATE FUNCTION pipeline._wake_worker() RETURNS trigger
     LANGUAGE c AS 'MODULE_PATHNAME', '_wake_worker_wrapper';
@@ -81,9 +82,13 @@ pgrx::extension_sql!(
     CREATE TRIGGER pipeline_wake_worker
         AFTER INSERT OR UPDATE ON marketing.pipeline_events
         FOR EACH STATEMENT EXECUTE FUNCTION pipeline._wake_worker();
+    -- A registered or re-enabled endpoint releases the events that waited for it.
+    CREATE TRIGGER pipeline_wake_worker
+        AFTER INSERT OR UPDATE ON pipeline.webhooks
+        FOR EACH STATEMENT EXECUTE FUNCTION pipeline._wake_worker();
     "#,
     name = "wake_trigger",
-    requires = ["events", _wake_worker]
+    requires = ["events", "webhooks", _wake_worker]
 );
 
 #[pg_guard]

@@ -149,6 +149,22 @@ fn trigger_only_install_matches_the_extension() {
         ext_catalog.len()
     );
 
+    // What the extension has beyond the SQL files: the worker's wake-up.
+    let extension_only =
+        "SELECT format('%s %s.%s', p.oid::regprocedure, t.tgrelid::regclass, t.tgname)
+        FROM pg_proc p JOIN pg_trigger t ON t.tgfoid = p.oid
+        WHERE p.pronamespace = 'pipeline'::regnamespace
+          AND p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
+        ORDER BY 1";
+    assert_eq!(
+        texts(&mut ext, extension_only),
+        [
+            "pipeline._wake_worker() marketing.pipeline_events.pipeline_wake_worker",
+            "pipeline._wake_worker() pipeline.webhooks.pipeline_wake_worker"
+        ]
+    );
+    assert!(texts(&mut neon, extension_only).is_empty());
+
     assert_eq!(
         texts(
             &mut neon,

@@ -602,3 +602,36 @@ fn retention_deletes_old_history_in_small_batches() {
         },
     );
 }
+
+#[test]
+fn registering_an_endpoint_releases_waiting_events() {
+    // With an hour between polls, only the wake-up can explain a quick delivery.
+    let cluster = Cluster::with_worker("worker-register", &[("pipeline.poll_interval", "1h")]);
+    let receiver = Receiver::ok();
+    let mut db = cluster.connect("postgres", "postgres");
+    emit(&mut db, "ping", 3);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        statuses(&mut db, "ping"),
+        ["pending:0:0"; 3],
+        "no endpoint: they wait"
+    );
+
+    register(
+        &mut db,
+        "ping",
+        &receiver.url("/ping"),
+        ", enabled => false",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        receiver.received().is_empty(),
+        "a disabled endpoint gets nothing"
+    );
+
+    db.batch_execute("SELECT pipeline.enable_webhook('ping')")
+        .unwrap();
+    receiver.wait_for(Duration::from_secs(2), "the waiting events", |r| {
+        r.len() == 3
+    });
+}
