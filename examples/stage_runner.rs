@@ -16,7 +16,7 @@
 //!   cargo run --example stage_runner -- --listen 127.0.0.1:28901 \
 //!       --database "host=127.0.0.1 port=28815 user=postgres dbname=postgres"
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use postgres::{Client, NoTls};
@@ -29,6 +29,7 @@ mod http_server;
 
 const USAGE: &str = "usage: stage_runner --listen HOST:PORT --database CONNINFO [--connections N]";
 
+#[allow(dead_code)] // the benchmark (bench/) includes this file and calls serve
 fn main() {
     let mut listen = None;
     let mut database = None;
@@ -43,19 +44,31 @@ fn main() {
         }
     }
     let (listen, database) = (listen.expect(USAGE), database.expect(USAGE));
+    let _server = serve(&listen, &database, connections);
+    eprintln!("stage runner listening on http://{listen}");
+    loop {
+        std::thread::park();
+    }
+}
 
-    // A few database connections, each used by one request at a time.
-    let pool: Arc<Vec<Mutex<Client>>> = Arc::new(
-        (0..connections)
+/// Serves the five workflows on `listen`, writing through `connections`
+/// database connections, until the returned server is dropped.
+pub fn serve(listen: &str, database: &str, connections: usize) -> http_server::Server {
+    // Each connection serves one request at a time. NB: the pool lives as
+    // long as the process: a postgres::Client dropped inside the server's
+    // tokio runtime (when the server stops) would panic.
+    let pool: &'static Vec<Mutex<Client>> = Box::leak(Box::new(
+        (0..connections.max(1))
             .map(|_| {
                 Mutex::new(
-                    Client::connect(&database, NoTls).unwrap_or_else(|e| panic!("connect: {e}")),
+                    Client::connect(database, NoTls).unwrap_or_else(|e| panic!("connect: {e}")),
                 )
             })
             .collect(),
-    );
+    ));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let _server = http_server::Server::start(&listen, None, move |request| {
+    let database = database.to_string();
+    http_server::Server::start(listen, None, move |request| {
         let slot = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % pool.len();
         let mut db = pool[slot].lock().unwrap();
         if db.is_closed() {
@@ -77,11 +90,7 @@ fn main() {
             delay: Duration::ZERO,
         }
     })
-    .unwrap_or_else(|e| panic!("listen on {listen}: {e}"));
-    eprintln!("stage runner listening on http://{listen}");
-    loop {
-        std::thread::park();
-    }
+    .unwrap_or_else(|e| panic!("listen on {listen}: {e}"))
 }
 
 /// Does one stage's work for one event; returns what it did.

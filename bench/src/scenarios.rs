@@ -1,0 +1,512 @@
+//! The scenarios of docs/BENCHMARKS.md, each against the running worker.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::receiver::capacity;
+use crate::{Bench, Target};
+
+// The five-workflow stand-in, built in release with this driver.
+#[path = "../../examples/stage_runner.rs"]
+#[allow(dead_code)]
+mod stage_runner;
+
+/// Runs the scenarios named in `only` (all when it is empty), in order.
+pub fn run(bench: &mut Bench, only: &[String]) {
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    if wanted("capacity") {
+        receiver_capacity(bench);
+    }
+    if wanted("throughput") {
+        throughput(bench, 1);
+        throughput(bench, 10);
+    }
+    if wanted("latency") {
+        latency(bench, 100);
+        latency(bench, 1000);
+    }
+    if wanted("write") {
+        write_path(bench);
+    }
+    if wanted("memory") {
+        memory(bench);
+    }
+    if wanted("history") {
+        history(bench);
+    }
+    if wanted("cascade") {
+        cascade(bench);
+    }
+}
+
+fn say(what: &str) {
+    eprintln!("[bench] {what}");
+}
+
+/// An empty queue, no endpoints, nothing received.
+fn reset(bench: &mut Bench) {
+    bench.sql(
+        "TRUNCATE marketing.pipeline_events, marketing.pipeline_delivery_attempts, marketing.pipeline_error_log;
+         DELETE FROM pipeline.webhooks;",
+    );
+    bench.receiver.take();
+}
+
+fn register(bench: &mut Bench, event_type: &str, path: &str, enabled: bool) {
+    let url = bench.receiver.url(path);
+    bench.sql(&format!(
+        "SELECT pipeline.register_webhook('{event_type}', '{url}', enabled => {enabled}, allow_unknown_type => true)"
+    ));
+}
+
+/// `n` pending events spread over the given types, inserted at once.
+fn backlog(bench: &mut Bench, types: &[String], n: usize) {
+    let list = types
+        .iter()
+        .map(|t| format!("'{t}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    bench.sql(&format!(
+        "INSERT INTO marketing.pipeline_events (event_type, payload)
+         SELECT (ARRAY[{list}])[1 + g % {}],
+                jsonb_build_object('new', jsonb_build_object('id', g, 'company', 'Company ' || g,
+                                   'website', 'https://company' || g || '.example', 'notes', repeat('x', 200)))
+         FROM generate_series(1, {n}) g",
+        types.len()
+    ));
+    bench.sql("VACUUM ANALYZE marketing.pipeline_events");
+}
+
+fn wait_processed(bench: &mut Bench, n: i64, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let done: i64 =
+            bench.one("SELECT count(*) FROM marketing.pipeline_events WHERE status = 'processed'");
+        if done >= n {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "only {done} of {n} events processed after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn receiver_capacity(bench: &mut Bench) {
+    say("receiver capacity");
+    for _ in 0..bench.repetitions {
+        let rate = capacity(&bench.receiver, 16, if bench.smoke { 1.0 } else { 3.0 });
+        bench.record(
+            "receiver capacity (16 keep-alive clients)",
+            "requests/s",
+            "/s",
+            rate,
+            None,
+        );
+    }
+}
+
+fn throughput(bench: &mut Bench, endpoints: usize) {
+    let n = bench.size(100_000, 2_000);
+    let scenario = format!("throughput: {n} events, {endpoints} endpoint(s)");
+    say(&scenario);
+    for _ in 0..bench.repetitions {
+        reset(bench);
+        let types: Vec<String> = (0..endpoints).map(|i| format!("bench_{i}")).collect();
+        for (i, event_type) in types.iter().enumerate() {
+            register(bench, event_type, &format!("/e{i}"), false);
+        }
+        backlog(bench, &types, n);
+        bench.sql("UPDATE pipeline.webhooks SET enabled = true, disabled_reason = NULL");
+        let limit = Duration::from_secs(60 + n as u64 / 200);
+        assert!(
+            bench.receiver.wait_for(n, limit),
+            "not every event arrived within {limit:?}"
+        );
+        let receipts = bench.receiver.take();
+        let first = receipts.iter().map(|r| r.1).min().unwrap();
+        let last = receipts.iter().map(|r| r.1).max().unwrap();
+        let distinct: std::collections::HashSet<i64> = receipts.iter().map(|r| r.0).collect();
+        assert_eq!(distinct.len(), n, "every event once");
+        bench.record(
+            &scenario,
+            "deliveries/s (first to last receipt)",
+            "/s",
+            n as f64 / (last - first).as_secs_f64(),
+            (endpoints == 1).then_some(Target::AtLeast(5000.0)),
+        );
+        wait_processed(bench, n as i64, Duration::from_secs(60));
+    }
+}
+
+fn latency(bench: &mut Bench, rate: usize) {
+    let seconds = if bench.smoke { 2.0 } else { 20.0 };
+    let scenario = format!("latency: single-row commits at {rate}/s for {seconds} s");
+    say(&scenario);
+    let target = if rate <= 100 { 20.0 } else { 50.0 };
+    for _ in 0..bench.repetitions {
+        reset(bench);
+        register(bench, "bench_latency", "/latency", true);
+        let producers = if rate >= 500 { 4 } else { 1 };
+        let interval = Duration::from_secs_f64(producers as f64 / rate as f64);
+        let start = Instant::now() + Duration::from_millis(100);
+        let end = start + Duration::from_secs_f64(seconds);
+        let commits: Vec<(i64, Instant)> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..producers)
+                .map(|p| {
+                    let mut client = bench.connect();
+                    scope.spawn(move || {
+                        let emit = client
+                            .prepare("SELECT pipeline.emit('bench_latency', '{}'::jsonb)")
+                            .unwrap();
+                        let mut done = Vec::new();
+                        let offset = interval.mul_f64(p as f64 / producers as f64);
+                        for i in 0.. {
+                            let at = start + offset + interval * i;
+                            if at >= end {
+                                break;
+                            }
+                            if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                                std::thread::sleep(wait);
+                            }
+                            let id: i64 = client.query_one(&emit, &[]).unwrap().get(0);
+                            done.push((id, Instant::now()));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect()
+        });
+        assert!(
+            bench
+                .receiver
+                .wait_for(commits.len(), Duration::from_secs(30)),
+            "lost events"
+        );
+        let received: HashMap<i64, Instant> = bench.receiver.take().into_iter().collect();
+        let mut ms: Vec<f64> = commits
+            .iter()
+            .map(|(id, at)| received[id].saturating_duration_since(*at).as_secs_f64() * 1000.0)
+            .collect();
+        ms.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
+        bench.record(
+            &scenario,
+            "commits/s achieved",
+            "/s",
+            commits.len() as f64 / seconds,
+            None,
+        );
+        bench.record(&scenario, "commit-to-receipt p50", "ms", pct(0.50), None);
+        bench.record(&scenario, "commit-to-receipt p95", "ms", pct(0.95), None);
+        bench.record(
+            &scenario,
+            "commit-to-receipt p99",
+            "ms",
+            pct(0.99),
+            Some(Target::AtMost(target)),
+        );
+        bench.record(
+            &scenario,
+            "commit-to-receipt max",
+            "ms",
+            ms[ms.len() - 1],
+            None,
+        );
+    }
+}
+
+fn pgbench(bench: &Bench, script: &str, seconds: u32) -> f64 {
+    let file = std::env::temp_dir().join(format!("pipeline_ext_bench_{}.sql", std::process::id()));
+    std::fs::write(&file, script).unwrap();
+    let port = bench
+        .conninfo
+        .split("port=")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    let out = Command::new(&bench.pgbench)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-n",
+            "-c",
+            "2",
+            "-j",
+            "2",
+        ])
+        .args(["-T", &seconds.to_string(), "-f"])
+        .arg(&file)
+        .arg("postgres")
+        .output()
+        .expect("run pgbench");
+    std::fs::remove_file(&file).ok();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|line| line.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|tps| tps.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no tps in pgbench output:\n{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+fn write_path(bench: &mut Bench) {
+    let seconds = if bench.smoke { 2 } else { 15 };
+    let scenario = format!("write path: pgbench, 2 clients, {seconds} s, single-row INSERT");
+    say(&scenario);
+    reset(bench);
+    bench.sql(
+        "CREATE SCHEMA IF NOT EXISTS bench;
+         DROP TABLE IF EXISTS bench.plain_intake;
+         CREATE TABLE bench.plain_intake (LIKE intake.company_raw_intake INCLUDING ALL);",
+    );
+    let insert = |table: &str| {
+        format!(
+            "INSERT INTO {table} (company, website, import_batch_id) \
+             VALUES ('Bench company ' || :client_id, 'https://bench.example', 'bench');\n"
+        )
+    };
+    for _ in 0..bench.repetitions {
+        let plain = pgbench(bench, &insert("bench.plain_intake"), seconds);
+        let triggered = pgbench(bench, &insert("intake.company_raw_intake"), seconds);
+        bench.record(&scenario, "plain table", "tps", plain, None);
+        bench.record(
+            &scenario,
+            "with the stage trigger (event + NOTIFY)",
+            "tps",
+            triggered,
+            None,
+        );
+        bench.record(
+            &scenario,
+            "triggered / plain",
+            "%",
+            100.0 * triggered / plain,
+            Some(Target::AtLeast(70.0)),
+        );
+    }
+    bench.sql(
+        "TRUNCATE intake.company_raw_intake, marketing.company_master, marketing.company_slots,
+                  marketing.email_verification;
+         DROP TABLE bench.plain_intake;",
+    );
+    reset(bench);
+}
+
+/// (VmRSS, RssAnon) of a process, in MB. RSS also counts the pages of
+/// shared_buffers the process has touched; RssAnon is its own memory.
+fn rss(pid: i32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("RssAnon:"))
+}
+
+fn memory(bench: &mut Bench) {
+    let n = bench.size(1_000_000, 5_000);
+    let scenario = format!("memory: worker draining {n} events");
+    say(&scenario);
+    for _ in 0..bench.repetitions {
+        reset(bench);
+        register(bench, "bench_memory", "/memory", false);
+        backlog(bench, &["bench_memory".to_string()], n);
+        let pid: i32 = bench
+            .one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pipeline_ext worker'");
+        let before = rss(pid);
+        bench.sql("SELECT pipeline.enable_webhook('bench_memory')");
+        let (mut peak, mut peak_anon) = before;
+        let limit = Instant::now() + Duration::from_secs(120 + n as u64 / 200);
+        while bench.receiver.count() < n {
+            assert!(Instant::now() < limit, "drain did not finish");
+            let (total, anon) = rss(pid);
+            peak = peak.max(total);
+            peak_anon = peak_anon.max(anon);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        wait_processed(bench, n as i64, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_secs(1));
+        let after = rss(pid);
+        bench.receiver.take();
+        bench.record(&scenario, "private RSS before", "MB", before.1, None);
+        bench.record(
+            &scenario,
+            "private RSS peak while draining",
+            "MB",
+            peak_anon,
+            Some(Target::AtMost(64.0)),
+        );
+        bench.record(&scenario, "private RSS after", "MB", after.1, None);
+        bench.record(
+            &scenario,
+            "RSS with shared buffers touched, before",
+            "MB",
+            before.0,
+            None,
+        );
+        bench.record(
+            &scenario,
+            "RSS with shared buffers touched, peak",
+            "MB",
+            peak,
+            None,
+        );
+    }
+}
+
+/// Median time of claiming 100 due events (rolled back each time), in ms.
+fn claim_cost(bench: &mut Bench) -> f64 {
+    let mut times = Vec::new();
+    for _ in 0..if bench.smoke { 50 } else { 300 } {
+        let mut tx = bench.db.transaction().unwrap();
+        let started = Instant::now();
+        let claimed: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM pipeline.claim(100, event_types => '{bench_history}')",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(claimed, 100);
+        tx.rollback().unwrap();
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}
+
+fn history(bench: &mut Bench) {
+    let n = bench.size(10_000_000, 100_000);
+    let scenario =
+        format!("history: claim 100 of 1000 due events, with {n} processed events or none");
+    say(&scenario);
+    reset(bench);
+    register(bench, "bench_history", "/history", false);
+    backlog(bench, &["bench_history".to_string()], 1000);
+    let empty: Vec<f64> = (0..bench.repetitions).map(|_| claim_cost(bench)).collect();
+    bench.sql(&format!(
+        "INSERT INTO marketing.pipeline_events (event_type, payload, status, created_at, processed_at)
+         SELECT 'bench_done', jsonb_build_object('n', g), 'processed',
+                now() - interval '1 day' + g * interval '1 millisecond',
+                now() - interval '1 day' + g * interval '1 millisecond' + interval '20 ms'
+         FROM generate_series(1, {n}) g"
+    ));
+    bench.sql("VACUUM ANALYZE marketing.pipeline_events");
+    for empty_ms in empty {
+        let full_ms = claim_cost(bench);
+        bench.record(&scenario, "claim, empty history", "ms", empty_ms, None);
+        bench.record(&scenario, "claim, with the history", "ms", full_ms, None);
+        bench.record(
+            &scenario,
+            "with / empty",
+            "%",
+            100.0 * full_ms / empty_ms,
+            Some(Target::AtMost(110.0)),
+        );
+    }
+    reset(bench);
+    bench.sql("VACUUM marketing.pipeline_events");
+}
+
+fn cascade(bench: &mut Bench) {
+    let n = bench.size(10_000, 50);
+    let scenario = format!("cascade: {n} companies through the seven stages (stage runner)");
+    say(&scenario);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _runner = stage_runner::serve(&format!("127.0.0.1:{port}"), &bench.conninfo, 8);
+    let registry = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../n8n/n8n_webhook_registry.json"
+    ))
+    .expect("n8n/n8n_webhook_registry.json");
+    for _ in 0..bench.repetitions {
+        reset(bench);
+        bench.sql(
+            "TRUNCATE intake.company_raw_intake, marketing.company_master, marketing.company_slots,
+                      marketing.email_verification",
+        );
+        bench.sql(&format!(
+            "SELECT count(*) FROM pipeline.import_registry(jsonb_set($${registry}$$::jsonb, '{{base_url}}',
+                                                                     to_jsonb('http://127.0.0.1:{port}'::text)))"
+        ));
+        bench.sql(&format!(
+            "INSERT INTO intake.company_raw_intake (company, website, import_batch_id)
+             SELECT 'Company ' || g, 'https://company' || g || '.example', 'bench' FROM generate_series(1, {n}) g"
+        ));
+        let limit = Instant::now() + Duration::from_secs(120 + n as u64 / 20);
+        loop {
+            let ready: i64 =
+                bench.one("SELECT companies FROM marketing.vw_pipeline_funnel WHERE stage_no = 7");
+            if ready >= n as i64 {
+                break;
+            }
+            assert!(
+                Instant::now() < limit,
+                "only {ready} of {n} companies reached stage 7"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let row = bench
+            .db
+            .query_one(
+                "SELECT count(*)::float8 / extract(epoch FROM max(done) - min(start))::float8,
+                        percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+                 FROM (SELECT i.created_at AS start, max(v.verified_at) AS done,
+                              extract(epoch FROM max(v.verified_at) - i.created_at)::float8 * 1000 AS ms
+                       FROM intake.company_raw_intake i
+                       JOIN marketing.company_master c ON c.intake_id = i.id
+                       JOIN marketing.company_slots s ON s.company_id = c.id
+                       JOIN marketing.email_verification v ON v.slot_id = s.id
+                       GROUP BY i.id, i.created_at) per_company",
+                &[],
+            )
+            .unwrap();
+        bench.record(&scenario, "companies/s", "/s", row.get(0), None);
+        bench.record(
+            &scenario,
+            "per-company end to end p50",
+            "ms",
+            row.get(1),
+            None,
+        );
+        bench.record(
+            &scenario,
+            "per-company end to end p99",
+            "ms",
+            row.get(2),
+            None,
+        );
+    }
+    reset(bench);
+    bench.sql(
+        "TRUNCATE intake.company_raw_intake, marketing.company_master, marketing.company_slots,
+                  marketing.email_verification",
+    );
+}
