@@ -69,7 +69,7 @@ END
 $$;
 
 CREATE TABLE pipeline.webhooks (
-    event_type      text PRIMARY KEY,
+    event_type      pipeline.event_type PRIMARY KEY,
     url             text NOT NULL,
     method          text NOT NULL DEFAULT 'POST',
     headers         jsonb NOT NULL DEFAULT '{}',
@@ -80,7 +80,6 @@ CREATE TABLE pipeline.webhooks (
     disabled_reason text,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT event_type_format CHECK (event_type ~ '^[a-z][a-z0-9_]{0,46}$'),
     CONSTRAINT url_valid CHECK (pipeline._url_problem(url) IS NULL),
     CONSTRAINT method_known CHECK (method IN ('POST', 'PUT', 'PATCH')),
     CONSTRAINT headers_valid CHECK (pipeline._header_problem(headers) IS NULL),

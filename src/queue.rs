@@ -152,6 +152,14 @@ pub fn next_due_in() -> SpiResult<Option<Duration>> {
     Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
 }
 
+/// Whether any endpoint is enabled (so that new events are worth a wake-up).
+pub fn any_endpoint_enabled() -> SpiResult<bool> {
+    Ok(
+        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pipeline.webhooks WHERE enabled)")?
+            .unwrap_or(true),
+    )
+}
+
 /// Deletes up to `max_rows` rows of old history; returns how many went.
 pub fn purge(max_rows: i32) -> SpiResult<i64> {
     Ok(

@@ -18,6 +18,11 @@ const NO_WORKER: u32 = u32::MAX;
 /// PGPROC number of the running worker, or NO_WORKER.
 static WORKER_PROC: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pipeline_ext_worker_proc") };
 
+/// Whether the worker would act on new events (it is enabled and some
+/// endpoint is): when not, writers skip the wake-up, which would otherwise
+/// cost a signal and a round of the worker per commit.
+static WAKE_WANTED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pipeline_ext_wake_wanted") };
+
 /// Set in _PG_init under shared_preload_libraries: only then does the
 /// shared memory above exist.
 static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
@@ -28,6 +33,7 @@ static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 /// Called from _PG_init while shared_preload_libraries are loaded.
 pub fn init_shared_memory() {
     pg_shmem_init!(WORKER_PROC = AtomicU32::new(NO_WORKER));
+    pg_shmem_init!(WAKE_WANTED = AtomicBool::new(true));
     SHARED_MEMORY.store(true, Ordering::Relaxed);
 }
 
@@ -54,6 +60,17 @@ unsafe extern "C-unwind" fn unpublish_worker(_code: i32, _arg: pg_sys::Datum) {
     WORKER_PROC.get().store(NO_WORKER, Ordering::SeqCst);
 }
 
+/// The worker says whether commits of new events should wake it.
+pub fn want_wakes(wanted: bool) {
+    if SHARED_MEMORY.load(Ordering::Relaxed) {
+        WAKE_WANTED.get().store(wanted, Ordering::SeqCst);
+    }
+}
+
+fn wake_wanted() -> bool {
+    !SHARED_MEMORY.load(Ordering::Relaxed) || WAKE_WANTED.get().load(Ordering::Relaxed)
+}
+
 fn is_worker() -> bool {
     unsafe { !pg_sys::MyBgworkerEntry.is_null() }
 }
@@ -68,10 +85,13 @@ fn is_worker() -> bool {
         'Wakes the delivery worker when the transaction commits (extension only).';
 ")]
 fn _wake_worker<'a>(
-    _trigger: &'a pgrx::PgTrigger<'a>,
+    trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
-    // The worker's own claims and outcomes need no wake-up.
-    if !is_worker() {
+    // The worker's own claims and outcomes need no wake-up; new events only
+    // when the worker wants them; endpoint changes (the trigger with an
+    // argument) always, since they decide what the worker wants.
+    let always = trigger.trigger().tgnargs > 0;
+    if !is_worker() && (always || wake_wanted()) {
         WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
     }
     Ok(None)
@@ -85,7 +105,7 @@ pgrx::extension_sql!(
     -- A registered or re-enabled endpoint releases the events that waited for it.
     CREATE TRIGGER pipeline_wake_worker
         AFTER INSERT OR UPDATE ON pipeline.webhooks
-        FOR EACH STATEMENT EXECUTE FUNCTION pipeline._wake_worker();
+        FOR EACH STATEMENT EXECUTE FUNCTION pipeline._wake_worker('always');
     "#,
     name = "wake_trigger",
     requires = ["events", "webhooks", _wake_worker]

@@ -134,6 +134,7 @@ impl Worker {
     fn round(&mut self) -> Duration {
         let poll = self.settings.poll_interval;
         if !self.settings.enabled {
+            wake::want_wakes(false);
             return poll;
         }
         if !self.extension_ready() {
@@ -184,7 +185,13 @@ impl Worker {
         }
 
         self.purge_if_due();
-        match in_transaction("finding the next due event", queue::next_due_in) {
+        // NB: wake-ups are asked for before looking for due events: an event
+        // committed in between is either seen here or wakes the worker.
+        let next_due = in_transaction("finding the next due event", || {
+            wake::want_wakes(queue::any_endpoint_enabled()?);
+            queue::next_due_in()
+        });
+        match next_due {
             Some(Some(due)) => due.min(poll),
             Some(None) => poll,
             None => ERROR_PAUSE,

@@ -201,4 +201,38 @@ mod tests {
             "email_verification_slot_id_fkey",
         );
     }
+
+    #[pg_test]
+    fn events_written_by_hand_are_checked_too() {
+        let before = events();
+        let insert = |columns: &str, values: &str| {
+            format!("INSERT INTO marketing.pipeline_events ({columns}) VALUES ({values})")
+        };
+        let cases = [
+            (
+                insert("event_type, payload", "'Bad Type', '{}'"),
+                "violates check constraint \"event_type_format\"",
+            ),
+            (
+                insert("event_type, payload, status", "'ping', '{}', 'lost'"),
+                "violates check constraint \"status_known\"",
+            ),
+            (
+                insert("event_type, payload, source_op", "'ping', '{}', 'MERGE'"),
+                "violates check constraint \"source_op_known\"",
+            ),
+            (
+                insert("event_type, payload, status", "'ping', '{}', 'processed'"),
+                "processed_at_iff_processed",
+            ),
+            (
+                insert("event_type, payload", "'ping', NULL"),
+                "null value in column \"payload\"",
+            ),
+        ];
+        for (sql, expected) in cases {
+            assert_error(&sql, expected);
+        }
+        assert_eq!(events(), before);
+    }
 }
