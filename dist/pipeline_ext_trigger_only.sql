@@ -197,8 +197,9 @@ COMMENT ON COLUMN marketing.email_verification.score IS 'The verifier''s confide
 --
 -- next_attempt_at is when the event may be claimed: for pending and failed
 -- events the earliest (next) delivery attempt, for a processing event the end
--- of its lease. One partial index on it serves every claim, so the claim cost
--- does not grow with the number of processed events kept as history.
+-- of its lease. One partial index on (event_type, next_attempt_at) serves
+-- every claim, so the claim cost grows neither with the delivered history
+-- nor with a backlog of other types.
 
 -- NB: the checks of single columns are domains, not table CHECKs. Every event
 -- is one INSERT, and PostgreSQL prepares a table's CHECK expressions again
@@ -229,8 +230,10 @@ CREATE TABLE marketing.pipeline_events (
     CONSTRAINT processed_at_iff_processed CHECK ((status = 'processed') = (processed_at IS NOT NULL))
 );
 
--- Claims: "due events in order" is a range scan of this index, whatever the history.
-CREATE INDEX pipeline_events_due_idx ON marketing.pipeline_events (next_attempt_at, id)
+-- Claims: per event type, "due events in order" is a range scan of this
+-- index, whatever the delivered history and however many events of other
+-- types wait (for an endpoint, say).
+CREATE INDEX pipeline_events_due_idx ON marketing.pipeline_events (event_type, next_attempt_at, id)
     WHERE status IN ('pending', 'failed', 'processing');
 -- Recent events (ORDER BY created_at DESC) and time-range replays.
 CREATE INDEX pipeline_events_created_idx ON marketing.pipeline_events (created_at);
@@ -750,23 +753,46 @@ BEGIN
         RAISE EXCEPTION 'pipeline.claim: lease must be positive, not %', v_lease
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- For each type, the oldest due events that no other consumer holds,
+    -- locked, from the due index; the oldest of those over all types are
+    -- claimed (the few others stay locked until this transaction ends).
+    -- Without a list, the types come from the same index, skipping from one
+    -- type to the next (a loose index scan) instead of reading every row.
     RETURN QUERY
-    WITH due AS (
-        SELECT e.id
+    WITH RECURSIVE open_types (event_type) AS (
+        SELECT min(e.event_type::text)
         FROM marketing.pipeline_events e
         WHERE e.status IN ('pending', 'failed', 'processing')
-          AND e.next_attempt_at <= now()
-          AND (event_types IS NULL OR e.event_type = ANY (event_types))
-        ORDER BY e.next_attempt_at, e.id
+        UNION ALL
+        SELECT (SELECT min(e.event_type::text)
+                FROM marketing.pipeline_events e
+                WHERE e.status IN ('pending', 'failed', 'processing') AND e.event_type > o.event_type)
+        FROM open_types o
+        WHERE o.event_type IS NOT NULL
+    ), candidates AS (
+        SELECT c.id
+        FROM unnest(coalesce(claim.event_types,
+                             ARRAY(SELECT o.event_type FROM open_types o WHERE o.event_type IS NOT NULL)))
+                 AS types(event_type)
+        CROSS JOIN LATERAL (
+            SELECT e.id, e.next_attempt_at
+            FROM marketing.pipeline_events e
+            WHERE e.event_type = types.event_type
+              AND e.status IN ('pending', 'failed', 'processing')
+              AND e.next_attempt_at <= now()
+            ORDER BY e.next_attempt_at, e.id
+            LIMIT batch_size
+            FOR UPDATE SKIP LOCKED
+        ) c
+        ORDER BY c.next_attempt_at, c.id
         LIMIT batch_size
-        FOR UPDATE SKIP LOCKED
     )
     UPDATE marketing.pipeline_events e
     SET status = 'processing',
         attempts = e.attempts + 1,
         next_attempt_at = now() + v_lease
-    FROM due
-    WHERE e.id = due.id
+    FROM candidates c
+    WHERE e.id = c.id
     RETURNING e.*;
 END
 $$;
@@ -1925,12 +1951,16 @@ $$;
 -- exactly until a retry or an expiring lease needs it.
 CREATE FUNCTION pipeline._next_due_in() RETURNS double precision
 LANGUAGE sql STABLE AS $$
-    SELECT extract(epoch FROM e.next_attempt_at - clock_timestamp())::double precision
-    FROM marketing.pipeline_events e
-    WHERE e.status IN ('pending', 'failed', 'processing')
-      AND e.event_type IN (SELECT w.event_type FROM pipeline.webhooks w WHERE w.enabled)
-    ORDER BY e.next_attempt_at, e.id
-    LIMIT 1
+    SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
+    FROM pipeline.webhooks w
+    CROSS JOIN LATERAL (
+        SELECT e.next_attempt_at
+        FROM marketing.pipeline_events e
+        WHERE e.event_type = w.event_type AND e.status IN ('pending', 'failed', 'processing')
+        ORDER BY e.next_attempt_at
+        LIMIT 1
+    ) n
+    WHERE w.enabled
 $$;
 
 COMMIT;

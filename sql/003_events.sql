@@ -11,8 +11,9 @@
 --
 -- next_attempt_at is when the event may be claimed: for pending and failed
 -- events the earliest (next) delivery attempt, for a processing event the end
--- of its lease. One partial index on it serves every claim, so the claim cost
--- does not grow with the number of processed events kept as history.
+-- of its lease. One partial index on (event_type, next_attempt_at) serves
+-- every claim, so the claim cost grows neither with the delivered history
+-- nor with a backlog of other types.
 
 -- NB: the checks of single columns are domains, not table CHECKs. Every event
 -- is one INSERT, and PostgreSQL prepares a table's CHECK expressions again
@@ -43,8 +44,10 @@ CREATE TABLE marketing.pipeline_events (
     CONSTRAINT processed_at_iff_processed CHECK ((status = 'processed') = (processed_at IS NOT NULL))
 );
 
--- Claims: "due events in order" is a range scan of this index, whatever the history.
-CREATE INDEX pipeline_events_due_idx ON marketing.pipeline_events (next_attempt_at, id)
+-- Claims: per event type, "due events in order" is a range scan of this
+-- index, whatever the delivered history and however many events of other
+-- types wait (for an endpoint, say).
+CREATE INDEX pipeline_events_due_idx ON marketing.pipeline_events (event_type, next_attempt_at, id)
     WHERE status IN ('pending', 'failed', 'processing');
 -- Recent events (ORDER BY created_at DESC) and time-range replays.
 CREATE INDEX pipeline_events_created_idx ON marketing.pipeline_events (created_at);

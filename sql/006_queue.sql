@@ -83,23 +83,46 @@ BEGIN
         RAISE EXCEPTION 'pipeline.claim: lease must be positive, not %', v_lease
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- For each type, the oldest due events that no other consumer holds,
+    -- locked, from the due index; the oldest of those over all types are
+    -- claimed (the few others stay locked until this transaction ends).
+    -- Without a list, the types come from the same index, skipping from one
+    -- type to the next (a loose index scan) instead of reading every row.
     RETURN QUERY
-    WITH due AS (
-        SELECT e.id
+    WITH RECURSIVE open_types (event_type) AS (
+        SELECT min(e.event_type::text)
         FROM marketing.pipeline_events e
         WHERE e.status IN ('pending', 'failed', 'processing')
-          AND e.next_attempt_at <= now()
-          AND (event_types IS NULL OR e.event_type = ANY (event_types))
-        ORDER BY e.next_attempt_at, e.id
+        UNION ALL
+        SELECT (SELECT min(e.event_type::text)
+                FROM marketing.pipeline_events e
+                WHERE e.status IN ('pending', 'failed', 'processing') AND e.event_type > o.event_type)
+        FROM open_types o
+        WHERE o.event_type IS NOT NULL
+    ), candidates AS (
+        SELECT c.id
+        FROM unnest(coalesce(claim.event_types,
+                             ARRAY(SELECT o.event_type FROM open_types o WHERE o.event_type IS NOT NULL)))
+                 AS types(event_type)
+        CROSS JOIN LATERAL (
+            SELECT e.id, e.next_attempt_at
+            FROM marketing.pipeline_events e
+            WHERE e.event_type = types.event_type
+              AND e.status IN ('pending', 'failed', 'processing')
+              AND e.next_attempt_at <= now()
+            ORDER BY e.next_attempt_at, e.id
+            LIMIT batch_size
+            FOR UPDATE SKIP LOCKED
+        ) c
+        ORDER BY c.next_attempt_at, c.id
         LIMIT batch_size
-        FOR UPDATE SKIP LOCKED
     )
     UPDATE marketing.pipeline_events e
     SET status = 'processing',
         attempts = e.attempts + 1,
         next_attempt_at = now() + v_lease
-    FROM due
-    WHERE e.id = due.id
+    FROM candidates c
+    WHERE e.id = c.id
     RETURNING e.*;
 END
 $$;

@@ -229,10 +229,14 @@ $$;
 -- exactly until a retry or an expiring lease needs it.
 CREATE FUNCTION pipeline._next_due_in() RETURNS double precision
 LANGUAGE sql STABLE AS $$
-    SELECT extract(epoch FROM e.next_attempt_at - clock_timestamp())::double precision
-    FROM marketing.pipeline_events e
-    WHERE e.status IN ('pending', 'failed', 'processing')
-      AND e.event_type IN (SELECT w.event_type FROM pipeline.webhooks w WHERE w.enabled)
-    ORDER BY e.next_attempt_at, e.id
-    LIMIT 1
+    SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
+    FROM pipeline.webhooks w
+    CROSS JOIN LATERAL (
+        SELECT e.next_attempt_at
+        FROM marketing.pipeline_events e
+        WHERE e.event_type = w.event_type AND e.status IN ('pending', 'failed', 'processing')
+        ORDER BY e.next_attempt_at
+        LIMIT 1
+    ) n
+    WHERE w.enabled
 $$;

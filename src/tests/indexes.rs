@@ -33,10 +33,14 @@ mod tests {
         run("ANALYZE marketing.pipeline_events");
 
         for query in [
-            // the row selection of pipeline.claim
+            // the row selection of pipeline.claim, for one type
             "SELECT e.id FROM marketing.pipeline_events e
-             WHERE e.status IN ('pending', 'failed', 'processing') AND e.next_attempt_at <= now()
-             ORDER BY e.next_attempt_at, e.id LIMIT 100 FOR UPDATE SKIP LOCKED",
+             WHERE e.event_type = 'company_created' AND e.status IN ('pending', 'failed', 'processing')
+               AND e.next_attempt_at <= now()
+             ORDER BY e.next_attempt_at, e.id LIMIT 100",
+            // and how it finds the types with open events
+            "SELECT min(e.event_type::text) FROM marketing.pipeline_events e
+             WHERE e.status IN ('pending', 'failed', 'processing') AND e.event_type > 'a'",
             "SELECT * FROM marketing.vw_pending_events",
             "SELECT * FROM marketing.vw_processing_latency",
             "SELECT * FROM marketing.vw_error_rate_24h",
