@@ -142,7 +142,11 @@ impl Worker {
         }
         let client = match &self.client {
             Ok(client) => client.clone(),
-            Err(_) => return poll,
+            Err(_) => {
+                // Nothing can be sent until a reload fixes the settings.
+                wake::want_wakes(false);
+                return poll;
+            }
         };
         let send = Arc::new(move |job: &crate::delivery::Job| client.send(job));
 
