@@ -1909,10 +1909,13 @@ RETURNS TABLE (
     unresolved_errors      bigint
 )
 LANGUAGE sql STABLE AS $$
-    SELECT (SELECT a.pid FROM pg_stat_activity a
-            WHERE a.backend_type = 'pipeline_ext worker' AND a.datname = current_database() LIMIT 1) IS NOT NULL,
-           (SELECT a.pid FROM pg_stat_activity a
-            WHERE a.backend_type = 'pipeline_ext worker' AND a.datname = current_database() LIMIT 1),
+    WITH worker AS (
+        SELECT a.pid FROM pg_stat_activity a
+        WHERE a.backend_type = 'pipeline_ext worker' AND a.datname = current_database()
+        LIMIT 1
+    )
+    SELECT (SELECT w.pid FROM worker w) IS NOT NULL,
+           (SELECT w.pid FROM worker w),
            count(*) FILTER (WHERE e.status = 'pending'),
            count(*) FILTER (WHERE e.status = 'processing'),
            count(*) FILTER (WHERE e.status = 'failed'),

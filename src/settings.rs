@@ -7,7 +7,7 @@
 //! them with current_setting() wherever they run; the sql/ files carry the
 //! same defaults for trigger-only installs, where this library is absent.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::time::Duration;
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
@@ -50,7 +50,7 @@ pub fn register(preloading: bool) {
             GucFlags::default(),
         );
     }
-    int(
+    GucRegistry::define_int_guc(
         c"pipeline.batch_size",
         c"Events the worker claims per round.",
         c"Each round claims this many due events, delivers them concurrently, then records the outcomes.",
@@ -60,7 +60,7 @@ pub fn register(preloading: bool) {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    int(
+    GucRegistry::define_int_guc(
         c"pipeline.concurrency",
         c"HTTP requests the worker keeps in flight at once.",
         c"An endpoint's max_in_flight lowers this for that endpoint.",
@@ -70,7 +70,7 @@ pub fn register(preloading: bool) {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    int(
+    GucRegistry::define_int_guc(
         c"pipeline.http_timeout",
         c"Time limit of one delivery request.",
         c"An endpoint's timeout_ms overrides it. A request that runs out of time is retried.",
@@ -80,7 +80,7 @@ pub fn register(preloading: bool) {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
-    int(
+    GucRegistry::define_int_guc(
         c"pipeline.max_attempts",
         c"Delivery attempts before an event is dead.",
         c"Counted from the event's creation or its last replay.",
@@ -90,7 +90,7 @@ pub fn register(preloading: bool) {
         GucContext::Suset,
         GucFlags::default(),
     );
-    int(
+    GucRegistry::define_int_guc(
         c"pipeline.backoff_base",
         c"Delay after the first failed attempt.",
         c"The n-th retry waits backoff_base * 2^(n-1), at most backoff_cap, times a random 0.5-1.",
@@ -100,7 +100,7 @@ pub fn register(preloading: bool) {
         GucContext::Suset,
         GucFlags::UNIT_MS,
     );
-    int(
+    GucRegistry::define_int_guc(
         c"pipeline.backoff_cap",
         c"Longest delay between two attempts.",
         c"A Retry-After header from the receiver is honoured even when longer.",
@@ -110,7 +110,7 @@ pub fn register(preloading: bool) {
         GucContext::Suset,
         GucFlags::UNIT_MS,
     );
-    int(
+    GucRegistry::define_int_guc(
         c"pipeline.lease_time",
         c"How long a claimed event stays processing.",
         c"If the worker dies mid-batch, its events are claimed again once the lease ends.",
@@ -120,7 +120,7 @@ pub fn register(preloading: bool) {
         GucContext::Suset,
         GucFlags::UNIT_S,
     );
-    int(
+    GucRegistry::define_int_guc(
         c"pipeline.retention",
         c"Age after which delivered events and delivery attempts are deleted.",
         c"The worker deletes them in small batches. 0 keeps everything.",
@@ -130,7 +130,7 @@ pub fn register(preloading: bool) {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
-    int(
+    GucRegistry::define_int_guc(
         c"pipeline.poll_interval",
         c"Longest the worker sleeps without a wake-up.",
         c"Commits wake the worker at once; this is only a safety net.",
@@ -149,20 +149,6 @@ pub fn register(preloading: bool) {
         GucFlags::default(),
     );
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"pipeline".as_ptr()) };
-}
-
-#[allow(clippy::too_many_arguments)]
-fn int(
-    name: &'static CStr,
-    short: &'static CStr,
-    long: &'static CStr,
-    setting: &'static GucSetting<i32>,
-    min: i32,
-    max: i32,
-    context: GucContext,
-    flags: GucFlags,
-) {
-    GucRegistry::define_int_guc(name, short, long, setting, min, max, context, flags);
 }
 
 /// What the worker needs of the settings, read on its main thread.

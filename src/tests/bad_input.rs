@@ -5,24 +5,21 @@
 mod tests {
     use crate::tests::*;
 
+    /// Rows in the four stage tables together.
+    fn stage_rows() -> i64 {
+        count(
+            "SELECT (SELECT count(*) FROM intake.company_raw_intake) + (SELECT count(*) FROM marketing.company_master)
+                  + (SELECT count(*) FROM marketing.company_slots) + (SELECT count(*) FROM marketing.email_verification)",
+        )
+    }
+
     /// Asserts that a statement fails naming `expected` and changes nothing.
     #[track_caller]
     fn rejected(sql: &str, expected: &str) {
-        let rows = count(
-            "SELECT (SELECT count(*) FROM intake.company_raw_intake) + (SELECT count(*) FROM marketing.company_master)
-                  + (SELECT count(*) FROM marketing.company_slots) + (SELECT count(*) FROM marketing.email_verification)",
-        );
-        let before = events();
+        let (rows, before) = (stage_rows(), events());
         assert_error(sql, expected);
         assert_eq!(events(), before, "{sql}: no event may be written");
-        assert_eq!(
-            count(
-                "SELECT (SELECT count(*) FROM intake.company_raw_intake) + (SELECT count(*) FROM marketing.company_master)
-                      + (SELECT count(*) FROM marketing.company_slots) + (SELECT count(*) FROM marketing.email_verification)"
-            ),
-            rows,
-            "{sql}: no row may be written"
-        );
+        assert_eq!(stage_rows(), rows, "{sql}: no row may be written");
     }
 
     #[pg_test]
