@@ -23,6 +23,23 @@ BEGIN;
 -- The files sql/NNN_*.sql are the single source of every SQL object: the
 -- extension loads them in this order, and bin/build-trigger-only concatenates
 -- the same files into the trigger-only script for hosts such as Neon.
+--
+-- Security (PostgreSQL's "Security Considerations for Extension Scripts" and
+-- "Writing SECURITY DEFINER Functions Safely"):
+--   * While these files run, names resolve in pg_catalog only: a function,
+--     operator or type that the database owner (or anyone who may create in
+--     public or in a schema named like the installing role) planted never runs.
+--     Every object of the pipeline is created and referenced schema-qualified.
+--   * Every function runs with search_path = pg_catalog, pg_temp, whoever
+--     calls it, so a caller's search_path cannot redirect its names either.
+--     The few SQL functions left inlinable (they sit in CHECK constraints on
+--     the write path) qualify every operator instead.
+--   * Nothing runs with raised rights: there is no SECURITY DEFINER function.
+--     A watched row becomes JSON as the role that wrote it; what it may then
+--     write to the event queue is decided by row-level security policies
+--     (004_capture.sql). Queue consumers get column privileges only.
+
+SET LOCAL search_path = pg_catalog, pg_temp;
 
 CREATE SCHEMA intake;
 COMMENT ON SCHEMA intake IS
@@ -35,6 +52,11 @@ COMMENT ON SCHEMA marketing IS
 CREATE SCHEMA pipeline;
 COMMENT ON SCHEMA pipeline IS
     'The pipeline_ext API: watches, queue operations, error handling and self-checks.';
+
+-- Looking names up in these schemas is harmless on its own: every table,
+-- view and function in them has privileges of its own. Writers of watched
+-- tables need it, since their own rights store the events (004_capture.sql).
+GRANT USAGE ON SCHEMA marketing, pipeline TO PUBLIC;
 
 -- ==== sql/002_stage_tables.sql ====
 
@@ -54,10 +76,12 @@ COMMENT ON SCHEMA pipeline IS
 -- Characters that look like nothing: a company name made only of these is blank.
 -- (ASCII space, no-break space, zero-width space/joiners, word joiner,
 -- ideographic space, byte order mark.)
+-- NB: inlined into the CHECK constraints below, so it has no SET clause (that
+-- would stop inlining on every write); every name in it is qualified instead.
 CREATE FUNCTION pipeline._is_blank(value text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT pg_catalog.btrim(value,
-        U&' \00A0\200B\200C\200D\2060\3000\FEFF') = ''
+        U&' \00A0\200B\200C\200D\2060\3000\FEFF'::pg_catalog.text) OPERATOR(pg_catalog.=) ''::pg_catalog.text
 $$;
 COMMENT ON FUNCTION pipeline._is_blank(text) IS
     'True when a text holds nothing but spaces, including Unicode no-break and zero-width ones.';
@@ -227,6 +251,7 @@ CREATE TABLE marketing.pipeline_events (
     source_op       pipeline.event_source_op,
     source_key      jsonb,
     replay_count    integer NOT NULL DEFAULT 0,
+    claimed_by      text,
     CONSTRAINT processed_at_iff_processed CHECK ((status = 'processed') = (processed_at IS NOT NULL))
 );
 
@@ -260,6 +285,8 @@ COMMENT ON COLUMN marketing.pipeline_events.source_table IS 'schema.table whose 
 COMMENT ON COLUMN marketing.pipeline_events.source_op IS 'INSERT, UPDATE, DELETE, or EMIT for pipeline.emit.';
 COMMENT ON COLUMN marketing.pipeline_events.source_key IS 'Primary key of the changed row (or the group key of a grouped event), as JSON.';
 COMMENT ON COLUMN marketing.pipeline_events.replay_count IS 'How many times the event was replayed.';
+COMMENT ON COLUMN marketing.pipeline_events.claimed_by IS
+    'While processing: the consumer that claimed it, when it gave a name (the worker does), so that it can take its claims back after a crash.';
 
 CREATE TABLE marketing.pipeline_error_log (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -300,15 +327,85 @@ COMMENT ON COLUMN marketing.pipeline_error_log.details IS 'Structured context: a
 -- payload holds only bounded fields (id, event type, table, operation), so it
 -- stays far below NOTIFY's 8000-byte limit whatever the row holds.
 
+-- Who may write which events (row-level security on the event queue)
+-- ---------------------------------------------------------------------
+-- The capture function below runs with the rights of the role whose write
+-- fired it: turning a row into JSON calls the output functions and casts of
+-- the row's column types, which may belong to whoever owns the table or the
+-- type, and such code must never run with more rights than that role has.
+-- So every role may INSERT the columns an event is made of, and the policy
+-- pipeline_events_produce decides which rows it may insert:
+--   * a row change (INSERT, UPDATE, DELETE), from inside a trigger, of an
+--     event type that a watch of that table and operation produces, by a
+--     role that may make that change to that table: the events its own
+--     writes produce anyway, nothing else;
+--   * an EMIT (pipeline.emit) of an event type granted to the role with
+--     pipeline.grant_event_type.
+-- Status, attempts and the other delivery columns are not insertable: a
+-- new event is always pending. The owner of the pipeline (and superusers)
+-- are not bound by policies. Reading, claiming and settling events stay
+-- governed by table and column privileges alone (see docs/sql-api.md).
+
+-- Event types a role was allowed to produce (by pipeline.watch of its own
+-- tables or by pipeline.emit) besides the owner of the pipeline.
+CREATE TABLE pipeline.event_type_grants (
+    event_type pipeline.event_type NOT NULL,
+    grantee    regrole NOT NULL,
+    granted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (event_type, grantee)
+);
+COMMENT ON TABLE pipeline.event_type_grants IS
+    'Roles allowed to produce events of a type (watch their own tables, emit) besides the pipeline''s owner.';
+GRANT SELECT ON pipeline.event_type_grants TO PUBLIC;
+
+-- Whether the current role may produce events of a type: it owns the
+-- pipeline (or is a member of the owner), or was granted the type.
+CREATE FUNCTION pipeline._may_produce(event_type text) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = 'marketing.pipeline_events'::regclass), 'USAGE')
+        OR EXISTS (SELECT 1 FROM pipeline.event_type_grants g
+                   JOIN pg_roles r ON r.oid = g.grantee
+                   WHERE g.event_type = _may_produce.event_type AND pg_has_role(r.oid, 'USAGE'))
+$$;
+
+CREATE FUNCTION pipeline.grant_event_type(event_type text, grantee regrole) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pipeline._check_event_type(event_type);
+    IF grantee IS NULL THEN
+        RAISE EXCEPTION 'pipeline.grant_event_type: grantee must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    INSERT INTO pipeline.event_type_grants AS g (event_type, grantee)
+    VALUES (grant_event_type.event_type, grant_event_type.grantee)
+    ON CONFLICT DO NOTHING;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION pipeline.grant_event_type(text, regrole) IS
+    'Lets a role produce events of a type: watch tables it may put triggers on, and pipeline.emit. '
+    'True when newly granted. Only the pipeline''s owner may grant.';
+
+CREATE FUNCTION pipeline.revoke_event_type(event_type text, grantee regrole) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM pipeline.event_type_grants g
+    WHERE g.event_type = revoke_event_type.event_type AND g.grantee = revoke_event_type.grantee;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION pipeline.revoke_event_type(text, regrole) IS
+    'Takes back a grant of pipeline.grant_event_type (watches made under it stay until unwatched). True when there was one.';
+
 -- Trigger arguments: [0] event type, [1] group-by column or '', [2..] key columns.
+-- NB: SECURITY INVOKER (the default): see the top of this file.
 CREATE FUNCTION pipeline._capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_table text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
     v_new   jsonb;
     v_old   jsonb;
     v_key   jsonb;
-    v_id    bigint;
     i       integer;
 BEGIN
     IF TG_LEVEL = 'STATEMENT' THEN
@@ -316,17 +413,11 @@ BEGIN
         -- statement's rows (the transition table named by pipeline.watch).
         EXECUTE format(
             $sql$
-            WITH ins AS (
-                INSERT INTO marketing.pipeline_events
-                    (event_type, payload, source_table, source_op, source_key)
-                SELECT $1, jsonb_build_object('key', g.k, 'count', g.n, %2$L, g.rows), $2, $3, g.k
-                FROM (SELECT jsonb_build_object(%1$L, t.%1$I) AS k, count(*) AS n,
-                             jsonb_agg(to_jsonb(t)) AS rows
-                      FROM %3$I t GROUP BY t.%1$I ORDER BY t.%1$I) g
-                RETURNING id)
-            SELECT pg_notify('pipeline_event',
-                             json_build_object('id', id, 'event_type', $1, 'table', $2, 'op', $3)::text)
-            FROM ins
+            INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
+            SELECT $1, jsonb_build_object('key', g.k, 'count', g.n, %2$L, g.rows), $2, $3, g.k
+            FROM (SELECT jsonb_build_object(%1$L, t.%1$I) AS k, count(*) AS n,
+                         jsonb_agg(to_jsonb(t)) AS rows
+                  FROM %3$I t GROUP BY t.%1$I ORDER BY t.%1$I) g
             $sql$,
             TG_ARGV[1],
             CASE TG_OP WHEN 'DELETE' THEN 'old' ELSE 'new' END,
@@ -355,24 +446,51 @@ BEGIN
                 WHEN 'UPDATE' THEN jsonb_build_object('new', v_new, 'old', v_old)
                 ELSE jsonb_build_object('old', v_old)
             END,
-            v_table, TG_OP, v_key)
-    RETURNING id INTO v_id;
-
-    PERFORM pg_notify('pipeline_event',
-                      json_build_object('id', v_id, 'event_type', TG_ARGV[0], 'table', v_table, 'op', TG_OP)::text);
+            v_table, TG_OP, v_key);
     RETURN NULL;
 END
 $$;
 COMMENT ON FUNCTION pipeline._capture() IS
-    'Trigger function behind every watch: writes the row change as an event and announces it on pipeline_event.';
--- It writes events with its owner's rights, so a role that may use it in
--- CREATE TRIGGER could forge events of any type: only roles granted EXECUTE
--- (and the owner) can watch tables.
-REVOKE ALL ON FUNCTION pipeline._capture() FROM PUBLIC;
+    'Trigger function behind every watch: writes the row change as an event, with the rights of the role that changed the row.';
+-- Attaching it to a table produces nothing by itself: the policy below
+-- accepts its events only for tables and types of a watch.
+GRANT EXECUTE ON FUNCTION pipeline._capture() TO PUBLIC;
 
--- Emitting an event by hand (for receivers and scripts).
+-- Every new event is announced on pipeline_event, whoever inserted it. The
+-- payload holds only bounded fields (id, event type, table, operation), so
+-- it stays far below NOTIFY's 8000-byte limit whatever the row holds.
+-- NB: a statement trigger reading the transition table, so that writers
+-- need no right to read the queue (INSERT ... RETURNING would).
+CREATE FUNCTION pipeline._announce() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_last bigint;
+BEGIN
+    SELECT max(n.id), count(pg_notify('pipeline_event',
+               CASE WHEN n.source_table IS NULL
+                    THEN json_build_object('id', n.id, 'event_type', n.event_type, 'op', n.source_op)
+                    ELSE json_build_object('id', n.id, 'event_type', n.event_type,
+                                           'table', n.source_table, 'op', n.source_op)
+               END::text))
+    INTO v_last
+    FROM (SELECT * FROM pipeline_new_events ORDER BY id) n;
+    -- pipeline.emit returns the id from here (its caller may not read the queue).
+    PERFORM set_config('pipeline_ext.last_event_id', v_last::text, true);
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION pipeline._announce() IS
+    'Announces every new event on the channel pipeline_event: {"id", "event_type", "table", "op"}.';
+REVOKE ALL ON FUNCTION pipeline._announce() FROM PUBLIC;
+CREATE TRIGGER pipeline_announce
+    AFTER INSERT ON marketing.pipeline_events
+    REFERENCING NEW TABLE AS pipeline_new_events
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce();
+
+-- Emitting an event by hand (for receivers and scripts): as the caller,
+-- for the owner of the pipeline and roles granted the event type.
 CREATE FUNCTION pipeline.emit(event_type text, payload jsonb DEFAULT '{}') RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_id bigint;
 BEGIN
@@ -381,20 +499,24 @@ BEGIN
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
     PERFORM pipeline._check_event_type(event_type);
+    IF NOT pipeline._may_produce(event_type) THEN
+        RAISE EXCEPTION 'pipeline.emit: role % may not produce events of type %', current_user, quote_literal(event_type)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'The pipeline''s owner allows it with pipeline.grant_event_type(event_type, role).';
+    END IF;
     INSERT INTO marketing.pipeline_events (event_type, payload, source_op)
-    VALUES (emit.event_type, emit.payload, 'EMIT')
-    RETURNING id INTO v_id;
-    PERFORM pg_notify('pipeline_event',
-                      json_build_object('id', v_id, 'event_type', emit.event_type, 'op', 'EMIT')::text);
+    VALUES (emit.event_type, emit.payload, 'EMIT');
+    v_id := current_setting('pipeline_ext.last_event_id')::bigint;
     RETURN v_id;
 END
 $$;
 COMMENT ON FUNCTION pipeline.emit(text, jsonb) IS
-    'Queues an event that no table change produced and announces it; returns its id.';
+    'Queues an event that no table change produced and announces it; returns its id. '
+    'For the pipeline''s owner and roles granted the event type (pipeline.grant_event_type).';
 
 -- Event types are identifiers: they name triggers and URLs, so they are checked early.
 CREATE FUNCTION pipeline._check_event_type(event_type text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF event_type IS NULL OR event_type !~ '^[a-z][a-z0-9_]{0,46}$' THEN
         RAISE EXCEPTION 'invalid event type %', coalesce(quote_literal(event_type), 'NULL')
@@ -420,6 +542,136 @@ CREATE TABLE pipeline.watches (
 COMMENT ON TABLE pipeline.watches IS
     'Table changes that become events, one row per pipeline.watch call. builtin marks the seven stage watches.';
 
+-- The tables of the pipeline itself: an event about them would feed itself.
+CREATE FUNCTION pipeline._is_internal(source_table regclass) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT n.nspname IN ('pg_catalog', 'information_schema', 'pg_toast', 'pipeline')
+        OR c.oid IN (to_regclass('marketing.pipeline_events'), to_regclass('marketing.pipeline_error_log'),
+                     to_regclass('marketing.pipeline_delivery_attempts'))
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = source_table
+$$;
+
+-- The event type a trigger's first argument names (tgargs is NUL-separated).
+CREATE FUNCTION pipeline._trigger_event_type(tgargs bytea) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT convert_from(substring(tgargs FROM 1 FOR position('\x00'::bytea IN tgargs) - 1), 'UTF8')
+    WHERE position('\x00'::bytea IN tgargs) > 0
+$$;
+
+-- Whether a capture trigger of that name, event type and operation is on
+-- the table (so that a row of pipeline.watches describes a real watch).
+CREATE FUNCTION pipeline._capture_trigger_exists(
+    source_table regclass, trigger_name name, event_type text, operation text
+) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM pg_trigger t
+        WHERE t.tgrelid = source_table AND t.tgname = trigger_name
+          AND t.tgfoid = 'pipeline._capture()'::regprocedure
+          AND pipeline._trigger_event_type(t.tgargs) = event_type
+          AND (t.tgtype::integer & CASE operation WHEN 'INSERT' THEN 4 WHEN 'DELETE' THEN 8
+                                                  WHEN 'UPDATE' THEN 16 ELSE 0 END) <> 0)
+$$;
+
+-- A role that may put triggers on a table and was granted an event type
+-- may watch the table for it (pipeline.watch), and the row must describe
+-- the trigger pipeline.watch made; it may remove its watches again. The
+-- stage watches are the owner's.
+ALTER TABLE pipeline.watches ENABLE ROW LEVEL SECURITY;
+CREATE POLICY watches_read ON pipeline.watches FOR SELECT USING (true);
+CREATE POLICY watches_add ON pipeline.watches FOR INSERT
+    WITH CHECK (NOT builtin
+                AND has_table_privilege(source_table, 'TRIGGER')
+                AND NOT pipeline._is_internal(source_table)
+                AND pipeline._may_produce(event_type)
+                AND pipeline._capture_trigger_exists(source_table, trigger_name, event_type, operation));
+CREATE POLICY watches_remove ON pipeline.watches FOR DELETE
+    USING (NOT builtin
+           AND coalesce(has_table_privilege(source_table, 'TRIGGER'),
+                        NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = source_table)));
+GRANT SELECT, INSERT, DELETE ON pipeline.watches TO PUBLIC;
+
+-- The events a role may write (see the top of this file).
+ALTER TABLE marketing.pipeline_events ENABLE ROW LEVEL SECURITY;
+CREATE POLICY pipeline_events_read ON marketing.pipeline_events FOR SELECT USING (true);
+CREATE POLICY pipeline_events_settle ON marketing.pipeline_events FOR UPDATE USING (true) WITH CHECK (true);
+CREATE POLICY pipeline_events_purge ON marketing.pipeline_events FOR DELETE USING (true);
+CREATE POLICY pipeline_events_produce ON marketing.pipeline_events FOR INSERT
+    WITH CHECK (
+        CASE source_op::text
+            WHEN 'EMIT' THEN source_table IS NULL AND pipeline._may_produce(event_type)
+            ELSE pg_trigger_depth() > 0
+                 AND EXISTS (
+                     SELECT 1
+                     FROM pipeline.watches w
+                     JOIN pg_class c ON c.oid = w.source_table
+                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE w.event_type = pipeline_events.event_type::text
+                       AND w.operation = pipeline_events.source_op::text
+                       AND n.nspname || '.' || c.relname = pipeline_events.source_table
+                       AND CASE w.operation
+                               WHEN 'DELETE' THEN has_table_privilege(w.source_table, 'DELETE')
+                               ELSE has_any_column_privilege(w.source_table, w.operation)
+                           END)
+        END);
+GRANT INSERT (event_type, payload, source_table, source_op, source_key) ON marketing.pipeline_events TO PUBLIC;
+
+-- Why a watch condition cannot be pasted into CREATE TRIGGER ... WHEN (...),
+-- or NULL when it can. It must be one expression: every quote closed, every
+-- parenthesis closed and none closed that it did not open, and no ; $ or
+-- comment outside quotes. Then nothing in it can end the WHEN clause or the
+-- statement. (Backslashes are refused anywhere, so that E'' strings cannot
+-- hide a quote from this scan.)
+CREATE FUNCTION pipeline._condition_problem(condition text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_len   integer := length(condition);
+    v_depth integer := 0;
+    v_i     integer := 1;
+    v_c     text;
+BEGIN
+    IF strpos(condition, E'\\') > 0 THEN
+        RETURN 'condition must not contain a backslash';
+    END IF;
+    WHILE v_i <= v_len LOOP
+        v_c := substr(condition, v_i, 1);
+        IF v_c IN ('''', '"') THEN
+            -- A string or quoted identifier ends at the next quote that is not doubled.
+            LOOP
+                v_i := v_i + 1;
+                IF v_i > v_len THEN
+                    RETURN format('condition has an unterminated %s',
+                                  CASE v_c WHEN '''' THEN 'string' ELSE 'quoted identifier' END);
+                END IF;
+                IF substr(condition, v_i, 1) = v_c THEN
+                    EXIT WHEN substr(condition, v_i + 1, 1) <> v_c;
+                    v_i := v_i + 1;
+                END IF;
+            END LOOP;
+        ELSIF v_c = ';' THEN
+            RETURN 'condition must be one expression, without ;';
+        ELSIF v_c = '$' THEN
+            RETURN 'condition must not contain $ outside quotes (no dollar quoting or parameters)';
+        ELSIF substr(condition, v_i, 2) IN ('--', '/*') THEN
+            RETURN 'condition must not contain comments';
+        ELSIF v_c = '(' THEN
+            v_depth := v_depth + 1;
+        ELSIF v_c = ')' THEN
+            v_depth := v_depth - 1;
+            IF v_depth < 0 THEN
+                RETURN 'condition closes a parenthesis it did not open';
+            END IF;
+        END IF;
+        v_i := v_i + 1;
+    END LOOP;
+    IF v_depth > 0 THEN
+        RETURN 'condition leaves a parenthesis open';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
 -- Starting to turn changes of a table into events (replaces an earlier watch
 -- of the same table, event type and operation).
 CREATE FUNCTION pipeline.watch(
@@ -430,7 +682,7 @@ CREATE FUNCTION pipeline.watch(
     columns      text[] DEFAULT NULL,
     group_by     text DEFAULT NULL
 ) RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_op      text := upper(btrim(operation));
     v_kind    "char";
@@ -458,13 +710,17 @@ BEGIN
             USING ERRCODE = 'wrong_object_type',
                   HINT = 'Only ordinary and partitioned tables can be watched.';
     END IF;
-    IF v_schema IN ('pg_catalog', 'information_schema', 'pg_toast', 'pipeline')
-       OR (v_schema = 'marketing' AND v_name IN ('pipeline_events', 'pipeline_error_log')) THEN
+    IF pipeline._is_internal(source_table) THEN
         RAISE EXCEPTION 'pipeline.watch: % cannot be watched', source_table
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'System catalogs and the pipeline''s own tables cannot produce events.';
     END IF;
     PERFORM pipeline._check_event_type(event_type);
+    IF NOT pipeline._may_produce(event_type) THEN
+        RAISE EXCEPTION 'pipeline.watch: role % may not produce events of type %', current_user, quote_literal(event_type)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'The pipeline''s owner allows it with pipeline.grant_event_type(event_type, role).';
+    END IF;
     IF v_op IS NULL OR v_op NOT IN ('INSERT', 'UPDATE', 'DELETE') THEN
         RAISE EXCEPTION 'pipeline.watch: operation must be INSERT, UPDATE or DELETE, not %',
             coalesce(quote_literal(operation), 'NULL')
@@ -473,6 +729,12 @@ BEGIN
     IF condition IS NOT NULL AND pipeline._is_blank(condition) THEN
         RAISE EXCEPTION 'pipeline.watch: condition is blank; pass NULL for no condition'
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF pipeline._condition_problem(condition) IS NOT NULL THEN
+        RAISE EXCEPTION 'pipeline.watch: %', pipeline._condition_problem(condition)
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('condition: %s', condition),
+                  HINT = 'A condition is one boolean SQL expression over NEW (INSERT), OLD (DELETE) or both (UPDATE).';
     END IF;
     IF columns IS NOT NULL THEN
         IF v_op <> 'UPDATE' THEN
@@ -550,7 +812,7 @@ COMMENT ON FUNCTION pipeline.watch(regclass, text, text, text, text[], text) IS
 -- Stopping a watch: operation NULL stops every operation of that event type.
 CREATE FUNCTION pipeline.unwatch(source_table regclass, event_type text, operation text DEFAULT NULL)
 RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_op   text;
     v_done integer := 0;
@@ -564,8 +826,9 @@ BEGIN
         WHERE w.source_table = unwatch.source_table AND w.event_type = unwatch.event_type
           AND (unwatch.operation IS NULL OR w.operation = upper(btrim(unwatch.operation)))
     LOOP
-        PERFORM pipeline._drop_watch(source_table, event_type, v_op);
-        v_done := v_done + 1;
+        IF pipeline._drop_watch(source_table, event_type, v_op) THEN
+            v_done := v_done + 1;
+        END IF;
     END LOOP;
     RETURN v_done;
 END
@@ -573,8 +836,10 @@ $$;
 COMMENT ON FUNCTION pipeline.unwatch(regclass, text, text) IS
     'Stops turning changes of a table into events of event_type; returns how many watches were removed.';
 
-CREATE FUNCTION pipeline._drop_watch(source_table regclass, event_type text, operation text) RETURNS void
-LANGUAGE plpgsql AS $$
+-- NB: the trigger is dropped only when it is the capture trigger the row
+-- describes: a row of pipeline.watches alone never names a trigger to drop.
+CREATE FUNCTION pipeline._drop_watch(source_table regclass, event_type text, operation text) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_trigger name;
 BEGIN
@@ -583,15 +848,29 @@ BEGIN
       AND w.event_type = _drop_watch.event_type
       AND w.operation = _drop_watch.operation
     RETURNING w.trigger_name INTO v_trigger;
-    -- The table may be gone already (then so is its trigger).
-    IF v_trigger IS NOT NULL AND EXISTS (SELECT 1 FROM pg_class WHERE oid = source_table) THEN
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger, source_table);
+    IF v_trigger IS NULL THEN
+        -- Not there, or not this role's to remove (row-level security).
+        IF EXISTS (SELECT 1 FROM pipeline.watches w
+                   WHERE w.source_table = _drop_watch.source_table
+                     AND w.event_type = _drop_watch.event_type
+                     AND w.operation = _drop_watch.operation) THEN
+            RAISE EXCEPTION 'role % may not remove the % watch of % on %', current_user, operation, event_type, source_table
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'A watch is removed by a role that may put triggers on its table; the stage watches by the pipeline''s owner.';
+        END IF;
+        RETURN false;
     END IF;
+    -- The table may be gone already (then so is its trigger).
+    IF v_trigger IS NOT NULL
+       AND pipeline._capture_trigger_exists(source_table, v_trigger, event_type, operation) THEN
+        EXECUTE format('DROP TRIGGER %I ON %s', v_trigger, source_table);
+    END IF;
+    RETURN true;
 END
 $$;
 
 CREATE FUNCTION pipeline._check_column(source_table regclass, column_name text) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF column_name IS NULL OR NOT EXISTS (
         SELECT 1 FROM pg_attribute
@@ -666,6 +945,10 @@ BEGIN
 END
 $$;
 
+-- The stages are configuration, not secrets: whoever registers a webhook
+-- or reads the funnel may look at them.
+GRANT SELECT ON pipeline.stages TO PUBLIC;
+
 -- ==== sql/006_queue.sql ====
 
 -- 006_queue.sql: queue operations for whoever delivers events.
@@ -681,29 +964,40 @@ $$;
 --   pipeline.max_attempts  attempts before an event is dead        (default 10)
 --   pipeline.backoff_base  delay after the first failed attempt    (default 5s)
 --   pipeline.backoff_cap   longest delay between attempts          (default 1h)
---   pipeline.lease_time    lease of a claimed event                 (default 30s)
+--   pipeline.lease_time    lease of a claimed event                 (default 30s, at most 1 day)
+--
+-- Consumers need exactly these rights (the worker's role has them): SELECT
+-- on marketing.pipeline_events and UPDATE of its delivery columns only, so
+-- that no consumer can change what an event says or where it goes:
+--   GRANT SELECT, UPDATE (status, attempts, next_attempt_at, processed_at, last_error, replay_count, claimed_by)
+--       ON marketing.pipeline_events TO consumer;
+--   GRANT SELECT, INSERT, UPDATE (resolved, resolved_at, resolution_note)
+--       ON marketing.pipeline_error_log TO consumer;    -- failures; resolved once delivered
 
 CREATE FUNCTION pipeline._setting(name text, fallback text) RETURNS text
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce(nullif(current_setting('pipeline.' || name, true), ''), fallback)
 $$;
 
--- Back to pending, due now, with a fresh set of attempts.
-CREATE FUNCTION pipeline._requeue(event_ids bigint[]) RETURNS SETOF bigint
-LANGUAGE sql AS $$
+-- Back to pending, due now, with a fresh set of attempts. With force, events
+-- still processing too (their consumer is gone): those keep their attempt
+-- count, so that a late outcome of the old claim cannot settle the new one.
+CREATE FUNCTION pipeline._requeue(event_ids bigint[], force boolean DEFAULT false) RETURNS SETOF bigint
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     UPDATE marketing.pipeline_events e
     SET status = 'pending',
         next_attempt_at = now(),
-        attempts = 0,
+        attempts = CASE WHEN e.status = 'processing' THEN e.attempts ELSE 0 END,
         processed_at = NULL,
-        replay_count = e.replay_count + 1
-    WHERE e.id = ANY (event_ids) AND e.status <> 'processing'
+        replay_count = e.replay_count + 1,
+        claimed_by = NULL
+    WHERE e.id = ANY (event_ids) AND (e.status <> 'processing' OR force)
     RETURNING e.id;
 $$;
 
 -- Raises a clear error naming the ids that do not exist.
 CREATE FUNCTION pipeline._require_events(event_ids bigint[]) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_missing bigint[];
 BEGIN
@@ -726,7 +1020,7 @@ $$;
 -- exponential from backoff_base, capped at backoff_cap, with 50-100% jitter so
 -- that events failing together do not come back together.
 CREATE FUNCTION pipeline.backoff(attempt integer) RETURNS interval
-LANGUAGE sql VOLATILE AS $$
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     SELECT least(pipeline._setting('backoff_cap', '1h')::interval,
                  pipeline._setting('backoff_base', '5s')::interval
                      * power(2, least(greatest(coalesce(attempt, 1), 1) - 1, 30)))
@@ -739,9 +1033,10 @@ COMMENT ON FUNCTION pipeline.backoff(integer) IS
 CREATE FUNCTION pipeline.claim(
     batch_size  integer DEFAULT 100,
     lease       interval DEFAULT NULL,
-    event_types text[] DEFAULT NULL
+    event_types text[] DEFAULT NULL,
+    consumer    text DEFAULT NULL
 ) RETURNS SETOF marketing.pipeline_events
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_lease interval := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
 BEGIN
@@ -749,9 +1044,10 @@ BEGIN
         RAISE EXCEPTION 'pipeline.claim: batch_size must be between 1 and 10000, not %', coalesce(batch_size::text, 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF v_lease <= interval '0' THEN
-        RAISE EXCEPTION 'pipeline.claim: lease must be positive, not %', v_lease
-            USING ERRCODE = 'invalid_parameter_value';
+    IF v_lease <= interval '0' OR v_lease > interval '1 day' THEN
+        RAISE EXCEPTION 'pipeline.claim: lease must be positive and at most 1 day, not %', v_lease
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A consumer that dies leaves its events processing until the lease ends.';
     END IF;
     -- For each type, the oldest due events that no other consumer holds,
     -- locked, from the due index; the oldest of those over all types are
@@ -790,15 +1086,33 @@ BEGIN
     UPDATE marketing.pipeline_events e
     SET status = 'processing',
         attempts = e.attempts + 1,
-        next_attempt_at = now() + v_lease
+        next_attempt_at = now() + v_lease,
+        claimed_by = consumer
     FROM candidates c
     WHERE e.id = c.id
     RETURNING e.*;
 END
 $$;
-COMMENT ON FUNCTION pipeline.claim(integer, interval, text[]) IS
+COMMENT ON FUNCTION pipeline.claim(integer, interval, text[], text) IS
     'Claims up to batch_size due events (oldest due first, skipping rows other consumers hold): '
-    'they become processing with attempts + 1 until the lease ends. Commit before delivering.';
+    'they become processing with attempts + 1 until the lease ends (at most 1 day), claimed_by consumer. '
+    'Commit before delivering.';
+
+-- A consumer that restarts after a crash takes back what it held: its
+-- events are due again now instead of when their leases end. The attempt
+-- counts stay (the crash may have come after a request went out).
+CREATE FUNCTION pipeline.release_claims(consumer text) RETURNS integer
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH released AS (
+        UPDATE marketing.pipeline_events e
+        SET status = 'pending', next_attempt_at = now(), claimed_by = NULL
+        WHERE e.status = 'processing' AND e.claimed_by = release_claims.consumer
+        RETURNING e.id
+    )
+    SELECT count(*)::integer FROM released
+$$;
+COMMENT ON FUNCTION pipeline.release_claims(text) IS
+    'Makes the events a named consumer still holds due again now (after its crash); returns how many.';
 
 -- Settling claimed events: the one place where a delivery outcome changes an
 -- event. Delivered events become processed; failed ones failed (due again at
@@ -807,6 +1121,7 @@ COMMENT ON FUNCTION pipeline.claim(integer, interval, text[]) IS
 -- (when attempt is given) still in that attempt, change: a consumer whose
 -- lease ran out and whose event was claimed again cannot overwrite the newer
 -- attempt. The arrays are parallel; missing trailing values count as NULL.
+-- Errors logged for an event that is then delivered are resolved.
 CREATE FUNCTION pipeline._settle(
     event_ids bigint[],
     attempts  integer[],
@@ -816,7 +1131,7 @@ CREATE FUNCTION pipeline._settle(
     give_up   boolean[],
     details   jsonb[]
 ) RETURNS TABLE (event_id bigint, status text)
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     WITH outcome AS (
         SELECT o.*, e.attempts AS current_attempts,
                CASE WHEN o.delivered THEN 'processed'
@@ -832,6 +1147,7 @@ LANGUAGE sql AS $$
     ), settled AS (
         UPDATE marketing.pipeline_events e
         SET status = o.new_status,
+            claimed_by = NULL,
             processed_at = CASE WHEN o.new_status = 'processed' THEN now() END,
             next_attempt_at = CASE WHEN o.new_status = 'failed'
                                    THEN coalesce(o.retry_at, now() + pipeline.backoff(o.current_attempts))
@@ -846,13 +1162,20 @@ LANGUAGE sql AS $$
                coalesce(s.details, '{}') || jsonb_build_object('attempt', s.attempts, 'status', s.status)
         FROM settled s
         WHERE s.status <> 'processed'
+    ), resolved AS (
+        -- An event delivered in the end leaves no error to act on.
+        UPDATE marketing.pipeline_error_log l
+        SET resolved = true, resolved_at = now(),
+            resolution_note = format('event delivered on attempt %s', s.attempts)
+        FROM settled s
+        WHERE s.status = 'processed' AND l.event_id = s.id AND NOT l.resolved
     )
     SELECT s.id, s.status FROM settled s;
 $$;
 
 -- Recording a successful delivery.
 CREATE FUNCTION pipeline.mark_delivered(event_id bigint) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM pipeline._require_events(ARRAY[event_id]);
     RETURN EXISTS (SELECT 1 FROM pipeline._settle(ARRAY[event_id], NULL, ARRAY[true], NULL, NULL, NULL, NULL));
@@ -862,7 +1185,7 @@ COMMENT ON FUNCTION pipeline.mark_delivered(bigint) IS
     'Marks a claimed event processed. False (and no change) when it was not processing, e.g. already delivered.';
 
 CREATE FUNCTION pipeline.mark_delivered_many(event_ids bigint[]) RETURNS SETOF bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM pipeline._require_events(event_ids);
     RETURN QUERY
@@ -882,7 +1205,7 @@ CREATE FUNCTION pipeline.mark_failed(
     details  jsonb DEFAULT NULL,
     retry    boolean DEFAULT true
 ) RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF error IS NULL OR pipeline._is_blank(error) THEN
         RAISE EXCEPTION 'pipeline.mark_failed: error must describe the failure'
@@ -900,8 +1223,8 @@ COMMENT ON FUNCTION pipeline.mark_failed(bigint, text, timestamptz, jsonb, boole
 
 -- Putting events back to pending for immediate delivery. The attempt count
 -- restarts (so the event gets a full set of retries); errors already logged stay.
-CREATE FUNCTION pipeline.replay_many(event_ids bigint[]) RETURNS SETOF bigint
-LANGUAGE plpgsql AS $$
+CREATE FUNCTION pipeline.replay_many(event_ids bigint[], force boolean DEFAULT false) RETURNS SETOF bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_busy bigint[];
 BEGIN
@@ -909,30 +1232,32 @@ BEGIN
     SELECT array_agg(e.id ORDER BY e.id) INTO v_busy
     FROM marketing.pipeline_events e
     WHERE e.id = ANY (event_ids) AND e.status = 'processing';
-    IF v_busy IS NOT NULL THEN
+    IF v_busy IS NOT NULL AND NOT coalesce(force, false) THEN
         RAISE EXCEPTION 'pipeline.replay: events % are being delivered right now', v_busy
             USING ERRCODE = 'object_in_use',
-                  HINT = 'Wait for the delivery to finish or its lease to run out, then replay.';
+                  HINT = 'Wait for the delivery to finish or its lease to run out, then replay; '
+                         'if the consumer holding them is gone, replay with force => true.';
     END IF;
-    RETURN QUERY SELECT pipeline._requeue(event_ids);
+    RETURN QUERY SELECT pipeline._requeue(event_ids, coalesce(force, false));
 END
 $$;
-COMMENT ON FUNCTION pipeline.replay_many(bigint[]) IS
-    'Requeues the given events for immediate delivery; all or none. Returns the ids requeued.';
+COMMENT ON FUNCTION pipeline.replay_many(bigint[], boolean) IS
+    'Requeues the given events for immediate delivery; all or none. Events being delivered are refused '
+    'unless force (their consumer is gone). Returns the ids requeued.';
 
-CREATE FUNCTION pipeline.replay(event_id bigint) RETURNS bigint
-LANGUAGE sql AS $$
-    SELECT pipeline.replay_many(ARRAY[event_id]);
+CREATE FUNCTION pipeline.replay(event_id bigint, force boolean DEFAULT false) RETURNS bigint
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pipeline.replay_many(ARRAY[event_id], force);
 $$;
-COMMENT ON FUNCTION pipeline.replay(bigint) IS
-    'Requeues one event (failed, dead, processed or pending) for immediate delivery; returns its id.';
+COMMENT ON FUNCTION pipeline.replay(bigint, boolean) IS
+    'Requeues one event (failed, dead, processed or pending; processing too with force) for immediate delivery; returns its id.';
 
 CREATE FUNCTION pipeline.replay_failed(
     event_type text DEFAULT NULL,
     since      timestamptz DEFAULT NULL,
     until      timestamptz DEFAULT NULL
 ) RETURNS SETOF bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF event_type IS NOT NULL THEN
         PERFORM pipeline._check_event_type(event_type);
@@ -967,7 +1292,7 @@ CREATE FUNCTION pipeline.log_error(
     event_id bigint DEFAULT NULL,
     details  jsonb DEFAULT NULL
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_id bigint;
 BEGIN
@@ -993,7 +1318,7 @@ COMMENT ON FUNCTION pipeline.log_error(text, text, bigint, jsonb) IS
 
 -- Marking one error resolved.
 CREATE FUNCTION pipeline.resolve_error(error_id bigint, note text DEFAULT NULL) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     UPDATE marketing.pipeline_error_log l
     SET resolved = true, resolved_at = now(), resolution_note = note
@@ -1018,7 +1343,7 @@ CREATE FUNCTION pipeline.resolve_errors(
     before   timestamptz DEFAULT NULL,
     note     text DEFAULT NULL
 ) RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_count integer;
 BEGIN
@@ -1183,7 +1508,7 @@ COMMENT ON VIEW marketing.vw_processing_latency IS
 
 CREATE FUNCTION pipeline.verify()
 RETURNS TABLE (kind text, name text, status text)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 WITH expected (kind, name) AS (
     VALUES ('schema', 'intake'), ('schema', 'marketing'), ('schema', 'pipeline'),
            ('table', 'intake.company_raw_intake'),
@@ -1225,7 +1550,12 @@ WITH expected (kind, name) AS (
            ('function', 'pipeline.import_registry'),
            ('function', 'pipeline.export_registry'),
            ('function', 'pipeline.purge'),
-           ('function', 'pipeline.status')
+           ('function', 'pipeline.status'),
+           ('function', 'pipeline.release_claims'),
+           ('function', 'pipeline.grant_event_type'),
+           ('function', 'pipeline.revoke_event_type'),
+           ('table', 'pipeline.event_type_grants'),
+           ('view', 'marketing.vw_pipeline_status')
 ),
 objects AS (
     SELECT x.kind, x.name,
@@ -1291,63 +1621,97 @@ COMMENT ON FUNCTION pipeline.verify() IS
 -- n8n_webhook_registry.json; import_registry loads it, export_registry gives
 -- it back in the same shape.
 
--- Why a header set is unusable, or NULL when it is fine: a JSON object of
--- header names (HTTP tokens) to string values without line breaks, leaving
--- alone the headers the worker sets itself.
+-- Why a header set is unusable, or NULL when it is fine: a JSON object of at
+-- most 64 header names (HTTP tokens of at most 256 characters) to string
+-- values of at most 8192 bytes without control characters (tab allowed),
+-- 16384 bytes in all, leaving alone the headers the worker sets itself.
 CREATE FUNCTION pipeline._header_problem(headers jsonb) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE
         WHEN headers IS NULL THEN 'headers must not be NULL (use {} for none)'
         WHEN jsonb_typeof(headers) <> 'object' THEN
             'headers must be a JSON object of names to strings, not ' || jsonb_typeof(headers)
-        ELSE (
+        WHEN (SELECT count(*) FROM jsonb_object_keys(headers)) > 64 THEN
+            'headers: at most 64 headers, not ' || (SELECT count(*) FROM jsonb_object_keys(headers))
+        ELSE coalesce((
             SELECT string_agg(problem, '; ')
             FROM (
                 SELECT CASE
                     WHEN h.key !~ '^[!#$%&''*+.^_`|~0-9A-Za-z-]+$' THEN
                         format('header name %s is not a valid HTTP header name', to_json(h.key))
+                    WHEN char_length(h.key) > 256 THEN
+                        format('header name %s... is longer than 256 characters', to_json(left(h.key, 40)))
                     WHEN lower(h.key) IN ('content-type', 'content-length', 'host', 'transfer-encoding',
                                           'connection', 'webhook-id', 'webhook-timestamp', 'webhook-signature') THEN
                         format('header %s is set by the worker and cannot be overridden', to_json(h.key))
                     WHEN jsonb_typeof(h.value) <> 'string' THEN
                         format('header %s must have a string value, not %s', to_json(h.key), jsonb_typeof(h.value))
-                    WHEN h.value #>> '{}' ~ '[\r\n\x00]' THEN
+                    WHEN h.value #>> '{}' ~ '[\r\n]' THEN
                         format('header %s must not contain line breaks', to_json(h.key))
+                    WHEN h.value #>> '{}' ~ '[\x01-\x08\x0b-\x1f\x7f]' THEN
+                        format('header %s must not contain control characters', to_json(h.key))
+                    WHEN octet_length(h.value #>> '{}') > 8192 THEN
+                        format('header %s is longer than 8192 bytes (%s)', to_json(h.key), octet_length(h.value #>> '{}'))
                 END AS problem
                 FROM jsonb_each(headers) AS h
-            ) p
-        )
+            ) p),
+            CASE WHEN (SELECT sum(octet_length(h.key) + octet_length(h.value #>> '{}'))
+                       FROM jsonb_each(headers) AS h) > 16384
+                 THEN 'headers are longer than 16384 bytes in all' END)
     END
 $$;
 
--- Why a webhook URL is unusable, or NULL when it is fine.
+-- Why a webhook URL is unusable, or NULL when it is fine: an http(s) URL of
+-- at most 2048 characters, of printable ASCII (percent-encode the rest, use
+-- punycode for international host names), with a host name, an IPv4 address
+-- or a bracketed IPv6 address, an optional port up to 65535, no user:password@.
 CREATE FUNCTION pipeline._url_problem(url text) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE
         WHEN url IS NULL THEN 'url must not be NULL'
-        WHEN url !~* '^https?://' THEN format('url %s is not an http:// or https:// URL', to_json(url))
-        WHEN url !~* '^https?://[^\s/?#@]+([/?#]\S*)?$' THEN format('url %s is not a valid URL', to_json(url))
         WHEN char_length(url) > 2048 THEN 'url is longer than 2048 characters'
+        WHEN url ~ '[\x01-\x20\x7f]' THEN
+            format('url %s must not contain spaces or control characters', to_json(url))
+        WHEN url ~ '[^\x01-\x7f]' THEN
+            format('url %s must be ASCII: percent-encode other characters, use punycode for international host names',
+                   to_json(url))
+        WHEN url !~* '^https?://' THEN format('url %s is not an http:// or https:// URL', to_json(url))
+        WHEN url ~ '^[^/]+//[^/?#]*@' THEN
+            format('url %s must not carry user:password@ (use an Authorization header)', to_json(url))
+        WHEN url !~* ('^https?://(\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)(:[0-9]{1,5})?'
+                      || '([/?#][]a-z0-9._~:/?#@!$&''()*+,;=%[-]*)?$') THEN
+            format('url %s is not a valid URL', to_json(url))
+        WHEN substring(url FROM '^[^/]+//[^/?#]*:([0-9]+)(?:[/?#]|$)')::integer NOT BETWEEN 1 AND 65535 THEN
+            format('url %s has a port outside 1-65535', to_json(url))
     END
 $$;
 
--- Standard Webhooks secrets are whsec_ followed by base64; other secrets are
--- used as they are (their UTF-8 bytes are the HMAC key).
+-- Standard Webhooks secrets are whsec_ followed by base64 (canonical, no
+-- spaces); other secrets are used as they are (their UTF-8 bytes are the
+-- HMAC key). At most 1024 characters, no control characters.
 CREATE FUNCTION pipeline._secret_problem(secret text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_encoded text;
 BEGIN
     IF secret IS NULL THEN
         RETURN NULL;
     ELSIF pipeline._is_blank(secret) THEN
         RETURN 'secret is blank (use NULL for no signature)';
+    ELSIF char_length(secret) > 1024 THEN
+        RETURN 'secret is longer than 1024 characters';
+    ELSIF secret ~ '[\x01-\x1f\x7f]' THEN
+        RETURN 'secret must not contain control characters';
     ELSIF secret LIKE 'whsec\_%' THEN
-        BEGIN
-            IF length(decode(substr(secret, 7), 'base64')) = 0 THEN
-                RETURN 'secret whsec_... holds no key';
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            RETURN 'secret whsec_... must continue with base64';
-        END;
+        v_encoded := substr(secret, 7);
+        IF v_encoded !~ '^[A-Za-z0-9+/]+={0,2}$' OR length(v_encoded) % 4 <> 0 THEN
+            RETURN 'secret whsec_... must continue with base64 (A-Z a-z 0-9 + /, = padding, no spaces)';
+        END IF;
+        -- NB: decode() tolerates what the worker's decoder refuses (stray bits
+        -- in the last character): only the canonical form is accepted.
+        IF replace(encode(decode(v_encoded, 'base64'), 'base64'), E'\n', '') <> v_encoded THEN
+            RETURN 'secret whsec_... is not canonical base64';
+        END IF;
     END IF;
     RETURN NULL;
 END
@@ -1386,7 +1750,7 @@ CREATE FUNCTION pipeline._check_webhook(
     event_type text, url text, method text, headers jsonb, secret text,
     timeout_ms integer, max_in_flight integer, allow_unknown_type boolean, context text
 ) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_problem text;
 BEGIN
@@ -1427,7 +1791,7 @@ CREATE FUNCTION pipeline.register_webhook(
     enabled            boolean DEFAULT true,
     allow_unknown_type boolean DEFAULT false
 ) RETURNS pipeline.webhooks
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_row pipeline.webhooks;
 BEGIN
@@ -1460,7 +1824,7 @@ CREATE FUNCTION pipeline.update_webhook(
     timeout_ms    integer DEFAULT NULL,
     max_in_flight integer DEFAULT NULL
 ) RETURNS pipeline.webhooks
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_old pipeline.webhooks;
     v_new pipeline.webhooks;
@@ -1488,7 +1852,7 @@ COMMENT ON FUNCTION pipeline.update_webhook(text, text, text, jsonb, text, integ
     'timeout_ms => 0 and max_in_flight => 0 restore the global settings); returns it.';
 
 CREATE FUNCTION pipeline._set_enabled(event_type text, enabled boolean, reason text) RETURNS pipeline.webhooks
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_row pipeline.webhooks;
 BEGIN
@@ -1504,7 +1868,7 @@ $$;
 -- Stopping deliveries to an endpoint; its events wait.
 CREATE FUNCTION pipeline.disable_webhook(event_type text, reason text DEFAULT 'disabled by hand')
 RETURNS pipeline.webhooks
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT pipeline._set_enabled(event_type, false, coalesce(nullif(btrim(reason), ''), 'disabled by hand'))
 $$;
 COMMENT ON FUNCTION pipeline.disable_webhook(text, text) IS
@@ -1512,7 +1876,7 @@ COMMENT ON FUNCTION pipeline.disable_webhook(text, text) IS
 
 -- Resuming deliveries to an endpoint.
 CREATE FUNCTION pipeline.enable_webhook(event_type text) RETURNS pipeline.webhooks
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT pipeline._set_enabled(event_type, true, NULL)
 $$;
 COMMENT ON FUNCTION pipeline.enable_webhook(text) IS
@@ -1520,7 +1884,7 @@ COMMENT ON FUNCTION pipeline.enable_webhook(text) IS
 
 -- Removing an endpoint; its events wait for a new one.
 CREATE FUNCTION pipeline.remove_webhook(event_type text) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM pipeline.webhooks w WHERE w.event_type = remove_webhook.event_type;
     RETURN FOUND;
@@ -1530,7 +1894,7 @@ COMMENT ON FUNCTION pipeline.remove_webhook(text) IS
     'Removes the endpoint of an event type (false if there was none); its events wait for a new one.';
 
 CREATE FUNCTION pipeline._require_webhook(event_type text) RETURNS pipeline.webhooks
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_row pipeline.webhooks;
 BEGIN
@@ -1548,12 +1912,13 @@ $$;
 --    "webhooks": {"company_created": "/webhook/validate-company", ...}}
 -- A value is a path joined to base_url, a full URL, or an object with url and
 -- the optional fields method, headers, secret, timeout_ms, max_in_flight,
--- enabled. All or nothing; the same file twice changes nothing. Endpoints not
+-- enabled, allow_unknown_type (an event type sent with pipeline.emit, which
+-- no stage or watch produces; export_registry writes it). All or nothing; the same file twice changes nothing. Endpoints not
 -- in the file stay as they are, and so does the enabled flag of an existing
 -- endpoint unless the file sets it.
 CREATE FUNCTION pipeline.import_registry(registry jsonb)
 RETURNS TABLE (event_type text, url text, action text)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_base    text;
     v_key     text;
@@ -1598,8 +1963,9 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
         FOR v_key IN SELECT jsonb_object_keys(v_spec) LOOP
-            IF v_key NOT IN ('url', 'method', 'headers', 'secret', 'timeout_ms', 'max_in_flight', 'enabled') THEN
-                RAISE EXCEPTION '%unknown key % (expected url, method, headers, secret, timeout_ms, max_in_flight, enabled)',
+            IF v_key NOT IN ('url', 'method', 'headers', 'secret', 'timeout_ms', 'max_in_flight', 'enabled',
+                             'allow_unknown_type') THEN
+                RAISE EXCEPTION '%unknown key % (expected url, method, headers, secret, timeout_ms, max_in_flight, enabled, allow_unknown_type)',
                     v_where, to_json(v_key)
                     USING ERRCODE = 'invalid_parameter_value';
             END IF;
@@ -1610,6 +1976,7 @@ BEGIN
         PERFORM pipeline._check_json_type(v_where, v_spec, 'timeout_ms', 'number');
         PERFORM pipeline._check_json_type(v_where, v_spec, 'max_in_flight', 'number');
         PERFORM pipeline._check_json_type(v_where, v_spec, 'enabled', 'boolean');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'allow_unknown_type', 'boolean');
         IF NOT v_spec ? 'url' THEN
             RAISE EXCEPTION '%url is missing', v_where USING ERRCODE = 'invalid_parameter_value';
         END IF;
@@ -1640,13 +2007,15 @@ BEGIN
         v_new.max_in_flight := (v_spec ->> 'max_in_flight')::numeric::integer;
         v_new.enabled := coalesce((v_spec ->> 'enabled')::boolean, v_old.enabled, true);
         PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_new.headers, v_new.secret,
-                                        v_new.timeout_ms, v_new.max_in_flight, false, v_where);
+                                        v_new.timeout_ms, v_new.max_in_flight,
+                                        coalesce((v_spec ->> 'allow_unknown_type')::boolean, false), v_where);
 
         event_type := v_new.event_type;
         url := v_new.url;
         IF v_old.event_type IS NULL THEN
             PERFORM pipeline.register_webhook(v_new.event_type, v_new.url, v_new.method, v_new.headers,
-                                              v_new.secret, v_new.timeout_ms, v_new.max_in_flight, v_new.enabled);
+                                              v_new.secret, v_new.timeout_ms, v_new.max_in_flight, v_new.enabled,
+                                              allow_unknown_type => true);
             action := 'created';
         ELSIF (v_old.url, v_old.method, v_old.headers, v_old.secret, v_old.timeout_ms, v_old.max_in_flight,
                v_old.enabled)
@@ -1673,7 +2042,7 @@ COMMENT ON FUNCTION pipeline.import_registry(jsonb) IS
     'returns each endpoint with created, updated or unchanged.';
 
 CREATE FUNCTION pipeline._check_json_type(context text, spec jsonb, key text, expected text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF spec ? key AND jsonb_typeof(spec -> key) <> expected THEN
         RAISE EXCEPTION '%', format('%s%s must be a %s, not %s', context, key, expected, jsonb_typeof(spec -> key))
@@ -1685,7 +2054,7 @@ $$;
 -- The registry in the file's shape: base_url is the origin most endpoints
 -- share; an endpoint with nothing but a URL under it is written as its path.
 CREATE FUNCTION pipeline.export_registry() RETURNS jsonb
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     WITH base AS (
         SELECT substring(w.url FROM '^(https?://[^/?#]+)') AS origin
         FROM pipeline.webhooks w
@@ -1694,7 +2063,7 @@ LANGUAGE sql STABLE AS $$
         LIMIT 1
     ), entries AS (
         SELECT w.event_type,
-               CASE WHEN b.origin IS NOT NULL AND w.url LIKE b.origin || '/%'
+               CASE WHEN b.origin IS NOT NULL AND starts_with(w.url, b.origin || '/')
                     THEN substr(w.url, length(b.origin) + 1) ELSE w.url END AS url,
                jsonb_strip_nulls(jsonb_build_object(
                    'method', nullif(w.method, 'POST'),
@@ -1702,7 +2071,12 @@ LANGUAGE sql STABLE AS $$
                    'secret', w.secret,
                    'timeout_ms', w.timeout_ms,
                    'max_in_flight', w.max_in_flight,
-                   'enabled', CASE WHEN NOT w.enabled THEN false END)) AS options
+                   'enabled', CASE WHEN NOT w.enabled THEN false END,
+                   -- Types sent with pipeline.emit: no stage or watch produces them.
+                   'allow_unknown_type',
+                   CASE WHEN NOT EXISTS (SELECT 1 FROM pipeline.stages s WHERE s.event_type = w.event_type)
+                         AND NOT EXISTS (SELECT 1 FROM pipeline.watches x WHERE x.event_type = w.event_type)
+                        THEN true END)) AS options
         FROM pipeline.webhooks w
         LEFT JOIN base b ON true
     )
@@ -1750,7 +2124,8 @@ COMMENT ON COLUMN marketing.pipeline_delivery_attempts.outcome IS
 
 -- A batch of due events that have an enabled endpoint, claimed as by
 -- pipeline.claim, each with its endpoint and the request body to send.
-CREATE FUNCTION pipeline._claim_deliveries(batch_size integer, lease interval DEFAULT NULL)
+CREATE FUNCTION pipeline._claim_deliveries(batch_size integer, lease interval DEFAULT NULL,
+                                           consumer text DEFAULT NULL)
 RETURNS TABLE (
     event_id      bigint,
     attempt       integer,
@@ -1763,7 +2138,7 @@ RETURNS TABLE (
     max_in_flight integer,
     body          text
 )
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT c.id, c.attempts, c.event_type, w.url, w.method, w.headers::text, w.secret, w.timeout_ms,
            w.max_in_flight,
            jsonb_build_object(
@@ -1774,7 +2149,8 @@ LANGUAGE sql AS $$
                'source', jsonb_build_object('table', c.source_table, 'op', c.source_op, 'key', c.source_key),
                'data', c.payload)::text
     FROM pipeline.claim(_claim_deliveries.batch_size, _claim_deliveries.lease,
-                        ARRAY(SELECT w.event_type FROM pipeline.webhooks w WHERE w.enabled)) c
+                        ARRAY(SELECT w.event_type FROM pipeline.webhooks w WHERE w.enabled),
+                        _claim_deliveries.consumer) c
     JOIN pipeline.webhooks w ON w.event_type = c.event_type
 $$;
 
@@ -1792,7 +2168,7 @@ CREATE FUNCTION pipeline._record_deliveries(
     excerpts       text[],
     urls           text[]
 ) RETURNS TABLE (event_id bigint, status text)
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     WITH o AS (
         SELECT o.*, e.event_type
         FROM unnest(_record_deliveries.event_ids, _record_deliveries.attempts, _record_deliveries.outcomes,
@@ -1833,7 +2209,7 @@ $$;
 -- Failed and dead events stay until someone replays or deletes them.
 CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
 RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
     v_events  bigint;
@@ -1892,7 +2268,47 @@ ORDER BY w.event_type;
 COMMENT ON VIEW marketing.vw_endpoint_health IS
     'Each endpoint: enabled or why not, events waiting for it, and its deliveries, failures and latency in the last hour.';
 
--- One row to see whether the pipeline is moving.
+-- The delivery worker's pid when it runs in this database, else NULL. This
+-- is what a trigger-only install has (no worker there); the extension
+-- replaces it with a function of its library that asks shared memory, so
+-- that it tells the truth to any role (pg_stat_activity hides the worker
+-- from roles without pg_read_all_stats).
+CREATE FUNCTION pipeline._worker_pid() RETURNS integer
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT NULL::integer
+$$;
+
+-- One row to see whether the pipeline is moving. Events of a type without
+-- an enabled endpoint are not backlog: they wait for an endpoint, and are
+-- counted apart (without_endpoint).
+CREATE VIEW marketing.vw_pipeline_status AS
+WITH open_events AS (
+    SELECT e.status, e.created_at, w.event_type IS NOT NULL AS deliverable
+    FROM marketing.pipeline_events e
+    LEFT JOIN pipeline.webhooks w ON w.event_type = e.event_type AND w.enabled
+    WHERE e.status IN ('pending', 'processing', 'failed')
+)
+SELECT pipeline._worker_pid() IS NOT NULL AS worker_running,
+       pipeline._worker_pid() AS worker_pid,
+       count(*) FILTER (WHERE o.status = 'pending' AND o.deliverable) AS pending,
+       count(*) FILTER (WHERE o.status = 'processing') AS processing,
+       count(*) FILTER (WHERE o.status = 'failed' AND o.deliverable) AS failed,
+       (SELECT count(*) FROM marketing.pipeline_events d WHERE d.status = 'dead') AS dead,
+       now() - min(o.created_at) FILTER (WHERE o.status IN ('pending', 'failed') AND o.deliverable)
+           AS oldest_pending_age,
+       (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
+        WHERE a.created_at > now() - interval '1 minute' AND a.outcome = 'delivered') AS delivered_last_minute,
+       (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
+        WHERE a.created_at > now() - interval '1 minute' AND a.outcome <> 'delivered') AS failed_last_minute,
+       (SELECT count(*) FROM pipeline.webhooks w WHERE w.enabled) AS endpoints_enabled,
+       (SELECT count(*) FROM pipeline.webhooks w WHERE NOT w.enabled) AS endpoints_disabled,
+       (SELECT count(*) FROM marketing.pipeline_error_log l WHERE NOT l.resolved) AS unresolved_errors,
+       count(*) FILTER (WHERE o.status IN ('pending', 'failed') AND NOT o.deliverable) AS without_endpoint
+FROM open_events o;
+COMMENT ON VIEW marketing.vw_pipeline_status IS
+    'What pipeline.status() returns: the worker, the backlog by status (events with an enabled endpoint), dead '
+    'events, the last minute''s deliveries and failures, endpoints, unresolved errors, events waiting for an endpoint.';
+
 CREATE FUNCTION pipeline.status()
 RETURNS TABLE (
     worker_running         boolean,
@@ -1906,42 +2322,32 @@ RETURNS TABLE (
     failed_last_minute     bigint,
     endpoints_enabled      bigint,
     endpoints_disabled     bigint,
-    unresolved_errors      bigint
+    unresolved_errors      bigint,
+    without_endpoint       bigint
 )
-LANGUAGE sql STABLE AS $$
-    WITH worker AS (
-        SELECT a.pid FROM pg_stat_activity a
-        WHERE a.backend_type = 'pipeline_ext worker' AND a.datname = current_database()
-        LIMIT 1
-    )
-    SELECT (SELECT w.pid FROM worker w) IS NOT NULL,
-           (SELECT w.pid FROM worker w),
-           count(*) FILTER (WHERE e.status = 'pending'),
-           count(*) FILTER (WHERE e.status = 'processing'),
-           count(*) FILTER (WHERE e.status = 'failed'),
-           (SELECT count(*) FROM marketing.pipeline_events d WHERE d.status = 'dead'),
-           now() - min(e.created_at) FILTER (WHERE e.status IN ('pending', 'failed')),
-           (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
-            WHERE a.created_at > now() - interval '1 minute' AND a.outcome = 'delivered'),
-           (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
-            WHERE a.created_at > now() - interval '1 minute' AND a.outcome <> 'delivered'),
-           (SELECT count(*) FROM pipeline.webhooks w WHERE w.enabled),
-           (SELECT count(*) FROM pipeline.webhooks w WHERE NOT w.enabled),
-           (SELECT count(*) FROM marketing.pipeline_error_log l WHERE NOT l.resolved)
-    FROM marketing.pipeline_events e
-    WHERE e.status IN ('pending', 'processing', 'failed')
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM marketing.vw_pipeline_status
 $$;
 COMMENT ON FUNCTION pipeline.status() IS
-    'Whether the delivery worker runs in this database, events by open status, dead events, the oldest '
-    'waiting event''s age, deliveries and failures in the last minute, endpoints, unresolved errors.';
+    'Whether the delivery worker runs in this database, events by open status (with an enabled endpoint), dead '
+    'events, the oldest waiting event''s age, deliveries and failures in the last minute, endpoints, unresolved '
+    'errors, and events waiting for an endpoint. Reads marketing.vw_pipeline_status: needs no right on the tables.';
+
+-- Monitoring: pg_monitor (and roles granted it) read the views and status()
+-- without any right on the tables, so without seeing secrets or payloads.
+GRANT SELECT ON marketing.vw_pipeline_status, marketing.vw_endpoint_health, marketing.vw_pending_events,
+                marketing.vw_processing_latency, marketing.vw_pipeline_funnel, marketing.vw_unresolved_errors,
+                marketing.vw_error_rate_24h
+    TO pg_monitor;
+GRANT EXECUTE ON FUNCTION pipeline.status() TO pg_monitor;
 
 -- Handing back claimed events that were never sent (the worker is stopping):
 -- pending again, due now, and the claim does not count as an attempt.
 CREATE FUNCTION pipeline._release(event_ids bigint[], attempts integer[]) RETURNS integer
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     WITH released AS (
         UPDATE marketing.pipeline_events e
-        SET status = 'pending', attempts = e.attempts - 1, next_attempt_at = now()
+        SET status = 'pending', attempts = e.attempts - 1, next_attempt_at = now(), claimed_by = NULL
         FROM unnest(_release.event_ids, _release.attempts) AS j(event_id, attempt)
         WHERE e.id = j.event_id AND e.status = 'processing' AND e.attempts = j.attempt
         RETURNING e.id
@@ -1953,7 +2359,7 @@ $$;
 -- when one is due already; NULL when none waits), so the worker sleeps
 -- exactly until a retry or an expiring lease needs it.
 CREATE FUNCTION pipeline._next_due_in() RETURNS double precision
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
     FROM pipeline.webhooks w
     CROSS JOIN LATERAL (

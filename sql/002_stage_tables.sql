@@ -14,10 +14,12 @@
 -- Characters that look like nothing: a company name made only of these is blank.
 -- (ASCII space, no-break space, zero-width space/joiners, word joiner,
 -- ideographic space, byte order mark.)
+-- NB: inlined into the CHECK constraints below, so it has no SET clause (that
+-- would stop inlining on every write); every name in it is qualified instead.
 CREATE FUNCTION pipeline._is_blank(value text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT pg_catalog.btrim(value,
-        U&' \00A0\200B\200C\200D\2060\3000\FEFF') = ''
+        U&' \00A0\200B\200C\200D\2060\3000\FEFF'::pg_catalog.text) OPERATOR(pg_catalog.=) ''::pg_catalog.text
 $$;
 COMMENT ON FUNCTION pipeline._is_blank(text) IS
     'True when a text holds nothing but spaces, including Unicode no-break and zero-width ones.';

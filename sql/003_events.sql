@@ -41,6 +41,7 @@ CREATE TABLE marketing.pipeline_events (
     source_op       pipeline.event_source_op,
     source_key      jsonb,
     replay_count    integer NOT NULL DEFAULT 0,
+    claimed_by      text,
     CONSTRAINT processed_at_iff_processed CHECK ((status = 'processed') = (processed_at IS NOT NULL))
 );
 
@@ -74,6 +75,8 @@ COMMENT ON COLUMN marketing.pipeline_events.source_table IS 'schema.table whose 
 COMMENT ON COLUMN marketing.pipeline_events.source_op IS 'INSERT, UPDATE, DELETE, or EMIT for pipeline.emit.';
 COMMENT ON COLUMN marketing.pipeline_events.source_key IS 'Primary key of the changed row (or the group key of a grouped event), as JSON.';
 COMMENT ON COLUMN marketing.pipeline_events.replay_count IS 'How many times the event was replayed.';
+COMMENT ON COLUMN marketing.pipeline_events.claimed_by IS
+    'While processing: the consumer that claimed it, when it gave a name (the worker does), so that it can take its claims back after a crash.';
 
 CREATE TABLE marketing.pipeline_error_log (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -10,15 +10,85 @@
 -- payload holds only bounded fields (id, event type, table, operation), so it
 -- stays far below NOTIFY's 8000-byte limit whatever the row holds.
 
+-- Who may write which events (row-level security on the event queue)
+-- ---------------------------------------------------------------------
+-- The capture function below runs with the rights of the role whose write
+-- fired it: turning a row into JSON calls the output functions and casts of
+-- the row's column types, which may belong to whoever owns the table or the
+-- type, and such code must never run with more rights than that role has.
+-- So every role may INSERT the columns an event is made of, and the policy
+-- pipeline_events_produce decides which rows it may insert:
+--   * a row change (INSERT, UPDATE, DELETE), from inside a trigger, of an
+--     event type that a watch of that table and operation produces, by a
+--     role that may make that change to that table: the events its own
+--     writes produce anyway, nothing else;
+--   * an EMIT (pipeline.emit) of an event type granted to the role with
+--     pipeline.grant_event_type.
+-- Status, attempts and the other delivery columns are not insertable: a
+-- new event is always pending. The owner of the pipeline (and superusers)
+-- are not bound by policies. Reading, claiming and settling events stay
+-- governed by table and column privileges alone (see docs/sql-api.md).
+
+-- Event types a role was allowed to produce (by pipeline.watch of its own
+-- tables or by pipeline.emit) besides the owner of the pipeline.
+CREATE TABLE pipeline.event_type_grants (
+    event_type pipeline.event_type NOT NULL,
+    grantee    regrole NOT NULL,
+    granted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (event_type, grantee)
+);
+COMMENT ON TABLE pipeline.event_type_grants IS
+    'Roles allowed to produce events of a type (watch their own tables, emit) besides the pipeline''s owner.';
+GRANT SELECT ON pipeline.event_type_grants TO PUBLIC;
+
+-- Whether the current role may produce events of a type: it owns the
+-- pipeline (or is a member of the owner), or was granted the type.
+CREATE FUNCTION pipeline._may_produce(event_type text) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = 'marketing.pipeline_events'::regclass), 'USAGE')
+        OR EXISTS (SELECT 1 FROM pipeline.event_type_grants g
+                   JOIN pg_roles r ON r.oid = g.grantee
+                   WHERE g.event_type = _may_produce.event_type AND pg_has_role(r.oid, 'USAGE'))
+$$;
+
+CREATE FUNCTION pipeline.grant_event_type(event_type text, grantee regrole) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pipeline._check_event_type(event_type);
+    IF grantee IS NULL THEN
+        RAISE EXCEPTION 'pipeline.grant_event_type: grantee must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    INSERT INTO pipeline.event_type_grants AS g (event_type, grantee)
+    VALUES (grant_event_type.event_type, grant_event_type.grantee)
+    ON CONFLICT DO NOTHING;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION pipeline.grant_event_type(text, regrole) IS
+    'Lets a role produce events of a type: watch tables it may put triggers on, and pipeline.emit. '
+    'True when newly granted. Only the pipeline''s owner may grant.';
+
+CREATE FUNCTION pipeline.revoke_event_type(event_type text, grantee regrole) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM pipeline.event_type_grants g
+    WHERE g.event_type = revoke_event_type.event_type AND g.grantee = revoke_event_type.grantee;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION pipeline.revoke_event_type(text, regrole) IS
+    'Takes back a grant of pipeline.grant_event_type (watches made under it stay until unwatched). True when there was one.';
+
 -- Trigger arguments: [0] event type, [1] group-by column or '', [2..] key columns.
+-- NB: SECURITY INVOKER (the default): see the top of this file.
 CREATE FUNCTION pipeline._capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_table text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
     v_new   jsonb;
     v_old   jsonb;
     v_key   jsonb;
-    v_id    bigint;
     i       integer;
 BEGIN
     IF TG_LEVEL = 'STATEMENT' THEN
@@ -26,17 +96,11 @@ BEGIN
         -- statement's rows (the transition table named by pipeline.watch).
         EXECUTE format(
             $sql$
-            WITH ins AS (
-                INSERT INTO marketing.pipeline_events
-                    (event_type, payload, source_table, source_op, source_key)
-                SELECT $1, jsonb_build_object('key', g.k, 'count', g.n, %2$L, g.rows), $2, $3, g.k
-                FROM (SELECT jsonb_build_object(%1$L, t.%1$I) AS k, count(*) AS n,
-                             jsonb_agg(to_jsonb(t)) AS rows
-                      FROM %3$I t GROUP BY t.%1$I ORDER BY t.%1$I) g
-                RETURNING id)
-            SELECT pg_notify('pipeline_event',
-                             json_build_object('id', id, 'event_type', $1, 'table', $2, 'op', $3)::text)
-            FROM ins
+            INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
+            SELECT $1, jsonb_build_object('key', g.k, 'count', g.n, %2$L, g.rows), $2, $3, g.k
+            FROM (SELECT jsonb_build_object(%1$L, t.%1$I) AS k, count(*) AS n,
+                         jsonb_agg(to_jsonb(t)) AS rows
+                  FROM %3$I t GROUP BY t.%1$I ORDER BY t.%1$I) g
             $sql$,
             TG_ARGV[1],
             CASE TG_OP WHEN 'DELETE' THEN 'old' ELSE 'new' END,
@@ -65,24 +129,51 @@ BEGIN
                 WHEN 'UPDATE' THEN jsonb_build_object('new', v_new, 'old', v_old)
                 ELSE jsonb_build_object('old', v_old)
             END,
-            v_table, TG_OP, v_key)
-    RETURNING id INTO v_id;
-
-    PERFORM pg_notify('pipeline_event',
-                      json_build_object('id', v_id, 'event_type', TG_ARGV[0], 'table', v_table, 'op', TG_OP)::text);
+            v_table, TG_OP, v_key);
     RETURN NULL;
 END
 $$;
 COMMENT ON FUNCTION pipeline._capture() IS
-    'Trigger function behind every watch: writes the row change as an event and announces it on pipeline_event.';
--- It writes events with its owner's rights, so a role that may use it in
--- CREATE TRIGGER could forge events of any type: only roles granted EXECUTE
--- (and the owner) can watch tables.
-REVOKE ALL ON FUNCTION pipeline._capture() FROM PUBLIC;
+    'Trigger function behind every watch: writes the row change as an event, with the rights of the role that changed the row.';
+-- Attaching it to a table produces nothing by itself: the policy below
+-- accepts its events only for tables and types of a watch.
+GRANT EXECUTE ON FUNCTION pipeline._capture() TO PUBLIC;
 
--- Emitting an event by hand (for receivers and scripts).
+-- Every new event is announced on pipeline_event, whoever inserted it. The
+-- payload holds only bounded fields (id, event type, table, operation), so
+-- it stays far below NOTIFY's 8000-byte limit whatever the row holds.
+-- NB: a statement trigger reading the transition table, so that writers
+-- need no right to read the queue (INSERT ... RETURNING would).
+CREATE FUNCTION pipeline._announce() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_last bigint;
+BEGIN
+    SELECT max(n.id), count(pg_notify('pipeline_event',
+               CASE WHEN n.source_table IS NULL
+                    THEN json_build_object('id', n.id, 'event_type', n.event_type, 'op', n.source_op)
+                    ELSE json_build_object('id', n.id, 'event_type', n.event_type,
+                                           'table', n.source_table, 'op', n.source_op)
+               END::text))
+    INTO v_last
+    FROM (SELECT * FROM pipeline_new_events ORDER BY id) n;
+    -- pipeline.emit returns the id from here (its caller may not read the queue).
+    PERFORM set_config('pipeline_ext.last_event_id', v_last::text, true);
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION pipeline._announce() IS
+    'Announces every new event on the channel pipeline_event: {"id", "event_type", "table", "op"}.';
+REVOKE ALL ON FUNCTION pipeline._announce() FROM PUBLIC;
+CREATE TRIGGER pipeline_announce
+    AFTER INSERT ON marketing.pipeline_events
+    REFERENCING NEW TABLE AS pipeline_new_events
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce();
+
+-- Emitting an event by hand (for receivers and scripts): as the caller,
+-- for the owner of the pipeline and roles granted the event type.
 CREATE FUNCTION pipeline.emit(event_type text, payload jsonb DEFAULT '{}') RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_id bigint;
 BEGIN
@@ -91,20 +182,24 @@ BEGIN
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
     PERFORM pipeline._check_event_type(event_type);
+    IF NOT pipeline._may_produce(event_type) THEN
+        RAISE EXCEPTION 'pipeline.emit: role % may not produce events of type %', current_user, quote_literal(event_type)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'The pipeline''s owner allows it with pipeline.grant_event_type(event_type, role).';
+    END IF;
     INSERT INTO marketing.pipeline_events (event_type, payload, source_op)
-    VALUES (emit.event_type, emit.payload, 'EMIT')
-    RETURNING id INTO v_id;
-    PERFORM pg_notify('pipeline_event',
-                      json_build_object('id', v_id, 'event_type', emit.event_type, 'op', 'EMIT')::text);
+    VALUES (emit.event_type, emit.payload, 'EMIT');
+    v_id := current_setting('pipeline_ext.last_event_id')::bigint;
     RETURN v_id;
 END
 $$;
 COMMENT ON FUNCTION pipeline.emit(text, jsonb) IS
-    'Queues an event that no table change produced and announces it; returns its id.';
+    'Queues an event that no table change produced and announces it; returns its id. '
+    'For the pipeline''s owner and roles granted the event type (pipeline.grant_event_type).';
 
 -- Event types are identifiers: they name triggers and URLs, so they are checked early.
 CREATE FUNCTION pipeline._check_event_type(event_type text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF event_type IS NULL OR event_type !~ '^[a-z][a-z0-9_]{0,46}$' THEN
         RAISE EXCEPTION 'invalid event type %', coalesce(quote_literal(event_type), 'NULL')
@@ -130,6 +225,136 @@ CREATE TABLE pipeline.watches (
 COMMENT ON TABLE pipeline.watches IS
     'Table changes that become events, one row per pipeline.watch call. builtin marks the seven stage watches.';
 
+-- The tables of the pipeline itself: an event about them would feed itself.
+CREATE FUNCTION pipeline._is_internal(source_table regclass) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT n.nspname IN ('pg_catalog', 'information_schema', 'pg_toast', 'pipeline')
+        OR c.oid IN (to_regclass('marketing.pipeline_events'), to_regclass('marketing.pipeline_error_log'),
+                     to_regclass('marketing.pipeline_delivery_attempts'))
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = source_table
+$$;
+
+-- The event type a trigger's first argument names (tgargs is NUL-separated).
+CREATE FUNCTION pipeline._trigger_event_type(tgargs bytea) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT convert_from(substring(tgargs FROM 1 FOR position('\x00'::bytea IN tgargs) - 1), 'UTF8')
+    WHERE position('\x00'::bytea IN tgargs) > 0
+$$;
+
+-- Whether a capture trigger of that name, event type and operation is on
+-- the table (so that a row of pipeline.watches describes a real watch).
+CREATE FUNCTION pipeline._capture_trigger_exists(
+    source_table regclass, trigger_name name, event_type text, operation text
+) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM pg_trigger t
+        WHERE t.tgrelid = source_table AND t.tgname = trigger_name
+          AND t.tgfoid = 'pipeline._capture()'::regprocedure
+          AND pipeline._trigger_event_type(t.tgargs) = event_type
+          AND (t.tgtype::integer & CASE operation WHEN 'INSERT' THEN 4 WHEN 'DELETE' THEN 8
+                                                  WHEN 'UPDATE' THEN 16 ELSE 0 END) <> 0)
+$$;
+
+-- A role that may put triggers on a table and was granted an event type
+-- may watch the table for it (pipeline.watch), and the row must describe
+-- the trigger pipeline.watch made; it may remove its watches again. The
+-- stage watches are the owner's.
+ALTER TABLE pipeline.watches ENABLE ROW LEVEL SECURITY;
+CREATE POLICY watches_read ON pipeline.watches FOR SELECT USING (true);
+CREATE POLICY watches_add ON pipeline.watches FOR INSERT
+    WITH CHECK (NOT builtin
+                AND has_table_privilege(source_table, 'TRIGGER')
+                AND NOT pipeline._is_internal(source_table)
+                AND pipeline._may_produce(event_type)
+                AND pipeline._capture_trigger_exists(source_table, trigger_name, event_type, operation));
+CREATE POLICY watches_remove ON pipeline.watches FOR DELETE
+    USING (NOT builtin
+           AND coalesce(has_table_privilege(source_table, 'TRIGGER'),
+                        NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = source_table)));
+GRANT SELECT, INSERT, DELETE ON pipeline.watches TO PUBLIC;
+
+-- The events a role may write (see the top of this file).
+ALTER TABLE marketing.pipeline_events ENABLE ROW LEVEL SECURITY;
+CREATE POLICY pipeline_events_read ON marketing.pipeline_events FOR SELECT USING (true);
+CREATE POLICY pipeline_events_settle ON marketing.pipeline_events FOR UPDATE USING (true) WITH CHECK (true);
+CREATE POLICY pipeline_events_purge ON marketing.pipeline_events FOR DELETE USING (true);
+CREATE POLICY pipeline_events_produce ON marketing.pipeline_events FOR INSERT
+    WITH CHECK (
+        CASE source_op::text
+            WHEN 'EMIT' THEN source_table IS NULL AND pipeline._may_produce(event_type)
+            ELSE pg_trigger_depth() > 0
+                 AND EXISTS (
+                     SELECT 1
+                     FROM pipeline.watches w
+                     JOIN pg_class c ON c.oid = w.source_table
+                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE w.event_type = pipeline_events.event_type::text
+                       AND w.operation = pipeline_events.source_op::text
+                       AND n.nspname || '.' || c.relname = pipeline_events.source_table
+                       AND CASE w.operation
+                               WHEN 'DELETE' THEN has_table_privilege(w.source_table, 'DELETE')
+                               ELSE has_any_column_privilege(w.source_table, w.operation)
+                           END)
+        END);
+GRANT INSERT (event_type, payload, source_table, source_op, source_key) ON marketing.pipeline_events TO PUBLIC;
+
+-- Why a watch condition cannot be pasted into CREATE TRIGGER ... WHEN (...),
+-- or NULL when it can. It must be one expression: every quote closed, every
+-- parenthesis closed and none closed that it did not open, and no ; $ or
+-- comment outside quotes. Then nothing in it can end the WHEN clause or the
+-- statement. (Backslashes are refused anywhere, so that E'' strings cannot
+-- hide a quote from this scan.)
+CREATE FUNCTION pipeline._condition_problem(condition text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_len   integer := length(condition);
+    v_depth integer := 0;
+    v_i     integer := 1;
+    v_c     text;
+BEGIN
+    IF strpos(condition, E'\\') > 0 THEN
+        RETURN 'condition must not contain a backslash';
+    END IF;
+    WHILE v_i <= v_len LOOP
+        v_c := substr(condition, v_i, 1);
+        IF v_c IN ('''', '"') THEN
+            -- A string or quoted identifier ends at the next quote that is not doubled.
+            LOOP
+                v_i := v_i + 1;
+                IF v_i > v_len THEN
+                    RETURN format('condition has an unterminated %s',
+                                  CASE v_c WHEN '''' THEN 'string' ELSE 'quoted identifier' END);
+                END IF;
+                IF substr(condition, v_i, 1) = v_c THEN
+                    EXIT WHEN substr(condition, v_i + 1, 1) <> v_c;
+                    v_i := v_i + 1;
+                END IF;
+            END LOOP;
+        ELSIF v_c = ';' THEN
+            RETURN 'condition must be one expression, without ;';
+        ELSIF v_c = '$' THEN
+            RETURN 'condition must not contain $ outside quotes (no dollar quoting or parameters)';
+        ELSIF substr(condition, v_i, 2) IN ('--', '/*') THEN
+            RETURN 'condition must not contain comments';
+        ELSIF v_c = '(' THEN
+            v_depth := v_depth + 1;
+        ELSIF v_c = ')' THEN
+            v_depth := v_depth - 1;
+            IF v_depth < 0 THEN
+                RETURN 'condition closes a parenthesis it did not open';
+            END IF;
+        END IF;
+        v_i := v_i + 1;
+    END LOOP;
+    IF v_depth > 0 THEN
+        RETURN 'condition leaves a parenthesis open';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
 -- Starting to turn changes of a table into events (replaces an earlier watch
 -- of the same table, event type and operation).
 CREATE FUNCTION pipeline.watch(
@@ -140,7 +365,7 @@ CREATE FUNCTION pipeline.watch(
     columns      text[] DEFAULT NULL,
     group_by     text DEFAULT NULL
 ) RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_op      text := upper(btrim(operation));
     v_kind    "char";
@@ -168,13 +393,17 @@ BEGIN
             USING ERRCODE = 'wrong_object_type',
                   HINT = 'Only ordinary and partitioned tables can be watched.';
     END IF;
-    IF v_schema IN ('pg_catalog', 'information_schema', 'pg_toast', 'pipeline')
-       OR (v_schema = 'marketing' AND v_name IN ('pipeline_events', 'pipeline_error_log')) THEN
+    IF pipeline._is_internal(source_table) THEN
         RAISE EXCEPTION 'pipeline.watch: % cannot be watched', source_table
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'System catalogs and the pipeline''s own tables cannot produce events.';
     END IF;
     PERFORM pipeline._check_event_type(event_type);
+    IF NOT pipeline._may_produce(event_type) THEN
+        RAISE EXCEPTION 'pipeline.watch: role % may not produce events of type %', current_user, quote_literal(event_type)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'The pipeline''s owner allows it with pipeline.grant_event_type(event_type, role).';
+    END IF;
     IF v_op IS NULL OR v_op NOT IN ('INSERT', 'UPDATE', 'DELETE') THEN
         RAISE EXCEPTION 'pipeline.watch: operation must be INSERT, UPDATE or DELETE, not %',
             coalesce(quote_literal(operation), 'NULL')
@@ -183,6 +412,12 @@ BEGIN
     IF condition IS NOT NULL AND pipeline._is_blank(condition) THEN
         RAISE EXCEPTION 'pipeline.watch: condition is blank; pass NULL for no condition'
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF pipeline._condition_problem(condition) IS NOT NULL THEN
+        RAISE EXCEPTION 'pipeline.watch: %', pipeline._condition_problem(condition)
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('condition: %s', condition),
+                  HINT = 'A condition is one boolean SQL expression over NEW (INSERT), OLD (DELETE) or both (UPDATE).';
     END IF;
     IF columns IS NOT NULL THEN
         IF v_op <> 'UPDATE' THEN
@@ -260,7 +495,7 @@ COMMENT ON FUNCTION pipeline.watch(regclass, text, text, text, text[], text) IS
 -- Stopping a watch: operation NULL stops every operation of that event type.
 CREATE FUNCTION pipeline.unwatch(source_table regclass, event_type text, operation text DEFAULT NULL)
 RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_op   text;
     v_done integer := 0;
@@ -274,8 +509,9 @@ BEGIN
         WHERE w.source_table = unwatch.source_table AND w.event_type = unwatch.event_type
           AND (unwatch.operation IS NULL OR w.operation = upper(btrim(unwatch.operation)))
     LOOP
-        PERFORM pipeline._drop_watch(source_table, event_type, v_op);
-        v_done := v_done + 1;
+        IF pipeline._drop_watch(source_table, event_type, v_op) THEN
+            v_done := v_done + 1;
+        END IF;
     END LOOP;
     RETURN v_done;
 END
@@ -283,8 +519,10 @@ $$;
 COMMENT ON FUNCTION pipeline.unwatch(regclass, text, text) IS
     'Stops turning changes of a table into events of event_type; returns how many watches were removed.';
 
-CREATE FUNCTION pipeline._drop_watch(source_table regclass, event_type text, operation text) RETURNS void
-LANGUAGE plpgsql AS $$
+-- NB: the trigger is dropped only when it is the capture trigger the row
+-- describes: a row of pipeline.watches alone never names a trigger to drop.
+CREATE FUNCTION pipeline._drop_watch(source_table regclass, event_type text, operation text) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_trigger name;
 BEGIN
@@ -293,15 +531,29 @@ BEGIN
       AND w.event_type = _drop_watch.event_type
       AND w.operation = _drop_watch.operation
     RETURNING w.trigger_name INTO v_trigger;
-    -- The table may be gone already (then so is its trigger).
-    IF v_trigger IS NOT NULL AND EXISTS (SELECT 1 FROM pg_class WHERE oid = source_table) THEN
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger, source_table);
+    IF v_trigger IS NULL THEN
+        -- Not there, or not this role's to remove (row-level security).
+        IF EXISTS (SELECT 1 FROM pipeline.watches w
+                   WHERE w.source_table = _drop_watch.source_table
+                     AND w.event_type = _drop_watch.event_type
+                     AND w.operation = _drop_watch.operation) THEN
+            RAISE EXCEPTION 'role % may not remove the % watch of % on %', current_user, operation, event_type, source_table
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'A watch is removed by a role that may put triggers on its table; the stage watches by the pipeline''s owner.';
+        END IF;
+        RETURN false;
     END IF;
+    -- The table may be gone already (then so is its trigger).
+    IF v_trigger IS NOT NULL
+       AND pipeline._capture_trigger_exists(source_table, v_trigger, event_type, operation) THEN
+        EXECUTE format('DROP TRIGGER %I ON %s', v_trigger, source_table);
+    END IF;
+    RETURN true;
 END
 $$;
 
 CREATE FUNCTION pipeline._check_column(source_table regclass, column_name text) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF column_name IS NULL OR NOT EXISTS (
         SELECT 1 FROM pg_attribute

@@ -58,3 +58,7 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- The stages are configuration, not secrets: whoever registers a webhook
+-- or reads the funnel may look at them.
+GRANT SELECT ON pipeline.stages TO PUBLIC;

@@ -11,29 +11,40 @@
 --   pipeline.max_attempts  attempts before an event is dead        (default 10)
 --   pipeline.backoff_base  delay after the first failed attempt    (default 5s)
 --   pipeline.backoff_cap   longest delay between attempts          (default 1h)
---   pipeline.lease_time    lease of a claimed event                 (default 30s)
+--   pipeline.lease_time    lease of a claimed event                 (default 30s, at most 1 day)
+--
+-- Consumers need exactly these rights (the worker's role has them): SELECT
+-- on marketing.pipeline_events and UPDATE of its delivery columns only, so
+-- that no consumer can change what an event says or where it goes:
+--   GRANT SELECT, UPDATE (status, attempts, next_attempt_at, processed_at, last_error, replay_count, claimed_by)
+--       ON marketing.pipeline_events TO consumer;
+--   GRANT SELECT, INSERT, UPDATE (resolved, resolved_at, resolution_note)
+--       ON marketing.pipeline_error_log TO consumer;    -- failures; resolved once delivered
 
 CREATE FUNCTION pipeline._setting(name text, fallback text) RETURNS text
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce(nullif(current_setting('pipeline.' || name, true), ''), fallback)
 $$;
 
--- Back to pending, due now, with a fresh set of attempts.
-CREATE FUNCTION pipeline._requeue(event_ids bigint[]) RETURNS SETOF bigint
-LANGUAGE sql AS $$
+-- Back to pending, due now, with a fresh set of attempts. With force, events
+-- still processing too (their consumer is gone): those keep their attempt
+-- count, so that a late outcome of the old claim cannot settle the new one.
+CREATE FUNCTION pipeline._requeue(event_ids bigint[], force boolean DEFAULT false) RETURNS SETOF bigint
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     UPDATE marketing.pipeline_events e
     SET status = 'pending',
         next_attempt_at = now(),
-        attempts = 0,
+        attempts = CASE WHEN e.status = 'processing' THEN e.attempts ELSE 0 END,
         processed_at = NULL,
-        replay_count = e.replay_count + 1
-    WHERE e.id = ANY (event_ids) AND e.status <> 'processing'
+        replay_count = e.replay_count + 1,
+        claimed_by = NULL
+    WHERE e.id = ANY (event_ids) AND (e.status <> 'processing' OR force)
     RETURNING e.id;
 $$;
 
 -- Raises a clear error naming the ids that do not exist.
 CREATE FUNCTION pipeline._require_events(event_ids bigint[]) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_missing bigint[];
 BEGIN
@@ -56,7 +67,7 @@ $$;
 -- exponential from backoff_base, capped at backoff_cap, with 50-100% jitter so
 -- that events failing together do not come back together.
 CREATE FUNCTION pipeline.backoff(attempt integer) RETURNS interval
-LANGUAGE sql VOLATILE AS $$
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     SELECT least(pipeline._setting('backoff_cap', '1h')::interval,
                  pipeline._setting('backoff_base', '5s')::interval
                      * power(2, least(greatest(coalesce(attempt, 1), 1) - 1, 30)))
@@ -69,9 +80,10 @@ COMMENT ON FUNCTION pipeline.backoff(integer) IS
 CREATE FUNCTION pipeline.claim(
     batch_size  integer DEFAULT 100,
     lease       interval DEFAULT NULL,
-    event_types text[] DEFAULT NULL
+    event_types text[] DEFAULT NULL,
+    consumer    text DEFAULT NULL
 ) RETURNS SETOF marketing.pipeline_events
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_lease interval := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
 BEGIN
@@ -79,9 +91,10 @@ BEGIN
         RAISE EXCEPTION 'pipeline.claim: batch_size must be between 1 and 10000, not %', coalesce(batch_size::text, 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF v_lease <= interval '0' THEN
-        RAISE EXCEPTION 'pipeline.claim: lease must be positive, not %', v_lease
-            USING ERRCODE = 'invalid_parameter_value';
+    IF v_lease <= interval '0' OR v_lease > interval '1 day' THEN
+        RAISE EXCEPTION 'pipeline.claim: lease must be positive and at most 1 day, not %', v_lease
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A consumer that dies leaves its events processing until the lease ends.';
     END IF;
     -- For each type, the oldest due events that no other consumer holds,
     -- locked, from the due index; the oldest of those over all types are
@@ -120,15 +133,33 @@ BEGIN
     UPDATE marketing.pipeline_events e
     SET status = 'processing',
         attempts = e.attempts + 1,
-        next_attempt_at = now() + v_lease
+        next_attempt_at = now() + v_lease,
+        claimed_by = consumer
     FROM candidates c
     WHERE e.id = c.id
     RETURNING e.*;
 END
 $$;
-COMMENT ON FUNCTION pipeline.claim(integer, interval, text[]) IS
+COMMENT ON FUNCTION pipeline.claim(integer, interval, text[], text) IS
     'Claims up to batch_size due events (oldest due first, skipping rows other consumers hold): '
-    'they become processing with attempts + 1 until the lease ends. Commit before delivering.';
+    'they become processing with attempts + 1 until the lease ends (at most 1 day), claimed_by consumer. '
+    'Commit before delivering.';
+
+-- A consumer that restarts after a crash takes back what it held: its
+-- events are due again now instead of when their leases end. The attempt
+-- counts stay (the crash may have come after a request went out).
+CREATE FUNCTION pipeline.release_claims(consumer text) RETURNS integer
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH released AS (
+        UPDATE marketing.pipeline_events e
+        SET status = 'pending', next_attempt_at = now(), claimed_by = NULL
+        WHERE e.status = 'processing' AND e.claimed_by = release_claims.consumer
+        RETURNING e.id
+    )
+    SELECT count(*)::integer FROM released
+$$;
+COMMENT ON FUNCTION pipeline.release_claims(text) IS
+    'Makes the events a named consumer still holds due again now (after its crash); returns how many.';
 
 -- Settling claimed events: the one place where a delivery outcome changes an
 -- event. Delivered events become processed; failed ones failed (due again at
@@ -137,6 +168,7 @@ COMMENT ON FUNCTION pipeline.claim(integer, interval, text[]) IS
 -- (when attempt is given) still in that attempt, change: a consumer whose
 -- lease ran out and whose event was claimed again cannot overwrite the newer
 -- attempt. The arrays are parallel; missing trailing values count as NULL.
+-- Errors logged for an event that is then delivered are resolved.
 CREATE FUNCTION pipeline._settle(
     event_ids bigint[],
     attempts  integer[],
@@ -146,7 +178,7 @@ CREATE FUNCTION pipeline._settle(
     give_up   boolean[],
     details   jsonb[]
 ) RETURNS TABLE (event_id bigint, status text)
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     WITH outcome AS (
         SELECT o.*, e.attempts AS current_attempts,
                CASE WHEN o.delivered THEN 'processed'
@@ -162,6 +194,7 @@ LANGUAGE sql AS $$
     ), settled AS (
         UPDATE marketing.pipeline_events e
         SET status = o.new_status,
+            claimed_by = NULL,
             processed_at = CASE WHEN o.new_status = 'processed' THEN now() END,
             next_attempt_at = CASE WHEN o.new_status = 'failed'
                                    THEN coalesce(o.retry_at, now() + pipeline.backoff(o.current_attempts))
@@ -176,13 +209,20 @@ LANGUAGE sql AS $$
                coalesce(s.details, '{}') || jsonb_build_object('attempt', s.attempts, 'status', s.status)
         FROM settled s
         WHERE s.status <> 'processed'
+    ), resolved AS (
+        -- An event delivered in the end leaves no error to act on.
+        UPDATE marketing.pipeline_error_log l
+        SET resolved = true, resolved_at = now(),
+            resolution_note = format('event delivered on attempt %s', s.attempts)
+        FROM settled s
+        WHERE s.status = 'processed' AND l.event_id = s.id AND NOT l.resolved
     )
     SELECT s.id, s.status FROM settled s;
 $$;
 
 -- Recording a successful delivery.
 CREATE FUNCTION pipeline.mark_delivered(event_id bigint) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM pipeline._require_events(ARRAY[event_id]);
     RETURN EXISTS (SELECT 1 FROM pipeline._settle(ARRAY[event_id], NULL, ARRAY[true], NULL, NULL, NULL, NULL));
@@ -192,7 +232,7 @@ COMMENT ON FUNCTION pipeline.mark_delivered(bigint) IS
     'Marks a claimed event processed. False (and no change) when it was not processing, e.g. already delivered.';
 
 CREATE FUNCTION pipeline.mark_delivered_many(event_ids bigint[]) RETURNS SETOF bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM pipeline._require_events(event_ids);
     RETURN QUERY
@@ -212,7 +252,7 @@ CREATE FUNCTION pipeline.mark_failed(
     details  jsonb DEFAULT NULL,
     retry    boolean DEFAULT true
 ) RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF error IS NULL OR pipeline._is_blank(error) THEN
         RAISE EXCEPTION 'pipeline.mark_failed: error must describe the failure'
@@ -230,8 +270,8 @@ COMMENT ON FUNCTION pipeline.mark_failed(bigint, text, timestamptz, jsonb, boole
 
 -- Putting events back to pending for immediate delivery. The attempt count
 -- restarts (so the event gets a full set of retries); errors already logged stay.
-CREATE FUNCTION pipeline.replay_many(event_ids bigint[]) RETURNS SETOF bigint
-LANGUAGE plpgsql AS $$
+CREATE FUNCTION pipeline.replay_many(event_ids bigint[], force boolean DEFAULT false) RETURNS SETOF bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_busy bigint[];
 BEGIN
@@ -239,30 +279,32 @@ BEGIN
     SELECT array_agg(e.id ORDER BY e.id) INTO v_busy
     FROM marketing.pipeline_events e
     WHERE e.id = ANY (event_ids) AND e.status = 'processing';
-    IF v_busy IS NOT NULL THEN
+    IF v_busy IS NOT NULL AND NOT coalesce(force, false) THEN
         RAISE EXCEPTION 'pipeline.replay: events % are being delivered right now', v_busy
             USING ERRCODE = 'object_in_use',
-                  HINT = 'Wait for the delivery to finish or its lease to run out, then replay.';
+                  HINT = 'Wait for the delivery to finish or its lease to run out, then replay; '
+                         'if the consumer holding them is gone, replay with force => true.';
     END IF;
-    RETURN QUERY SELECT pipeline._requeue(event_ids);
+    RETURN QUERY SELECT pipeline._requeue(event_ids, coalesce(force, false));
 END
 $$;
-COMMENT ON FUNCTION pipeline.replay_many(bigint[]) IS
-    'Requeues the given events for immediate delivery; all or none. Returns the ids requeued.';
+COMMENT ON FUNCTION pipeline.replay_many(bigint[], boolean) IS
+    'Requeues the given events for immediate delivery; all or none. Events being delivered are refused '
+    'unless force (their consumer is gone). Returns the ids requeued.';
 
-CREATE FUNCTION pipeline.replay(event_id bigint) RETURNS bigint
-LANGUAGE sql AS $$
-    SELECT pipeline.replay_many(ARRAY[event_id]);
+CREATE FUNCTION pipeline.replay(event_id bigint, force boolean DEFAULT false) RETURNS bigint
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pipeline.replay_many(ARRAY[event_id], force);
 $$;
-COMMENT ON FUNCTION pipeline.replay(bigint) IS
-    'Requeues one event (failed, dead, processed or pending) for immediate delivery; returns its id.';
+COMMENT ON FUNCTION pipeline.replay(bigint, boolean) IS
+    'Requeues one event (failed, dead, processed or pending; processing too with force) for immediate delivery; returns its id.';
 
 CREATE FUNCTION pipeline.replay_failed(
     event_type text DEFAULT NULL,
     since      timestamptz DEFAULT NULL,
     until      timestamptz DEFAULT NULL
 ) RETURNS SETOF bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF event_type IS NOT NULL THEN
         PERFORM pipeline._check_event_type(event_type);

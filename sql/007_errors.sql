@@ -11,7 +11,7 @@ CREATE FUNCTION pipeline.log_error(
     event_id bigint DEFAULT NULL,
     details  jsonb DEFAULT NULL
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_id bigint;
 BEGIN
@@ -37,7 +37,7 @@ COMMENT ON FUNCTION pipeline.log_error(text, text, bigint, jsonb) IS
 
 -- Marking one error resolved.
 CREATE FUNCTION pipeline.resolve_error(error_id bigint, note text DEFAULT NULL) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     UPDATE marketing.pipeline_error_log l
     SET resolved = true, resolved_at = now(), resolution_note = note
@@ -62,7 +62,7 @@ CREATE FUNCTION pipeline.resolve_errors(
     before   timestamptz DEFAULT NULL,
     note     text DEFAULT NULL
 ) RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_count integer;
 BEGIN

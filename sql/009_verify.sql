@@ -6,7 +6,7 @@
 
 CREATE FUNCTION pipeline.verify()
 RETURNS TABLE (kind text, name text, status text)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 WITH expected (kind, name) AS (
     VALUES ('schema', 'intake'), ('schema', 'marketing'), ('schema', 'pipeline'),
            ('table', 'intake.company_raw_intake'),
@@ -48,7 +48,12 @@ WITH expected (kind, name) AS (
            ('function', 'pipeline.import_registry'),
            ('function', 'pipeline.export_registry'),
            ('function', 'pipeline.purge'),
-           ('function', 'pipeline.status')
+           ('function', 'pipeline.status'),
+           ('function', 'pipeline.release_claims'),
+           ('function', 'pipeline.grant_event_type'),
+           ('function', 'pipeline.revoke_event_type'),
+           ('table', 'pipeline.event_type_grants'),
+           ('view', 'marketing.vw_pipeline_status')
 ),
 objects AS (
     SELECT x.kind, x.name,

@@ -6,63 +6,97 @@
 -- n8n_webhook_registry.json; import_registry loads it, export_registry gives
 -- it back in the same shape.
 
--- Why a header set is unusable, or NULL when it is fine: a JSON object of
--- header names (HTTP tokens) to string values without line breaks, leaving
--- alone the headers the worker sets itself.
+-- Why a header set is unusable, or NULL when it is fine: a JSON object of at
+-- most 64 header names (HTTP tokens of at most 256 characters) to string
+-- values of at most 8192 bytes without control characters (tab allowed),
+-- 16384 bytes in all, leaving alone the headers the worker sets itself.
 CREATE FUNCTION pipeline._header_problem(headers jsonb) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE
         WHEN headers IS NULL THEN 'headers must not be NULL (use {} for none)'
         WHEN jsonb_typeof(headers) <> 'object' THEN
             'headers must be a JSON object of names to strings, not ' || jsonb_typeof(headers)
-        ELSE (
+        WHEN (SELECT count(*) FROM jsonb_object_keys(headers)) > 64 THEN
+            'headers: at most 64 headers, not ' || (SELECT count(*) FROM jsonb_object_keys(headers))
+        ELSE coalesce((
             SELECT string_agg(problem, '; ')
             FROM (
                 SELECT CASE
                     WHEN h.key !~ '^[!#$%&''*+.^_`|~0-9A-Za-z-]+$' THEN
                         format('header name %s is not a valid HTTP header name', to_json(h.key))
+                    WHEN char_length(h.key) > 256 THEN
+                        format('header name %s... is longer than 256 characters', to_json(left(h.key, 40)))
                     WHEN lower(h.key) IN ('content-type', 'content-length', 'host', 'transfer-encoding',
                                           'connection', 'webhook-id', 'webhook-timestamp', 'webhook-signature') THEN
                         format('header %s is set by the worker and cannot be overridden', to_json(h.key))
                     WHEN jsonb_typeof(h.value) <> 'string' THEN
                         format('header %s must have a string value, not %s', to_json(h.key), jsonb_typeof(h.value))
-                    WHEN h.value #>> '{}' ~ '[\r\n\x00]' THEN
+                    WHEN h.value #>> '{}' ~ '[\r\n]' THEN
                         format('header %s must not contain line breaks', to_json(h.key))
+                    WHEN h.value #>> '{}' ~ '[\x01-\x08\x0b-\x1f\x7f]' THEN
+                        format('header %s must not contain control characters', to_json(h.key))
+                    WHEN octet_length(h.value #>> '{}') > 8192 THEN
+                        format('header %s is longer than 8192 bytes (%s)', to_json(h.key), octet_length(h.value #>> '{}'))
                 END AS problem
                 FROM jsonb_each(headers) AS h
-            ) p
-        )
+            ) p),
+            CASE WHEN (SELECT sum(octet_length(h.key) + octet_length(h.value #>> '{}'))
+                       FROM jsonb_each(headers) AS h) > 16384
+                 THEN 'headers are longer than 16384 bytes in all' END)
     END
 $$;
 
--- Why a webhook URL is unusable, or NULL when it is fine.
+-- Why a webhook URL is unusable, or NULL when it is fine: an http(s) URL of
+-- at most 2048 characters, of printable ASCII (percent-encode the rest, use
+-- punycode for international host names), with a host name, an IPv4 address
+-- or a bracketed IPv6 address, an optional port up to 65535, no user:password@.
 CREATE FUNCTION pipeline._url_problem(url text) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE
         WHEN url IS NULL THEN 'url must not be NULL'
-        WHEN url !~* '^https?://' THEN format('url %s is not an http:// or https:// URL', to_json(url))
-        WHEN url !~* '^https?://[^\s/?#@]+([/?#]\S*)?$' THEN format('url %s is not a valid URL', to_json(url))
         WHEN char_length(url) > 2048 THEN 'url is longer than 2048 characters'
+        WHEN url ~ '[\x01-\x20\x7f]' THEN
+            format('url %s must not contain spaces or control characters', to_json(url))
+        WHEN url ~ '[^\x01-\x7f]' THEN
+            format('url %s must be ASCII: percent-encode other characters, use punycode for international host names',
+                   to_json(url))
+        WHEN url !~* '^https?://' THEN format('url %s is not an http:// or https:// URL', to_json(url))
+        WHEN url ~ '^[^/]+//[^/?#]*@' THEN
+            format('url %s must not carry user:password@ (use an Authorization header)', to_json(url))
+        WHEN url !~* ('^https?://(\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)(:[0-9]{1,5})?'
+                      || '([/?#][]a-z0-9._~:/?#@!$&''()*+,;=%[-]*)?$') THEN
+            format('url %s is not a valid URL', to_json(url))
+        WHEN substring(url FROM '^[^/]+//[^/?#]*:([0-9]+)(?:[/?#]|$)')::integer NOT BETWEEN 1 AND 65535 THEN
+            format('url %s has a port outside 1-65535', to_json(url))
     END
 $$;
 
--- Standard Webhooks secrets are whsec_ followed by base64; other secrets are
--- used as they are (their UTF-8 bytes are the HMAC key).
+-- Standard Webhooks secrets are whsec_ followed by base64 (canonical, no
+-- spaces); other secrets are used as they are (their UTF-8 bytes are the
+-- HMAC key). At most 1024 characters, no control characters.
 CREATE FUNCTION pipeline._secret_problem(secret text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_encoded text;
 BEGIN
     IF secret IS NULL THEN
         RETURN NULL;
     ELSIF pipeline._is_blank(secret) THEN
         RETURN 'secret is blank (use NULL for no signature)';
+    ELSIF char_length(secret) > 1024 THEN
+        RETURN 'secret is longer than 1024 characters';
+    ELSIF secret ~ '[\x01-\x1f\x7f]' THEN
+        RETURN 'secret must not contain control characters';
     ELSIF secret LIKE 'whsec\_%' THEN
-        BEGIN
-            IF length(decode(substr(secret, 7), 'base64')) = 0 THEN
-                RETURN 'secret whsec_... holds no key';
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            RETURN 'secret whsec_... must continue with base64';
-        END;
+        v_encoded := substr(secret, 7);
+        IF v_encoded !~ '^[A-Za-z0-9+/]+={0,2}$' OR length(v_encoded) % 4 <> 0 THEN
+            RETURN 'secret whsec_... must continue with base64 (A-Z a-z 0-9 + /, = padding, no spaces)';
+        END IF;
+        -- NB: decode() tolerates what the worker's decoder refuses (stray bits
+        -- in the last character): only the canonical form is accepted.
+        IF replace(encode(decode(v_encoded, 'base64'), 'base64'), E'\n', '') <> v_encoded THEN
+            RETURN 'secret whsec_... is not canonical base64';
+        END IF;
     END IF;
     RETURN NULL;
 END
@@ -101,7 +135,7 @@ CREATE FUNCTION pipeline._check_webhook(
     event_type text, url text, method text, headers jsonb, secret text,
     timeout_ms integer, max_in_flight integer, allow_unknown_type boolean, context text
 ) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_problem text;
 BEGIN
@@ -142,7 +176,7 @@ CREATE FUNCTION pipeline.register_webhook(
     enabled            boolean DEFAULT true,
     allow_unknown_type boolean DEFAULT false
 ) RETURNS pipeline.webhooks
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_row pipeline.webhooks;
 BEGIN
@@ -175,7 +209,7 @@ CREATE FUNCTION pipeline.update_webhook(
     timeout_ms    integer DEFAULT NULL,
     max_in_flight integer DEFAULT NULL
 ) RETURNS pipeline.webhooks
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_old pipeline.webhooks;
     v_new pipeline.webhooks;
@@ -203,7 +237,7 @@ COMMENT ON FUNCTION pipeline.update_webhook(text, text, text, jsonb, text, integ
     'timeout_ms => 0 and max_in_flight => 0 restore the global settings); returns it.';
 
 CREATE FUNCTION pipeline._set_enabled(event_type text, enabled boolean, reason text) RETURNS pipeline.webhooks
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_row pipeline.webhooks;
 BEGIN
@@ -219,7 +253,7 @@ $$;
 -- Stopping deliveries to an endpoint; its events wait.
 CREATE FUNCTION pipeline.disable_webhook(event_type text, reason text DEFAULT 'disabled by hand')
 RETURNS pipeline.webhooks
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT pipeline._set_enabled(event_type, false, coalesce(nullif(btrim(reason), ''), 'disabled by hand'))
 $$;
 COMMENT ON FUNCTION pipeline.disable_webhook(text, text) IS
@@ -227,7 +261,7 @@ COMMENT ON FUNCTION pipeline.disable_webhook(text, text) IS
 
 -- Resuming deliveries to an endpoint.
 CREATE FUNCTION pipeline.enable_webhook(event_type text) RETURNS pipeline.webhooks
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT pipeline._set_enabled(event_type, true, NULL)
 $$;
 COMMENT ON FUNCTION pipeline.enable_webhook(text) IS
@@ -235,7 +269,7 @@ COMMENT ON FUNCTION pipeline.enable_webhook(text) IS
 
 -- Removing an endpoint; its events wait for a new one.
 CREATE FUNCTION pipeline.remove_webhook(event_type text) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM pipeline.webhooks w WHERE w.event_type = remove_webhook.event_type;
     RETURN FOUND;
@@ -245,7 +279,7 @@ COMMENT ON FUNCTION pipeline.remove_webhook(text) IS
     'Removes the endpoint of an event type (false if there was none); its events wait for a new one.';
 
 CREATE FUNCTION pipeline._require_webhook(event_type text) RETURNS pipeline.webhooks
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_row pipeline.webhooks;
 BEGIN
@@ -263,12 +297,13 @@ $$;
 --    "webhooks": {"company_created": "/webhook/validate-company", ...}}
 -- A value is a path joined to base_url, a full URL, or an object with url and
 -- the optional fields method, headers, secret, timeout_ms, max_in_flight,
--- enabled. All or nothing; the same file twice changes nothing. Endpoints not
+-- enabled, allow_unknown_type (an event type sent with pipeline.emit, which
+-- no stage or watch produces; export_registry writes it). All or nothing; the same file twice changes nothing. Endpoints not
 -- in the file stay as they are, and so does the enabled flag of an existing
 -- endpoint unless the file sets it.
 CREATE FUNCTION pipeline.import_registry(registry jsonb)
 RETURNS TABLE (event_type text, url text, action text)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_base    text;
     v_key     text;
@@ -313,8 +348,9 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
         FOR v_key IN SELECT jsonb_object_keys(v_spec) LOOP
-            IF v_key NOT IN ('url', 'method', 'headers', 'secret', 'timeout_ms', 'max_in_flight', 'enabled') THEN
-                RAISE EXCEPTION '%unknown key % (expected url, method, headers, secret, timeout_ms, max_in_flight, enabled)',
+            IF v_key NOT IN ('url', 'method', 'headers', 'secret', 'timeout_ms', 'max_in_flight', 'enabled',
+                             'allow_unknown_type') THEN
+                RAISE EXCEPTION '%unknown key % (expected url, method, headers, secret, timeout_ms, max_in_flight, enabled, allow_unknown_type)',
                     v_where, to_json(v_key)
                     USING ERRCODE = 'invalid_parameter_value';
             END IF;
@@ -325,6 +361,7 @@ BEGIN
         PERFORM pipeline._check_json_type(v_where, v_spec, 'timeout_ms', 'number');
         PERFORM pipeline._check_json_type(v_where, v_spec, 'max_in_flight', 'number');
         PERFORM pipeline._check_json_type(v_where, v_spec, 'enabled', 'boolean');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'allow_unknown_type', 'boolean');
         IF NOT v_spec ? 'url' THEN
             RAISE EXCEPTION '%url is missing', v_where USING ERRCODE = 'invalid_parameter_value';
         END IF;
@@ -355,13 +392,15 @@ BEGIN
         v_new.max_in_flight := (v_spec ->> 'max_in_flight')::numeric::integer;
         v_new.enabled := coalesce((v_spec ->> 'enabled')::boolean, v_old.enabled, true);
         PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_new.headers, v_new.secret,
-                                        v_new.timeout_ms, v_new.max_in_flight, false, v_where);
+                                        v_new.timeout_ms, v_new.max_in_flight,
+                                        coalesce((v_spec ->> 'allow_unknown_type')::boolean, false), v_where);
 
         event_type := v_new.event_type;
         url := v_new.url;
         IF v_old.event_type IS NULL THEN
             PERFORM pipeline.register_webhook(v_new.event_type, v_new.url, v_new.method, v_new.headers,
-                                              v_new.secret, v_new.timeout_ms, v_new.max_in_flight, v_new.enabled);
+                                              v_new.secret, v_new.timeout_ms, v_new.max_in_flight, v_new.enabled,
+                                              allow_unknown_type => true);
             action := 'created';
         ELSIF (v_old.url, v_old.method, v_old.headers, v_old.secret, v_old.timeout_ms, v_old.max_in_flight,
                v_old.enabled)
@@ -388,7 +427,7 @@ COMMENT ON FUNCTION pipeline.import_registry(jsonb) IS
     'returns each endpoint with created, updated or unchanged.';
 
 CREATE FUNCTION pipeline._check_json_type(context text, spec jsonb, key text, expected text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF spec ? key AND jsonb_typeof(spec -> key) <> expected THEN
         RAISE EXCEPTION '%', format('%s%s must be a %s, not %s', context, key, expected, jsonb_typeof(spec -> key))
@@ -400,7 +439,7 @@ $$;
 -- The registry in the file's shape: base_url is the origin most endpoints
 -- share; an endpoint with nothing but a URL under it is written as its path.
 CREATE FUNCTION pipeline.export_registry() RETURNS jsonb
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     WITH base AS (
         SELECT substring(w.url FROM '^(https?://[^/?#]+)') AS origin
         FROM pipeline.webhooks w
@@ -409,7 +448,7 @@ LANGUAGE sql STABLE AS $$
         LIMIT 1
     ), entries AS (
         SELECT w.event_type,
-               CASE WHEN b.origin IS NOT NULL AND w.url LIKE b.origin || '/%'
+               CASE WHEN b.origin IS NOT NULL AND starts_with(w.url, b.origin || '/')
                     THEN substr(w.url, length(b.origin) + 1) ELSE w.url END AS url,
                jsonb_strip_nulls(jsonb_build_object(
                    'method', nullif(w.method, 'POST'),
@@ -417,7 +456,12 @@ LANGUAGE sql STABLE AS $$
                    'secret', w.secret,
                    'timeout_ms', w.timeout_ms,
                    'max_in_flight', w.max_in_flight,
-                   'enabled', CASE WHEN NOT w.enabled THEN false END)) AS options
+                   'enabled', CASE WHEN NOT w.enabled THEN false END,
+                   -- Types sent with pipeline.emit: no stage or watch produces them.
+                   'allow_unknown_type',
+                   CASE WHEN NOT EXISTS (SELECT 1 FROM pipeline.stages s WHERE s.event_type = w.event_type)
+                         AND NOT EXISTS (SELECT 1 FROM pipeline.watches x WHERE x.event_type = w.event_type)
+                        THEN true END)) AS options
         FROM pipeline.webhooks w
         LEFT JOIN base b ON true
     )

@@ -28,7 +28,8 @@ COMMENT ON COLUMN marketing.pipeline_delivery_attempts.outcome IS
 
 -- A batch of due events that have an enabled endpoint, claimed as by
 -- pipeline.claim, each with its endpoint and the request body to send.
-CREATE FUNCTION pipeline._claim_deliveries(batch_size integer, lease interval DEFAULT NULL)
+CREATE FUNCTION pipeline._claim_deliveries(batch_size integer, lease interval DEFAULT NULL,
+                                           consumer text DEFAULT NULL)
 RETURNS TABLE (
     event_id      bigint,
     attempt       integer,
@@ -41,7 +42,7 @@ RETURNS TABLE (
     max_in_flight integer,
     body          text
 )
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT c.id, c.attempts, c.event_type, w.url, w.method, w.headers::text, w.secret, w.timeout_ms,
            w.max_in_flight,
            jsonb_build_object(
@@ -52,7 +53,8 @@ LANGUAGE sql AS $$
                'source', jsonb_build_object('table', c.source_table, 'op', c.source_op, 'key', c.source_key),
                'data', c.payload)::text
     FROM pipeline.claim(_claim_deliveries.batch_size, _claim_deliveries.lease,
-                        ARRAY(SELECT w.event_type FROM pipeline.webhooks w WHERE w.enabled)) c
+                        ARRAY(SELECT w.event_type FROM pipeline.webhooks w WHERE w.enabled),
+                        _claim_deliveries.consumer) c
     JOIN pipeline.webhooks w ON w.event_type = c.event_type
 $$;
 
@@ -70,7 +72,7 @@ CREATE FUNCTION pipeline._record_deliveries(
     excerpts       text[],
     urls           text[]
 ) RETURNS TABLE (event_id bigint, status text)
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     WITH o AS (
         SELECT o.*, e.event_type
         FROM unnest(_record_deliveries.event_ids, _record_deliveries.attempts, _record_deliveries.outcomes,
@@ -111,7 +113,7 @@ $$;
 -- Failed and dead events stay until someone replays or deletes them.
 CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
 RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
     v_events  bigint;
@@ -170,7 +172,47 @@ ORDER BY w.event_type;
 COMMENT ON VIEW marketing.vw_endpoint_health IS
     'Each endpoint: enabled or why not, events waiting for it, and its deliveries, failures and latency in the last hour.';
 
--- One row to see whether the pipeline is moving.
+-- The delivery worker's pid when it runs in this database, else NULL. This
+-- is what a trigger-only install has (no worker there); the extension
+-- replaces it with a function of its library that asks shared memory, so
+-- that it tells the truth to any role (pg_stat_activity hides the worker
+-- from roles without pg_read_all_stats).
+CREATE FUNCTION pipeline._worker_pid() RETURNS integer
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT NULL::integer
+$$;
+
+-- One row to see whether the pipeline is moving. Events of a type without
+-- an enabled endpoint are not backlog: they wait for an endpoint, and are
+-- counted apart (without_endpoint).
+CREATE VIEW marketing.vw_pipeline_status AS
+WITH open_events AS (
+    SELECT e.status, e.created_at, w.event_type IS NOT NULL AS deliverable
+    FROM marketing.pipeline_events e
+    LEFT JOIN pipeline.webhooks w ON w.event_type = e.event_type AND w.enabled
+    WHERE e.status IN ('pending', 'processing', 'failed')
+)
+SELECT pipeline._worker_pid() IS NOT NULL AS worker_running,
+       pipeline._worker_pid() AS worker_pid,
+       count(*) FILTER (WHERE o.status = 'pending' AND o.deliverable) AS pending,
+       count(*) FILTER (WHERE o.status = 'processing') AS processing,
+       count(*) FILTER (WHERE o.status = 'failed' AND o.deliverable) AS failed,
+       (SELECT count(*) FROM marketing.pipeline_events d WHERE d.status = 'dead') AS dead,
+       now() - min(o.created_at) FILTER (WHERE o.status IN ('pending', 'failed') AND o.deliverable)
+           AS oldest_pending_age,
+       (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
+        WHERE a.created_at > now() - interval '1 minute' AND a.outcome = 'delivered') AS delivered_last_minute,
+       (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
+        WHERE a.created_at > now() - interval '1 minute' AND a.outcome <> 'delivered') AS failed_last_minute,
+       (SELECT count(*) FROM pipeline.webhooks w WHERE w.enabled) AS endpoints_enabled,
+       (SELECT count(*) FROM pipeline.webhooks w WHERE NOT w.enabled) AS endpoints_disabled,
+       (SELECT count(*) FROM marketing.pipeline_error_log l WHERE NOT l.resolved) AS unresolved_errors,
+       count(*) FILTER (WHERE o.status IN ('pending', 'failed') AND NOT o.deliverable) AS without_endpoint
+FROM open_events o;
+COMMENT ON VIEW marketing.vw_pipeline_status IS
+    'What pipeline.status() returns: the worker, the backlog by status (events with an enabled endpoint), dead '
+    'events, the last minute''s deliveries and failures, endpoints, unresolved errors, events waiting for an endpoint.';
+
 CREATE FUNCTION pipeline.status()
 RETURNS TABLE (
     worker_running         boolean,
@@ -184,42 +226,32 @@ RETURNS TABLE (
     failed_last_minute     bigint,
     endpoints_enabled      bigint,
     endpoints_disabled     bigint,
-    unresolved_errors      bigint
+    unresolved_errors      bigint,
+    without_endpoint       bigint
 )
-LANGUAGE sql STABLE AS $$
-    WITH worker AS (
-        SELECT a.pid FROM pg_stat_activity a
-        WHERE a.backend_type = 'pipeline_ext worker' AND a.datname = current_database()
-        LIMIT 1
-    )
-    SELECT (SELECT w.pid FROM worker w) IS NOT NULL,
-           (SELECT w.pid FROM worker w),
-           count(*) FILTER (WHERE e.status = 'pending'),
-           count(*) FILTER (WHERE e.status = 'processing'),
-           count(*) FILTER (WHERE e.status = 'failed'),
-           (SELECT count(*) FROM marketing.pipeline_events d WHERE d.status = 'dead'),
-           now() - min(e.created_at) FILTER (WHERE e.status IN ('pending', 'failed')),
-           (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
-            WHERE a.created_at > now() - interval '1 minute' AND a.outcome = 'delivered'),
-           (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
-            WHERE a.created_at > now() - interval '1 minute' AND a.outcome <> 'delivered'),
-           (SELECT count(*) FROM pipeline.webhooks w WHERE w.enabled),
-           (SELECT count(*) FROM pipeline.webhooks w WHERE NOT w.enabled),
-           (SELECT count(*) FROM marketing.pipeline_error_log l WHERE NOT l.resolved)
-    FROM marketing.pipeline_events e
-    WHERE e.status IN ('pending', 'processing', 'failed')
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM marketing.vw_pipeline_status
 $$;
 COMMENT ON FUNCTION pipeline.status() IS
-    'Whether the delivery worker runs in this database, events by open status, dead events, the oldest '
-    'waiting event''s age, deliveries and failures in the last minute, endpoints, unresolved errors.';
+    'Whether the delivery worker runs in this database, events by open status (with an enabled endpoint), dead '
+    'events, the oldest waiting event''s age, deliveries and failures in the last minute, endpoints, unresolved '
+    'errors, and events waiting for an endpoint. Reads marketing.vw_pipeline_status: needs no right on the tables.';
+
+-- Monitoring: pg_monitor (and roles granted it) read the views and status()
+-- without any right on the tables, so without seeing secrets or payloads.
+GRANT SELECT ON marketing.vw_pipeline_status, marketing.vw_endpoint_health, marketing.vw_pending_events,
+                marketing.vw_processing_latency, marketing.vw_pipeline_funnel, marketing.vw_unresolved_errors,
+                marketing.vw_error_rate_24h
+    TO pg_monitor;
+GRANT EXECUTE ON FUNCTION pipeline.status() TO pg_monitor;
 
 -- Handing back claimed events that were never sent (the worker is stopping):
 -- pending again, due now, and the claim does not count as an attempt.
 CREATE FUNCTION pipeline._release(event_ids bigint[], attempts integer[]) RETURNS integer
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     WITH released AS (
         UPDATE marketing.pipeline_events e
-        SET status = 'pending', attempts = e.attempts - 1, next_attempt_at = now()
+        SET status = 'pending', attempts = e.attempts - 1, next_attempt_at = now(), claimed_by = NULL
         FROM unnest(_release.event_ids, _release.attempts) AS j(event_id, attempt)
         WHERE e.id = j.event_id AND e.status = 'processing' AND e.attempts = j.attempt
         RETURNING e.id
@@ -231,7 +263,7 @@ $$;
 -- when one is due already; NULL when none waits), so the worker sleeps
 -- exactly until a retry or an expiring lease needs it.
 CREATE FUNCTION pipeline._next_due_in() RETURNS double precision
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
     FROM pipeline.webhooks w
     CROSS JOIN LATERAL (

@@ -7,13 +7,15 @@
 //! nothing in them may depend on Rust code. SQL that only the extension has
 //! lives in `sql/extension/` and next to the Rust it needs (src/wake.rs).
 //!
-//! Modules: settings (GUCs), wake (commit wake-up of the worker), worker
-//! (the background worker's loop), queue (its SQL), delivery (HTTP, no
-//! PostgreSQL).
+//! Modules: settings (GUCs), wake (commit wake-up of the worker and its
+//! pid for pipeline.status()), worker (the background worker's loop),
+//! transaction (how it runs SQL: short transactions as its own role), queue
+//! (its SQL), delivery (HTTP, no PostgreSQL).
 
 mod delivery;
 mod queue;
 mod settings;
+mod transaction;
 mod wake;
 mod worker;
 
@@ -24,6 +26,7 @@ pub extern "C-unwind" fn _PG_init() {
     // NB: shared memory and background workers can only be set up while the
     // postmaster loads shared_preload_libraries; loaded later (a plain
     // CREATE EXTENSION), the library serves SQL only and nothing delivers.
+    // SAFETY: a flag PostgreSQL sets while it loads shared_preload_libraries.
     let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
     settings::register(preloading);
     wake::register_commit_callback();
@@ -84,6 +87,11 @@ pub extern "C-unwind" fn _PG_init() {
     "../sql/011_delivery.sql",
     name = "delivery",
     requires = ["webhooks"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/extension/worker_role.sql",
+    name = "worker_role",
+    requires = ["delivery"]
 );
 ::pgrx::extension_sql_file!(
     "../sql/extension/config_dump.sql",

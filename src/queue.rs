@@ -1,7 +1,8 @@
 //! The worker's SQL: claiming batches, recording outcomes, releasing unsent
 //! events, finding when the next event is due, and purging old history.
 //! Runs on the worker's main thread only, inside transactions opened by
-//! src/worker.rs; the statements themselves live in sql/011_delivery.sql.
+//! src/transaction.rs (as the worker role, with search_path pg_catalog:
+//! every name here is qualified); the statements live in sql/.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,10 +14,13 @@ use pgrx::spi::SpiResult;
 use crate::delivery::{Attempt, Endpoint, Job};
 use crate::settings::WorkerSettings;
 
+/// The name the worker claims under (marketing.pipeline_events.claimed_by).
+pub const CONSUMER: &str = "pipeline_ext worker";
+
 /// Whether CREATE EXTENSION pipeline_ext has run in this database.
 pub fn extension_ready() -> bool {
     Spi::get_one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pipeline_ext')",
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pipeline_ext')",
     )
     .ok()
     .flatten()
@@ -29,9 +33,9 @@ pub fn claim(settings: &WorkerSettings) -> SpiResult<(Vec<Job>, Vec<Attempt>)> {
     Spi::connect_mut(|client| {
         let rows = client.update(
             "SELECT event_id, attempt, event_type, url, method, headers, secret, timeout_ms, max_in_flight, body
-             FROM pipeline._claim_deliveries($1)",
+             FROM pipeline._claim_deliveries($1, NULL, $2)",
             None,
-            &[settings.batch_size.into()],
+            &[settings.batch_size.into(), CONSUMER.into()],
         )?;
         let mut endpoints: HashMap<String, Result<Arc<Endpoint>, String>> = HashMap::new();
         let mut jobs = Vec::new();
@@ -111,7 +115,7 @@ pub fn record(attempts: &[Attempt]) -> SpiResult<()> {
     let urls: Vec<String> = attempts.iter().map(|a| a.url.clone()).collect();
     Spi::connect_mut(|client| {
         client.update(
-            "SELECT count(*) FROM pipeline._record_deliveries($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "SELECT pg_catalog.count(*) FROM pipeline._record_deliveries($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             None,
             &[
                 ids.into(),
@@ -144,6 +148,14 @@ pub fn release(jobs: &[Job]) -> SpiResult<()> {
         )?;
         Ok(())
     })
+}
+
+/// Takes back what an earlier worker held when it died; returns how many.
+pub fn release_claims() -> SpiResult<i32> {
+    Ok(
+        Spi::get_one_with_args::<i32>("SELECT pipeline.release_claims($1)", &[CONSUMER.into()])?
+            .unwrap_or(0),
+    )
 }
 
 /// How long until the next deliverable event is due; None when none waits.

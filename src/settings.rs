@@ -6,11 +6,21 @@
 //! superuser-settable per session too, because the SQL queue functions read
 //! them with current_setting() wherever they run; the sql/ files carry the
 //! same defaults for trigger-only installs, where this library is absent.
+//!
+//! Values that cannot work are refused when they are written (SET, ALTER
+//! SYSTEM, the configuration file), with a message naming the setting:
+//! a worker role that is a superuser, a proxy URL that does not parse.
 
-use std::ffi::CString;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::fmt;
 use std::time::Duration;
 
+use pgrx::pg_sys;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// The role the worker's SQL runs as when pipeline.worker_role is not set;
+/// CREATE EXTENSION creates it (sql/extension/worker_role.sql).
+pub const DEFAULT_WORKER_ROLE: &str = "pipeline_worker";
 
 static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 static DATABASE: GucSetting<Option<CString>> =
@@ -25,6 +35,9 @@ static LEASE_TIME_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static WORKER_ROLE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"pipeline_worker"));
+static HTTP_PROXY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// Registers the settings; called from `_PG_init` in every process that
 /// loads the library. `preloading`: loaded by shared_preload_libraries.
@@ -148,11 +161,114 @@ pub fn register(preloading: bool) {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"pipeline".as_ptr()) };
+    // SAFETY: the hooks are #[pg_guard]ed extern functions that only read
+    // their argument and the catalogs; the settings are statics.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"pipeline.worker_role",
+            c"Role the delivery worker's SQL runs as.",
+            c"Must not be a superuser. CREATE EXTENSION creates pipeline_worker with exactly the rights the worker needs; another role must be a member of it.",
+            &WORKER_ROLE,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_worker_role),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"pipeline.http_proxy",
+            c"Proxy for webhook requests (http://host:port, socks5://host:port); empty for none.",
+            c"The server's environment (HTTP_PROXY, ALL_PROXY, NO_PROXY) is never consulted.",
+            &HTTP_PROXY,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_http_proxy),
+            None,
+            None,
+        );
+    }
+    // SAFETY: a plain call with a static C string, in _PG_init.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"pipeline".as_ptr()) };
+}
+
+/// Refuses a worker role that is a superuser (when the catalogs can be read,
+/// that is in a session; at server start the worker checks it again).
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_worker_role(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
+    let Some(name) = (unsafe { string_value(newval) }) else {
+        return refuse(c"pipeline.worker_role must name a role");
+    };
+    if name.trim().is_empty() || name.len() >= pg_sys::NAMEDATALEN as usize {
+        return refuse(c"pipeline.worker_role must name a role (1-63 bytes)");
+    }
+    // NB: catalog look-ups need a transaction; outside one (server start,
+    // reload in the postmaster) the worker checks the role itself.
+    // SAFETY: a plain query of the transaction state.
+    if unsafe { pg_sys::IsTransactionState() } {
+        let cname = CString::new(name).unwrap_or_default();
+        // SAFETY: inside a transaction; NUL-terminated name.
+        let superuser = unsafe {
+            let oid = pg_sys::get_role_oid(cname.as_ptr(), true);
+            oid != pg_sys::InvalidOid && pg_sys::superuser_arg(oid)
+        };
+        if superuser {
+            return refuse(
+                c"pipeline.worker_role names a superuser: the worker must run as a role without superuser rights",
+            );
+        }
+    }
+    true
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_http_proxy(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
+    match unsafe { string_value(newval) } {
+        Some(url) if !url.trim().is_empty() => match crate::delivery::proxy_of(&url) {
+            Ok(_) => true,
+            Err(error) => {
+                let message =
+                    CString::new(format!("pipeline.http_proxy: {error}")).unwrap_or_default();
+                refuse(&message)
+            }
+        },
+        _ => true,
+    }
+}
+
+/// The proposed value of a string setting (NULL for none).
+///
+/// # Safety
+/// `newval` must be the pointer a GUC check hook receives.
+unsafe fn string_value(newval: *mut *mut c_char) -> Option<String> {
+    // SAFETY: the caller's contract; the value is a NUL-terminated string or NULL.
+    unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            return None;
+        }
+        Some(CStr::from_ptr(*newval).to_string_lossy().into_owned())
+    }
+}
+
+/// Makes a check hook fail with `message`.
+fn refuse(message: &CStr) -> bool {
+    // SAFETY: GUC_check_errmsg_string is read by PostgreSQL right after the
+    // hook returns false; pstrdup copies the message into its memory.
+    unsafe { pg_sys::GUC_check_errmsg_string = pg_sys::pstrdup(message.as_ptr()) };
+    false
 }
 
 /// What the worker needs of the settings, read on its main thread.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct WorkerSettings {
     pub enabled: bool,
     pub batch_size: i32,
@@ -162,6 +278,30 @@ pub struct WorkerSettings {
     pub retention: Duration,
     pub poll_interval: Duration,
     pub ca_file: Option<String>,
+    pub worker_role: String,
+    pub http_proxy: Option<String>,
+}
+
+/// Logged by setting name, as an administrator writes them.
+impl fmt::Debug for WorkerSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pipeline.enabled={} pipeline.worker_role={} pipeline.batch_size={} pipeline.concurrency={} \
+             pipeline.http_timeout={}ms pipeline.lease_time={}s pipeline.retention={}s \
+             pipeline.poll_interval={}ms pipeline.ca_file={} pipeline.http_proxy={}",
+            self.enabled,
+            self.worker_role,
+            self.batch_size,
+            self.concurrency,
+            self.http_timeout.as_millis(),
+            self.lease.as_secs(),
+            self.retention.as_secs(),
+            self.poll_interval.as_millis(),
+            self.ca_file.as_deref().unwrap_or("''"),
+            self.http_proxy.as_deref().unwrap_or("''"),
+        )
+    }
 }
 
 pub fn worker_settings() -> WorkerSettings {
@@ -173,11 +313,17 @@ pub fn worker_settings() -> WorkerSettings {
         lease: Duration::from_secs(LEASE_TIME_S.get() as u64),
         retention: Duration::from_secs(RETENTION_S.get() as u64),
         poll_interval: millis(POLL_INTERVAL_MS.get()),
-        ca_file: CA_FILE
-            .get()
-            .map(|s| s.to_string_lossy().into_owned())
-            .filter(|s| !s.trim().is_empty()),
+        ca_file: non_empty(&CA_FILE),
+        worker_role: non_empty(&WORKER_ROLE).unwrap_or_else(|| DEFAULT_WORKER_ROLE.into()),
+        http_proxy: non_empty(&HTTP_PROXY),
     }
+}
+
+fn non_empty(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.trim().is_empty())
 }
 
 pub fn database() -> String {

@@ -7,6 +7,9 @@
 //! shared memory. One wake per transaction, whatever the number of events;
 //! an aborted transaction wakes nobody. The worker's poll interval covers
 //! anything that slips past (a prepared transaction committed elsewhere).
+//!
+//! The same shared memory tells pipeline.status() whether the worker runs,
+//! to any role (pg_stat_activity hides other users' workers).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -16,11 +19,14 @@ use pgrx::{pg_shmem_init, PgAtomic};
 const NO_WORKER: u32 = u32::MAX;
 
 /// PGPROC number of the running worker, or NO_WORKER.
+// SAFETY: the name is unique to this library; pg_shmem_init! in _PG_init
+// allocates the memory before any process uses it.
 static WORKER_PROC: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pipeline_ext_worker_proc") };
 
 /// Whether the worker would act on new events (it is enabled and some
 /// endpoint is): when not, writers skip the wake-up, which would otherwise
 /// cost a signal and a round of the worker per commit.
+// SAFETY: as for WORKER_PROC.
 static WAKE_WANTED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pipeline_ext_wake_wanted") };
 
 /// Set in _PG_init under shared_preload_libraries: only then does the
@@ -39,6 +45,7 @@ pub fn init_shared_memory() {
 
 /// Called from _PG_init in every process that loads the library.
 pub fn register_commit_callback() {
+    // SAFETY: registers a static #[pg_guard] callback with no argument.
     unsafe { pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut()) };
 }
 
@@ -47,6 +54,8 @@ pub fn publish_worker() {
     if !SHARED_MEMORY.load(Ordering::Relaxed) {
         return;
     }
+    // SAFETY: MyProc is this process's PGPROC once it is connected; the
+    // callback is static and takes no argument.
     unsafe {
         WORKER_PROC
             .get()
@@ -72,6 +81,7 @@ fn wake_wanted() -> bool {
 }
 
 fn is_worker() -> bool {
+    // SAFETY: reads a pointer PostgreSQL sets at process start.
     unsafe { !pg_sys::MyBgworkerEntry.is_null() }
 }
 
@@ -90,6 +100,16 @@ fn _wake_worker<'a>(
     // The worker's own claims and outcomes need no wake-up; new events only
     // when the worker wants them; endpoint changes (the trigger with an
     // argument) always, since they decide what the worker wants.
+    let table = (trigger.table_schema()?, trigger.table_name()?);
+    if !matches!(
+        (table.0.as_str(), table.1.as_str()),
+        ("marketing", "pipeline_events") | ("pipeline", "webhooks")
+    ) {
+        error!(
+            "pipeline._wake_worker() serves only marketing.pipeline_events and pipeline.webhooks, not {}.{}",
+            table.0, table.1
+        );
+    }
     let always = trigger.trigger().tgnargs > 0;
     if !is_worker() && (always || wake_wanted()) {
         WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
@@ -99,6 +119,8 @@ fn _wake_worker<'a>(
 
 pgrx::extension_sql!(
     r#"
+    -- Only the owner may attach it to a table (and it refuses other tables).
+    REVOKE ALL ON FUNCTION pipeline._wake_worker() FROM PUBLIC;
     CREATE TRIGGER pipeline_wake_worker
         AFTER INSERT OR UPDATE ON marketing.pipeline_events
         FOR EACH STATEMENT EXECUTE FUNCTION pipeline._wake_worker();
@@ -140,8 +162,42 @@ fn wake_worker() {
     }
     // A stale number (the worker just exited) only wakes some other process
     // once, which is harmless.
+    // SAFETY: procno indexes ProcGlobal->allProcs (it came from a PGPROC),
+    // and SetLatch may be called on any process's latch.
     unsafe {
         let proc = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
         pg_sys::SetLatch(&raw mut (*proc).procLatch);
     }
+}
+
+/// The worker's pid when it runs in this database, for pipeline.status():
+/// replaces the SQL stand-in of sql/011_delivery.sql (which trigger-only
+/// installs keep, and which always says NULL).
+#[pg_extern(
+    sql = "
+    CREATE OR REPLACE FUNCTION pipeline._worker_pid() RETURNS integer
+    LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'worker_pid_wrapper';
+",
+    requires = ["delivery"]
+)]
+fn worker_pid() -> Option<i32> {
+    if !SHARED_MEMORY.load(Ordering::Relaxed) {
+        return None;
+    }
+    let procno = WORKER_PROC.get().load(Ordering::SeqCst);
+    if procno == NO_WORKER {
+        return None;
+    }
+    // SAFETY: procno indexes ProcGlobal->allProcs (it came from a PGPROC);
+    // its pid and database are plain fields, read once.
+    let (pid, database) = unsafe {
+        let proc = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
+        (
+            std::ptr::read_volatile(&raw const (*proc).pid),
+            std::ptr::read_volatile(&raw const (*proc).databaseId),
+        )
+    };
+    // SAFETY: reads the id of the database this backend is connected to.
+    let here = unsafe { pg_sys::MyDatabaseId };
+    (pid != 0 && database == here).then_some(pid)
 }

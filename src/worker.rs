@@ -22,8 +22,13 @@
 //! a wake-up: a commit that wrote events sets its latch (src/wake.rs), so new
 //! events leave within milliseconds.
 //!
+//! Rights: the worker connects as the bootstrap superuser (a background
+//! worker can do nothing else before CREATE EXTENSION made its role), but
+//! every transaction runs as pipeline.worker_role (src/transaction.rs).
+//!
 //! Crashes: if the worker dies mid-batch, its claimed events stay processing
-//! until their lease ends and are then claimed again. Delivery is therefore
+//! until the worker is back (it then takes them back at once) or their lease
+//! ends, and are then claimed again. Delivery is therefore
 //! at least once; receivers use the webhook-id header (the event id, the same
 //! on every attempt) to drop duplicates. On SIGTERM the worker starts no new
 //! request, hands back the events it had not started, records what finished
@@ -31,7 +36,6 @@
 //! Requests still in flight are abandoned rather than waited for: their
 //! events stay processing until the lease ends.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,7 +47,7 @@ use pgrx::spi::SpiResult;
 
 use crate::delivery::{dispatch, HttpClient};
 use crate::settings::{self, WorkerSettings};
-use crate::{queue, wake};
+use crate::{queue, transaction, wake};
 
 /// Longest time between two purges of old history.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
@@ -54,6 +58,11 @@ const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 /// Registers the worker; only effective from _PG_init under shared_preload_libraries.
 pub fn register() {
+    // SAFETY: a flag the postmaster sets before loading libraries.
+    if unsafe { pg_sys::IsBinaryUpgrade } {
+        // pg_upgrade's server must see no activity but its own.
+        return;
+    }
     BackgroundWorkerBuilder::new("pipeline_ext delivery worker")
         .set_type("pipeline_ext worker")
         .set_library("pipeline_ext")
@@ -68,6 +77,9 @@ struct Worker {
     settings: WorkerSettings,
     client: Result<Arc<HttpClient>, String>,
     extension_found: bool,
+    claims_released: bool,
+    /// The last failure logged, so that a lasting one is logged once.
+    last_failure: Option<String>,
     waiting_logged: bool,
     last_purge: Option<Instant>,
 }
@@ -78,6 +90,7 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = settings::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    transaction::pin_session_settings();
     wake::publish_worker();
 
     let settings = settings::worker_settings();
@@ -89,6 +102,8 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
         client: build_client(&settings),
         settings,
         extension_found: false,
+        claims_released: false,
+        last_failure: None,
         waiting_logged: false,
         last_purge: None,
     };
@@ -99,6 +114,7 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
         }
         let sleep = worker.round();
         report_activity(pg_sys::BackendState::STATE_IDLE, "waiting");
+        transaction::flush_statistics();
         if !BackgroundWorker::wait_latch(Some(sleep)) {
             break;
         }
@@ -106,11 +122,13 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
     log!("pipeline_ext worker stopping");
     // NB: a non-zero exit lets the postmaster start the worker again after
     // pg_terminate_backend(); during a server shutdown nothing restarts.
+    // SAFETY: ends the process the way PostgreSQL expects a worker to.
     unsafe { pg_sys::proc_exit(1) };
 }
 
 impl Worker {
     fn reload(&mut self) {
+        // SAFETY: the main thread, outside a transaction, as a SIGHUP asks.
         unsafe {
             pg_sys::ConfigReloadPending = 0;
             pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
@@ -121,6 +139,7 @@ impl Worker {
         if settings.ca_file.is_some()
             || settings.ca_file != self.settings.ca_file
             || settings.concurrency != self.settings.concurrency
+            || settings.http_proxy != self.settings.http_proxy
         {
             self.client = build_client(&settings);
         }
@@ -133,6 +152,7 @@ impl Worker {
     /// Delivers everything that is due; returns how long to sleep.
     fn round(&mut self) -> Duration {
         let poll = self.settings.poll_interval;
+        let settings = self.settings.clone();
         if !self.settings.enabled {
             wake::want_wakes(false);
             return poll;
@@ -156,7 +176,7 @@ impl Worker {
             }
             report_activity(pg_sys::BackendState::STATE_RUNNING, "claiming events");
             let Some((jobs, refused)) =
-                in_transaction("claiming events", || queue::claim(&self.settings))
+                self.in_transaction("claiming events", || queue::claim(&settings))
             else {
                 // DROP EXTENSION, for one: look for the extension again.
                 self.extension_found = false;
@@ -175,7 +195,7 @@ impl Worker {
             );
             attempts.extend(refused);
             report_activity(pg_sys::BackendState::STATE_RUNNING, "recording deliveries");
-            let recorded = in_transaction("recording deliveries", || {
+            let recorded = self.in_transaction("recording deliveries", || {
                 queue::record(&attempts)?;
                 queue::release(&unsent)
             });
@@ -191,7 +211,7 @@ impl Worker {
         self.purge_if_due();
         // NB: wake-ups are asked for before looking for due events: an event
         // committed in between is either seen here or wakes the worker.
-        let next_due = in_transaction("finding the next due event", || {
+        let next_due = self.in_transaction("finding the next due event", || {
             wake::want_wakes(queue::any_endpoint_enabled()?);
             queue::next_due_in()
         });
@@ -203,21 +223,54 @@ impl Worker {
     }
 
     /// Whether CREATE EXTENSION has run here; asked until it has, then
-    /// again only after a failed claim.
+    /// again only after a failed claim. The first time it has, the events
+    /// an earlier worker held when it died are taken back.
     fn extension_ready(&mut self) -> bool {
         if !self.extension_found {
+            // NB: no role switch: the worker role may not exist yet, and a
+            // catalog look-up runs no code of anyone's.
             self.extension_found =
-                in_transaction(
-                    "checking for the extension",
-                    || Ok(queue::extension_ready()),
-                )
-                .unwrap_or(false);
+                transaction::run(None, || Ok(queue::extension_ready())).unwrap_or(false);
             if !self.extension_found && !self.waiting_logged {
                 log!("pipeline_ext worker waiting for CREATE EXTENSION pipeline_ext in this database");
                 self.waiting_logged = true;
             }
         }
+        if self.extension_found && !self.claims_released {
+            match self.in_transaction(
+                "taking back the claims of an earlier worker",
+                queue::release_claims,
+            ) {
+                Some(released) => {
+                    if released > 0 {
+                        log!("pipeline_ext worker took back {released} events an earlier worker held");
+                    }
+                    self.claims_released = true;
+                }
+                None => return false,
+            }
+        }
         self.extension_found
+    }
+
+    /// Runs `body` in a transaction of its own as the worker role. A failure
+    /// is logged (once while it lasts) and gives None: the worker carries on
+    /// with the next round instead of dying.
+    fn in_transaction<R>(&mut self, what: &str, body: impl FnOnce() -> SpiResult<R>) -> Option<R> {
+        match transaction::run(Some(&self.settings.worker_role), body) {
+            Ok(value) => {
+                self.last_failure = None;
+                Some(value)
+            }
+            Err(transaction::Failed(message)) => {
+                let failure = format!("{what} failed: {message}");
+                if self.last_failure.as_ref() != Some(&failure) {
+                    warning!("pipeline_ext worker: {failure}");
+                    self.last_failure = Some(failure);
+                }
+                None
+            }
+        }
     }
 
     fn purge_if_due(&mut self) {
@@ -232,7 +285,7 @@ impl Worker {
         report_activity(pg_sys::BackendState::STATE_RUNNING, "purging old history");
         // Small transactions keep locks short and let autovacuum keep up.
         while !shutdown_requested() {
-            match in_transaction("purging old history", || queue::purge(PURGE_BATCH)) {
+            match self.in_transaction("purging old history", || queue::purge(PURGE_BATCH)) {
                 Some(deleted) if deleted >= PURGE_BATCH as i64 => continue,
                 _ => break,
             }
@@ -241,64 +294,31 @@ impl Worker {
 }
 
 fn build_client(settings: &WorkerSettings) -> Result<Arc<HttpClient>, String> {
-    HttpClient::new(settings.concurrency, settings.ca_file.as_deref())
-        .map(Arc::new)
-        .inspect_err(|error| {
-            warning!("pipeline_ext worker cannot deliver until this is fixed: {error}");
-        })
+    HttpClient::new(
+        settings.concurrency,
+        settings.ca_file.as_deref(),
+        settings.http_proxy.as_deref(),
+    )
+    .map(Arc::new)
+    .inspect_err(|error| {
+        warning!("pipeline_ext worker cannot deliver until this is fixed: {error}");
+    })
 }
 
 /// SIGTERM arrived (safe to ask from any thread: it reads one flag).
 fn shutdown_requested() -> bool {
+    // SAFETY: a volatile read of a sig_atomic_t flag set by a signal handler.
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
 }
 
 /// SIGHUP arrived and the settings have not been reread yet.
 fn reload_requested() -> bool {
+    // SAFETY: a volatile read of a sig_atomic_t flag set by a signal handler.
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ConfigReloadPending) != 0 }
 }
 
 fn report_activity(state: pg_sys::BackendState::Type, what: &str) {
     let text = std::ffi::CString::new(what).unwrap_or_default();
+    // SAFETY: the main thread; PostgreSQL copies the NUL-terminated text.
     unsafe { pg_sys::pgstat_report_activity(state, text.as_ptr()) };
-}
-
-/// Runs `body` in a transaction of its own. An error (SQL or Rust) rolls the
-/// transaction back, is logged as a warning, and gives None: the worker
-/// carries on with the next round instead of dying.
-fn in_transaction<R>(what: &str, body: impl FnOnce() -> SpiResult<R>) -> Option<R> {
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let result: Result<R, String> =
-        PgTryBuilder::new(AssertUnwindSafe(|| body().map_err(|e| e.to_string())))
-            .catch_others(|e| Err(caught(e)))
-            .catch_rust_panic(|e| Err(caught(e)))
-            .execute();
-    match result {
-        Ok(value) => {
-            unsafe {
-                pg_sys::PopActiveSnapshot();
-                pg_sys::CommitTransactionCommand();
-            }
-            Some(value)
-        }
-        Err(message) => {
-            unsafe { pg_sys::AbortCurrentTransaction() };
-            warning!("pipeline_ext worker: {what} failed: {message}");
-            None
-        }
-    }
-}
-
-fn caught(error: pg_sys::panic::CaughtError) -> String {
-    match error {
-        pg_sys::panic::CaughtError::PostgresError(report)
-        | pg_sys::panic::CaughtError::ErrorReport(report)
-        | pg_sys::panic::CaughtError::RustPanic {
-            ereport: report, ..
-        } => report.message().to_string(),
-    }
 }

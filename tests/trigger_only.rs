@@ -15,10 +15,12 @@ const SCENARIO: &str = include_str!("fixtures/stage_scenario.sql");
 /// Every object of the pipeline's schemas, one line each, sorted: relations,
 /// columns, constraints, indexes, functions (with a digest of their body),
 /// triggers, view definitions and comments. Functions written in C (the
-/// library's) and what uses them are left out: they are the extension's own.
+/// library's) and what uses them are left out: they are the extension's own;
+/// so is pipeline._worker_pid, a SQL stand-in that the library replaces.
 const CATALOG: &str = r#"
 WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname IN ('intake', 'marketing', 'pipeline')),
-c_functions AS (SELECT oid FROM pg_proc WHERE prolang = (SELECT oid FROM pg_language WHERE lanname = 'c'))
+c_functions AS (SELECT oid FROM pg_proc WHERE prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
+                   OR oid = 'pipeline._worker_pid()'::regprocedure)
 SELECT x FROM (
     SELECT format('relation %s %s', c.oid::regclass, c.relkind) AS x
     FROM pg_class c WHERE c.relnamespace IN (SELECT oid FROM ns)

@@ -419,8 +419,36 @@ fn settings_take_effect_after_reload() {
         r.len() == 5
     });
     eventually(Duration::from_secs(5), "the reload to be logged", || {
-        cluster.log().contains("settings reloaded") && cluster.log().contains("concurrency: 3")
+        cluster.log().contains("settings reloaded")
+            && cluster.log().contains("pipeline.concurrency=3")
     });
+
+    // Settings that cannot work are refused when written, naming the setting.
+    for (statement, expected) in [
+        (
+            "ALTER SYSTEM SET pipeline.worker_role = 'postgres'",
+            "pipeline.worker_role names a superuser",
+        ),
+        (
+            "ALTER SYSTEM SET pipeline.worker_role = ''",
+            "pipeline.worker_role must name a role",
+        ),
+        (
+            "ALTER SYSTEM SET pipeline.http_proxy = 'ftp://proxy.example'",
+            "pipeline.http_proxy: \"ftp://proxy.example\" is not a proxy URL",
+        ),
+    ] {
+        let error = db.batch_execute(statement).unwrap_err();
+        let message = error
+            .as_db_error()
+            .map(|e| e.message().to_string())
+            .unwrap_or_default();
+        assert!(message.contains(expected), "{statement}: {message}");
+    }
+    db.batch_execute("ALTER SYSTEM SET pipeline.http_proxy = 'http://127.0.0.1:3128'")
+        .unwrap();
+    db.batch_execute("ALTER SYSTEM RESET pipeline.http_proxy")
+        .unwrap();
 
     // The database cannot change without a restart, and PostgreSQL says so.
     set(

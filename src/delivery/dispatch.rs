@@ -11,6 +11,7 @@
 //! once without making shutdown wait for a slow receiver.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -111,6 +112,7 @@ where
 
 /// One sending thread: takes jobs until none is left or the batch stops.
 fn sender<S: Fn(&Job) -> Attempt>(shared: &Shared, send: &S, stop: fn() -> bool) {
+    block_signals();
     let (lock, changed) = &**shared;
     loop {
         let job = {
@@ -130,12 +132,39 @@ fn sender<S: Fn(&Job) -> Attempt>(shared: &Shared, send: &S, stop: fn() -> bool)
             changed.notify_all();
             return;
         };
-        let attempt = send(&job);
+        // A panic is one failed attempt (retried), not a lost thread.
+        let attempt = std::panic::catch_unwind(AssertUnwindSafe(|| send(&job)))
+            .unwrap_or_else(|panic| panicked(&job, panic.as_ref()));
         let mut board = lock.lock().unwrap();
         *board.in_flight.get_mut(&job.endpoint.event_type).unwrap() -= 1;
         board.attempts.push(attempt);
         drop(board);
         changed.notify_all();
+    }
+}
+
+/// The attempt of a job whose sending panicked: retried like a network error.
+fn panicked(job: &Job, panic: &(dyn std::any::Any + Send)) -> Attempt {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    Attempt {
+        error: Some(format!("internal error while sending: {what}")),
+        ..Attempt::new(job)
+    }
+}
+
+/// Signals are PostgreSQL's to handle, on the worker's main thread: its
+/// handlers touch process state that is not thread-safe.
+fn block_signals() {
+    // SAFETY: sigfillset initialises the set it is given, and pthread_sigmask
+    // changes only the calling thread's signal mask.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
     }
 }
 
@@ -253,6 +282,31 @@ mod tests {
         );
         assert!(attempts.is_empty(), "the abandoned request has no outcome");
         assert_eq!(unsent.len(), 2);
+    }
+
+    #[test]
+    fn a_panicking_send_is_a_retry_and_the_rest_go_on() {
+        let only = endpoint("only", 2);
+        let send = Arc::new(|job: &Job| {
+            assert!(job.event_id != 3, "bad job");
+            Attempt {
+                verdict: Verdict::Delivered,
+                ..Attempt::new(job)
+            }
+        });
+        let (attempts, unsent) = dispatch(jobs(&only, 0..8), 2, send, never);
+        assert!(unsent.is_empty());
+        assert_eq!(attempts.len(), 8);
+        let bad = attempts.iter().find(|a| a.event_id == 3).unwrap();
+        assert_eq!(bad.verdict, Verdict::Retry);
+        assert!(bad.error.as_deref().unwrap().contains("bad job"), "{bad:?}");
+        assert_eq!(
+            attempts
+                .iter()
+                .filter(|a| a.verdict == Verdict::Delivered)
+                .count(),
+            7
+        );
     }
 
     #[test]

@@ -4,12 +4,16 @@
 //! requests and batches. https is verified against the system trust store,
 //! plus the certificates of `pipeline.ca_file` when set. Redirects are not
 //! followed: a 3xx answer is a failed delivery, as Standard Webhooks says.
+//! A proxy is used only when `pipeline.http_proxy` names one: the server's
+//! environment (HTTP_PROXY, ALL_PROXY, ...) is never read, so that what the
+//! worker connects to does not depend on how the server happened to start.
 
 use std::io::Read;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+use ureq::Proxy;
 
 use super::signature::sign;
 use super::verdict::{retry_after, Verdict};
@@ -26,13 +30,23 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
-    /// `concurrency` sizes the connection pool; `ca_file` adds trusted CAs.
-    pub fn new(concurrency: usize, ca_file: Option<&str>) -> Result<HttpClient, String> {
+    /// `concurrency` sizes the connection pool; `ca_file` adds trusted CAs;
+    /// `proxy` is the proxy URL, if any.
+    pub fn new(
+        concurrency: usize,
+        ca_file: Option<&str>,
+        proxy: Option<&str>,
+    ) -> Result<HttpClient, String> {
         let tls = TlsConfig::builder()
             .root_certs(RootCerts::Specific(Arc::new(trusted_roots(ca_file)?)))
             .build();
+        let proxy = proxy
+            .map(proxy_of)
+            .transpose()
+            .map_err(|e| format!("pipeline.http_proxy: {e}"))?;
         let config = ureq::Agent::config_builder()
             .tls_config(tls)
+            .proxy(proxy)
             .http_status_as_error(false)
             .max_redirects(0)
             .max_idle_connections(concurrency.max(1) * 4)
@@ -103,6 +117,11 @@ impl HttpClient {
         attempt.duration = started.elapsed();
         attempt
     }
+}
+
+/// The proxy a URL names (http, https, socks4, socks5).
+pub fn proxy_of(url: &str) -> Result<Proxy, String> {
+    Proxy::new(url.trim()).map_err(|e| format!("{url:?} is not a proxy URL: {e}"))
 }
 
 /// The start of a response body, as text; None when empty.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use dispatch::dispatch;
-pub use http::HttpClient;
+pub use http::{proxy_of, HttpClient};
 pub use signature::key_of;
 pub use verdict::Verdict;
 

@@ -6,6 +6,7 @@
 mod bad_input;
 mod errors;
 mod indexes;
+mod privileges;
 mod queue;
 mod stages;
 mod verify;

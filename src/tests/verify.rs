@@ -13,8 +13,8 @@ mod tests {
         assert_eq!(problems(), serde_json::json!({}));
         let kinds = json("SELECT jsonb_object_agg(kind, n) FROM (SELECT kind, count(*) AS n FROM pipeline.verify() GROUP BY kind) k");
         assert_eq!(kinds["schema"], 3);
-        assert_eq!(kinds["table"], 10);
-        assert_eq!(kinds["view"], 7);
+        assert_eq!(kinds["table"], 11);
+        assert_eq!(kinds["view"], 8);
         assert_eq!(kinds["trigger"], 6);
     }
 
@@ -39,13 +39,13 @@ mod tests {
         run("CREATE TABLE public.tickets (id int PRIMARY KEY)");
         run("SELECT pipeline.watch('public.tickets', 'ticket_opened')");
         assert_eq!(
-            text("SELECT status FROM pipeline.verify() WHERE name = 'tickets.pipeline_ticket_opened_insert'"),
+            text("SELECT status FROM pipeline.verify() WHERE name = 'public.tickets.pipeline_ticket_opened_insert'"),
             "ok"
         );
         run("DROP TRIGGER pipeline_ticket_opened_insert ON public.tickets");
         assert_eq!(
             problems(),
-            serde_json::json!({ "tickets.pipeline_ticket_opened_insert": "missing" })
+            serde_json::json!({ "public.tickets.pipeline_ticket_opened_insert": "missing" })
         );
     }
 }

@@ -67,7 +67,16 @@ mod tests {
         let cases = [
             ("'company_created', 'ftp://n8n.example/x'", "is not an http:// or https:// URL"),
             ("'company_created', 'n8n.example/webhook'", "is not an http:// or https:// URL"),
-            ("'company_created', 'https://n8n example/x'", "is not a valid URL"),
+            ("'company_created', 'https://n8n example/x'", "must not contain spaces or control characters"),
+            ("'company_created', E'https://n8n\\x01.example/x'", "must not contain spaces or control characters"),
+            ("'company_created', E'https://n8n.example/x\\x7f'", "must not contain spaces or control characters"),
+            ("'company_created', E'https://n8n.example/\\tx'", "must not contain spaces or control characters"),
+            ("'company_created', 'https://n8n.exämple/x'", "must be ASCII"),
+            ("'company_created', 'https://n8n.example/<x>'", "is not a valid URL"),
+            ("'company_created', 'https://-n8n.example/x'", "is not a valid URL"),
+            ("'company_created', 'https://user:pw@n8n.example/x'", "must not carry user:password@"),
+            ("'company_created', 'https://n8n.example:70000/x'", "port outside 1-65535"),
+            ("'company_created', 'https://n8n.example:0/x'", "port outside 1-65535"),
             ("'company_created', NULL", "url must not be NULL"),
             ("'company_created', 'https://n8n.example', method => 'GET'", "method must be POST, PUT or PATCH"),
             ("'company_created', 'https://n8n.example', headers => '[1]'", "headers must be a JSON object"),
@@ -77,6 +86,28 @@ mod tests {
                 "'company_created', 'https://n8n.example', headers => '{\"X-Key\": \"a\\r\\nX-Evil: 1\"}'",
                 "must not contain line breaks",
             ),
+            ("'company_created', 'https://n8n.example', headers => '{\"X-Key\": \"a\\u0001b\"}'", "must not contain control characters"),
+            ("'company_created', 'https://n8n.example', headers => '{\"X-Key\": \"a\\u007fb\"}'", "must not contain control characters"),
+            (
+                "'company_created', 'https://n8n.example', headers => jsonb_build_object('X-Big', repeat('a', 100000))",
+                "is longer than 8192 bytes",
+            ),
+            (
+                "'company_created', 'https://n8n.example', headers => (SELECT jsonb_object_agg('X-' || i, repeat('a', 8000)) FROM generate_series(1, 3) i)",
+                "longer than 16384 bytes in all",
+            ),
+            (
+                "'company_created', 'https://n8n.example', headers => (SELECT jsonb_object_agg('X-' || i, 'v') FROM generate_series(1, 65) i)",
+                "at most 64 headers",
+            ),
+            (
+                "'company_created', 'https://n8n.example', headers => jsonb_build_object(repeat('x', 300), 'v')",
+                "longer than 256 characters",
+            ),
+            ("'company_created', 'https://n8n.example', secret => 'whsec_MfKQ9r8GKYqrTwjU PD8ILPZIo2LaLaSw'", "no spaces"),
+            ("'company_created', 'https://n8n.example', secret => E'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\\n'", "control characters"),
+            ("'company_created', 'https://n8n.example', secret => 'whsec_QR=='", "not canonical base64"),
+            ("'company_created', 'https://n8n.example', secret => repeat('s', 1025)", "longer than 1024"),
             ("'company_created', 'https://n8n.example', headers => '{\"Content-Type\": \"text/plain\"}'", "set by the worker"),
             ("'company_created', 'https://n8n.example', headers => '{\"webhook-signature\": \"v1,x\"}'", "set by the worker"),
             ("'company_created', 'https://n8n.example', secret => 'whsec_!!'", "must continue with base64"),
@@ -167,6 +198,36 @@ mod tests {
         run("SELECT pipeline.disable_webhook('company_promoted', '410 Gone')");
         run(&format!("SELECT pipeline.import_registry('{REGISTRY}')"));
         assert_eq!(webhook("company_promoted")["enabled"], false);
+    }
+
+    #[pg_test]
+    fn webhooks_round_trip_emitted_types_and_literal_origins() {
+        // A type only pipeline.emit sends, and an origin with _ in it that a
+        // LIKE pattern would take as a wildcard.
+        run("SELECT pipeline.register_webhook('audit_note', 'http://a_b.example/z', allow_unknown_type => true)");
+        run("SELECT pipeline.register_webhook('company_created', 'http://a_b.example/y')");
+        run("SELECT pipeline.register_webhook('company_promoted', 'http://aXb.example/z')");
+        let exported = text("SELECT pipeline.export_registry()::text");
+        let document: serde_json::Value = serde_json::from_str(&exported).unwrap();
+        assert_eq!(
+            document["webhooks"]["audit_note"]["allow_unknown_type"],
+            true
+        );
+        assert_eq!(
+            document["webhooks"]["company_promoted"],
+            "http://aXb.example/z"
+        );
+        run("DELETE FROM pipeline.webhooks");
+        let actions = json(&format!(
+            "SELECT jsonb_object_agg(event_type, action) FROM pipeline.import_registry('{exported}')"
+        ));
+        assert_eq!(
+            actions,
+            json!({"audit_note": "created", "company_created": "created", "company_promoted": "created"})
+        );
+        assert_eq!(webhook("company_promoted")["url"], "http://aXb.example/z");
+        assert_eq!(webhook("audit_note")["url"], "http://a_b.example/z");
+        assert_eq!(text("SELECT pipeline.export_registry()::text"), exported);
     }
 
     #[pg_test]

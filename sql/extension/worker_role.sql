@@ -1,0 +1,35 @@
+-- worker_role.sql (extension only): the role the delivery worker's SQL runs as.
+--
+-- The worker never runs SQL as a superuser (src/transaction.rs): every
+-- transaction switches to pipeline.worker_role, by default pipeline_worker,
+-- made here with exactly the rights delivery needs and owning nothing. It
+-- cannot log in. Another role named in pipeline.worker_role gets these
+-- rights by membership: GRANT pipeline_worker TO that_role.
+--
+-- Roles belong to the whole server: the role is made once and reused by
+-- every database with the extension; DROP EXTENSION leaves it (drop it by
+-- hand once no database uses the extension).
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pipeline_worker') THEN
+        CREATE ROLE pipeline_worker NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS;
+    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pipeline_worker' AND rolsuper) THEN
+        RAISE EXCEPTION 'role pipeline_worker exists and is a superuser'
+            USING HINT = 'The delivery worker must not run with superuser rights: ALTER ROLE pipeline_worker NOSUPERUSER.';
+    END IF;
+END
+$$;
+
+-- Claim, settle, release and purge events: the delivery columns only, so
+-- that it cannot change what an event says or where it goes.
+GRANT SELECT, DELETE ON marketing.pipeline_events TO pipeline_worker;
+GRANT UPDATE (status, attempts, next_attempt_at, processed_at, last_error, claimed_by)
+    ON marketing.pipeline_events TO pipeline_worker;
+-- The attempt log, and the error log (failures; resolved once delivered).
+GRANT SELECT, INSERT, DELETE ON marketing.pipeline_delivery_attempts TO pipeline_worker;
+GRANT SELECT, INSERT ON marketing.pipeline_error_log TO pipeline_worker;
+GRANT UPDATE (resolved, resolved_at, resolution_note) ON marketing.pipeline_error_log TO pipeline_worker;
+-- Endpoints: read them, and disable one that answered 410 Gone.
+GRANT SELECT ON pipeline.webhooks TO pipeline_worker;
+GRANT UPDATE (enabled, disabled_reason, updated_at) ON pipeline.webhooks TO pipeline_worker;
