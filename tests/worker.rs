@@ -663,3 +663,69 @@ fn registering_an_endpoint_releases_waiting_events() {
         r.len() == 3
     });
 }
+
+#[test]
+fn a_restarted_worker_takes_back_what_its_predecessor_held() {
+    // A lease of an hour: only the restarted worker taking its claims back
+    // can send the event again within the test.
+    let cluster = Cluster::with_worker("worker-takes-back", &[("pipeline.lease_time", "1h")]);
+    let receiver = Receiver::scripted(|_, n| Answer {
+        delay: if n == 0 {
+            Duration::from_secs(60)
+        } else {
+            Duration::ZERO
+        },
+        ..Answer::status(200)
+    });
+    let mut db = cluster.connect("postgres", "postgres");
+    register(
+        &mut db,
+        "ping",
+        &receiver.url("/ping"),
+        ", timeout_ms => 120000",
+    );
+    emit(&mut db, "ping", 1);
+    receiver.wait_for(Duration::from_secs(5), "the hanging request", |r| {
+        r.len() == 1
+    });
+    let pid = cluster.worker_pid(&mut db);
+    db.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    // The postmaster starts it again after 5 s.
+    receiver.wait_for(Duration::from_secs(20), "the event again", |r| r.len() == 2);
+    wait_for_status(&mut db, "ping", &["processed:2:0"]);
+    assert!(cluster
+        .log()
+        .contains("took back 1 events an earlier worker held"));
+}
+
+#[test]
+fn autovacuum_sees_the_workers_writes_while_it_runs() {
+    let cluster = Cluster::with_worker("worker-stats", &[]);
+    let receiver = Receiver::ok();
+    let mut db = cluster.connect("postgres", "postgres");
+    register(&mut db, "ping", &receiver.url("/ping"), "");
+    let worker = cluster.worker_pid(&mut db);
+    emit(&mut db, "ping", 200);
+    receiver.wait_for(Duration::from_secs(20), "every delivery", |r| {
+        r.len() == 200
+    });
+    // A claim and a settlement per event: 400 updates, reported while the
+    // worker keeps running.
+    eventually(
+        Duration::from_secs(10),
+        "the updates in the statistics",
+        || {
+            one::<i64>(
+            &mut db,
+            "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'marketing.pipeline_events'::regclass",
+        ) >= 400
+        },
+    );
+    assert_eq!(cluster.worker_pid(&mut db), worker, "the worker still runs");
+    let inserted: i64 = one(
+        &mut db,
+        "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = 'marketing.pipeline_delivery_attempts'::regclass",
+    );
+    assert!(inserted >= 200, "attempts inserted: {inserted}");
+}
