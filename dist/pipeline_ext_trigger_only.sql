@@ -2113,19 +2113,35 @@ CREATE TABLE marketing.pipeline_delivery_attempts (
     error            text,
     response_excerpt text,
     created_at       timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT outcome_known CHECK (outcome IN ('delivered', 'retry', 'failed', 'gone'))
+    CONSTRAINT outcome_known CHECK (outcome IN ('delivered', 'retry', 'failed', 'gone', 'refused'))
 );
 CREATE INDEX pipeline_delivery_attempts_event_idx ON marketing.pipeline_delivery_attempts (event_id, attempt);
 CREATE INDEX pipeline_delivery_attempts_created_idx ON marketing.pipeline_delivery_attempts (created_at);
 COMMENT ON TABLE marketing.pipeline_delivery_attempts IS
     'Every delivery attempt: endpoint, HTTP status (NULL when no response came), duration, and the error or the start of the response body.';
 COMMENT ON COLUMN marketing.pipeline_delivery_attempts.outcome IS
-    'delivered (2xx); retry (timeout, connection error, 429, 5xx); failed (other status); gone (410: endpoint disabled).';
+    'delivered (2xx); retry (timeout, connection error, 429, 5xx); failed (other status); gone (410: endpoint disabled); '
+    'refused (never sent: larger than pipeline.max_event_size, or an address pipeline.blocked_networks denies; the event is dead).';
 
 -- A batch of due events that have an enabled endpoint, claimed as by
 -- pipeline.claim, each with its endpoint and the request body to send.
-CREATE FUNCTION pipeline._claim_deliveries(batch_size integer, lease interval DEFAULT NULL,
-                                           consumer text DEFAULT NULL)
+--   skip_types       types to leave alone (their endpoint is busy or probed)
+--   only_types       claim only these types (a probe)
+--   max_bytes        stop adding events once their stored size reaches this
+--                    (the first event always comes); the rest go back
+--   max_event_bytes  an event whose body is larger comes with body NULL and
+--                    its size, and is refused without being sent
+-- Bodies are built for the events kept only, so a claim never holds more
+-- than about max_bytes of them (plus one event).
+CREATE FUNCTION pipeline._claim_deliveries(
+    batch_size      integer,
+    lease           interval DEFAULT NULL,
+    consumer        text DEFAULT NULL,
+    skip_types      text[] DEFAULT NULL,
+    only_types      text[] DEFAULT NULL,
+    max_bytes       bigint DEFAULT NULL,
+    max_event_bytes bigint DEFAULT NULL
+)
 RETURNS TABLE (
     event_id      bigint,
     attempt       integer,
@@ -2136,27 +2152,70 @@ RETURNS TABLE (
     secret        text,
     timeout_ms    integer,
     max_in_flight integer,
-    body          text
+    body          text,
+    body_bytes    bigint
 )
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    SELECT c.id, c.attempts, c.event_type, w.url, w.method, w.headers::text, w.secret, w.timeout_ms,
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_types         text[];
+    v_kept          bigint[] := '{}';
+    v_back_ids      bigint[] := '{}';
+    v_back_attempts integer[] := '{}';
+    v_bytes         bigint := 0;
+    v_row           record;
+BEGIN
+    v_types := ARRAY(SELECT w.event_type::text FROM pipeline.webhooks w
+                     WHERE w.enabled
+                       AND (skip_types IS NULL OR w.event_type::text <> ALL (skip_types))
+                       AND (only_types IS NULL OR w.event_type::text = ANY (only_types)));
+    IF cardinality(v_types) = 0 THEN
+        RETURN;
+    END IF;
+    FOR v_row IN
+        SELECT c.id, c.attempts, pg_column_size(c.payload) AS stored
+        FROM pipeline.claim(batch_size, lease, v_types, consumer) c
+        ORDER BY c.id
+    LOOP
+        IF max_bytes IS NULL OR cardinality(v_kept) = 0 OR v_bytes + v_row.stored <= max_bytes THEN
+            v_kept := v_kept || v_row.id;
+            v_bytes := v_bytes + v_row.stored;
+        ELSE
+            v_back_ids := v_back_ids || v_row.id;
+            v_back_attempts := v_back_attempts || v_row.attempts;
+        END IF;
+    END LOOP;
+    IF cardinality(v_back_ids) > 0 THEN
+        PERFORM pipeline._release(v_back_ids, v_back_attempts);
+    END IF;
+    RETURN QUERY
+    SELECT b.id, b.attempts, b.event_type::text, w.url, w.method, w.headers::text, w.secret, w.timeout_ms,
            w.max_in_flight,
-           jsonb_build_object(
-               'id', c.id,
-               'type', c.event_type,
-               'created_at', c.created_at,
-               'attempt', c.attempts,
-               'source', jsonb_build_object('table', c.source_table, 'op', c.source_op, 'key', c.source_key),
-               'data', c.payload)::text
-    FROM pipeline.claim(_claim_deliveries.batch_size, _claim_deliveries.lease,
-                        ARRAY(SELECT w.event_type FROM pipeline.webhooks w WHERE w.enabled),
-                        _claim_deliveries.consumer) c
-    JOIN pipeline.webhooks w ON w.event_type = c.event_type
+           CASE WHEN max_event_bytes IS NULL OR octet_length(b.body) <= max_event_bytes THEN b.body END,
+           coalesce(octet_length(b.body)::bigint, b.stored::bigint)
+    FROM (
+        SELECT e.id, e.attempts, e.event_type, pg_column_size(e.payload) AS stored,
+               CASE WHEN max_event_bytes IS NOT NULL AND pg_column_size(e.payload) > max_event_bytes THEN NULL
+                    ELSE jsonb_build_object(
+                             'id', e.id,
+                             'type', e.event_type,
+                             'created_at', e.created_at,
+                             'attempt', e.attempts,
+                             'source', jsonb_build_object('table', e.source_table, 'op', e.source_op,
+                                                          'key', e.source_key),
+                             'data', e.payload)::text
+               END AS body
+        FROM marketing.pipeline_events e
+        WHERE e.id = ANY (v_kept)
+        OFFSET 0  -- NB: a fence, so that each body is built once
+    ) b
+    JOIN pipeline.webhooks w ON w.event_type = b.event_type
+    ORDER BY b.id;
+END
 $$;
 
 -- Recording a batch of delivery outcomes (parallel arrays, one entry per
--- attempt): every attempt is logged, the events are settled, and a 410 Gone
--- disables the endpoint that answered it.
+-- attempt): every attempt is logged, the events are settled (a refused one
+-- is dead at once), and a 410 Gone disables the endpoint that answered it.
 CREATE FUNCTION pipeline._record_deliveries(
     event_ids      bigint[],
     attempts       integer[],
@@ -2197,7 +2256,7 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
         ARRAY(SELECT o.outcome = 'delivered' FROM o ORDER BY o.event_id),
         ARRAY(SELECT coalesce(o.error, 'HTTP ' || o.status_code) FROM o ORDER BY o.event_id),
         ARRAY(SELECT now() + make_interval(secs => o.retry_after_ms / 1000.0) FROM o ORDER BY o.event_id),
-        NULL,
+        ARRAY(SELECT o.outcome = 'refused' FROM o ORDER BY o.event_id),
         ARRAY(SELECT jsonb_strip_nulls(jsonb_build_object('url', o.url, 'status_code', o.status_code,
                                                           'outcome', o.outcome, 'response_excerpt', o.excerpt))
               FROM o ORDER BY o.event_id)) s;
@@ -2357,8 +2416,9 @@ $$;
 
 -- Seconds until the next event with an enabled endpoint is due (negative
 -- when one is due already; NULL when none waits), so the worker sleeps
--- exactly until a retry or an expiring lease needs it.
-CREATE FUNCTION pipeline._next_due_in() RETURNS double precision
+-- exactly until a retry or an expiring lease needs it. skip_types: types
+-- the worker is not claiming now (their endpoint is busy or probed).
+CREATE FUNCTION pipeline._next_due_in(skip_types text[] DEFAULT NULL) RETURNS double precision
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
     FROM pipeline.webhooks w
@@ -2369,7 +2429,21 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
         ORDER BY e.next_attempt_at
         LIMIT 1
     ) n
-    WHERE w.enabled
+    WHERE w.enabled AND (skip_types IS NULL OR w.event_type::text <> ALL (skip_types))
+$$;
+
+-- An endpoint that failed answers again: the events that failed meanwhile
+-- are due now instead of on their backoff. Returns how many.
+CREATE FUNCTION pipeline._endpoint_recovered(event_type text) RETURNS integer
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH due AS (
+        UPDATE marketing.pipeline_events e
+        SET next_attempt_at = now()
+        WHERE e.event_type = _endpoint_recovered.event_type
+          AND e.status = 'failed' AND e.next_attempt_at > now()
+        RETURNING e.id
+    )
+    SELECT count(*)::integer FROM due
 $$;
 
 COMMIT;

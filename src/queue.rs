@@ -6,12 +6,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 
-use crate::delivery::{Attempt, Endpoint, Job};
+use crate::delivery::{Attempt, Endpoint, Job, Verdict};
 use crate::settings::WorkerSettings;
 
 /// The name the worker claims under (marketing.pipeline_events.claimed_by).
@@ -27,15 +27,36 @@ pub fn extension_ready() -> bool {
     .unwrap_or(false)
 }
 
-/// Claims a batch. Events whose endpoint row cannot be used come back as
-/// refused attempts rather than jobs.
-pub fn claim(settings: &WorkerSettings) -> SpiResult<(Vec<Job>, Vec<Attempt>)> {
+/// What to claim.
+pub struct Claim {
+    pub limit: i32,
+    /// Types to leave alone (busy or probed endpoints).
+    pub skip: Vec<String>,
+    /// Only these types (a probe).
+    pub only: Option<Vec<String>>,
+    /// Bytes of bodies the claim may add.
+    pub max_bytes: i64,
+}
+
+/// Claims a batch. Events whose endpoint row cannot be used, or that are
+/// larger than pipeline.max_event_size, come back as attempts rather than
+/// jobs.
+pub fn claim(settings: &WorkerSettings, want: &Claim) -> SpiResult<(Vec<Job>, Vec<Attempt>)> {
+    let claimed_at = Instant::now();
     Spi::connect_mut(|client| {
         let rows = client.update(
-            "SELECT event_id, attempt, event_type, url, method, headers, secret, timeout_ms, max_in_flight, body
-             FROM pipeline._claim_deliveries($1, NULL, $2)",
+            "SELECT event_id, attempt, event_type, url, method, headers, secret, timeout_ms, max_in_flight,
+                    body, body_bytes
+             FROM pipeline._claim_deliveries($1, NULL, $2, $3, $4, $5, $6)",
             None,
-            &[settings.batch_size.into(), CONSUMER.into()],
+            &[
+                want.limit.into(),
+                CONSUMER.into(),
+                want.skip.clone().into(),
+                want.only.clone().into(),
+                want.max_bytes.into(),
+                (settings.max_event_bytes as i64).into(),
+            ],
         )?;
         let mut endpoints: HashMap<String, Result<Arc<Endpoint>, String>> = HashMap::new();
         let mut jobs = Vec::new();
@@ -64,14 +85,34 @@ pub fn claim(settings: &WorkerSettings) -> SpiResult<(Vec<Job>, Vec<Attempt>)> {
                     built
                 }
             };
-            match endpoint {
-                Ok(endpoint) => jobs.push(Job {
-                    event_id,
-                    attempt,
-                    endpoint,
-                    body: row.get(10)?.unwrap_or_default(),
-                }),
-                Err(error) => refused.push(Attempt::refused(event_id, attempt, url, error)),
+            let body: Option<String> = row.get(10)?;
+            match (endpoint, body) {
+                (Ok(endpoint), Some(body)) => {
+                    let deadline = claimed_at + start_within(settings.lease, endpoint.timeout);
+                    jobs.push(Job {
+                        event_id,
+                        attempt,
+                        endpoint,
+                        body,
+                        deadline,
+                    })
+                }
+                (Ok(_), None) => {
+                    let bytes: i64 = row.get(11)?.unwrap_or_default();
+                    refused.push(Attempt {
+                        verdict: Verdict::Refused,
+                        ..Attempt::refused(
+                            event_id,
+                            attempt,
+                            url,
+                            format!(
+                                "not sent: the event is {bytes} bytes, more than pipeline.max_event_size ({} bytes)",
+                                settings.max_event_bytes
+                            ),
+                        )
+                    });
+                }
+                (Err(error), _) => refused.push(Attempt::refused(event_id, attempt, url, error)),
             }
         }
         Ok((jobs, refused))
@@ -158,9 +199,30 @@ pub fn release_claims() -> SpiResult<i32> {
     )
 }
 
-/// How long until the next deliverable event is due; None when none waits.
-pub fn next_due_in() -> SpiResult<Option<Duration>> {
-    let seconds = Spi::get_one::<f64>("SELECT pipeline._next_due_in()")?;
+/// How long after its claim a request may still start: it must end before
+/// the lease does, or the event could be claimed again while it is out.
+fn start_within(lease: Duration, timeout: Duration) -> Duration {
+    if timeout < lease {
+        lease - timeout
+    } else {
+        lease / 2
+    }
+}
+
+/// An endpoint answers again: its failed events are due now; returns how many.
+pub fn endpoint_recovered(event_type: &str) -> SpiResult<i32> {
+    Ok(Spi::get_one_with_args::<i32>(
+        "SELECT pipeline._endpoint_recovered($1)",
+        &[event_type.into()],
+    )?
+    .unwrap_or(0))
+}
+
+/// How long until the next deliverable event of a type not skipped is due;
+/// None when none waits.
+pub fn next_due_in(skip: &[String]) -> SpiResult<Option<Duration>> {
+    let seconds =
+        Spi::get_one_with_args::<f64>("SELECT pipeline._next_due_in($1)", &[skip.to_vec().into()])?;
     Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
 }
 

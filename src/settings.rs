@@ -38,6 +38,8 @@ static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new
 static WORKER_ROLE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"pipeline_worker"));
 static HTTP_PROXY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static MAX_EVENT_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(1024);
+static MAX_BYTES_IN_FLIGHT_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 
 /// Registers the settings; called from `_PG_init` in every process that
 /// loads the library. `preloading`: loaded by shared_preload_libraries.
@@ -75,8 +77,8 @@ pub fn register(preloading: bool) {
     );
     GucRegistry::define_int_guc(
         c"pipeline.concurrency",
-        c"HTTP requests the worker keeps in flight at once.",
-        c"An endpoint's max_in_flight lowers this for that endpoint.",
+        c"HTTP requests the worker keeps in flight at once to one endpoint.",
+        c"Each endpoint has slots of its own, so a slow one delays no other; an endpoint's max_in_flight overrides this.",
         &CONCURRENCY,
         1,
         256,
@@ -152,6 +154,26 @@ pub fn register(preloading: bool) {
         3_600_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pipeline.max_event_size",
+        c"Largest request body the worker sends.",
+        c"A larger event is never sent: it is dead at once, with its size in the error log.",
+        &MAX_EVENT_SIZE_KB,
+        1,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"pipeline.max_bytes_in_flight",
+        c"Request bodies the worker holds at once, waiting or in flight.",
+        c"Claims stop adding events at this size (one event always comes), so memory stays bounded whatever the events hold.",
+        &MAX_BYTES_IN_FLIGHT_KB,
+        1024,
+        4 * 1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
     );
     GucRegistry::define_string_guc(
         c"pipeline.ca_file",
@@ -280,6 +302,8 @@ pub struct WorkerSettings {
     pub ca_file: Option<String>,
     pub worker_role: String,
     pub http_proxy: Option<String>,
+    pub max_event_bytes: usize,
+    pub max_bytes_in_flight: usize,
 }
 
 /// Logged by setting name, as an administrator writes them.
@@ -289,7 +313,8 @@ impl fmt::Debug for WorkerSettings {
             f,
             "pipeline.enabled={} pipeline.worker_role={} pipeline.batch_size={} pipeline.concurrency={} \
              pipeline.http_timeout={}ms pipeline.lease_time={}s pipeline.retention={}s \
-             pipeline.poll_interval={}ms pipeline.ca_file={} pipeline.http_proxy={}",
+             pipeline.poll_interval={}ms pipeline.ca_file={} pipeline.http_proxy={} \
+             pipeline.max_event_size={}kB pipeline.max_bytes_in_flight={}kB",
             self.enabled,
             self.worker_role,
             self.batch_size,
@@ -300,6 +325,8 @@ impl fmt::Debug for WorkerSettings {
             self.poll_interval.as_millis(),
             self.ca_file.as_deref().unwrap_or("''"),
             self.http_proxy.as_deref().unwrap_or("''"),
+            self.max_event_bytes / 1024,
+            self.max_bytes_in_flight / 1024,
         )
     }
 }
@@ -316,6 +343,8 @@ pub fn worker_settings() -> WorkerSettings {
         ca_file: non_empty(&CA_FILE),
         worker_role: non_empty(&WORKER_ROLE).unwrap_or_else(|| DEFAULT_WORKER_ROLE.into()),
         http_proxy: non_empty(&HTTP_PROXY),
+        max_event_bytes: MAX_EVENT_SIZE_KB.get().max(1) as usize * 1024,
+        max_bytes_in_flight: MAX_BYTES_IN_FLIGHT_KB.get().max(1) as usize * 1024,
     }
 }
 

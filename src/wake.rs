@@ -35,6 +35,8 @@ static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 
 /// This backend wrote events in the current transaction.
 static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+/// ... or changed an endpoint: wake the worker whatever it wants.
+static WAKE_ALWAYS: AtomicBool = AtomicBool::new(false);
 
 /// Called from _PG_init while shared_preload_libraries are loaded.
 pub fn init_shared_memory() {
@@ -76,8 +78,8 @@ pub fn want_wakes(wanted: bool) {
     }
 }
 
-fn wake_wanted() -> bool {
-    !SHARED_MEMORY.load(Ordering::Relaxed) || WAKE_WANTED.get().load(Ordering::Relaxed)
+fn wake_wanted_now() -> bool {
+    !SHARED_MEMORY.load(Ordering::Relaxed) || WAKE_WANTED.get().load(Ordering::SeqCst)
 }
 
 fn is_worker() -> bool {
@@ -110,9 +112,14 @@ fn _wake_worker<'a>(
             table.0, table.1
         );
     }
-    let always = trigger.trigger().tgnargs > 0;
-    if !is_worker() && (always || wake_wanted()) {
+    // NB: whether the worker wants the wake-up is asked at commit, once the
+    // events are visible: asked here, a worker that turns wake-ups on and
+    // then looks for due events before this commit would miss them.
+    if !is_worker() {
         WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
+        if trigger.trigger().tgnargs > 0 {
+            WAKE_ALWAYS.store(true, Ordering::Relaxed);
+        }
     }
     Ok(None)
 }
@@ -140,13 +147,18 @@ unsafe extern "C-unwind" fn on_transaction_end(
 ) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT
-            if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) =>
-        {
-            wake_worker();
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            let wrote = WAKE_AT_COMMIT.swap(false, Ordering::Relaxed);
+            let always = WAKE_ALWAYS.swap(false, Ordering::Relaxed);
+            // The commit is visible to new snapshots by now (the callback
+            // runs after the proc array knows it ended).
+            if wrote && (always || wake_wanted_now()) {
+                wake_worker();
+            }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+            WAKE_ALWAYS.store(false, Ordering::Relaxed);
         }
         _ => {}
     }

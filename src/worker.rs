@@ -4,38 +4,42 @@
 //! One background worker, started by the postmaster when the library is in
 //! shared_preload_libraries, works in the database named by
 //! pipeline.database. It waits quietly until CREATE EXTENSION pipeline_ext
-//! has run there. Each round:
+//! has run there. Then it turns, each turn doing what is due of:
 //!
-//!   1. claim: one short transaction claims a batch of due events whose type
-//!      has an enabled endpoint (FOR UPDATE SKIP LOCKED). They become
-//!      processing with a lease (pipeline.lease_time) and the transaction
-//!      commits: no transaction stays open while requests are in flight.
-//!   2. deliver: plain threads (src/delivery/) send the batch concurrently
-//!      over keep-alive connections, within each endpoint's max_in_flight.
-//!      They never call into PostgreSQL.
-//!   3. record: a second transaction logs every attempt and settles every
-//!      event (processed, failed with its next attempt time, or dead), and
-//!      disables endpoints that answered 410 Gone.
+//!   1. record: one transaction logs the attempts that finished since the
+//!      last turn, settles their events (processed, failed with the next
+//!      attempt time, dead), disables endpoints that answered 410 Gone,
+//!      hands back unsent events, and makes the failed events of an endpoint
+//!      that answers again due at once.
+//!   2. claim: one short transaction claims due events whose endpoint has
+//!      room, up to pipeline.batch_size and pipeline.max_bytes_in_flight
+//!      (FOR UPDATE SKIP LOCKED). They become processing with a lease and
+//!      the transaction commits: none stays open while requests are out.
+//!   3. deliver: the dispatcher (src/delivery/) sends them on plain threads
+//!      that never call into PostgreSQL, each endpoint in a lane of its own
+//!      within its max_in_flight, so a slow or hanging endpoint delays no
+//!      other. An endpoint that keeps failing is probed one request at a time.
 //!
-//! Rounds repeat while batches come back full; then the worker sleeps until
-//! the next event is due (a retry, an expiring lease), the poll interval, or
-//! a wake-up: a commit that wrote events sets its latch (src/wake.rs), so new
-//! events leave within milliseconds.
+//! Then it waits for whichever comes first: a request finishing (a pipe the
+//! dispatcher writes), a commit of new events (src/wake.rs sets the latch),
+//! the next event due (a retry, an expiring lease, a probe), or the poll
+//! interval. So outcomes are recorded as they come, and new events leave
+//! within milliseconds while slow requests are still out.
 //!
 //! Rights: the worker connects as the bootstrap superuser (a background
 //! worker can do nothing else before CREATE EXTENSION made its role), but
 //! every transaction runs as pipeline.worker_role (src/transaction.rs).
 //!
-//! Crashes: if the worker dies mid-batch, its claimed events stay processing
-//! until the worker is back (it then takes them back at once) or their lease
-//! ends, and are then claimed again. Delivery is therefore
-//! at least once; receivers use the webhook-id header (the event id, the same
-//! on every attempt) to drop duplicates. On SIGTERM the worker starts no new
-//! request, hands back the events it had not started, records what finished
-//! and exits; the postmaster restarts it unless the server is shutting down.
-//! Requests still in flight are abandoned rather than waited for: their
-//! events stay processing until the lease ends.
+//! Crashes: if the worker dies, the events it held stay processing until
+//! the worker is back (it then takes them back at once) or their lease ends,
+//! and are then claimed again. Delivery is therefore at least once;
+//! receivers use the webhook-id header (the event id, the same on every
+//! attempt) to drop duplicates. On SIGTERM the worker starts no new request,
+//! hands back the events it had not started, records what finished and
+//! exits; the postmaster restarts it unless the server is shutting down.
+//! Requests still in flight are abandoned rather than waited for.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,9 +49,10 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 
-use crate::delivery::{dispatch, HttpClient};
+use crate::delivery::{Attempt, Change, Dispatcher, HttpClient, Job, Sender, Verdict};
+use crate::queue::{self, Claim};
 use crate::settings::{self, WorkerSettings};
-use crate::{queue, transaction, wake};
+use crate::{transaction, wake};
 
 /// Longest time between two purges of old history.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
@@ -55,6 +60,9 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 const PURGE_BATCH: i32 = 1_000;
 /// Pause after a failed transaction, so a persistent error does not spin.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// Outcomes kept for another try when recording them failed; beyond this
+/// the oldest are dropped (their events come back when the lease ends).
+const UNRECORDED_LIMIT: usize = 100_000;
 
 /// Registers the worker; only effective from _PG_init under shared_preload_libraries.
 pub fn register() {
@@ -76,6 +84,15 @@ pub fn register() {
 struct Worker {
     settings: WorkerSettings,
     client: Result<Arc<HttpClient>, String>,
+    dispatcher: Dispatcher,
+    /// Look for due events at the next turn (a commit woke the worker, a
+    /// claim came back full or held back, an endpoint answers again).
+    claim_wanted: bool,
+    /// When the next event not claimed yet is due.
+    next_due_at: Option<Instant>,
+    /// Outcomes not recorded yet (recording failed).
+    unrecorded: Vec<Attempt>,
+    unreleased: Vec<Job>,
     extension_found: bool,
     claims_released: bool,
     /// The last failure logged, so that a lasting one is logged once.
@@ -98,9 +115,19 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
         "pipeline_ext worker {} started in database \"{database}\": {settings:?}",
         env!("CARGO_PKG_VERSION")
     );
+    let client = build_client(&settings);
+    let dispatcher = match Dispatcher::new(sender_of(&client)) {
+        Ok(dispatcher) => dispatcher,
+        Err(error) => error!("pipeline_ext worker cannot start its senders: {error}"),
+    };
     let mut worker = Worker {
-        client: build_client(&settings),
+        client,
         settings,
+        dispatcher,
+        claim_wanted: true,
+        next_due_at: None,
+        unrecorded: Vec::new(),
+        unreleased: Vec::new(),
         extension_found: false,
         claims_released: false,
         last_failure: None,
@@ -112,14 +139,24 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
         if BackgroundWorker::sighup_received() || reload_requested() {
             worker.reload();
         }
-        let sleep = worker.round();
-        report_activity(pg_sys::BackendState::STATE_IDLE, "waiting");
+        let sleep = worker.turn();
+        let (in_flight, _) = worker.dispatcher.load();
+        let what = if in_flight > 0 {
+            "delivering events"
+        } else {
+            "waiting"
+        };
+        report_activity(pg_sys::BackendState::STATE_IDLE, what);
         transaction::flush_statistics();
-        if !BackgroundWorker::wait_latch(Some(sleep)) {
-            break;
+        // NB: the pipe is waited on even with nothing in flight: a request
+        // that finished before this point has left its byte in it.
+        if wait(sleep, Some(worker.dispatcher.wake_fd())) {
+            worker.claim_wanted = true;
         }
+        worker.dispatcher.drain_wake();
     }
     log!("pipeline_ext worker stopping");
+    worker.stop();
     // NB: a non-zero exit lets the postmaster start the worker again after
     // pg_terminate_backend(); during a server shutdown nothing restarts.
     // SAFETY: ends the process the way PostgreSQL expects a worker to.
@@ -142,83 +179,197 @@ impl Worker {
             || settings.http_proxy != self.settings.http_proxy
         {
             self.client = build_client(&settings);
+            self.dispatcher.set_sender(sender_of(&self.client));
         }
         if settings != self.settings {
             log!("pipeline_ext worker settings reloaded: {settings:?}");
             self.settings = settings;
         }
+        self.claim_wanted = true;
     }
 
-    /// Delivers everything that is due; returns how long to sleep.
-    fn round(&mut self) -> Duration {
+    /// Records what finished and claims what there is room for; returns
+    /// how long to wait at most.
+    fn turn(&mut self) -> Duration {
         let poll = self.settings.poll_interval;
-        let settings = self.settings.clone();
-        if !self.settings.enabled {
-            wake::want_wakes(false);
-            return poll;
-        }
         if !self.extension_ready() {
             return poll;
         }
-        let client = match &self.client {
-            Ok(client) => client.clone(),
-            Err(_) => {
-                // Nothing can be sent until a reload fixes the settings.
-                wake::want_wakes(false);
-                return poll;
-            }
-        };
-        let send = Arc::new(move |job: &crate::delivery::Job| client.send(job));
+        if !self.record_finished() {
+            return ERROR_PAUSE;
+        }
+        if !self.settings.enabled || self.client.is_err() {
+            // Nothing is sent until the settings change (a reload wakes it).
+            wake::want_wakes(false);
+            return poll;
+        }
+        let now = Instant::now();
+        let probe_in = self.dispatcher.next_probe_in(now);
+        let due = self.claim_wanted
+            || self.next_due_at.is_some_and(|at| at <= now)
+            || probe_in.is_some_and(|wait| wait.is_zero());
+        if due && !self.claim_due() {
+            // DROP EXTENSION, for one: look for the extension again.
+            self.extension_found = false;
+            return ERROR_PAUSE;
+        }
+        self.purge_if_due();
 
+        let now = Instant::now();
+        let mut wait = poll;
+        if let Some(at) = self.next_due_at {
+            wait = wait.min(at.saturating_duration_since(now));
+        }
+        if let Some(probe) = self.dispatcher.next_probe_in(now) {
+            wait = wait.min(probe);
+        }
+        if self.claim_wanted && self.dispatcher.load().0 == 0 {
+            wait = Duration::ZERO;
+        }
+        wait
+    }
+
+    /// Claims due events while there is room, then finds when the next one
+    /// is due. False when a transaction failed.
+    fn claim_due(&mut self) -> bool {
+        let batch = self.settings.batch_size;
+        self.claim_wanted = false;
         loop {
             if shutdown_requested() || reload_requested() {
-                return Duration::ZERO;
+                self.claim_wanted = true;
+                return true;
+            }
+            let plan = self.dispatcher.plan(batch as usize, Instant::now());
+            let budget = self.settings.max_bytes_in_flight as i64 - plan.held_bytes as i64;
+            let mut claims: Vec<Claim> = plan
+                .probes
+                .iter()
+                .map(|event_type| Claim {
+                    limit: 1,
+                    skip: Vec::new(),
+                    only: Some(vec![event_type.clone()]),
+                    max_bytes: budget.max(1),
+                })
+                .collect();
+            if budget > 0 {
+                claims.push(Claim {
+                    limit: batch,
+                    skip: plan.skip.clone(),
+                    only: None,
+                    max_bytes: budget,
+                });
             }
             report_activity(pg_sys::BackendState::STATE_RUNNING, "claiming events");
-            let Some((jobs, refused)) =
-                self.in_transaction("claiming events", || queue::claim(&settings))
-            else {
-                // DROP EXTENSION, for one: look for the extension again.
-                self.extension_found = false;
-                return ERROR_PAUSE;
+            let settings = self.settings.clone();
+            let Some(claimed) = self.in_transaction("claiming events", || {
+                claims
+                    .iter()
+                    .map(|want| queue::claim(&settings, want))
+                    .collect::<SpiResult<Vec<_>>>()
+            }) else {
+                self.claim_wanted = true;
+                return false;
             };
-            let claimed = jobs.len() + refused.len();
-            if claimed == 0 {
+            let mut full = false;
+            for ((jobs, refused), want) in claimed.into_iter().zip(&claims) {
+                full |= want.only.is_none() && jobs.len() + refused.len() >= want.limit as usize;
+                self.dispatcher.submit(jobs);
+                self.unrecorded.extend(refused);
+            }
+            // Held back by the byte budget or by full lanes: claim again
+            // once requests finish.
+            if budget <= 0 || plan.lanes_full {
+                self.claim_wanted = true;
+            }
+            if !full {
                 break;
             }
-            report_activity(pg_sys::BackendState::STATE_RUNNING, "delivering events");
-            let (mut attempts, unsent) = dispatch(
-                jobs,
-                self.settings.concurrency,
-                send.clone(),
-                shutdown_requested,
-            );
-            attempts.extend(refused);
-            report_activity(pg_sys::BackendState::STATE_RUNNING, "recording deliveries");
-            let recorded = self.in_transaction("recording deliveries", || {
-                queue::record(&attempts)?;
-                queue::release(&unsent)
-            });
-            if recorded.is_none() {
-                // The events stay processing and are claimed again when the lease ends.
-                return ERROR_PAUSE;
-            }
-            if claimed < self.settings.batch_size as usize {
-                break;
+            if !self.record_finished() {
+                return false;
             }
         }
-
-        self.purge_if_due();
+        let skip = self.dispatcher.plan(batch as usize, Instant::now()).skip;
         // NB: wake-ups are asked for before looking for due events: an event
         // committed in between is either seen here or wakes the worker.
-        let next_due = self.in_transaction("finding the next due event", || {
+        let Some(next_due) = self.in_transaction("finding the next due event", || {
             wake::want_wakes(queue::any_endpoint_enabled()?);
-            queue::next_due_in()
+            queue::next_due_in(&skip)
+        }) else {
+            self.claim_wanted = true;
+            return false;
+        };
+        self.next_due_at = next_due.map(|wait| Instant::now() + wait);
+        true
+    }
+
+    /// Records the outcomes that came in; false when that failed (they are
+    /// kept for the next turn).
+    fn record_finished(&mut self) -> bool {
+        let collected = self.dispatcher.collect();
+        self.unrecorded.extend(collected.attempts);
+        self.unreleased.extend(collected.handed_back);
+        let changes = collected.changes;
+        if self.unrecorded.is_empty() && self.unreleased.is_empty() && changes.is_empty() {
+            return true;
+        }
+        report_activity(pg_sys::BackendState::STATE_RUNNING, "recording deliveries");
+        let (attempts, unsent) = (
+            std::mem::take(&mut self.unrecorded),
+            std::mem::take(&mut self.unreleased),
+        );
+        let recorded = self.in_transaction("recording deliveries", || {
+            queue::record(&attempts)?;
+            queue::release(&unsent)?;
+            changes
+                .iter()
+                .filter(|(_, change)| *change == Change::Recovered)
+                .map(|(event_type, _)| {
+                    Ok((event_type.clone(), queue::endpoint_recovered(event_type)?))
+                })
+                .collect::<SpiResult<Vec<_>>>()
         });
-        match next_due {
-            Some(Some(due)) => due.min(poll),
-            Some(None) => poll,
-            None => ERROR_PAUSE,
+        for (event_type, change) in &changes {
+            if let Change::Failing(failures) = change {
+                log!(
+                    "pipeline_ext worker: the endpoint of {event_type} failed {failures} times in a row; \
+                     probing it with one request at a time (every {}s at most) until it answers",
+                    crate::delivery::PROBE_LONGEST.as_secs()
+                );
+            }
+        }
+        match recorded {
+            Some(recovered) => {
+                // A retry or a handed-back event may be due before anything
+                // the worker waits for: look again.
+                if !unsent.is_empty() || attempts.iter().any(|a| a.verdict != Verdict::Delivered) {
+                    self.claim_wanted = true;
+                }
+                for (event_type, due) in recovered {
+                    log!("pipeline_ext worker: the endpoint of {event_type} answers again; {due} waiting events are due now");
+                    self.claim_wanted = true;
+                }
+                true
+            }
+            None => {
+                self.unrecorded = attempts;
+                self.unreleased = unsent;
+                if self.unrecorded.len() > UNRECORDED_LIMIT {
+                    let excess = self.unrecorded.len() - UNRECORDED_LIMIT;
+                    self.unrecorded.drain(..excess);
+                }
+                false
+            }
+        }
+    }
+
+    /// SIGTERM: nothing new starts; what finished is recorded, the rest of
+    /// what was claimed is handed back.
+    fn stop(&mut self) {
+        let (attempts, unsent) = self.dispatcher.stop();
+        self.unrecorded.extend(attempts);
+        self.unreleased.extend(unsent);
+        if self.extension_found {
+            self.record_finished();
         }
     }
 
@@ -291,6 +442,53 @@ impl Worker {
             }
         }
     }
+}
+
+/// What the dispatcher's threads send with: the client, or (while the
+/// settings do not let one be built) a refusal that nothing reaches, since
+/// the worker claims nothing then.
+fn sender_of(client: &Result<Arc<HttpClient>, String>) -> Sender {
+    match client {
+        Ok(client) => {
+            let client = client.clone();
+            Arc::new(move |job: &Job| client.send(job))
+        }
+        Err(error) => {
+            let error = error.clone();
+            Arc::new(move |job: &Job| Attempt {
+                error: Some(error.clone()),
+                ..Attempt::new(job)
+            })
+        }
+    }
+}
+
+/// Sleeps until the latch is set (a commit, a signal), `fd` turns readable
+/// (a request finished), or `timeout` passes. True when the latch woke it.
+fn wait(timeout: Duration, fd: Option<RawFd>) -> bool {
+    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+    if fd.is_some() {
+        events |= pg_sys::WL_SOCKET_READABLE;
+    }
+    let timeout_ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_long;
+    // SAFETY: the main thread; MyLatch is this process's latch, and the
+    // descriptor (when given) is the dispatcher's open pipe.
+    let latch_set = unsafe {
+        pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            events as i32,
+            fd.unwrap_or(-1),
+            timeout_ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        // NB: the wait reports one event; a latch set at the same time as
+        // the pipe turned readable is only seen here.
+        let set = std::ptr::read_volatile(&raw const (*pg_sys::MyLatch).is_set) != 0;
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+        set
+    };
+    pg_sys::check_for_interrupts!();
+    latch_set
 }
 
 fn build_client(settings: &WorkerSettings) -> Result<Arc<HttpClient>, String> {

@@ -222,11 +222,16 @@ fn nothing_a_database_owner_planted_runs_as_superuser() {
     // The worker delivers in this database, as pipeline_worker.
     // company_created and audit_note have endpoints.
     receiver.wait_for(Duration::from_secs(20), "the deliveries", |r| r.len() == 2);
-    let attempts: i64 = one(
-        &mut db,
-        "SELECT pg_catalog.count(*) FROM marketing.pipeline_delivery_attempts",
+    eventually(
+        Duration::from_secs(10),
+        "the attempts to be recorded",
+        || {
+            one::<i64>(
+                &mut db,
+                "SELECT pg_catalog.count(*) FROM marketing.pipeline_delivery_attempts",
+            ) == 2
+        },
     );
-    assert_eq!(attempts, 2);
 
     let (ran, stolen) = planted_effects(&mut db, "public");
     assert!(ran.is_empty(), "planted code ran: {ran:?}");

@@ -1,146 +1,397 @@
-//! Sending a batch concurrently, within each endpoint's cap.
+//! Sending deliveries concurrently, endpoint by endpoint, never waiting for
+//! the slowest.
 //!
-//! `concurrency` threads take jobs in order, skipping an endpoint that has
-//! max_in_flight requests out already (n8n, for one, only queues what it
-//! cannot serve). Jobs of one endpoint leave in the order they came.
+//! Each endpoint (event type) has a lane: its jobs in claim order, and a cap
+//! on its requests in flight (its max_in_flight; 1 while it is probed, see
+//! health.rs). Threads take jobs from the lanes in turn as soon as a lane has
+//! room, and are started as lanes need them (then kept for later jobs), so a
+//! hanging endpoint holds its own slots only, never another's.
 //!
-//! When `stop` turns true (SIGTERM) nothing new starts and the call returns
-//! at once with the attempts finished so far and the jobs never started. The
-//! requests still in flight are abandoned: their events stay processing and
-//! are delivered again when their lease ends, which keeps delivery at least
+//! The caller collects finished attempts whenever it likes: every finish
+//! writes a byte to a pipe whose read end it can wait on beside PostgreSQL's
+//! latch, so outcomes are recorded and new events claimed while slow
+//! requests are still out.
+//!
+//! Jobs handed back unsent (for the caller to release): a job that could not
+//! start before its deadline (its lease would end before the request did);
+//! the waiting jobs of an endpoint that starts failing (only probes go out
+//! then); every waiting job when the dispatcher stops. Requests in flight at
+//! a stop are abandoned: their events stay processing until the lease ends
+//! or the next worker takes its claims back, which keeps delivery at least
 //! once without making shutdown wait for a slow receiver.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use super::health::{Change, Health};
 use super::{Attempt, Job};
 
-/// How often the calling thread looks at `stop` while requests run.
-const STOP_CHECK: Duration = Duration::from_millis(50);
+/// What sends one job.
+pub type Sender = Arc<dyn Fn(&Job) -> Attempt + Send + Sync>;
+
+/// Longest a thread waits without looking at probes and deadlines.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+pub struct Dispatcher {
+    shared: Arc<Shared>,
+    wake_read: OwnedFd,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    work: Condvar,
+    sender: Mutex<Sender>,
+    wake_write: OwnedFd,
+}
 
 #[derive(Default)]
-struct Board {
-    waiting: Vec<(String, VecDeque<Job>)>,
-    in_flight: HashMap<String, usize>,
+struct State {
+    lanes: Vec<Lane>,
     next: usize,
-    attempts: Vec<Attempt>,
+    finished: Vec<Attempt>,
+    handed_back: Vec<Job>,
+    changes: Vec<(String, Change)>,
+    held_bytes: usize,
+    threads: usize,
+    idle: usize,
     stopped: bool,
 }
 
-impl Board {
-    /// The next job whose endpoint has room, taking endpoints in turn.
-    fn take(&mut self) -> Option<Job> {
-        let count = self.waiting.len();
+struct Lane {
+    event_type: String,
+    jobs: VecDeque<Job>,
+    in_flight: usize,
+    health: Health,
+}
+
+/// What the caller should claim next.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Event types not to claim: their lane is full, or their endpoint is
+    /// probed (its events wait in the queue).
+    pub skip: Vec<String>,
+    /// Event types whose endpoint is due for a probe: claim one event each.
+    pub probes: Vec<String>,
+    /// Whether a lane is full: claim again once requests finish.
+    pub lanes_full: bool,
+    /// Bytes of request bodies held (waiting or in flight).
+    pub held_bytes: usize,
+}
+
+/// Everything that happened since the last collect.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub attempts: Vec<Attempt>,
+    pub handed_back: Vec<Job>,
+    pub changes: Vec<(String, Change)>,
+}
+
+impl Dispatcher {
+    pub fn new(sender: Sender) -> io::Result<Dispatcher> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 fills the two descriptors on success; both are then
+        // owned by OwnedFd, which closes them.
+        let (wake_read, wake_write) = unsafe {
+            if libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        };
+        Ok(Dispatcher {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                work: Condvar::new(),
+                sender: Mutex::new(sender),
+                wake_write,
+            }),
+            wake_read,
+        })
+    }
+
+    /// Requests started from now on use `sender` (a rebuilt HTTP client).
+    pub fn set_sender(&self, sender: Sender) {
+        *lock(&self.shared.sender) = sender;
+    }
+
+    /// The descriptor that becomes readable when an attempt finishes.
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake_read.as_raw_fd()
+    }
+
+    /// Empties the wake-up pipe (after a wait on wake_fd).
+    pub fn drain_wake(&self) {
+        let mut buffer = [0u8; 256];
+        // SAFETY: reads into a local buffer from a descriptor we own; the
+        // pipe is non-blocking, so the loop ends when it is empty.
+        while unsafe {
+            libc::read(
+                self.wake_read.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+            )
+        } > 0
+        {}
+    }
+
+    /// Queues jobs behind those of their endpoint and starts what can start.
+    pub fn submit(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let mut state = lock(&self.shared.state);
+        for job in jobs {
+            state.held_bytes += job.body.len();
+            let lane = state.lane(&job.endpoint.event_type);
+            lane.jobs.push_back(job);
+        }
+        self.start_threads(&mut state);
+        drop(state);
+        self.shared.work.notify_all();
+    }
+
+    /// Takes what finished, what was handed back and how endpoints changed.
+    pub fn collect(&self) -> Collected {
+        let mut state = lock(&self.shared.state);
+        state.hand_back_expired(Instant::now());
+        Collected {
+            attempts: std::mem::take(&mut state.finished),
+            handed_back: std::mem::take(&mut state.handed_back),
+            changes: std::mem::take(&mut state.changes),
+        }
+    }
+
+    /// What to claim next, for claims of up to `batch_size` events.
+    pub fn plan(&self, batch_size: usize, now: Instant) -> Plan {
+        let state = lock(&self.shared.state);
+        let mut plan = Plan {
+            held_bytes: state.held_bytes,
+            ..Plan::default()
+        };
+        for lane in &state.lanes {
+            if lane.health.probing() {
+                plan.skip.push(lane.event_type.clone());
+                if lane.in_flight == 0
+                    && lane.jobs.is_empty()
+                    && lane.health.probe_at().is_some_and(|at| at <= now)
+                {
+                    plan.probes.push(lane.event_type.clone());
+                }
+            } else if lane.jobs.len() >= batch_size {
+                plan.skip.push(lane.event_type.clone());
+                plan.lanes_full = true;
+            }
+        }
+        plan
+    }
+
+    /// How long until a probe is due (None: none is waited for).
+    pub fn next_probe_in(&self, now: Instant) -> Option<Duration> {
+        let state = lock(&self.shared.state);
+        state
+            .lanes
+            .iter()
+            .filter(|lane| lane.in_flight == 0 && lane.jobs.is_empty())
+            .filter_map(|lane| lane.health.probe_at())
+            .min()
+            .map(|at| at.saturating_duration_since(now))
+    }
+
+    /// Requests in flight and jobs waiting.
+    pub fn load(&self) -> (usize, usize) {
+        let state = lock(&self.shared.state);
+        state.lanes.iter().fold((0, 0), |(flying, waiting), lane| {
+            (flying + lane.in_flight, waiting + lane.jobs.len())
+        })
+    }
+
+    /// Starts nothing more: returns what finished and every job not started.
+    pub fn stop(&self) -> (Vec<Attempt>, Vec<Job>) {
+        let mut state = lock(&self.shared.state);
+        state.stopped = true;
+        let mut unsent = std::mem::take(&mut state.handed_back);
+        for lane in &mut state.lanes {
+            unsent.extend(lane.jobs.drain(..));
+        }
+        let attempts = std::mem::take(&mut state.finished);
+        drop(state);
+        self.shared.work.notify_all();
+        (attempts, unsent)
+    }
+
+    /// Starts threads for the jobs that can start and find no idle thread.
+    fn start_threads(&self, state: &mut State) {
+        let now = Instant::now();
+        let startable: usize = state.lanes.iter().map(|lane| lane.startable(now)).sum();
+        for _ in state.idle..startable {
+            state.threads += 1;
+            state.idle += 1;
+            let shared = self.shared.clone();
+            std::thread::Builder::new()
+                .name("pipeline_ext sender".into())
+                .spawn(move || sender_thread(&shared))
+                .expect("start a sender thread");
+        }
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        lock(&self.shared.state).stopped = true;
+        self.shared.work.notify_all();
+    }
+}
+
+impl State {
+    fn lane(&mut self, event_type: &str) -> &mut Lane {
+        let index = match self.lanes.iter().position(|l| l.event_type == event_type) {
+            Some(index) => index,
+            None => {
+                self.lanes.push(Lane {
+                    event_type: event_type.to_string(),
+                    jobs: VecDeque::new(),
+                    in_flight: 0,
+                    health: Health::default(),
+                });
+                self.lanes.len() - 1
+            }
+        };
+        &mut self.lanes[index]
+    }
+
+    /// Hands back the waiting jobs whose deadline has passed.
+    fn hand_back_expired(&mut self, now: Instant) {
+        for lane in &mut self.lanes {
+            while lane.jobs.front().is_some_and(|job| job.deadline <= now) {
+                let job = lane.jobs.pop_front().expect("a front job");
+                self.held_bytes -= job.body.len();
+                self.handed_back.push(job);
+            }
+        }
+    }
+
+    /// The next job that may start, taking lanes in turn.
+    fn take(&mut self, now: Instant) -> Option<Job> {
+        self.hand_back_expired(now);
+        let count = self.lanes.len();
         for step in 0..count {
             let index = (self.next + step) % count;
-            let (key, jobs) = &mut self.waiting[index];
-            let Some(front) = jobs.front() else { continue };
-            let busy = self.in_flight.entry(key.clone()).or_default();
-            if *busy < front.endpoint.max_in_flight {
-                *busy += 1;
-                self.next = (index + 1) % count;
-                return jobs.pop_front();
+            let lane = &mut self.lanes[index];
+            if lane.startable(now) == 0 {
+                continue;
             }
+            if lane.health.probing() {
+                lane.health.probe_started();
+            }
+            lane.in_flight += 1;
+            self.next = (index + 1) % count;
+            return lane.jobs.pop_front();
         }
         None
     }
 
-    fn nothing_waiting(&self) -> bool {
-        self.waiting.iter().all(|(_, jobs)| jobs.is_empty())
+    /// When a waiting thread should look again without being told.
+    fn next_check(&self, now: Instant) -> Duration {
+        let probe = self
+            .lanes
+            .iter()
+            .filter(|lane| !lane.jobs.is_empty() && lane.in_flight == 0)
+            .filter_map(|lane| lane.health.probe_at())
+            .min()
+            .map(|at| at.saturating_duration_since(now));
+        probe.unwrap_or(IDLE_CHECK).min(IDLE_CHECK)
     }
 
-    fn done(&self) -> bool {
-        self.nothing_waiting() && self.in_flight.values().all(|&n| n == 0)
+    /// Notes a finished attempt.
+    fn finish(&mut self, job: &Job, attempt: Attempt, now: Instant) {
+        self.held_bytes -= job.body.len();
+        let event_type = &job.endpoint.event_type;
+        let lane = self.lane(event_type);
+        lane.in_flight -= 1;
+        let change = lane.health.record(attempt.verdict, now);
+        if matches!(change, Change::Failing(_)) {
+            // Only probes go out now; the rest waits in the queue.
+            let waiting: Vec<Job> = lane.jobs.drain(..).collect();
+            for job in waiting {
+                self.held_bytes -= job.body.len();
+                self.handed_back.push(job);
+            }
+        }
+        if change != Change::None {
+            self.changes.push((event_type.clone(), change));
+        }
+        self.finished.push(attempt);
     }
 }
 
-type Shared = Arc<(Mutex<Board>, Condvar)>;
-
-/// Sends every job with `send`; returns the attempts made and the jobs left
-/// unsent because `stop` said so.
-pub fn dispatch<S>(
-    jobs: Vec<Job>,
-    concurrency: usize,
-    send: Arc<S>,
-    stop: fn() -> bool,
-) -> (Vec<Attempt>, Vec<Job>)
-where
-    S: Fn(&Job) -> Attempt + Send + Sync + 'static,
-{
-    let total = jobs.len();
-    let mut board = Board {
-        attempts: Vec::with_capacity(total),
-        ..Board::default()
-    };
-    for job in jobs {
-        let key = &job.endpoint.event_type;
-        match board.waiting.iter_mut().find(|(k, _)| k == key) {
-            Some((_, queue)) => queue.push_back(job),
-            None => board.waiting.push((key.clone(), VecDeque::from([job]))),
+impl Lane {
+    /// How many of its jobs could start now.
+    fn startable(&self, now: Instant) -> usize {
+        let Some(front) = self.jobs.front() else {
+            return 0;
+        };
+        if self.health.probing() {
+            let due = self.health.probe_at().is_some_and(|at| at <= now);
+            return usize::from(due && self.in_flight == 0);
         }
+        front
+            .endpoint
+            .max_in_flight
+            .max(1)
+            .saturating_sub(self.in_flight)
+            .min(self.jobs.len())
     }
-    let shared: Shared = Arc::new((Mutex::new(board), Condvar::new()));
-
-    for _ in 0..concurrency.clamp(1, total.max(1)) {
-        let (shared, send) = (shared.clone(), send.clone());
-        std::thread::spawn(move || sender(&shared, &*send, stop));
-    }
-
-    let (lock, changed) = &*shared;
-    let mut board = lock.lock().unwrap();
-    loop {
-        if board.done() {
-            break;
-        }
-        if stop() {
-            board.stopped = true;
-            changed.notify_all();
-            break;
-        }
-        board = changed.wait_timeout(board, STOP_CHECK).unwrap().0;
-    }
-    let attempts = std::mem::take(&mut board.attempts);
-    let unsent = board
-        .waiting
-        .iter_mut()
-        .flat_map(|(_, jobs)| jobs.drain(..))
-        .collect();
-    (attempts, unsent)
 }
 
-/// One sending thread: takes jobs until none is left or the batch stops.
-fn sender<S: Fn(&Job) -> Attempt>(shared: &Shared, send: &S, stop: fn() -> bool) {
+/// One sending thread: takes jobs until the dispatcher stops.
+fn sender_thread(shared: &Shared) {
     block_signals();
-    let (lock, changed) = &**shared;
     loop {
         let job = {
-            let mut board = lock.lock().unwrap();
+            let mut state = lock(&shared.state);
             loop {
-                if board.stopped || stop() || board.nothing_waiting() {
-                    break None;
+                if state.stopped {
+                    state.idle -= 1;
+                    state.threads -= 1;
+                    return;
                 }
-                if let Some(job) = board.take() {
-                    break Some(job);
+                let now = Instant::now();
+                if let Some(job) = state.take(now) {
+                    state.idle -= 1;
+                    break job;
                 }
-                // Jobs wait, but their endpoints are full: wait for a finish.
-                board = changed.wait(board).unwrap();
+                let wait = state.next_check(now);
+                state = shared
+                    .work
+                    .wait_timeout(state, wait)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
         };
-        let Some(job) = job else {
-            changed.notify_all();
-            return;
-        };
+        let sender = lock(&shared.sender).clone();
         // A panic is one failed attempt (retried), not a lost thread.
-        let attempt = std::panic::catch_unwind(AssertUnwindSafe(|| send(&job)))
+        let attempt = std::panic::catch_unwind(AssertUnwindSafe(|| sender(&job)))
             .unwrap_or_else(|panic| panicked(&job, panic.as_ref()));
-        let mut board = lock.lock().unwrap();
-        *board.in_flight.get_mut(&job.endpoint.event_type).unwrap() -= 1;
-        board.attempts.push(attempt);
-        drop(board);
-        changed.notify_all();
+        let mut state = lock(&shared.state);
+        state.finish(&job, attempt, Instant::now());
+        state.idle += 1;
+        drop(state);
+        shared.work.notify_all();
+        // SAFETY: writes one byte from a local to a descriptor we own; the
+        // pipe is non-blocking, and a full pipe already wakes the reader.
+        unsafe {
+            libc::write(shared.wake_write.as_raw_fd(), [1u8].as_ptr().cast(), 1);
+        }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic never happens while the lock is held (sends run unlocked), but
+    // a poisoned lock must not stop deliveries either.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The attempt of a job whose sending panicked: retried like a network error.
@@ -172,7 +423,7 @@ fn block_signals() {
 mod tests {
     use super::*;
     use crate::delivery::{Endpoint, Verdict};
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn endpoint(name: &str, cap: usize) -> Arc<Endpoint> {
         Arc::new(Endpoint {
@@ -192,12 +443,37 @@ mod tests {
             attempt: 1,
             endpoint: endpoint.clone(),
             body: "{}".into(),
+            deadline: Instant::now() + Duration::from_secs(60),
         })
         .collect()
     }
 
-    fn never() -> bool {
-        false
+    fn delivered(job: &Job) -> Attempt {
+        Attempt {
+            verdict: Verdict::Delivered,
+            ..Attempt::new(job)
+        }
+    }
+
+    /// Collects until `done` holds of everything collected; panics after `limit`.
+    fn collect_until(
+        dispatcher: &Dispatcher,
+        limit: Duration,
+        done: impl Fn(&Collected) -> bool,
+    ) -> Collected {
+        let started = Instant::now();
+        let mut all = Collected::default();
+        loop {
+            let more = dispatcher.collect();
+            all.attempts.extend(more.attempts);
+            all.handed_back.extend(more.handed_back);
+            all.changes.extend(more.changes);
+            if done(&all) {
+                return all;
+            }
+            assert!(started.elapsed() < limit, "waited {limit:?}: {all:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     #[test]
@@ -206,23 +482,21 @@ mod tests {
         static PEAK: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
         let slow = endpoint("slow", 2);
         let fast = endpoint("fast", 100);
-        let mut all = jobs(&slow, 0..20);
-        all.extend(jobs(&fast, 100..180));
-
-        let send = Arc::new(|job: &Job| {
+        let dispatcher = Dispatcher::new(Arc::new(|job: &Job| {
             let i = usize::from(job.endpoint.event_type == "fast");
             let now = IN_FLIGHT[i].fetch_add(1, Ordering::SeqCst) + 1;
             PEAK[i].fetch_max(now, Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(2));
             IN_FLIGHT[i].fetch_sub(1, Ordering::SeqCst);
-            Attempt {
-                verdict: Verdict::Delivered,
-                ..Attempt::new(job)
-            }
+            delivered(job)
+        }))
+        .unwrap();
+        dispatcher.submit(jobs(&slow, 0..20));
+        dispatcher.submit(jobs(&fast, 100..180));
+        let all = collect_until(&dispatcher, Duration::from_secs(10), |c| {
+            c.attempts.len() == 100
         });
-        let (attempts, unsent) = dispatch(all, 8, send, never);
-        assert!(unsent.is_empty());
-        let mut ids: Vec<i64> = attempts.iter().map(|a| a.event_id).collect();
+        let mut ids: Vec<i64> = all.attempts.iter().map(|a| a.event_id).collect();
         ids.sort();
         let expected: Vec<i64> = (0..20).chain(100..180).collect();
         assert_eq!(ids, expected, "each job sent exactly once");
@@ -231,77 +505,146 @@ mod tests {
             PEAK[1].load(Ordering::SeqCst) > 2,
             "other endpoints are not held back"
         );
+        assert_eq!(dispatcher.load(), (0, 0));
+        assert_eq!(dispatcher.plan(100, Instant::now()).held_bytes, 0);
     }
 
     #[test]
     fn one_endpoint_keeps_its_order_with_one_slot() {
         let only = endpoint("only", 1);
-        let (attempts, _) = dispatch(jobs(&only, 0..30), 4, Arc::new(Attempt::new), never);
-        let ids: Vec<i64> = attempts.iter().map(|a| a.event_id).collect();
+        let dispatcher = Dispatcher::new(Arc::new(delivered)).unwrap();
+        dispatcher.submit(jobs(&only, 0..30));
+        let all = collect_until(&dispatcher, Duration::from_secs(5), |c| {
+            c.attempts.len() == 30
+        });
+        let ids: Vec<i64> = all.attempts.iter().map(|a| a.event_id).collect();
         assert_eq!(ids, (0..30).collect::<Vec<_>>());
     }
 
     #[test]
-    fn stop_returns_the_jobs_not_started() {
-        static STOPPING: AtomicBool = AtomicBool::new(false);
-        let only = endpoint("only", 1);
-        let send = Arc::new(|job: &Job| {
-            if job.event_id == 2 {
-                STOPPING.store(true, Ordering::SeqCst);
+    fn a_hanging_endpoint_holds_up_no_other() {
+        let hanging = endpoint("hanging", 16);
+        let healthy = endpoint("healthy", 16);
+        let dispatcher = Dispatcher::new(Arc::new(|job: &Job| {
+            if job.endpoint.event_type == "hanging" {
+                std::thread::sleep(Duration::from_secs(3));
             }
-            Attempt::new(job)
+            delivered(job)
+        }))
+        .unwrap();
+        dispatcher.submit(jobs(&hanging, 0..48));
+        let started = Instant::now();
+        // Healthy events arrive in small batches while the others hang.
+        for batch in 0..10 {
+            dispatcher.submit(jobs(&healthy, 1000 + batch * 5..1000 + batch * 5 + 5));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let all = collect_until(&dispatcher, Duration::from_secs(2), |c| {
+            c.attempts.iter().filter(|a| a.event_id >= 1000).count() == 50
         });
-        let (attempts, unsent) = dispatch(jobs(&only, 0..10), 2, send, || {
-            STOPPING.load(Ordering::SeqCst)
-        });
-        let sent: Vec<i64> = attempts.iter().map(|a| a.event_id).collect();
-        assert_eq!(sent, [0, 1, 2]);
-        assert_eq!(
-            unsent.iter().map(|j| j.event_id).collect::<Vec<_>>(),
-            (3..10).collect::<Vec<_>>()
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "healthy deliveries took {:?}",
+            started.elapsed()
         );
+        assert!(all.attempts.iter().all(|a| a.event_id >= 1000));
+        assert_eq!(
+            dispatcher.load().0,
+            16,
+            "the hanging endpoint keeps its own 16"
+        );
+        let (_, unsent) = dispatcher.stop();
+        assert_eq!(unsent.len(), 32);
     }
 
     #[test]
-    fn stop_does_not_wait_for_a_slow_request() {
-        static STOPPING: AtomicBool = AtomicBool::new(false);
-        let only = endpoint("only", 1);
-        let send = Arc::new(|job: &Job| {
-            STOPPING.store(true, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_secs(5));
-            Attempt::new(job)
+    fn a_failing_endpoint_is_probed_one_request_at_a_time() {
+        static SENT: AtomicUsize = AtomicUsize::new(0);
+        let down = endpoint("down", 4);
+        let dispatcher = Dispatcher::new(Arc::new(|job: &Job| {
+            SENT.fetch_add(1, Ordering::SeqCst);
+            Attempt {
+                verdict: Verdict::Retry,
+                error: Some("connection refused".into()),
+                ..Attempt::new(job)
+            }
+        }))
+        .unwrap();
+        dispatcher.submit(jobs(&down, 0..50));
+        let all = collect_until(&dispatcher, Duration::from_secs(5), |c| {
+            !c.changes.is_empty() && c.attempts.len() + c.handed_back.len() == 50
         });
-        let started = std::time::Instant::now();
-        let (attempts, unsent) = dispatch(jobs(&only, 0..3), 1, send, || {
-            STOPPING.load(Ordering::SeqCst)
-        });
+        assert!(matches!(all.changes[0], (ref t, Change::Failing(_)) if t == "down"));
         assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "returned after {:?}",
-            started.elapsed()
+            SENT.load(Ordering::SeqCst) <= 6,
+            "a handful failed, the rest waits"
         );
+        assert_eq!(all.handed_back.len(), 50 - all.attempts.len());
+        let now = Instant::now();
+        let plan = dispatcher.plan(100, now);
+        assert_eq!(plan.skip, ["down"]);
+        assert!(plan.probes.is_empty(), "the first probe waits a second");
+        assert!(dispatcher.next_probe_in(now).unwrap() > Duration::from_millis(500));
+        let plan = dispatcher.plan(100, now + Duration::from_secs(2));
+        assert_eq!(plan.probes, ["down"]);
+    }
+
+    #[test]
+    fn a_job_past_its_deadline_is_handed_back_unsent() {
+        let only = endpoint("only", 1);
+        let dispatcher = Dispatcher::new(Arc::new(|job: &Job| {
+            std::thread::sleep(Duration::from_millis(300));
+            delivered(job)
+        }))
+        .unwrap();
+        let mut batch = jobs(&only, 0..3);
+        for job in &mut batch[1..] {
+            job.deadline = Instant::now() + Duration::from_millis(100);
+        }
+        dispatcher.submit(batch);
+        let all = collect_until(&dispatcher, Duration::from_secs(3), |c| {
+            c.attempts.len() == 1 && c.handed_back.len() == 2
+        });
+        assert_eq!(all.attempts[0].event_id, 0);
+    }
+
+    #[test]
+    fn stop_returns_the_waiting_jobs_without_waiting_for_a_slow_request() {
+        let only = endpoint("only", 1);
+        let dispatcher = Dispatcher::new(Arc::new(|job: &Job| {
+            std::thread::sleep(Duration::from_secs(5));
+            delivered(job)
+        }))
+        .unwrap();
+        dispatcher.submit(jobs(&only, 0..3));
+        std::thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        let (attempts, unsent) = dispatcher.stop();
+        assert!(started.elapsed() < Duration::from_millis(100));
         assert!(attempts.is_empty(), "the abandoned request has no outcome");
-        assert_eq!(unsent.len(), 2);
+        assert_eq!(
+            unsent.iter().map(|j| j.event_id).collect::<Vec<_>>(),
+            [1, 2]
+        );
     }
 
     #[test]
     fn a_panicking_send_is_a_retry_and_the_rest_go_on() {
         let only = endpoint("only", 2);
-        let send = Arc::new(|job: &Job| {
+        let dispatcher = Dispatcher::new(Arc::new(|job: &Job| {
             assert!(job.event_id != 3, "bad job");
-            Attempt {
-                verdict: Verdict::Delivered,
-                ..Attempt::new(job)
-            }
+            delivered(job)
+        }))
+        .unwrap();
+        dispatcher.submit(jobs(&only, 0..8));
+        let all = collect_until(&dispatcher, Duration::from_secs(5), |c| {
+            c.attempts.len() == 8
         });
-        let (attempts, unsent) = dispatch(jobs(&only, 0..8), 2, send, never);
-        assert!(unsent.is_empty());
-        assert_eq!(attempts.len(), 8);
-        let bad = attempts.iter().find(|a| a.event_id == 3).unwrap();
+        let bad = all.attempts.iter().find(|a| a.event_id == 3).unwrap();
         assert_eq!(bad.verdict, Verdict::Retry);
         assert!(bad.error.as_deref().unwrap().contains("bad job"), "{bad:?}");
         assert_eq!(
-            attempts
+            all.attempts
                 .iter()
                 .filter(|a| a.verdict == Verdict::Delivered)
                 .count(),
@@ -310,8 +653,22 @@ mod tests {
     }
 
     #[test]
-    fn empty_batch() {
-        let (attempts, unsent) = dispatch(vec![], 4, Arc::new(Attempt::new), never);
-        assert!(attempts.is_empty() && unsent.is_empty());
+    fn a_finish_makes_the_wake_fd_readable() {
+        let only = endpoint("only", 1);
+        let dispatcher = Dispatcher::new(Arc::new(delivered)).unwrap();
+        let mut poll = libc::pollfd {
+            fd: dispatcher.wake_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one descriptor we own, with a local pollfd.
+        assert_eq!(unsafe { libc::poll(&mut poll, 1, 0) }, 0, "nothing yet");
+        dispatcher.submit(jobs(&only, 0..1));
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::poll(&mut poll, 1, 2000) }, 1);
+        dispatcher.drain_wake();
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::poll(&mut poll, 1, 0) }, 0, "drained");
+        assert_eq!(dispatcher.collect().attempts.len(), 1);
     }
 }

@@ -2,16 +2,22 @@
 //! verdicts. Nothing here calls into PostgreSQL, so it runs on plain threads
 //! and is tested on its own; src/queue.rs hands it jobs and stores what
 //! comes back.
+//!
+//! dispatch: lanes per endpoint, threads, handing outcomes back as they
+//! come; health: probing an endpoint that fails; http: one request;
+//! signature: Standard Webhooks; verdict: what an answer means.
 
 mod dispatch;
+mod health;
 mod http;
 mod signature;
 mod verdict;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-pub use dispatch::dispatch;
+pub use dispatch::{Dispatcher, Sender};
+pub use health::{Change, PROBE_LONGEST};
 pub use http::{proxy_of, HttpClient};
 pub use signature::key_of;
 pub use verdict::Verdict;
@@ -76,6 +82,8 @@ pub struct Job {
     pub attempt: i32,
     pub endpoint: Arc<Endpoint>,
     pub body: String,
+    /// Latest start that still ends before the claim's lease does.
+    pub deadline: Instant,
 }
 
 /// What one delivery attempt came to.

@@ -4,7 +4,9 @@
 //! troubles: retried with backoff, sooner or later as Retry-After says. 410
 //! Gone means the endpoint is gone: it is disabled and its events wait. Any
 //! other status (3xx included: webhooks do not follow redirects) is a
-//! rejection, retried up to the attempt limit like the rest.
+//! rejection, retried up to the attempt limit like the rest. Refused is an
+//! event never sent (too large, or an address that must not be reached): it
+//! would fail the same way every time, so it is not retried.
 
 use std::time::{Duration, SystemTime};
 
@@ -14,6 +16,7 @@ pub enum Verdict {
     Retry,
     Failed,
     Gone,
+    Refused,
 }
 
 impl Verdict {
@@ -33,6 +36,7 @@ impl Verdict {
             Verdict::Retry => "retry",
             Verdict::Failed => "failed",
             Verdict::Gone => "gone",
+            Verdict::Refused => "refused",
         }
     }
 }
