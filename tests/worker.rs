@@ -752,3 +752,107 @@ fn autovacuum_sees_the_workers_writes_while_it_runs() {
     );
     assert!(inserted >= 200, "attempts inserted: {inserted}");
 }
+
+#[test]
+fn a_hanging_endpoint_delays_no_other() {
+    let cluster = Cluster::with_worker("worker-hang", &[]);
+    let receiver = Receiver::scripted(|request, _| Answer {
+        delay: if request.path == "/hang" {
+            Duration::from_secs(30)
+        } else {
+            Duration::ZERO
+        },
+        ..Answer::status(200)
+    });
+    let mut db = cluster.connect("postgres", "postgres");
+    register(
+        &mut db,
+        "hang",
+        &receiver.url("/hang"),
+        ", timeout_ms => 25000",
+    );
+    register(&mut db, "fine", &receiver.url("/fine"), "");
+    emit(&mut db, "hang", 48);
+    receiver.wait_for(Duration::from_secs(10), "the hanging requests", |r| {
+        r.iter().filter(|r| r.path == "/hang").count() == 16
+    });
+    // One event at a time to the healthy endpoint, each received while
+    // every request to the other still hangs.
+    for n in 1..=20 {
+        emit(&mut db, "fine", 1);
+        receiver.wait_for(Duration::from_secs(5), "the healthy delivery", |r| {
+            r.iter().filter(|r| r.path == "/fine").count() == n
+        });
+    }
+    wait_for_status(&mut db, "fine", &["processed:1:0"; 20]);
+    let hung: i64 = one(
+        &mut db,
+        "SELECT count(*) FROM marketing.pipeline_delivery_attempts WHERE event_type = 'hang'",
+    );
+    assert_eq!(hung, 0, "no hanging request finished meanwhile");
+    assert_eq!(
+        receiver
+            .received()
+            .iter()
+            .filter(|r| r.path == "/hang")
+            .count(),
+        16,
+        "the hanging endpoint kept to its own 16 slots"
+    );
+}
+
+#[test]
+fn large_events_are_refused_and_held_bytes_are_bounded() {
+    let cluster = Cluster::with_worker(
+        "worker-large",
+        &[
+            ("pipeline.max_event_size", "512kB"),
+            ("pipeline.max_bytes_in_flight", "1MB"),
+        ],
+    );
+    let receiver = Receiver::scripted(|_, _| Answer {
+        delay: Duration::from_millis(300),
+        ..Answer::status(200)
+    });
+    let mut db = cluster.connect("postgres", "postgres");
+    register(&mut db, "big", &receiver.url("/big"), "");
+    // Random hex does not compress: each event is stored at about its size.
+    let payload = |kb: i64| {
+        format!(
+            "SELECT pipeline.emit('big', jsonb_build_object('blob',
+                 (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, {kb} * 32))))"
+        )
+    };
+    let too_big: i64 = one(&mut db, &payload(600));
+    wait_for_status(&mut db, "big", &["dead:1:0"]);
+    let error: String = one(
+        &mut db,
+        &format!("SELECT last_error FROM marketing.pipeline_events WHERE id = {too_big}"),
+    );
+    assert!(
+        error.contains("more than pipeline.max_event_size (524288 bytes)"),
+        "{error}"
+    );
+    let outcome: String = one(
+        &mut db,
+        "SELECT outcome FROM marketing.pipeline_delivery_attempts",
+    );
+    assert_eq!(outcome, "refused");
+    assert!(receiver.received().is_empty(), "never sent");
+
+    // Ten events of 300 kB: a 1 MB budget holds about three at a time,
+    // although the endpoint could take sixteen.
+    for _ in 0..10 {
+        db.batch_execute(&payload(300)).unwrap();
+    }
+    let got = receiver.wait_for(Duration::from_secs(30), "the ten events", |r| r.len() >= 10);
+    let mut most = 0;
+    for first in &got {
+        let together = got
+            .iter()
+            .filter(|r| r.at >= first.at && r.at < first.at + Duration::from_millis(250))
+            .count();
+        most = most.max(together);
+    }
+    assert!(most <= 4, "{most} requests of 300 kB were out at once");
+}

@@ -231,6 +231,50 @@ mod tests {
     }
 
     #[pg_test]
+    fn claims_keep_to_a_byte_budget_and_refuse_large_events() {
+        run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/x')");
+        // Random hex does not compress: about 4 kB stored each.
+        for _ in 0..4 {
+            run(
+                "SELECT pipeline.emit('company_created', jsonb_build_object('blob',
+                     (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 128))))",
+            );
+        }
+        // 6000 bytes: the first event, then no second (the first always comes).
+        let kept = json(
+            "SELECT jsonb_agg(jsonb_build_array(event_id, body IS NOT NULL, body_bytes > 4000) ORDER BY event_id)
+             FROM pipeline._claim_deliveries(10, NULL, 'test', NULL, NULL, 6000, NULL)",
+        );
+        assert_eq!(kept.as_array().unwrap().len(), 1, "{kept}");
+        assert_eq!(kept[0][1], true);
+        assert_eq!(
+            json("SELECT jsonb_agg(status || ':' || attempts ORDER BY id) FROM marketing.pipeline_events"),
+            serde_json::json!(["processing:1", "pending:0", "pending:0", "pending:0"]),
+            "the rest went back unclaimed"
+        );
+        // Larger than max_event_bytes: claimed, but no body to send.
+        let refused = json(
+            "SELECT jsonb_agg(jsonb_build_array(body IS NULL, body_bytes) ORDER BY event_id)
+             FROM pipeline._claim_deliveries(10, NULL, 'test', NULL, NULL, NULL, 1000)",
+        );
+        assert_eq!(refused.as_array().unwrap().len(), 3, "{refused}");
+        for row in refused.as_array().unwrap() {
+            assert_eq!(row[0], true);
+            assert!(row[1].as_i64().unwrap() > 1000, "{row}");
+        }
+        // Skipped types and probes (only one type).
+        run("UPDATE marketing.pipeline_events SET status = 'pending', next_attempt_at = now()");
+        assert_eq!(
+            count("SELECT count(*) FROM pipeline._claim_deliveries(10, NULL, 'test', ARRAY['company_created'])"),
+            0
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM pipeline._claim_deliveries(1, NULL, 'test', NULL, ARRAY['company_created'])"),
+            1
+        );
+    }
+
+    #[pg_test]
     fn webhooks_import_names_the_wrong_key() {
         let before = count("SELECT count(*) FROM pipeline.webhooks");
         let cases = [
