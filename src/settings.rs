@@ -38,6 +38,8 @@ static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new
 static WORKER_ROLE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"pipeline_worker"));
 static HTTP_PROXY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static BLOCKED_NETWORKS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(crate::delivery::DEFAULT_BLOCKED));
 static MAX_EVENT_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(1024);
 static MAX_BYTES_IN_FLIGHT_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 
@@ -208,6 +210,17 @@ pub fn register(preloading: bool) {
             None,
             None,
         );
+        GucRegistry::define_string_guc_with_hooks(
+            c"pipeline.blocked_networks",
+            c"Addresses and ranges the worker never connects to, checked after DNS resolution.",
+            c"Comma-separated, such as 169.254.0.0/16, fe80::/10. The default refuses link-local and cloud metadata addresses, multicast and broadcast; loopback and private ranges are allowed. A refused address is a failed delivery that is not retried.",
+            &BLOCKED_NETWORKS,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_blocked_networks),
+            None,
+            None,
+        );
     }
     // SAFETY: a plain call with a static C string, in _PG_init.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"pipeline".as_ptr()) };
@@ -267,6 +280,24 @@ unsafe extern "C-unwind" fn check_http_proxy(
     }
 }
 
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_blocked_networks(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
+    let list = unsafe { string_value(newval) }.unwrap_or_default();
+    match crate::delivery::parse_networks(&list) {
+        Ok(_) => true,
+        Err(error) => {
+            let message =
+                CString::new(format!("pipeline.blocked_networks: {error}")).unwrap_or_default();
+            refuse(&message)
+        }
+    }
+}
+
 /// The proposed value of a string setting (NULL for none).
 ///
 /// # Safety
@@ -304,6 +335,7 @@ pub struct WorkerSettings {
     pub http_proxy: Option<String>,
     pub max_event_bytes: usize,
     pub max_bytes_in_flight: usize,
+    pub blocked_networks: String,
 }
 
 /// Logged by setting name, as an administrator writes them.
@@ -314,7 +346,7 @@ impl fmt::Debug for WorkerSettings {
             "pipeline.enabled={} pipeline.worker_role={} pipeline.batch_size={} pipeline.concurrency={} \
              pipeline.http_timeout={}ms pipeline.lease_time={}s pipeline.retention={}s \
              pipeline.poll_interval={}ms pipeline.ca_file={} pipeline.http_proxy={} \
-             pipeline.max_event_size={}kB pipeline.max_bytes_in_flight={}kB",
+             pipeline.max_event_size={}kB pipeline.max_bytes_in_flight={}kB pipeline.blocked_networks='{}'",
             self.enabled,
             self.worker_role,
             self.batch_size,
@@ -327,6 +359,7 @@ impl fmt::Debug for WorkerSettings {
             self.http_proxy.as_deref().unwrap_or("''"),
             self.max_event_bytes / 1024,
             self.max_bytes_in_flight / 1024,
+            self.blocked_networks,
         )
     }
 }
@@ -345,6 +378,10 @@ pub fn worker_settings() -> WorkerSettings {
         http_proxy: non_empty(&HTTP_PROXY),
         max_event_bytes: MAX_EVENT_SIZE_KB.get().max(1) as usize * 1024,
         max_bytes_in_flight: MAX_BYTES_IN_FLIGHT_KB.get().max(1) as usize * 1024,
+        blocked_networks: BLOCKED_NETWORKS
+            .get()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
     }
 }
 

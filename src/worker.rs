@@ -177,6 +177,7 @@ impl Worker {
             || settings.ca_file != self.settings.ca_file
             || settings.concurrency != self.settings.concurrency
             || settings.http_proxy != self.settings.http_proxy
+            || settings.blocked_networks != self.settings.blocked_networks
         {
             self.client = build_client(&settings);
             self.dispatcher.set_sender(sender_of(&self.client));
@@ -492,15 +493,20 @@ fn wait(timeout: Duration, fd: Option<RawFd>) -> bool {
 }
 
 fn build_client(settings: &WorkerSettings) -> Result<Arc<HttpClient>, String> {
-    HttpClient::new(
-        settings.concurrency,
-        settings.ca_file.as_deref(),
-        settings.http_proxy.as_deref(),
-    )
-    .map(Arc::new)
-    .inspect_err(|error| {
-        warning!("pipeline_ext worker cannot deliver until this is fixed: {error}");
-    })
+    crate::delivery::parse_networks(&settings.blocked_networks)
+        .map_err(|e| format!("pipeline.blocked_networks: {e}"))
+        .and_then(|blocked| {
+            HttpClient::new(
+                settings.concurrency,
+                settings.ca_file.as_deref(),
+                settings.http_proxy.as_deref(),
+                blocked,
+            )
+        })
+        .map(Arc::new)
+        .inspect_err(|error| {
+            warning!("pipeline_ext worker cannot deliver until this is fixed: {error}");
+        })
 }
 
 /// SIGTERM arrived (safe to ask from any thread: it reads one flag).

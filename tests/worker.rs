@@ -595,10 +595,10 @@ fn worker_is_visible_restarts_and_stops_promptly() {
     // again at once, instead of waiting for the lease.
     let again = cluster.worker_pid(&mut db);
     assert_ne!(again, pid);
-    eventually(Duration::from_secs(10), "the event sent again", || {
-        statuses(&mut db, "ping") == ["processing:2:0"]
+    receiver.wait_for(Duration::from_secs(10), "the event sent again", |r| {
+        r.len() == 2
     });
-    assert_eq!(receiver.received().len(), 2);
+    assert_eq!(statuses(&mut db, "ping"), ["processing:2:0"]);
 }
 
 #[test]
@@ -855,4 +855,73 @@ fn large_events_are_refused_and_held_bytes_are_bounded() {
         most = most.max(together);
     }
     assert!(most <= 4, "{most} requests of 300 kB were out at once");
+}
+
+#[test]
+fn blocked_networks_are_never_reached() {
+    let cluster = Cluster::with_worker("worker-blocked", &[]);
+    let receiver = Receiver::ok();
+    let mut db = cluster.connect("postgres", "postgres");
+    // The default refuses cloud metadata addresses, before any connection.
+    register(
+        &mut db,
+        "metadata",
+        "http://169.254.169.254/latest/meta-data/",
+        "",
+    );
+    emit(&mut db, "metadata", 1);
+    wait_for_status(&mut db, "metadata", &["dead:1:0"]);
+    let error: String = one(
+        &mut db,
+        "SELECT error FROM marketing.pipeline_delivery_attempts WHERE event_type = 'metadata'",
+    );
+    assert!(
+        error.contains("169.254.169.254 (in 169.254.0.0/16)")
+            && error.contains("pipeline.blocked_networks"),
+        "{error}"
+    );
+
+    // Loopback is allowed by default; blocked, a name that resolves there is refused too.
+    register(&mut db, "local", &receiver.url("/local"), "");
+    emit(&mut db, "local", 1);
+    receiver.wait_for(Duration::from_secs(10), "the local delivery", |r| {
+        r.len() == 1
+    });
+    for statement in [
+        "ALTER SYSTEM SET pipeline.blocked_networks = '127.0.0.0/8, ::1'",
+        "SELECT pg_reload_conf()",
+    ] {
+        db.batch_execute(statement).unwrap();
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the setting to be reloaded",
+        || {
+            cluster
+                .log()
+                .contains("pipeline.blocked_networks='127.0.0.0/8, ::1'")
+        },
+    );
+    register(
+        &mut db,
+        "local",
+        &format!("http://localhost:{}/local", receiver.port),
+        "",
+    );
+    emit(&mut db, "local", 1);
+    wait_for_status(&mut db, "local", &["processed:1:0", "dead:1:0"]);
+    assert_eq!(receiver.received().len(), 1, "never reached");
+
+    // A list that does not parse is refused when written, naming the entry.
+    let error = db
+        .batch_execute("ALTER SYSTEM SET pipeline.blocked_networks = '10.0.0.0/8, example.com'")
+        .unwrap_err();
+    let message = error
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains("pipeline.blocked_networks: \"example.com\" is not an IP address"),
+        "{message}"
+    );
 }

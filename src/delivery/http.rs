@@ -7,13 +7,18 @@
 //! A proxy is used only when `pipeline.http_proxy` names one: the server's
 //! environment (HTTP_PROXY, ALL_PROXY, ...) is never read, so that what the
 //! worker connects to does not depend on how the server happened to start.
+//! Host names resolve through network.rs, which drops the addresses of
+//! `pipeline.blocked_networks`.
 
 use std::io::Read;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+use ureq::unversioned::transport::DefaultConnector;
 use ureq::Proxy;
+
+use super::network::{Blocked, GuardedResolver, Network};
 
 use super::signature::sign;
 use super::verdict::{retry_after, Verdict};
@@ -31,11 +36,13 @@ pub struct HttpClient {
 
 impl HttpClient {
     /// `concurrency` sizes the connection pool; `ca_file` adds trusted CAs;
-    /// `proxy` is the proxy URL, if any.
+    /// `proxy` is the proxy URL, if any; `blocked` the addresses never to
+    /// connect to.
     pub fn new(
         concurrency: usize,
         ca_file: Option<&str>,
         proxy: Option<&str>,
+        blocked: Vec<Network>,
     ) -> Result<HttpClient, String> {
         let tls = TlsConfig::builder()
             .root_certs(RootCerts::Specific(Arc::new(trusted_roots(ca_file)?)))
@@ -54,7 +61,11 @@ impl HttpClient {
             .user_agent(concat!("pipeline_ext/", env!("CARGO_PKG_VERSION")))
             .build();
         Ok(HttpClient {
-            agent: config.new_agent(),
+            agent: ureq::Agent::with_parts(
+                config,
+                DefaultConnector::default(),
+                GuardedResolver::new(blocked),
+            ),
         })
     }
 
@@ -108,6 +119,11 @@ impl HttpClient {
                 if attempt.verdict != Verdict::Delivered {
                     attempt.error = Some(format!("HTTP {status}"));
                 }
+            }
+            Err(ureq::Error::Other(cause)) if cause.is::<Blocked>() => {
+                // The same address would be refused every time.
+                attempt.verdict = Verdict::Refused;
+                attempt.error = Some(cause.to_string());
             }
             Err(error) => {
                 attempt.verdict = Verdict::Retry;

@@ -5,11 +5,13 @@
 //!
 //! dispatch: lanes per endpoint, threads, handing outcomes back as they
 //! come; health: probing an endpoint that fails; http: one request;
-//! signature: Standard Webhooks; verdict: what an answer means.
+//! network: addresses never to connect to; signature: Standard Webhooks;
+//! verdict: what an answer means.
 
 mod dispatch;
 mod health;
 mod http;
+mod network;
 mod signature;
 mod verdict;
 
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 pub use dispatch::{Dispatcher, Sender};
 pub use health::{Change, PROBE_LONGEST};
 pub use http::{proxy_of, HttpClient};
+pub use network::{parse_networks, DEFAULT_BLOCKED};
 pub use signature::key_of;
 pub use verdict::Verdict;
 
