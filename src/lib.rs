@@ -10,8 +10,10 @@
 //! Modules: settings (GUCs), wake (commit wake-up of the worker and its
 //! pid for pipeline.status()), worker (the background worker's loop),
 //! transaction (how it runs SQL: short transactions as its own role), queue
-//! (its SQL), delivery (HTTP, no PostgreSQL).
+//! (its SQL), delivery (HTTP, no PostgreSQL), database_drop (DROP DATABASE
+//! of the worker's database without FORCE).
 
+mod database_drop;
 mod delivery;
 mod queue;
 mod settings;
@@ -32,6 +34,7 @@ pub extern "C-unwind" fn _PG_init() {
     wake::register_commit_callback();
     if preloading {
         wake::init_shared_memory();
+        database_drop::init();
         worker::register();
     }
 }

@@ -193,6 +193,14 @@ fn wake_worker() {
     requires = ["delivery"]
 )]
 fn worker_pid() -> Option<i32> {
+    let (pid, database) = worker_process()?;
+    // SAFETY: reads the id of the database this backend is connected to.
+    let here = unsafe { pg_sys::MyDatabaseId };
+    (database == here).then_some(pid)
+}
+
+/// The running worker's pid and database, whatever this backend's database.
+pub fn worker_process() -> Option<(i32, pg_sys::Oid)> {
     if !SHARED_MEMORY.load(Ordering::Relaxed) {
         return None;
     }
@@ -209,7 +217,5 @@ fn worker_pid() -> Option<i32> {
             std::ptr::read_volatile(&raw const (*proc).databaseId),
         )
     };
-    // SAFETY: reads the id of the database this backend is connected to.
-    let here = unsafe { pg_sys::MyDatabaseId };
-    (pid != 0 && database == here).then_some(pid)
+    (pid != 0).then_some((pid, database))
 }

@@ -106,6 +106,14 @@ struct Worker {
 pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = settings::database();
+    if crate::database_drop::worker_database_dropped() {
+        log!(
+            "pipeline_ext worker: database \"{database}\" was dropped; no delivery worker until the server restarts"
+        );
+        // SAFETY: exit code 0 unregisters the worker: the postmaster does not
+        // start it again (until the server restarts).
+        unsafe { pg_sys::proc_exit(0) };
+    }
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     transaction::pin_session_settings();
     wake::publish_worker();

@@ -925,3 +925,95 @@ fn blocked_networks_are_never_reached() {
         "{message}"
     );
 }
+
+#[test]
+fn status_tells_any_role_whether_the_worker_runs() {
+    let cluster = Cluster::with_worker("worker-status", &[]);
+    let mut db = cluster.connect("postgres", "postgres");
+    let pid = cluster.worker_pid(&mut db);
+    for statement in [
+        "CREATE ROLE dashboard LOGIN",
+        "GRANT EXECUTE ON FUNCTION pipeline.status() TO dashboard",
+        "GRANT SELECT ON marketing.vw_pipeline_status TO dashboard",
+        "CREATE ROLE watcher LOGIN IN ROLE pg_monitor",
+        "SELECT pipeline.emit('no_endpoint_yet')",
+    ] {
+        db.batch_execute(statement).unwrap();
+    }
+    for role in ["dashboard", "watcher"] {
+        let mut client = cluster.connect("postgres", role);
+        let row = client
+            .query_one(
+                "SELECT worker_running, worker_pid, pending, without_endpoint FROM pipeline.status()",
+                &[],
+            )
+            .unwrap();
+        assert!(row.get::<_, bool>(0), "{role} sees the worker");
+        assert_eq!(row.get::<_, Option<i32>>(1), Some(pid));
+        assert_eq!(row.get::<_, i64>(2), 0, "no backlog");
+        assert_eq!(row.get::<_, i64>(3), 1, "one event waits for an endpoint");
+        // No right on the tables, so no secret and no payload.
+        assert!(client
+            .query("SELECT * FROM marketing.pipeline_events", &[])
+            .is_err());
+    }
+    // In another database the worker does not run.
+    db.batch_execute("CREATE DATABASE other").unwrap();
+    let mut other = cluster.connect("other", "postgres");
+    other
+        .batch_execute("CREATE EXTENSION pipeline_ext")
+        .unwrap();
+    let running: bool = one(&mut other, "SELECT worker_running FROM pipeline.status()");
+    assert!(!running);
+}
+
+#[test]
+fn the_workers_database_drops_without_force() {
+    let cluster = Cluster::start(
+        "worker-dropdb",
+        &[
+            ("shared_preload_libraries", "pipeline_ext"),
+            ("pipeline.database", "outreach"),
+        ],
+    );
+    let mut admin = cluster.connect("postgres", "postgres");
+    admin.batch_execute("CREATE DATABASE outreach").unwrap();
+    let mut db = cluster.connect("outreach", "postgres");
+    db.batch_execute("CREATE EXTENSION pipeline_ext").unwrap();
+    let receiver = Receiver::ok();
+    register(&mut db, "ping", &receiver.url("/ping"), "");
+    emit(&mut db, "ping", 1);
+    receiver.wait_for(Duration::from_secs(10), "a delivery", |r| r.len() == 1);
+    drop(db);
+    let worker = cluster.worker_pid(&mut admin);
+
+    admin.batch_execute("DROP DATABASE outreach").unwrap();
+    eventually(Duration::from_secs(5), "the worker to go", || {
+        one::<i64>(
+            &mut admin,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {worker}"),
+        ) == 0
+    });
+    // Restarted by the postmaster after 5 s, it sees the database is gone
+    // and exits for good instead of failing to connect every 5 s.
+    eventually(Duration::from_secs(15), "the worker to give up", || {
+        cluster
+            .log()
+            .contains("database \"outreach\" was dropped; no delivery worker")
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    let log = cluster.log();
+    assert_eq!(
+        log.matches("was dropped; no delivery worker").count(),
+        1,
+        "{log}"
+    );
+    assert!(log.matches("FATAL").count() <= 1, "{log}");
+    assert_eq!(
+        one::<i64>(
+            &mut admin,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pipeline_ext worker'"
+        ),
+        0
+    );
+}
