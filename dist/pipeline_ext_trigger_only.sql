@@ -2123,11 +2123,21 @@ COMMENT ON COLUMN marketing.pipeline_delivery_attempts.outcome IS
     'delivered (2xx); retry (timeout, connection error, 429, 5xx); failed (other status); gone (410: endpoint disabled); '
     'refused (never sent: larger than pipeline.max_event_size, or an address pipeline.blocked_networks denies; the event is dead).';
 
+-- The size of a payload in bytes without reading it: the stored size here
+-- (compressed, so it can be much smaller), which is what a trigger-only
+-- install has; the extension replaces it with a function of its library
+-- that reads the uncompressed size from the value's header, so that a
+-- large but compressible event is refused without being expanded.
+CREATE FUNCTION pipeline._payload_bytes(payload jsonb) RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_column_size(payload)::bigint
+$$;
+
 -- A batch of due events that have an enabled endpoint, claimed as by
 -- pipeline.claim, each with its endpoint and the request body to send.
 --   skip_types       types to leave alone (their endpoint is busy or probed)
 --   only_types       claim only these types (a probe)
---   max_bytes        stop adding events once their stored size reaches this
+--   max_bytes        stop adding events once their size reaches this
 --                    (the first event always comes); the rest go back
 --   max_event_bytes  an event whose body is larger comes with body NULL and
 --                    its size, and is refused without being sent
@@ -2172,7 +2182,7 @@ BEGIN
         RETURN;
     END IF;
     FOR v_row IN
-        SELECT c.id, c.attempts, pg_column_size(c.payload) AS stored
+        SELECT c.id, c.attempts, pipeline._payload_bytes(c.payload) AS stored
         FROM pipeline.claim(batch_size, lease, v_types, consumer) c
         ORDER BY c.id
     LOOP
@@ -2193,8 +2203,8 @@ BEGIN
            CASE WHEN max_event_bytes IS NULL OR octet_length(b.body) <= max_event_bytes THEN b.body END,
            coalesce(octet_length(b.body)::bigint, b.stored::bigint)
     FROM (
-        SELECT e.id, e.attempts, e.event_type, pg_column_size(e.payload) AS stored,
-               CASE WHEN max_event_bytes IS NOT NULL AND pg_column_size(e.payload) > max_event_bytes THEN NULL
+        SELECT e.id, e.attempts, e.event_type, pipeline._payload_bytes(e.payload) AS stored,
+               CASE WHEN max_event_bytes IS NOT NULL AND pipeline._payload_bytes(e.payload) > max_event_bytes THEN NULL
                     ELSE jsonb_build_object(
                              'id', e.id,
                              'type', e.event_type,

@@ -11,10 +11,12 @@
 //! pid for pipeline.status()), worker (the background worker's loop),
 //! transaction (how it runs SQL: short transactions as its own role), queue
 //! (its SQL), delivery (HTTP, no PostgreSQL), database_drop (DROP DATABASE
-//! of the worker's database without FORCE).
+//! of the worker's database without FORCE), payload_size (an event's size
+//! without expanding it).
 
 mod database_drop;
 mod delivery;
+mod payload_size;
 mod queue;
 mod settings;
 mod transaction;

@@ -63,6 +63,10 @@ const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// Outcomes kept for another try when recording them failed; beyond this
 /// the oldest are dropped (their events come back when the lease ends).
 const UNRECORDED_LIMIT: usize = 100_000;
+/// Outcomes are recorded together: once half a batch has come in, when
+/// nothing is in flight any more, or at the latest this long after the
+/// first of them came in.
+const RECORD_WITHIN: Duration = Duration::from_millis(10);
 
 /// Registers the worker; only effective from _PG_init under shared_preload_libraries.
 pub fn register() {
@@ -85,14 +89,19 @@ struct Worker {
     settings: WorkerSettings,
     client: Result<Arc<HttpClient>, String>,
     dispatcher: Dispatcher,
-    /// Look for due events at the next turn (a commit woke the worker, a
-    /// claim came back full or held back, an endpoint answers again).
+    /// Look for due events at the next turn (a commit woke the worker, an
+    /// endpoint answers again, a retry was recorded).
     claim_wanted: bool,
+    /// A claim was held back by a full lane or the byte budget: claim again
+    /// once there is room.
+    refill_wanted: bool,
     /// When the next event not claimed yet is due.
     next_due_at: Option<Instant>,
-    /// Outcomes not recorded yet (recording failed).
+    /// Outcomes not recorded yet, and since when.
     unrecorded: Vec<Attempt>,
+    unrecorded_since: Option<Instant>,
     unreleased: Vec<Job>,
+    changes: Vec<(String, Change)>,
     extension_found: bool,
     claims_released: bool,
     /// The last failure logged, so that a lasting one is logged once.
@@ -133,9 +142,12 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
         settings,
         dispatcher,
         claim_wanted: true,
+        refill_wanted: false,
         next_due_at: None,
         unrecorded: Vec::new(),
+        unrecorded_since: None,
         unreleased: Vec::new(),
+        changes: Vec::new(),
         extension_found: false,
         claims_released: false,
         last_failure: None,
@@ -204,7 +216,7 @@ impl Worker {
         if !self.extension_ready() {
             return poll;
         }
-        if !self.record_finished() {
+        if !self.record_finished(false) {
             return ERROR_PAUSE;
         }
         if !self.settings.enabled || self.client.is_err() {
@@ -214,9 +226,14 @@ impl Worker {
         }
         let now = Instant::now();
         let probe_in = self.dispatcher.next_probe_in(now);
+        let room = || {
+            let plan = self.dispatcher.plan(self.settings.batch_size as usize, now);
+            !plan.lanes_full && plan.held_bytes < self.settings.max_bytes_in_flight
+        };
         let due = self.claim_wanted
             || self.next_due_at.is_some_and(|at| at <= now)
-            || probe_in.is_some_and(|wait| wait.is_zero());
+            || probe_in.is_some_and(|wait| wait.is_zero())
+            || (self.refill_wanted && room());
         if due && !self.claim_due() {
             // DROP EXTENSION, for one: look for the extension again.
             self.extension_found = false;
@@ -232,6 +249,9 @@ impl Worker {
         if let Some(probe) = self.dispatcher.next_probe_in(now) {
             wait = wait.min(probe);
         }
+        if let Some(since) = self.unrecorded_since {
+            wait = wait.min(RECORD_WITHIN.saturating_sub(since.elapsed()));
+        }
         if self.claim_wanted && self.dispatcher.load().0 == 0 {
             wait = Duration::ZERO;
         }
@@ -243,6 +263,7 @@ impl Worker {
     fn claim_due(&mut self) -> bool {
         let batch = self.settings.batch_size;
         self.claim_wanted = false;
+        self.refill_wanted = false;
         loop {
             if shutdown_requested() || reload_requested() {
                 self.claim_wanted = true;
@@ -283,17 +304,20 @@ impl Worker {
             for ((jobs, refused), want) in claimed.into_iter().zip(&claims) {
                 full |= want.only.is_none() && jobs.len() + refused.len() >= want.limit as usize;
                 self.dispatcher.submit(jobs);
-                self.unrecorded.extend(refused);
+                if !refused.is_empty() {
+                    self.unrecorded_since.get_or_insert_with(Instant::now);
+                    self.unrecorded.extend(refused);
+                }
             }
             // Held back by the byte budget or by full lanes: claim again
-            // once requests finish.
+            // once there is room.
             if budget <= 0 || plan.lanes_full {
-                self.claim_wanted = true;
+                self.refill_wanted = true;
             }
             if !full {
                 break;
             }
-            if !self.record_finished() {
+            if !self.record_finished(false) {
                 return false;
             }
         }
@@ -311,21 +335,37 @@ impl Worker {
         true
     }
 
-    /// Records the outcomes that came in; false when that failed (they are
-    /// kept for the next turn).
-    fn record_finished(&mut self) -> bool {
+    /// Records the outcomes that came in, when it is time to (or `now`);
+    /// false when that failed (they are kept for the next turn).
+    fn record_finished(&mut self, now: bool) -> bool {
         let collected = self.dispatcher.collect();
+        if !collected.attempts.is_empty() {
+            self.unrecorded_since.get_or_insert_with(Instant::now);
+        }
         self.unrecorded.extend(collected.attempts);
         self.unreleased.extend(collected.handed_back);
-        let changes = collected.changes;
-        if self.unrecorded.is_empty() && self.unreleased.is_empty() && changes.is_empty() {
+        self.changes.extend(collected.changes);
+        if self.unrecorded.is_empty() && self.unreleased.is_empty() && self.changes.is_empty() {
+            return true;
+        }
+        let time = now
+            || !self.unreleased.is_empty()
+            || !self.changes.is_empty()
+            || self.unrecorded.len() >= (self.settings.batch_size as usize / 2).max(1)
+            || self.dispatcher.load().0 == 0
+            || self
+                .unrecorded_since
+                .is_some_and(|at| at.elapsed() >= RECORD_WITHIN);
+        if !time {
             return true;
         }
         report_activity(pg_sys::BackendState::STATE_RUNNING, "recording deliveries");
-        let (attempts, unsent) = (
+        let (attempts, unsent, changes) = (
             std::mem::take(&mut self.unrecorded),
             std::mem::take(&mut self.unreleased),
+            std::mem::take(&mut self.changes),
         );
+        self.unrecorded_since = None;
         let recorded = self.in_transaction("recording deliveries", || {
             queue::record(&attempts)?;
             queue::release(&unsent)?;
@@ -362,6 +402,12 @@ impl Worker {
             None => {
                 self.unrecorded = attempts;
                 self.unreleased = unsent;
+                // Recoveries are made due again next time (failures are logged).
+                self.changes = changes
+                    .into_iter()
+                    .filter(|(_, change)| *change == Change::Recovered)
+                    .collect();
+                self.unrecorded_since = Some(Instant::now());
                 if self.unrecorded.len() > UNRECORDED_LIMIT {
                     let excess = self.unrecorded.len() - UNRECORDED_LIMIT;
                     self.unrecorded.drain(..excess);
@@ -378,7 +424,7 @@ impl Worker {
         self.unrecorded.extend(attempts);
         self.unreleased.extend(unsent);
         if self.extension_found {
-            self.record_finished();
+            self.record_finished(true);
         }
     }
 

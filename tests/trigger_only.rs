@@ -16,11 +16,13 @@ const SCENARIO: &str = include_str!("fixtures/stage_scenario.sql");
 /// columns, constraints, indexes, functions (with a digest of their body),
 /// triggers, view definitions and comments. Functions written in C (the
 /// library's) and what uses them are left out: they are the extension's own;
-/// so is pipeline._worker_pid, a SQL stand-in that the library replaces.
+/// so are pipeline._worker_pid and pipeline._payload_bytes, SQL stand-ins
+/// that the library replaces.
 const CATALOG: &str = r#"
 WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname IN ('intake', 'marketing', 'pipeline')),
 c_functions AS (SELECT oid FROM pg_proc WHERE prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
-                   OR oid = 'pipeline._worker_pid()'::regprocedure)
+                   OR oid IN ('pipeline._worker_pid()'::regprocedure,
+                              'pipeline._payload_bytes(jsonb)'::regprocedure))
 SELECT x FROM (
     SELECT format('relation %s %s', c.oid::regclass, c.relkind) AS x
     FROM pg_class c WHERE c.relnamespace IN (SELECT oid FROM ns)

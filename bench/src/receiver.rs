@@ -1,6 +1,8 @@
 //! The benchmark's webhook receiver: hyper on a tokio runtime of its own,
 //! answering 204 at once and noting, for each request, the event id (the
-//! webhook-id header) and the moment the request had fully arrived.
+//! webhook-id header) and the moment the request had fully arrived. A path
+//! under /hang is an endpoint that never answers: its requests are held
+//! open (and not noted) until the client gives up.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -42,6 +44,9 @@ impl Receiver {
                         service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                             let log = log.clone();
                             async move {
+                                if request.uri().path().starts_with("/hang") {
+                                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                                }
                                 let id = request
                                     .headers()
                                     .get("webhook-id")

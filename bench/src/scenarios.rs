@@ -26,11 +26,15 @@ pub fn run(bench: &mut Bench, only: &[String]) {
         latency(bench, 100);
         latency(bench, 1000);
     }
+    if wanted("isolation") {
+        isolation(bench);
+    }
     if wanted("write") {
         write_path(bench);
     }
     if wanted("memory") {
         memory(bench);
+        large_events(bench);
     }
     if wanted("history") {
         history(bench);
@@ -141,6 +145,84 @@ fn throughput(bench: &mut Bench, endpoints: usize) {
     }
 }
 
+/// Commits one event at a time to bench_latency at `rate` for `seconds`
+/// (and, with `hang_every`, one event to bench_hang that often); returns the
+/// commits achieved per second and the commit-to-receipt times in ms, sorted.
+fn commit_latencies(
+    bench: &mut Bench,
+    rate: usize,
+    seconds: f64,
+    hang_every: Option<Duration>,
+) -> (f64, Vec<f64>) {
+    let producers = if rate >= 500 { 4 } else { 1 };
+    let interval = Duration::from_secs_f64(producers as f64 / rate as f64);
+    let start = Instant::now() + Duration::from_millis(100);
+    let end = start + Duration::from_secs_f64(seconds);
+    let commits: Vec<(i64, Instant)> = std::thread::scope(|scope| {
+        if let Some(every) = hang_every {
+            let mut client = bench.connect();
+            scope.spawn(move || {
+                let mut at = start;
+                while at < end {
+                    if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    client
+                        .batch_execute("SELECT pipeline.emit('bench_hang', '{}'::jsonb)")
+                        .unwrap();
+                    at += every;
+                }
+            });
+        }
+        let threads: Vec<_> = (0..producers)
+            .map(|p| {
+                let mut client = bench.connect();
+                scope.spawn(move || {
+                    let emit = client
+                        .prepare("SELECT pipeline.emit('bench_latency', '{}'::jsonb)")
+                        .unwrap();
+                    let mut done = Vec::new();
+                    let offset = interval.mul_f64(p as f64 / producers as f64);
+                    for i in 0.. {
+                        let at = start + offset + interval * i;
+                        if at >= end {
+                            break;
+                        }
+                        if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        let id: i64 = client.query_one(&emit, &[]).unwrap().get(0);
+                        done.push((id, Instant::now()));
+                    }
+                    done
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    });
+    assert!(
+        bench
+            .receiver
+            .wait_for(commits.len(), Duration::from_secs(30)),
+        "lost events"
+    );
+    let received: HashMap<i64, Instant> = bench.receiver.take().into_iter().collect();
+    let mut ms: Vec<f64> = commits
+        .iter()
+        .map(|(id, at)| received[id].saturating_duration_since(*at).as_secs_f64() * 1000.0)
+        .collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    (commits.len() as f64 / seconds, ms)
+}
+
+/// The p-th percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
 fn latency(bench: &mut Bench, rate: usize) {
     let seconds = if bench.smoke { 2.0 } else { 20.0 };
     let scenario = format!("latency: single-row commits at {rate}/s for {seconds} s");
@@ -149,67 +231,27 @@ fn latency(bench: &mut Bench, rate: usize) {
     for _ in 0..bench.repetitions {
         reset(bench);
         register(bench, "bench_latency", "/latency", true);
-        let producers = if rate >= 500 { 4 } else { 1 };
-        let interval = Duration::from_secs_f64(producers as f64 / rate as f64);
-        let start = Instant::now() + Duration::from_millis(100);
-        let end = start + Duration::from_secs_f64(seconds);
-        let commits: Vec<(i64, Instant)> = std::thread::scope(|scope| {
-            let threads: Vec<_> = (0..producers)
-                .map(|p| {
-                    let mut client = bench.connect();
-                    scope.spawn(move || {
-                        let emit = client
-                            .prepare("SELECT pipeline.emit('bench_latency', '{}'::jsonb)")
-                            .unwrap();
-                        let mut done = Vec::new();
-                        let offset = interval.mul_f64(p as f64 / producers as f64);
-                        for i in 0.. {
-                            let at = start + offset + interval * i;
-                            if at >= end {
-                                break;
-                            }
-                            if let Some(wait) = at.checked_duration_since(Instant::now()) {
-                                std::thread::sleep(wait);
-                            }
-                            let id: i64 = client.query_one(&emit, &[]).unwrap().get(0);
-                            done.push((id, Instant::now()));
-                        }
-                        done
-                    })
-                })
-                .collect();
-            threads
-                .into_iter()
-                .flat_map(|t| t.join().unwrap())
-                .collect()
-        });
-        assert!(
-            bench
-                .receiver
-                .wait_for(commits.len(), Duration::from_secs(30)),
-            "lost events"
-        );
-        let received: HashMap<i64, Instant> = bench.receiver.take().into_iter().collect();
-        let mut ms: Vec<f64> = commits
-            .iter()
-            .map(|(id, at)| received[id].saturating_duration_since(*at).as_secs_f64() * 1000.0)
-            .collect();
-        ms.sort_by(|a, b| a.total_cmp(b));
-        let pct = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
+        let (achieved, ms) = commit_latencies(bench, rate, seconds, None);
+        bench.record(&scenario, "commits/s achieved", "/s", achieved, None);
         bench.record(
             &scenario,
-            "commits/s achieved",
-            "/s",
-            commits.len() as f64 / seconds,
+            "commit-to-receipt p50",
+            "ms",
+            percentile(&ms, 0.50),
             None,
         );
-        bench.record(&scenario, "commit-to-receipt p50", "ms", pct(0.50), None);
-        bench.record(&scenario, "commit-to-receipt p95", "ms", pct(0.95), None);
+        bench.record(
+            &scenario,
+            "commit-to-receipt p95",
+            "ms",
+            percentile(&ms, 0.95),
+            None,
+        );
         bench.record(
             &scenario,
             "commit-to-receipt p99",
             "ms",
-            pct(0.99),
+            percentile(&ms, 0.99),
             Some(Target::AtMost(target)),
         );
         bench.record(
@@ -218,6 +260,54 @@ fn latency(bench: &mut Bench, rate: usize) {
             "ms",
             ms[ms.len() - 1],
             None,
+        );
+    }
+}
+
+/// A healthy endpoint fed at 100 commits/s, alone and then beside an
+/// endpoint that never answers (one event every 2 s, 0.5% of the traffic).
+fn isolation(bench: &mut Bench) {
+    let seconds = if bench.smoke { 3.0 } else { 30.0 };
+    let scenario = format!(
+        "isolation: 100 commits/s to one endpoint for {seconds} s, alone and beside one that never answers"
+    );
+    say(&scenario);
+    for _ in 0..bench.repetitions {
+        reset(bench);
+        register(bench, "bench_latency", "/latency", true);
+        let (_, alone) = commit_latencies(bench, 100, seconds, None);
+        register(bench, "bench_hang", "/hang", true);
+        let (_, beside) = commit_latencies(bench, 100, seconds, Some(Duration::from_secs(2)));
+        bench.sql("SELECT pipeline.remove_webhook('bench_hang')");
+        bench.record(&scenario, "p50 alone", "ms", percentile(&alone, 0.50), None);
+        bench.record(&scenario, "p99 alone", "ms", percentile(&alone, 0.99), None);
+        bench.record(
+            &scenario,
+            "p50 beside the hanging one",
+            "ms",
+            percentile(&beside, 0.50),
+            None,
+        );
+        bench.record(
+            &scenario,
+            "p95 beside the hanging one",
+            "ms",
+            percentile(&beside, 0.95),
+            None,
+        );
+        bench.record(
+            &scenario,
+            "p99 beside the hanging one",
+            "ms",
+            percentile(&beside, 0.99),
+            None,
+        );
+        bench.record(
+            &scenario,
+            "p99 beside / p99 alone",
+            "x",
+            percentile(&beside, 0.99) / percentile(&alone, 0.99),
+            Some(Target::AtMost(2.0)),
         );
     }
 }
@@ -370,6 +460,82 @@ fn memory(bench: &mut Bench) {
         bench.record(
             &scenario,
             "RSS with shared buffers touched, peak",
+            "MB",
+            peak,
+            None,
+        );
+    }
+}
+
+/// Events far larger than usual, at the default settings: one over
+/// pipeline.max_event_size (refused, and never expanded), then eight that
+/// are allowed (a larger max_event_size) but together exceed
+/// pipeline.max_bytes_in_flight. The worker's own memory is what counts.
+fn large_events(bench: &mut Bench) {
+    let (huge, big) = if bench.smoke { (10, 3) } else { (100, 25) };
+    let scenario = format!("memory: one {huge} MB event, then eight of {big} MB");
+    say(&scenario);
+    for _ in 0..bench.repetitions {
+        reset(bench);
+        register(bench, "bench_large", "/large", false);
+        let pid: i32 = bench
+            .one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pipeline_ext worker'");
+        let before = rss(pid).1;
+        bench.sql(&format!(
+            "SELECT pipeline.emit('bench_large', jsonb_build_object('pad', repeat('x', {huge} * 1048576)))"
+        ));
+        bench.sql("SELECT pipeline.enable_webhook('bench_large')");
+        let mut peak_refused = before;
+        let limit = Instant::now() + Duration::from_secs(120);
+        while bench
+            .one::<i64>("SELECT count(*) FROM marketing.pipeline_events WHERE status = 'dead'")
+            < 1
+        {
+            assert!(Instant::now() < limit, "the large event was not refused");
+            peak_refused = peak_refused.max(rss(pid).1);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        bench.sql(&format!(
+            "ALTER SYSTEM SET pipeline.max_event_size = '{}MB'",
+            big + 1
+        ));
+        bench.sql("SELECT pg_reload_conf()");
+        std::thread::sleep(Duration::from_millis(500));
+        bench.sql("SELECT pipeline.disable_webhook('bench_large')");
+        // Random hex: incompressible, so stored and sent at full size.
+        for _ in 0..8 {
+            bench.sql(&format!(
+                "SELECT pipeline.emit('bench_large', jsonb_build_object('pad',
+                     (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, {big} * 32768))))"
+            ));
+        }
+        let start = rss(pid).1;
+        bench.sql("SELECT pipeline.enable_webhook('bench_large')");
+        let mut peak = start;
+        let limit = Instant::now() + Duration::from_secs(300);
+        while bench.receiver.count() < 8 {
+            assert!(
+                Instant::now() < limit,
+                "the eight events were not delivered"
+            );
+            peak = peak.max(rss(pid).1);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bench.receiver.take();
+        bench.sql("ALTER SYSTEM RESET pipeline.max_event_size");
+        bench.sql("SELECT pg_reload_conf()");
+        bench.record(&scenario, "private RSS before", "MB", before, None);
+        bench.record(
+            &scenario,
+            "private RSS peak, refusing the large one",
+            "MB",
+            peak_refused,
+            Some(Target::AtMost(64.0)),
+        );
+        bench.record(
+            &scenario,
+            "private RSS peak, sending the eight (64 MB in flight at most)",
             "MB",
             peak,
             None,

@@ -71,8 +71,9 @@ struct Lane {
 /// What the caller should claim next.
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
-    /// Event types not to claim: their lane is full, or their endpoint is
-    /// probed (its events wait in the queue).
+    /// Event types not to claim: their lane holds half a batch or more
+    /// (refilled below that, so that claims stay large), or their endpoint
+    /// is probed (its events wait in the queue).
     pub skip: Vec<String>,
     /// Event types whose endpoint is due for a probe: claim one event each.
     pub probes: Vec<String>,
@@ -180,7 +181,7 @@ impl Dispatcher {
                 {
                     plan.probes.push(lane.event_type.clone());
                 }
-            } else if lane.jobs.len() >= batch_size {
+            } else if lane.jobs.len() >= (batch_size / 2).max(1) {
                 plan.skip.push(lane.event_type.clone());
                 plan.lanes_full = true;
             }

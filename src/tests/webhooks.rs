@@ -275,6 +275,26 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_compressible_payload_counts_at_its_full_size() {
+        run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/x')");
+        let id = count("SELECT pipeline.emit('company_created', jsonb_build_object('pad', repeat('a', 10000000)))");
+        let (stored, full) = (
+            count(&format!("SELECT pg_column_size(payload) FROM marketing.pipeline_events WHERE id = {id}")),
+            count(&format!(
+                "SELECT pipeline._payload_bytes(payload) FROM marketing.pipeline_events WHERE id = {id}"
+            )),
+        );
+        assert!(stored < 1_000_000, "stored compressed: {stored}");
+        assert!(full > 10_000_000, "counted in full: {full}");
+        let refused = json(
+            "SELECT jsonb_agg(jsonb_build_array(body IS NULL, body_bytes))
+             FROM pipeline._claim_deliveries(10, NULL, 'test', NULL, NULL, NULL, 1048576)",
+        );
+        assert_eq!(refused[0][0], true, "{refused}");
+        assert!(refused[0][1].as_i64().unwrap() > 10_000_000, "{refused}");
+    }
+
+    #[pg_test]
     fn webhooks_import_names_the_wrong_key() {
         let before = count("SELECT count(*) FROM pipeline.webhooks");
         let cases = [
