@@ -1498,119 +1498,6 @@ ORDER BY e.event_type;
 COMMENT ON VIEW marketing.vw_processing_latency IS
     'Delivered events of the last 24 hours by type: count and processed_at - created_at in ms (avg, p50, p95, max).';
 
--- ==== sql/009_verify.sql ====
-
--- 009_verify.sql: a self-check of the installation.
---
--- SELECT * FROM pipeline.verify() lists every object the pipeline needs with
--- ok or what is wrong; SELECT * FROM pipeline.verify() WHERE status <> 'ok'
--- is empty on a healthy install. It works the same in trigger-only mode.
-
-CREATE FUNCTION pipeline.verify()
-RETURNS TABLE (kind text, name text, status text)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-WITH expected (kind, name) AS (
-    VALUES ('schema', 'intake'), ('schema', 'marketing'), ('schema', 'pipeline'),
-           ('table', 'intake.company_raw_intake'),
-           ('table', 'marketing.company_master'),
-           ('table', 'marketing.company_slots'),
-           ('table', 'marketing.email_verification'),
-           ('table', 'marketing.pipeline_events'),
-           ('table', 'marketing.pipeline_error_log'),
-           ('table', 'pipeline.watches'),
-           ('table', 'pipeline.stages'),
-           ('table', 'pipeline.webhooks'),
-           ('table', 'marketing.pipeline_delivery_attempts'),
-           ('view', 'marketing.vw_outreach_ready'),
-           ('view', 'marketing.vw_pipeline_funnel'),
-           ('view', 'marketing.vw_pending_events'),
-           ('view', 'marketing.vw_processing_latency'),
-           ('view', 'marketing.vw_unresolved_errors'),
-           ('view', 'marketing.vw_error_rate_24h'),
-           ('view', 'marketing.vw_endpoint_health'),
-           ('function', 'pipeline._capture'),
-           ('function', 'pipeline.watch'),
-           ('function', 'pipeline.unwatch'),
-           ('function', 'pipeline.emit'),
-           ('function', 'pipeline.claim'),
-           ('function', 'pipeline.mark_delivered'),
-           ('function', 'pipeline.mark_delivered_many'),
-           ('function', 'pipeline.mark_failed'),
-           ('function', 'pipeline.replay'),
-           ('function', 'pipeline.replay_many'),
-           ('function', 'pipeline.replay_failed'),
-           ('function', 'pipeline.log_error'),
-           ('function', 'pipeline.resolve_error'),
-           ('function', 'pipeline.resolve_errors'),
-           ('function', 'pipeline.register_webhook'),
-           ('function', 'pipeline.update_webhook'),
-           ('function', 'pipeline.disable_webhook'),
-           ('function', 'pipeline.enable_webhook'),
-           ('function', 'pipeline.remove_webhook'),
-           ('function', 'pipeline.import_registry'),
-           ('function', 'pipeline.export_registry'),
-           ('function', 'pipeline.purge'),
-           ('function', 'pipeline.status'),
-           ('function', 'pipeline.release_claims'),
-           ('function', 'pipeline.grant_event_type'),
-           ('function', 'pipeline.revoke_event_type'),
-           ('table', 'pipeline.event_type_grants'),
-           ('view', 'marketing.vw_pipeline_status')
-),
-objects AS (
-    SELECT x.kind, x.name,
-           CASE x.kind
-               WHEN 'schema' THEN
-                   CASE WHEN to_regnamespace(x.name) IS NULL THEN 'missing' ELSE 'ok' END
-               WHEN 'function' THEN
-                   CASE WHEN EXISTS (
-                       SELECT 1 FROM pg_proc p
-                       WHERE p.pronamespace = to_regnamespace(split_part(x.name, '.', 1))
-                         AND p.proname = split_part(x.name, '.', 2))
-                   THEN 'ok' ELSE 'missing' END
-               ELSE
-                   (SELECT CASE
-                               WHEN r.relkind IS NULL THEN 'missing'
-                               WHEN r.relkind IN ('r', 'p') AND x.kind = 'table' THEN 'ok'
-                               WHEN r.relkind = 'v' AND x.kind = 'view' THEN 'ok'
-                               ELSE 'not a ' || x.kind
-                           END
-                    FROM (SELECT (SELECT c.relkind FROM pg_class c
-                                  WHERE c.oid = to_regclass(x.name)) AS relkind) r)
-           END AS status
-    FROM expected x
-),
--- Every stage trigger, and every watch a user added.
-wanted_triggers AS (
-    SELECT s.source_table::text AS table_name,
-           format('pipeline_%s_%s', s.event_type, lower(s.operation)) AS trigger_name
-    FROM pipeline.stages s
-    WHERE s.event_type IS NOT NULL
-    UNION
-    SELECT w.source_table::text, w.trigger_name::text
-    FROM pipeline.watches w
-),
-triggers AS (
-    SELECT 'trigger'::text AS kind,
-           wt.table_name || '.' || wt.trigger_name AS name,
-           CASE
-               WHEN to_regclass(wt.table_name) IS NULL THEN 'missing table'
-               WHEN t.oid IS NULL THEN 'missing'
-               WHEN t.tgenabled = 'D' THEN 'disabled'
-               WHEN t.tgfoid <> 'pipeline._capture()'::regprocedure THEN 'calls another function'
-               ELSE 'ok'
-           END AS status
-    FROM wanted_triggers wt
-    LEFT JOIN pg_trigger t
-           ON t.tgrelid = to_regclass(wt.table_name) AND t.tgname = wt.trigger_name
-)
-SELECT kind, name, status FROM objects
-UNION ALL
-(SELECT kind, name, status FROM triggers ORDER BY name)
-$$;
-COMMENT ON FUNCTION pipeline.verify() IS
-    'Lists every schema, table, view, function and stage trigger the pipeline needs, with ok or what is wrong.';
-
 -- ==== sql/010_webhooks.sql ====
 
 -- 010_webhooks.sql: where each event type is delivered.
@@ -1721,8 +1608,6 @@ CREATE TABLE pipeline.webhooks (
     event_type      pipeline.event_type PRIMARY KEY,
     url             text NOT NULL,
     method          text NOT NULL DEFAULT 'POST',
-    headers         jsonb NOT NULL DEFAULT '{}',
-    secret          text,
     timeout_ms      integer,
     max_in_flight   integer,
     enabled         boolean NOT NULL DEFAULT true,
@@ -1731,19 +1616,42 @@ CREATE TABLE pipeline.webhooks (
     updated_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT url_valid CHECK (pipeline._url_problem(url) IS NULL),
     CONSTRAINT method_known CHECK (method IN ('POST', 'PUT', 'PATCH')),
-    CONSTRAINT headers_valid CHECK (pipeline._header_problem(headers) IS NULL),
-    CONSTRAINT secret_valid CHECK (pipeline._secret_problem(secret) IS NULL),
     CONSTRAINT timeout_ms_range CHECK (timeout_ms BETWEEN 1 AND 300000),
     CONSTRAINT max_in_flight_range CHECK (max_in_flight BETWEEN 1 AND 1000),
     CONSTRAINT disabled_has_reason CHECK (enabled OR disabled_reason IS NOT NULL)
 );
 COMMENT ON TABLE pipeline.webhooks IS
-    'Where events are delivered: one endpoint per event type. Holds secrets: grant SELECT with care.';
-COMMENT ON COLUMN pipeline.webhooks.headers IS 'Extra request headers, e.g. {"Authorization": "Basic ..."} for n8n Basic Auth.';
-COMMENT ON COLUMN pipeline.webhooks.secret IS 'Signing secret (whsec_<base64> as in Standard Webhooks); NULL sends no webhook-signature.';
+    'Where events are delivered: one endpoint per event type (its headers and secret are in pipeline.webhook_credentials).';
 COMMENT ON COLUMN pipeline.webhooks.timeout_ms IS 'Request timeout; NULL uses pipeline.http_timeout.';
 COMMENT ON COLUMN pipeline.webhooks.max_in_flight IS 'At most this many deliveries to the endpoint at once; NULL: pipeline.concurrency.';
 COMMENT ON COLUMN pipeline.webhooks.disabled_reason IS 'Why the endpoint is disabled (by hand, or 410 Gone from the receiver).';
+
+-- What an endpoint sends that nobody else should see: its headers (an
+-- Authorization header, for one) and its signing secret. A table of its own
+-- so that reading the endpoints needs no right on these, and so that the
+-- extension leaves them out of pg_dump (docs/security.md says how to carry
+-- them). One row per endpoint, made and removed with it.
+CREATE TABLE pipeline.webhook_credentials (
+    event_type pipeline.event_type PRIMARY KEY
+               REFERENCES pipeline.webhooks (event_type) ON DELETE CASCADE ON UPDATE CASCADE,
+    headers    jsonb NOT NULL DEFAULT '{}',
+    secret     text,
+    CONSTRAINT headers_valid CHECK (pipeline._header_problem(headers) IS NULL),
+    CONSTRAINT secret_valid CHECK (pipeline._secret_problem(secret) IS NULL)
+);
+COMMENT ON TABLE pipeline.webhook_credentials IS
+    'The headers and signing secret of each endpoint of pipeline.webhooks. Secrets: grant SELECT with care; not in pg_dump.';
+COMMENT ON COLUMN pipeline.webhook_credentials.headers IS 'Extra request headers, e.g. {"Authorization": "Basic ..."} for n8n Basic Auth.';
+COMMENT ON COLUMN pipeline.webhook_credentials.secret IS 'Signing secret (whsec_<base64> as in Standard Webhooks); NULL sends no webhook-signature.';
+
+-- Storing an endpoint's headers and secret.
+CREATE FUNCTION pipeline._store_credentials(event_type text, headers jsonb, secret text) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO pipeline.webhook_credentials AS c (event_type, headers, secret)
+    VALUES (event_type, headers, secret)
+    ON CONFLICT (event_type) DO UPDATE SET headers = excluded.headers, secret = excluded.secret
+    WHERE (c.headers, c.secret) IS DISTINCT FROM (excluded.headers, excluded.secret)
+$$;
 
 -- Raises the first problem of an endpoint's fields, naming the field.
 CREATE FUNCTION pipeline._check_webhook(
@@ -1798,19 +1706,21 @@ BEGIN
     PERFORM pipeline._check_webhook(event_type, url, method, headers, secret, timeout_ms, max_in_flight,
                                     allow_unknown_type, 'pipeline.register_webhook: ');
     INSERT INTO pipeline.webhooks AS w
-        (event_type, url, method, headers, secret, timeout_ms, max_in_flight, enabled, disabled_reason)
-    VALUES (event_type, url, upper(method), headers, secret, timeout_ms, max_in_flight, coalesce(enabled, true),
+        (event_type, url, method, timeout_ms, max_in_flight, enabled, disabled_reason)
+    VALUES (event_type, url, upper(method), timeout_ms, max_in_flight, coalesce(enabled, true),
             CASE WHEN NOT coalesce(enabled, true) THEN 'registered disabled' END)
     ON CONFLICT ON CONSTRAINT webhooks_pkey DO UPDATE
-    SET url = excluded.url, method = excluded.method, headers = excluded.headers, secret = excluded.secret,
+    SET url = excluded.url, method = excluded.method,
         timeout_ms = excluded.timeout_ms, max_in_flight = excluded.max_in_flight, enabled = excluded.enabled,
         disabled_reason = excluded.disabled_reason, updated_at = now()
     RETURNING * INTO v_row;
+    PERFORM pipeline._store_credentials(register_webhook.event_type, register_webhook.headers, register_webhook.secret);
     RETURN v_row;
 END
 $$;
 COMMENT ON FUNCTION pipeline.register_webhook(text, text, text, jsonb, text, integer, integer, boolean, boolean) IS
-    'Registers the endpoint for an event type, replacing any earlier one; returns it.';
+    'Registers the endpoint for an event type, replacing any earlier one; returns it (its headers and secret '
+    'go to pipeline.webhook_credentials).';
 
 -- Changing some fields of an endpoint; NULL leaves a field as it is.
 -- secret => '' removes the secret; timeout_ms => 0 and max_in_flight => 0
@@ -1826,24 +1736,29 @@ CREATE FUNCTION pipeline.update_webhook(
 ) RETURNS pipeline.webhooks
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_old pipeline.webhooks;
-    v_new pipeline.webhooks;
+    v_old     pipeline.webhooks;
+    v_new     pipeline.webhooks;
+    v_headers jsonb;
+    v_secret  text;
 BEGIN
     v_old := pipeline._require_webhook(event_type);
+    SELECT c.headers, c.secret INTO v_headers, v_secret
+    FROM pipeline.webhook_credentials c WHERE c.event_type = v_old.event_type;
     v_new := v_old;
     v_new.url := coalesce(url, v_old.url);
     v_new.method := upper(coalesce(method, v_old.method));
-    v_new.headers := coalesce(headers, v_old.headers);
-    v_new.secret := CASE WHEN secret = '' THEN NULL ELSE coalesce(secret, v_old.secret) END;
+    v_headers := coalesce(headers, v_headers, '{}');
+    v_secret := CASE WHEN secret = '' THEN NULL ELSE coalesce(secret, v_secret) END;
     v_new.timeout_ms := CASE WHEN timeout_ms = 0 THEN NULL ELSE coalesce(timeout_ms, v_old.timeout_ms) END;
     v_new.max_in_flight := CASE WHEN max_in_flight = 0 THEN NULL ELSE coalesce(max_in_flight, v_old.max_in_flight) END;
-    PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_new.headers, v_new.secret,
+    PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_headers, v_secret,
                                     v_new.timeout_ms, v_new.max_in_flight, true, 'pipeline.update_webhook: ');
     UPDATE pipeline.webhooks w
-    SET url = v_new.url, method = v_new.method, headers = v_new.headers, secret = v_new.secret,
+    SET url = v_new.url, method = v_new.method,
         timeout_ms = v_new.timeout_ms, max_in_flight = v_new.max_in_flight, updated_at = now()
     WHERE w.event_type = v_old.event_type
     RETURNING * INTO v_new;
+    PERFORM pipeline._store_credentials(v_new.event_type, v_headers, v_secret);
     RETURN v_new;
 END
 $$;
@@ -1927,6 +1842,10 @@ DECLARE
     v_url     text;
     v_old     pipeline.webhooks;
     v_new     pipeline.webhooks;
+    v_old_headers jsonb;
+    v_old_secret  text;
+    v_headers jsonb;
+    v_secret  text;
     v_where   text;
 BEGIN
     IF registry IS NULL OR jsonb_typeof(registry) <> 'object' THEN
@@ -1998,39 +1917,42 @@ BEGIN
         END LOOP;
 
         SELECT * INTO v_old FROM pipeline.webhooks w WHERE w.event_type = v_entry.key;
+        SELECT c.headers, c.secret INTO v_old_headers, v_old_secret
+        FROM pipeline.webhook_credentials c WHERE c.event_type = v_entry.key;
         v_new.event_type := v_entry.key;
         v_new.url := v_url;
         v_new.method := upper(coalesce(v_spec ->> 'method', 'POST'));
-        v_new.headers := coalesce(v_spec -> 'headers', '{}');
-        v_new.secret := v_spec ->> 'secret';
+        v_headers := coalesce(v_spec -> 'headers', '{}');
+        v_secret := v_spec ->> 'secret';
         v_new.timeout_ms := (v_spec ->> 'timeout_ms')::numeric::integer;
         v_new.max_in_flight := (v_spec ->> 'max_in_flight')::numeric::integer;
         v_new.enabled := coalesce((v_spec ->> 'enabled')::boolean, v_old.enabled, true);
-        PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_new.headers, v_new.secret,
+        PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_headers, v_secret,
                                         v_new.timeout_ms, v_new.max_in_flight,
                                         coalesce((v_spec ->> 'allow_unknown_type')::boolean, false), v_where);
 
         event_type := v_new.event_type;
         url := v_new.url;
         IF v_old.event_type IS NULL THEN
-            PERFORM pipeline.register_webhook(v_new.event_type, v_new.url, v_new.method, v_new.headers,
-                                              v_new.secret, v_new.timeout_ms, v_new.max_in_flight, v_new.enabled,
+            PERFORM pipeline.register_webhook(v_new.event_type, v_new.url, v_new.method, v_headers,
+                                              v_secret, v_new.timeout_ms, v_new.max_in_flight, v_new.enabled,
                                               allow_unknown_type => true);
             action := 'created';
-        ELSIF (v_old.url, v_old.method, v_old.headers, v_old.secret, v_old.timeout_ms, v_old.max_in_flight,
+        ELSIF (v_old.url, v_old.method, coalesce(v_old_headers, '{}'), v_old_secret, v_old.timeout_ms, v_old.max_in_flight,
                v_old.enabled)
               IS NOT DISTINCT FROM
-              (v_new.url, v_new.method, v_new.headers, v_new.secret, v_new.timeout_ms, v_new.max_in_flight,
+              (v_new.url, v_new.method, v_headers, v_secret, v_new.timeout_ms, v_new.max_in_flight,
                v_new.enabled) THEN
             action := 'unchanged';
         ELSE
             UPDATE pipeline.webhooks w
-            SET url = v_new.url, method = v_new.method, headers = v_new.headers, secret = v_new.secret,
+            SET url = v_new.url, method = v_new.method,
                 timeout_ms = v_new.timeout_ms, max_in_flight = v_new.max_in_flight, enabled = v_new.enabled,
                 disabled_reason = CASE WHEN v_new.enabled THEN NULL
                                        ELSE coalesce(w.disabled_reason, 'disabled in the registry') END,
                 updated_at = now()
             WHERE w.event_type = v_new.event_type;
+            PERFORM pipeline._store_credentials(v_new.event_type, v_headers, v_secret);
             action := 'updated';
         END IF;
         RETURN NEXT;
@@ -2067,8 +1989,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                     THEN substr(w.url, length(b.origin) + 1) ELSE w.url END AS url,
                jsonb_strip_nulls(jsonb_build_object(
                    'method', nullif(w.method, 'POST'),
-                   'headers', nullif(w.headers, '{}'),
-                   'secret', w.secret,
+                   'headers', nullif(c.headers, '{}'),
+                   'secret', c.secret,
                    'timeout_ms', w.timeout_ms,
                    'max_in_flight', w.max_in_flight,
                    'enabled', CASE WHEN NOT w.enabled THEN false END,
@@ -2078,6 +2000,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                          AND NOT EXISTS (SELECT 1 FROM pipeline.watches x WHERE x.event_type = w.event_type)
                         THEN true END)) AS options
         FROM pipeline.webhooks w
+        LEFT JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
         LEFT JOIN base b ON true
     )
     SELECT jsonb_strip_nulls(jsonb_build_object(
@@ -2174,7 +2097,11 @@ DECLARE
     v_bytes         bigint := 0;
     v_row           record;
 BEGIN
+    -- NB: an endpoint without its credentials row (restored from a dump
+    -- that leaves them out) is not claimed for: it would go out without its
+    -- headers and signature. Its events wait for import_registry.
     v_types := ARRAY(SELECT w.event_type::text FROM pipeline.webhooks w
+                     JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
                      WHERE w.enabled
                        AND (skip_types IS NULL OR w.event_type::text <> ALL (skip_types))
                        AND (only_types IS NULL OR w.event_type::text = ANY (only_types)));
@@ -2198,8 +2125,8 @@ BEGIN
         PERFORM pipeline._release(v_back_ids, v_back_attempts);
     END IF;
     RETURN QUERY
-    SELECT b.id, b.attempts, b.event_type::text, w.url, w.method, w.headers::text, w.secret, w.timeout_ms,
-           w.max_in_flight,
+    SELECT b.id, b.attempts, b.event_type::text, w.url, w.method, coalesce(c.headers, '{}')::text, c.secret,
+           w.timeout_ms, w.max_in_flight,
            CASE WHEN max_event_bytes IS NULL OR octet_length(b.body) <= max_event_bytes THEN b.body END,
            coalesce(octet_length(b.body)::bigint, b.stored::bigint)
     FROM (
@@ -2219,6 +2146,7 @@ BEGIN
         OFFSET 0  -- NB: a fence, so that each body is built once
     ) b
     JOIN pipeline.webhooks w ON w.event_type = b.event_type
+    JOIN pipeline.webhook_credentials c ON c.event_type = b.event_type
     ORDER BY b.id;
 END
 $$;
@@ -2455,5 +2383,128 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     )
     SELECT count(*)::integer FROM due
 $$;
+
+-- ==== sql/012_verify.sql ====
+
+-- 012_verify.sql: a self-check of the installation (last, so that it can
+-- look at every object).
+--
+-- SELECT * FROM pipeline.verify() lists every object the pipeline needs with
+-- ok or what is wrong; SELECT * FROM pipeline.verify() WHERE status <> 'ok'
+-- is empty on a healthy install. It works the same in trigger-only mode.
+
+CREATE FUNCTION pipeline.verify()
+RETURNS TABLE (kind text, name text, status text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+WITH expected (kind, name) AS (
+    VALUES ('schema', 'intake'), ('schema', 'marketing'), ('schema', 'pipeline'),
+           ('table', 'intake.company_raw_intake'),
+           ('table', 'marketing.company_master'),
+           ('table', 'marketing.company_slots'),
+           ('table', 'marketing.email_verification'),
+           ('table', 'marketing.pipeline_events'),
+           ('table', 'marketing.pipeline_error_log'),
+           ('table', 'pipeline.watches'),
+           ('table', 'pipeline.stages'),
+           ('table', 'pipeline.webhooks'),
+           ('table', 'marketing.pipeline_delivery_attempts'),
+           ('view', 'marketing.vw_outreach_ready'),
+           ('view', 'marketing.vw_pipeline_funnel'),
+           ('view', 'marketing.vw_pending_events'),
+           ('view', 'marketing.vw_processing_latency'),
+           ('view', 'marketing.vw_unresolved_errors'),
+           ('view', 'marketing.vw_error_rate_24h'),
+           ('view', 'marketing.vw_endpoint_health'),
+           ('function', 'pipeline._capture'),
+           ('function', 'pipeline.watch'),
+           ('function', 'pipeline.unwatch'),
+           ('function', 'pipeline.emit'),
+           ('function', 'pipeline.claim'),
+           ('function', 'pipeline.mark_delivered'),
+           ('function', 'pipeline.mark_delivered_many'),
+           ('function', 'pipeline.mark_failed'),
+           ('function', 'pipeline.replay'),
+           ('function', 'pipeline.replay_many'),
+           ('function', 'pipeline.replay_failed'),
+           ('function', 'pipeline.log_error'),
+           ('function', 'pipeline.resolve_error'),
+           ('function', 'pipeline.resolve_errors'),
+           ('function', 'pipeline.register_webhook'),
+           ('function', 'pipeline.update_webhook'),
+           ('function', 'pipeline.disable_webhook'),
+           ('function', 'pipeline.enable_webhook'),
+           ('function', 'pipeline.remove_webhook'),
+           ('function', 'pipeline.import_registry'),
+           ('function', 'pipeline.export_registry'),
+           ('function', 'pipeline.purge'),
+           ('function', 'pipeline.status'),
+           ('function', 'pipeline.release_claims'),
+           ('function', 'pipeline.grant_event_type'),
+           ('function', 'pipeline.revoke_event_type'),
+           ('table', 'pipeline.event_type_grants'),
+           ('table', 'pipeline.webhook_credentials'),
+           ('view', 'marketing.vw_pipeline_status')
+),
+objects AS (
+    SELECT x.kind, x.name,
+           CASE x.kind
+               WHEN 'schema' THEN
+                   CASE WHEN to_regnamespace(x.name) IS NULL THEN 'missing' ELSE 'ok' END
+               WHEN 'function' THEN
+                   CASE WHEN EXISTS (
+                       SELECT 1 FROM pg_proc p
+                       WHERE p.pronamespace = to_regnamespace(split_part(x.name, '.', 1))
+                         AND p.proname = split_part(x.name, '.', 2))
+                   THEN 'ok' ELSE 'missing' END
+               ELSE
+                   (SELECT CASE
+                               WHEN r.relkind IS NULL THEN 'missing'
+                               WHEN r.relkind IN ('r', 'p') AND x.kind = 'table' THEN 'ok'
+                               WHEN r.relkind = 'v' AND x.kind = 'view' THEN 'ok'
+                               ELSE 'not a ' || x.kind
+                           END
+                    FROM (SELECT (SELECT c.relkind FROM pg_class c
+                                  WHERE c.oid = to_regclass(x.name)) AS relkind) r)
+           END AS status
+    FROM expected x
+),
+-- Every stage trigger, and every watch a user added.
+wanted_triggers AS (
+    SELECT s.source_table::text AS table_name,
+           format('pipeline_%s_%s', s.event_type, lower(s.operation)) AS trigger_name
+    FROM pipeline.stages s
+    WHERE s.event_type IS NOT NULL
+    UNION
+    SELECT w.source_table::text, w.trigger_name::text
+    FROM pipeline.watches w
+),
+triggers AS (
+    SELECT 'trigger'::text AS kind,
+           wt.table_name || '.' || wt.trigger_name AS name,
+           CASE
+               WHEN to_regclass(wt.table_name) IS NULL THEN 'missing table'
+               WHEN t.oid IS NULL THEN 'missing'
+               WHEN t.tgenabled = 'D' THEN 'disabled'
+               WHEN t.tgfoid <> 'pipeline._capture()'::regprocedure THEN 'calls another function'
+               ELSE 'ok'
+           END AS status
+    FROM wanted_triggers wt
+    LEFT JOIN pg_trigger t
+           ON t.tgrelid = to_regclass(wt.table_name) AND t.tgname = wt.trigger_name
+)
+SELECT kind, name, status FROM objects
+UNION ALL
+(SELECT kind, name, status FROM triggers ORDER BY name)
+UNION ALL
+-- An endpoint restored from a dump has no credentials until they are imported.
+(SELECT 'endpoint', w.event_type::text,
+        CASE WHEN c.event_type IS NULL THEN 'missing credentials (import them with pipeline.import_registry)'
+             ELSE 'ok' END
+ FROM pipeline.webhooks w
+ LEFT JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
+ ORDER BY 2)
+$$;
+COMMENT ON FUNCTION pipeline.verify() IS
+    'Lists every schema, table, view, function and stage trigger the pipeline needs, with ok or what is wrong.';
 
 COMMIT;

@@ -78,7 +78,11 @@ DECLARE
     v_bytes         bigint := 0;
     v_row           record;
 BEGIN
+    -- NB: an endpoint without its credentials row (restored from a dump
+    -- that leaves them out) is not claimed for: it would go out without its
+    -- headers and signature. Its events wait for import_registry.
     v_types := ARRAY(SELECT w.event_type::text FROM pipeline.webhooks w
+                     JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
                      WHERE w.enabled
                        AND (skip_types IS NULL OR w.event_type::text <> ALL (skip_types))
                        AND (only_types IS NULL OR w.event_type::text = ANY (only_types)));
@@ -102,8 +106,8 @@ BEGIN
         PERFORM pipeline._release(v_back_ids, v_back_attempts);
     END IF;
     RETURN QUERY
-    SELECT b.id, b.attempts, b.event_type::text, w.url, w.method, w.headers::text, w.secret, w.timeout_ms,
-           w.max_in_flight,
+    SELECT b.id, b.attempts, b.event_type::text, w.url, w.method, coalesce(c.headers, '{}')::text, c.secret,
+           w.timeout_ms, w.max_in_flight,
            CASE WHEN max_event_bytes IS NULL OR octet_length(b.body) <= max_event_bytes THEN b.body END,
            coalesce(octet_length(b.body)::bigint, b.stored::bigint)
     FROM (
@@ -123,6 +127,7 @@ BEGIN
         OFFSET 0  -- NB: a fence, so that each body is built once
     ) b
     JOIN pipeline.webhooks w ON w.event_type = b.event_type
+    JOIN pipeline.webhook_credentials c ON c.event_type = b.event_type
     ORDER BY b.id;
 END
 $$;

@@ -79,19 +79,19 @@ pub extern "C-unwind" fn _PG_init() {
     requires = ["errors"]
 );
 ::pgrx::extension_sql_file!(
-    "../sql/009_verify.sql",
-    name = "verify",
-    requires = ["views"]
-);
-::pgrx::extension_sql_file!(
     "../sql/010_webhooks.sql",
     name = "webhooks",
-    requires = ["verify"]
+    requires = ["views"]
 );
 ::pgrx::extension_sql_file!(
     "../sql/011_delivery.sql",
     name = "delivery",
     requires = ["webhooks"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/012_verify.sql",
+    name = "verify",
+    requires = ["delivery"]
 );
 ::pgrx::extension_sql_file!(
     "../sql/extension/worker_role.sql",

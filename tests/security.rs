@@ -65,7 +65,7 @@ fn plant(client: &mut postgres::Client, schema: &str, planter: &str) {
              EXCEPTION WHEN OTHERS THEN NULL;
              END;
              BEGIN
-                 INSERT INTO {schema}.stolen SELECT w.secret FROM pipeline.webhooks w;
+                 INSERT INTO {schema}.stolen SELECT c.secret FROM pipeline.webhook_credentials c;
              EXCEPTION WHEN OTHERS THEN NULL;
              END;
          END $$;
@@ -355,7 +355,7 @@ fn the_owner_of_a_trigger_only_install_runs_nothing_an_app_role_planted() {
         2
     );
     assert!(app
-        .query("SELECT secret FROM pipeline.webhooks", &[])
+        .query("SELECT secret FROM pipeline.webhook_credentials", &[])
         .is_err());
 
     let (ran, stolen) = planted_effects(&mut owner, "app_owner");

@@ -13,6 +13,8 @@ SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_events', '');
 SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_error_log', '');
 SELECT pg_catalog.pg_extension_config_dump('pipeline.watches', 'WHERE NOT builtin');
 SELECT pg_catalog.pg_extension_config_dump('pipeline.webhooks', '');
+-- NB: not pipeline.webhook_credentials: headers and signing secrets stay out
+-- of dumps; docs/security.md says how to carry them (export_registry).
 SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_delivery_attempts', '');
 
 -- Identity sequences too, or restored rows would collide with new ones.

@@ -31,5 +31,5 @@ GRANT SELECT, INSERT, DELETE ON marketing.pipeline_delivery_attempts TO pipeline
 GRANT SELECT, INSERT ON marketing.pipeline_error_log TO pipeline_worker;
 GRANT UPDATE (resolved, resolved_at, resolution_note) ON marketing.pipeline_error_log TO pipeline_worker;
 -- Endpoints: read them, and disable one that answered 410 Gone.
-GRANT SELECT ON pipeline.webhooks TO pipeline_worker;
+GRANT SELECT ON pipeline.webhooks, pipeline.webhook_credentials TO pipeline_worker;
 GRANT UPDATE (enabled, disabled_reason, updated_at) ON pipeline.webhooks TO pipeline_worker;

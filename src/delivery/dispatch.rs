@@ -24,6 +24,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,8 @@ struct Shared {
     work: Condvar,
     sender: Mutex<Sender>,
     wake_write: OwnedFd,
+    /// A byte is in the pipe and not drained yet: finishes need not write.
+    wake_pending: AtomicBool,
 }
 
 #[derive(Default)]
@@ -108,6 +111,7 @@ impl Dispatcher {
                 work: Condvar::new(),
                 sender: Mutex::new(sender),
                 wake_write,
+                wake_pending: AtomicBool::new(false),
             }),
             wake_read,
         })
@@ -125,6 +129,8 @@ impl Dispatcher {
 
     /// Empties the wake-up pipe (after a wait on wake_fd).
     pub fn drain_wake(&self) {
+        // NB: cleared before reading, so a finish after the read writes again.
+        self.shared.wake_pending.store(false, Ordering::SeqCst);
         let mut buffer = [0u8; 256];
         // SAFETY: reads into a local buffer from a descriptor we own; the
         // pipe is non-blocking, so the loop ends when it is empty.
@@ -149,9 +155,13 @@ impl Dispatcher {
             let lane = state.lane(&job.endpoint.event_type);
             lane.jobs.push_back(job);
         }
-        self.start_threads(&mut state);
+        let waking = self.start_threads(&mut state);
         drop(state);
-        self.shared.work.notify_all();
+        // One idle thread per job that can start: waking them all would cost
+        // every thread a context switch per job.
+        for _ in 0..waking {
+            self.shared.work.notify_one();
+        }
     }
 
     /// Takes what finished, what was handed back and how endpoints changed.
@@ -223,10 +233,12 @@ impl Dispatcher {
         (attempts, unsent)
     }
 
-    /// Starts threads for the jobs that can start and find no idle thread.
-    fn start_threads(&self, state: &mut State) {
+    /// Starts threads for the jobs that can start and find no idle thread;
+    /// returns how many idle threads to wake for the others.
+    fn start_threads(&self, state: &mut State) -> usize {
         let now = Instant::now();
         let startable: usize = state.lanes.iter().map(|lane| lane.startable(now)).sum();
+        let waking = startable.min(state.idle);
         for _ in state.idle..startable {
             state.threads += 1;
             state.idle += 1;
@@ -236,6 +248,7 @@ impl Dispatcher {
                 .spawn(move || sender_thread(&shared))
                 .expect("start a sender thread");
         }
+        waking
     }
 }
 
@@ -380,11 +393,14 @@ fn sender_thread(shared: &Shared) {
         state.finish(&job, attempt, Instant::now());
         state.idle += 1;
         drop(state);
-        shared.work.notify_all();
-        // SAFETY: writes one byte from a local to a descriptor we own; the
-        // pipe is non-blocking, and a full pipe already wakes the reader.
-        unsafe {
-            libc::write(shared.wake_write.as_raw_fd(), [1u8].as_ptr().cast(), 1);
+        // NB: no other thread is woken: the only job this finish can make
+        // startable is its lane's next, which this thread takes itself.
+        if !shared.wake_pending.swap(true, Ordering::SeqCst) {
+            // SAFETY: writes one byte from a local to a descriptor we own;
+            // the pipe is non-blocking, and a full pipe wakes the reader too.
+            unsafe {
+                libc::write(shared.wake_write.as_raw_fd(), [1u8].as_ptr().cast(), 1);
+            }
         }
     }
 }

@@ -387,7 +387,14 @@ mod tests {
         ] {
             run(&format!("SELECT * FROM marketing.{view}"));
         }
-        assert_error("SELECT secret FROM pipeline.webhooks", "permission denied");
+        assert_error(
+            "SELECT secret FROM pipeline.webhook_credentials",
+            "permission denied",
+        );
+        assert_error(
+            "SELECT headers FROM pipeline.webhook_credentials",
+            "permission denied",
+        );
         assert_error(
             "SELECT payload FROM marketing.pipeline_events",
             "permission denied",

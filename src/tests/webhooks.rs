@@ -14,7 +14,9 @@ mod tests {
 
     fn webhook(event_type: &str) -> serde_json::Value {
         json(&format!(
-            "SELECT to_jsonb(w) - 'created_at' - 'updated_at' FROM pipeline.webhooks w WHERE event_type = '{event_type}'"
+            "SELECT to_jsonb(w) - 'created_at' - 'updated_at' || jsonb_build_object('headers', c.headers, 'secret', c.secret)
+             FROM pipeline.webhooks w LEFT JOIN pipeline.webhook_credentials c USING (event_type)
+             WHERE event_type = '{event_type}'"
         ))
     }
 

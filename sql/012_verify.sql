@@ -1,4 +1,5 @@
--- 009_verify.sql: a self-check of the installation.
+-- 012_verify.sql: a self-check of the installation (last, so that it can
+-- look at every object).
 --
 -- SELECT * FROM pipeline.verify() lists every object the pipeline needs with
 -- ok or what is wrong; SELECT * FROM pipeline.verify() WHERE status <> 'ok'
@@ -53,6 +54,7 @@ WITH expected (kind, name) AS (
            ('function', 'pipeline.grant_event_type'),
            ('function', 'pipeline.revoke_event_type'),
            ('table', 'pipeline.event_type_grants'),
+           ('table', 'pipeline.webhook_credentials'),
            ('view', 'marketing.vw_pipeline_status')
 ),
 objects AS (
@@ -105,6 +107,14 @@ triggers AS (
 SELECT kind, name, status FROM objects
 UNION ALL
 (SELECT kind, name, status FROM triggers ORDER BY name)
+UNION ALL
+-- An endpoint restored from a dump has no credentials until they are imported.
+(SELECT 'endpoint', w.event_type::text,
+        CASE WHEN c.event_type IS NULL THEN 'missing credentials (import them with pipeline.import_registry)'
+             ELSE 'ok' END
+ FROM pipeline.webhooks w
+ LEFT JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
+ ORDER BY 2)
 $$;
 COMMENT ON FUNCTION pipeline.verify() IS
     'Lists every schema, table, view, function and stage trigger the pipeline needs, with ok or what is wrong.';
