@@ -16,7 +16,8 @@
 -- fired it: turning a row into JSON calls the output functions and casts of
 -- the row's column types, which may belong to whoever owns the table or the
 -- type, and such code must never run with more rights than that role has.
--- So every role may INSERT the columns an event is made of, and the policy
+-- So every role may INSERT the columns an event is made of (and read back
+-- the new id), and the policy
 -- pipeline_events_produce decides which rows it may insert:
 --   * a row change (INSERT, UPDATE, DELETE), from inside a trigger, of an
 --     event type that a watch of that table and operation produces, by a
@@ -89,6 +90,7 @@ DECLARE
     v_new   jsonb;
     v_old   jsonb;
     v_key   jsonb;
+    v_id    bigint;
     i       integer;
 BEGIN
     IF TG_LEVEL = 'STATEMENT' THEN
@@ -96,11 +98,16 @@ BEGIN
         -- statement's rows (the transition table named by pipeline.watch).
         EXECUTE format(
             $sql$
-            INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
-            SELECT $1, jsonb_build_object('key', g.k, 'count', g.n, %2$L, g.rows), $2, $3, g.k
-            FROM (SELECT jsonb_build_object(%1$L, t.%1$I) AS k, count(*) AS n,
-                         jsonb_agg(to_jsonb(t)) AS rows
-                  FROM %3$I t GROUP BY t.%1$I ORDER BY t.%1$I) g
+            WITH ins AS (
+                INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
+                SELECT $1, jsonb_build_object('key', g.k, 'count', g.n, %2$L, g.rows), $2, $3, g.k
+                FROM (SELECT jsonb_build_object(%1$L, t.%1$I) AS k, count(*) AS n,
+                             jsonb_agg(to_jsonb(t)) AS rows
+                      FROM %3$I t GROUP BY t.%1$I ORDER BY t.%1$I) g
+                RETURNING id)
+            SELECT pg_notify('pipeline_event',
+                             json_build_object('id', id, 'event_type', $1, 'table', $2, 'op', $3)::text)
+            FROM ins
             $sql$,
             TG_ARGV[1],
             CASE TG_OP WHEN 'DELETE' THEN 'old' ELSE 'new' END,
@@ -129,7 +136,14 @@ BEGIN
                 WHEN 'UPDATE' THEN jsonb_build_object('new', v_new, 'old', v_old)
                 ELSE jsonb_build_object('old', v_old)
             END,
-            v_table, TG_OP, v_key);
+            v_table, TG_OP, v_key)
+    RETURNING id INTO v_id;
+
+    -- Announced to listeners; the payload holds only bounded fields (id,
+    -- event type, table, operation), so it stays far below NOTIFY's
+    -- 8000-byte limit whatever the row holds.
+    PERFORM pg_notify('pipeline_event',
+                      json_build_object('id', v_id, 'event_type', TG_ARGV[0], 'table', v_table, 'op', TG_OP)::text);
     RETURN NULL;
 END
 $$;
@@ -139,36 +153,6 @@ COMMENT ON FUNCTION pipeline._capture() IS
 -- accepts its events only for tables and types of a watch.
 GRANT EXECUTE ON FUNCTION pipeline._capture() TO PUBLIC;
 
--- Every new event is announced on pipeline_event, whoever inserted it. The
--- payload holds only bounded fields (id, event type, table, operation), so
--- it stays far below NOTIFY's 8000-byte limit whatever the row holds.
--- NB: a statement trigger reading the transition table, so that writers
--- need no right to read the queue (INSERT ... RETURNING would).
-CREATE FUNCTION pipeline._announce() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    v_last bigint;
-BEGIN
-    SELECT max(n.id), count(pg_notify('pipeline_event',
-               CASE WHEN n.source_table IS NULL
-                    THEN json_build_object('id', n.id, 'event_type', n.event_type, 'op', n.source_op)
-                    ELSE json_build_object('id', n.id, 'event_type', n.event_type,
-                                           'table', n.source_table, 'op', n.source_op)
-               END::text))
-    INTO v_last
-    FROM (SELECT * FROM pipeline_new_events ORDER BY id) n;
-    -- pipeline.emit returns the id from here (its caller may not read the queue).
-    PERFORM set_config('pipeline_ext.last_event_id', v_last::text, true);
-    RETURN NULL;
-END
-$$;
-COMMENT ON FUNCTION pipeline._announce() IS
-    'Announces every new event on the channel pipeline_event: {"id", "event_type", "table", "op"}.';
-REVOKE ALL ON FUNCTION pipeline._announce() FROM PUBLIC;
-CREATE TRIGGER pipeline_announce
-    AFTER INSERT ON marketing.pipeline_events
-    REFERENCING NEW TABLE AS pipeline_new_events
-    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce();
 
 -- Emitting an event by hand (for receivers and scripts): as the caller,
 -- for the owner of the pipeline and roles granted the event type.
@@ -188,8 +172,10 @@ BEGIN
                   HINT = 'The pipeline''s owner allows it with pipeline.grant_event_type(event_type, role).';
     END IF;
     INSERT INTO marketing.pipeline_events (event_type, payload, source_op)
-    VALUES (emit.event_type, emit.payload, 'EMIT');
-    v_id := current_setting('pipeline_ext.last_event_id')::bigint;
+    VALUES (emit.event_type, emit.payload, 'EMIT')
+    RETURNING id INTO v_id;
+    PERFORM pg_notify('pipeline_event',
+                      json_build_object('id', v_id, 'event_type', emit.event_type, 'op', 'EMIT')::text);
     RETURN v_id;
 END
 $$;
@@ -299,6 +285,10 @@ CREATE POLICY pipeline_events_produce ON marketing.pipeline_events FOR INSERT
                            END)
         END);
 GRANT INSERT (event_type, payload, source_table, source_op, source_key) ON marketing.pipeline_events TO PUBLIC;
+-- The id too, for INSERT ... RETURNING id: ids are no secret (every role
+-- may LISTEN on pipeline_event, where each event's id, type, table and
+-- operation are announced), and nothing else of the queue is readable.
+GRANT SELECT (id) ON marketing.pipeline_events TO PUBLIC;
 
 -- Why a watch condition cannot be pasted into CREATE TRIGGER ... WHEN (...),
 -- or NULL when it can. It must be one expression: every quote closed, every

@@ -264,6 +264,8 @@ fn the_worker_has_the_rights_of_its_role_only() {
             .log()
             .contains("claiming events failed: permission denied for table")
     });
+    // The log names the SQLSTATE of a caught error.
+    assert!(cluster.log().contains("(SQLSTATE 42501)"));
     db.batch_execute("SELECT pipeline.emit('audit_note')")
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));

@@ -34,6 +34,8 @@ pub fn run(bench: &mut Bench, only: &[String]) {
     }
     if wanted("memory") {
         memory(bench);
+    }
+    if wanted("memory") || wanted("large") {
         large_events(bench);
     }
     if wanted("history") {
