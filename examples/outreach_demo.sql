@@ -61,7 +61,7 @@ SELECT event_type, status, count(*) FROM marketing.pipeline_events GROUP BY 1, 2
 
 \echo '== pipeline.status() =='
 SELECT worker_running, pending, processing, failed, dead, delivered_last_minute, failed_last_minute,
-       endpoints_enabled, unresolved_errors
+       endpoints_enabled, unresolved_errors, without_endpoint
 FROM pipeline.status();
 
 \echo '== self-check: anything not ok? =='
