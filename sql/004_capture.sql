@@ -17,8 +17,8 @@
 -- the row's column types, which may belong to whoever owns the table or the
 -- type, and such code must never run with more rights than that role has.
 -- So every role may INSERT the columns an event is made of (and read back
--- the new id), and the policy
--- pipeline_events_produce decides which rows it may insert:
+-- the new id), and the policy pipeline_events_produce decides which rows it
+-- may insert:
 --   * a row change (INSERT, UPDATE, DELETE), from inside a trigger, of an
 --     event type that a watch of that table and operation produces, by a
 --     role that may make that change to that table: the events its own
@@ -28,7 +28,7 @@
 -- Status, attempts and the other delivery columns are not insertable: a
 -- new event is always pending. The owner of the pipeline (and superusers)
 -- are not bound by policies. Reading, claiming and settling events stay
--- governed by table and column privileges alone (see docs/sql-api.md).
+-- governed by table and column privileges alone (see docs/security.md).
 
 -- Event types a role was allowed to produce (by pipeline.watch of its own
 -- tables or by pipeline.emit) besides the owner of the pipeline.

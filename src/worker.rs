@@ -303,6 +303,13 @@ impl Worker {
             let mut full = false;
             for ((jobs, refused), want) in claimed.into_iter().zip(&claims) {
                 full |= want.only.is_none() && jobs.len() + refused.len() >= want.limit as usize;
+                if let (Some(only), true) = (&want.only, jobs.is_empty() && refused.is_empty()) {
+                    // NB: else the probe stays due and the worker spins.
+                    for event_type in only {
+                        self.dispatcher
+                            .probe_found_nothing(event_type, Instant::now());
+                    }
+                }
                 self.dispatcher.submit(jobs);
                 if !refused.is_empty() {
                     self.unrecorded_since.get_or_insert_with(Instant::now);

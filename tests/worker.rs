@@ -1041,3 +1041,82 @@ fn the_workers_database_drops_without_force() {
         0
     );
 }
+
+#[test]
+fn a_failed_commit_is_caught_and_the_worker_carries_on() {
+    let cluster = Cluster::with_worker("worker-commit-fails", &[]);
+    let receiver = Receiver::ok();
+    let mut db = cluster.connect("postgres", "postgres");
+    // A deferred trigger fires at commit, and PostgreSQL refuses to fire one
+    // in the worker's security-restricted transactions: every commit of the
+    // attempt log fails while it is there.
+    db.batch_execute(
+        "CREATE FUNCTION public.noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON marketing.pipeline_delivery_attempts
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.noop();",
+    )
+    .unwrap();
+    register(&mut db, "ping", &receiver.url("/ping"), "");
+    emit(&mut db, "ping", 1);
+    eventually(
+        Duration::from_secs(10),
+        "the failed commit in the log",
+        || {
+            cluster.log().contains(
+            "recording deliveries failed: cannot fire deferred trigger within security-restricted operation (SQLSTATE 42501)",
+        )
+        },
+    );
+    let pid = cluster.worker_pid(&mut db);
+    db.batch_execute("DROP TRIGGER at_commit ON marketing.pipeline_delivery_attempts")
+        .unwrap();
+    // The outcome kept in memory is recorded at the next try.
+    wait_for_status(&mut db, "ping", &["processed:1:0"]);
+    assert_eq!(
+        cluster.worker_pid(&mut db),
+        pid,
+        "the same worker, still running"
+    );
+    assert_eq!(receiver.received().len(), 1, "sent once");
+}
+
+/// CPU seconds a process has used (user + system).
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[test]
+fn a_removed_endpoint_under_probe_leaves_the_worker_idle() {
+    let cluster = Cluster::with_worker("worker-probe-removed", &[]);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut db = cluster.connect("postgres", "postgres");
+    register(&mut db, "gone", &format!("http://127.0.0.1:{closed}/x"), "");
+    emit(&mut db, "gone", 5);
+    eventually(Duration::from_secs(10), "the endpoint to be probed", || {
+        cluster.log().contains("the endpoint of gone failed")
+    });
+    db.batch_execute("SELECT pipeline.remove_webhook('gone')")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = cluster.worker_pid(&mut db);
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_seconds(pid) - before;
+    assert!(
+        used < 0.5,
+        "the worker used {used} s of CPU in 3 s with nothing to do"
+    );
+}

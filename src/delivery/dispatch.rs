@@ -199,6 +199,12 @@ impl Dispatcher {
         plan
     }
 
+    /// A probe claim of `event_type` found nothing to send.
+    pub fn probe_found_nothing(&self, event_type: &str, now: Instant) {
+        let mut state = lock(&self.shared.state);
+        state.lane(event_type).health.probe_found_nothing(now);
+    }
+
     /// How long until a probe is due (None: none is waited for).
     pub fn next_probe_in(&self, now: Instant) -> Option<Duration> {
         let state = lock(&self.shared.state);
@@ -604,6 +610,12 @@ mod tests {
         assert!(dispatcher.next_probe_in(now).unwrap() > Duration::from_millis(500));
         let plan = dispatcher.plan(100, now + Duration::from_secs(2));
         assert_eq!(plan.probes, ["down"]);
+        // A probe that finds nothing to send (the endpoint was removed, say)
+        // is not due again at once: the worker would spin.
+        dispatcher.probe_found_nothing("down", now + Duration::from_secs(2));
+        let later = now + Duration::from_secs(3);
+        assert!(dispatcher.plan(100, later).probes.is_empty());
+        assert!(dispatcher.next_probe_in(later).unwrap() > Duration::from_secs(5));
     }
 
     #[test]

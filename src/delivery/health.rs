@@ -80,6 +80,14 @@ impl Health {
         }
     }
 
+    /// A probe was due but nothing waited for the endpoint (or it is gone):
+    /// look again after the longest delay.
+    pub fn probe_found_nothing(&mut self, now: Instant) {
+        if let Some(probe) = &mut self.probing {
+            probe.next_at = now + PROBE_LONGEST;
+        }
+    }
+
     /// A probe was started: the next waits for its outcome.
     pub fn probe_started(&mut self) {
         if let Some(probe) = &mut self.probing {
