@@ -160,8 +160,9 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
             worker.reload();
         }
         let sleep = worker.turn();
-        let (in_flight, _) = worker.dispatcher.load();
-        let what = if in_flight > 0 {
+        // NB: a job just handed to the senders may not be in flight yet.
+        let (in_flight, queued) = worker.dispatcher.load();
+        let what = if in_flight + queued > 0 {
             "delivering events"
         } else {
             "waiting"
