@@ -62,11 +62,7 @@ fn stage_runner() -> std::path::PathBuf {
 fn companies_flow_through_all_seven_stages() {
     let runner = stage_runner();
     let cluster = Cluster::with_worker("cascade", &[]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let _runner = Running(
         Command::new(runner)
             .args(["--listen", &format!("127.0.0.1:{port}")])

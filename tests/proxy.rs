@@ -13,11 +13,7 @@ use support::{eventually, one, Cluster};
 #[test]
 fn the_environment_names_no_proxy_the_setting_does() {
     // A port where nothing listens: a client that used it would fail.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = support::free_port();
     let proxy = format!("http://127.0.0.1:{closed}");
     for name in [
         "HTTP_PROXY",

@@ -162,11 +162,7 @@ fn receiver_down_then_back_loses_nothing() {
             ("pipeline.max_attempts", "1000"),
         ],
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let mut db = cluster.connect("postgres", "postgres");
     register(
         &mut db,
@@ -1097,11 +1093,7 @@ fn cpu_seconds(pid: i32) -> f64 {
 #[test]
 fn a_removed_endpoint_under_probe_leaves_the_worker_idle() {
     let cluster = Cluster::with_worker("worker-probe-removed", &[]);
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = support::free_port();
     let mut db = cluster.connect("postgres", "postgres");
     register(&mut db, "gone", &format!("http://127.0.0.1:{closed}/x"), "");
     emit(&mut db, "gone", 5);

@@ -263,7 +263,8 @@ fn run_checked(cmd: &mut Command) {
     );
 }
 
-fn free_port() -> u16 {
+/// A port of 127.0.0.1 that nothing listened on a moment ago (never 5432).
+pub fn free_port() -> u16 {
     loop {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
