@@ -88,7 +88,10 @@ unsafe extern "C-unwind" fn process_utility(
     }
 }
 
-/// Whether the statement is DROP DATABASE of pipeline.database.
+/// Whether the statement is DROP DATABASE of pipeline.database, by a role
+/// that may drop it. NB: the hook runs before PostgreSQL checks the right:
+/// without this check any role could stop the worker with a DROP DATABASE
+/// that then fails.
 ///
 /// # Safety
 /// `pstmt` must be the statement PostgreSQL passes to the utility hook.
@@ -103,8 +106,15 @@ unsafe fn drops_worker_database(pstmt: *mut pg_sys::PlannedStmt) -> bool {
             return false;
         }
         let stmt = node.cast::<pg_sys::DropdbStmt>();
-        !(*stmt).dbname.is_null()
-            && CStr::from_ptr((*stmt).dbname).to_string_lossy() == settings::database()
+        if (*stmt).dbname.is_null()
+            || CStr::from_ptr((*stmt).dbname).to_string_lossy() != settings::database()
+        {
+            return false;
+        }
+        // Catalog look-ups: DROP DATABASE runs in a transaction of its own.
+        let database = pg_sys::get_database_oid((*stmt).dbname, true);
+        database != pg_sys::InvalidOid
+            && pg_sys::pg_database_ownercheck(database, pg_sys::GetUserId())
     }
 }
 

@@ -1007,6 +1007,26 @@ fn the_workers_database_drops_without_force() {
     drop(db);
     let worker = cluster.worker_pid(&mut admin);
 
+    // A role that may not drop it does not stop the worker by trying.
+    admin.batch_execute("CREATE ROLE mallory LOGIN").unwrap();
+    let mut mallory = cluster.connect("postgres", "mallory");
+    let error = mallory.batch_execute("DROP DATABASE outreach").unwrap_err();
+    let message = error
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains("must be owner of database outreach"),
+        "{message}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        cluster.worker_pid(&mut admin),
+        worker,
+        "the worker still runs"
+    );
+    assert!(!cluster.log().contains("stopping the delivery worker"));
+
     admin.batch_execute("DROP DATABASE outreach").unwrap();
     eventually(Duration::from_secs(5), "the worker to go", || {
         one::<i64>(
