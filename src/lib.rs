@@ -15,7 +15,7 @@
 //! without expanding it).
 
 mod database_drop;
-mod delivery;
+
 mod payload_size;
 mod queue;
 mod settings;

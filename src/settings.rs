@@ -39,7 +39,7 @@ static WORKER_ROLE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"pipeline_worker"));
 static HTTP_PROXY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static BLOCKED_NETWORKS: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(crate::delivery::DEFAULT_BLOCKED));
+    GucSetting::<Option<CString>>::new(Some(pipeline_delivery::DEFAULT_BLOCKED));
 static MAX_EVENT_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(1024);
 static MAX_BYTES_IN_FLIGHT_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 
@@ -268,7 +268,7 @@ unsafe extern "C-unwind" fn check_http_proxy(
 ) -> bool {
     // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
     match unsafe { string_value(newval) } {
-        Some(url) if !url.trim().is_empty() => match crate::delivery::proxy_of(&url) {
+        Some(url) if !url.trim().is_empty() => match pipeline_delivery::proxy_of(&url) {
             Ok(_) => true,
             Err(error) => {
                 let message =
@@ -288,7 +288,7 @@ unsafe extern "C-unwind" fn check_blocked_networks(
 ) -> bool {
     // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
     let list = unsafe { string_value(newval) }.unwrap_or_default();
-    match crate::delivery::parse_networks(&list) {
+    match pipeline_delivery::parse_networks(&list) {
         Ok(_) => true,
         Err(error) => {
             let message =

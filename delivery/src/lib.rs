@@ -3,15 +3,19 @@
 //! and is tested on its own; src/queue.rs hands it jobs and stores what
 //! comes back.
 //!
+//! engine: the turn of a deliverer (record, claim, deliver, wait);
+//! queue: the SQL both deliverers run and the rows it reads and writes;
 //! dispatch: lanes per endpoint, threads, handing outcomes back as they
 //! come; health: probing an endpoint that fails; http: one request;
 //! network: addresses never to connect to; signature: Standard Webhooks;
 //! verdict: what an answer means.
 
 mod dispatch;
+mod engine;
 mod health;
 mod http;
 mod network;
+pub mod queue;
 mod signature;
 mod verdict;
 
@@ -19,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use dispatch::{Dispatcher, Sender};
+pub use engine::{Engine, Host, Level};
 pub use health::{Change, PROBE_LONGEST};
 pub use http::{proxy_of, HttpClient};
 pub use network::{parse_networks, DEFAULT_BLOCKED};
@@ -94,6 +99,7 @@ pub struct Job {
 pub struct Attempt {
     pub event_id: i64,
     pub attempt: i32,
+    pub event_type: String,
     pub url: String,
     pub verdict: Verdict,
     pub status_code: Option<u16>,
@@ -112,6 +118,7 @@ impl Attempt {
             ..Attempt::refused(
                 job.event_id,
                 job.attempt,
+                job.endpoint.event_type.clone(),
                 job.endpoint.url.clone(),
                 String::new(),
             )
@@ -119,10 +126,17 @@ impl Attempt {
     }
 
     /// An event that could not even be sent (its endpoint row is unusable).
-    pub fn refused(event_id: i64, attempt: i32, url: String, error: String) -> Attempt {
+    pub fn refused(
+        event_id: i64,
+        attempt: i32,
+        event_type: String,
+        url: String,
+        error: String,
+    ) -> Attempt {
         Attempt {
             event_id,
             attempt,
+            event_type,
             url,
             verdict: Verdict::Failed,
             status_code: None,

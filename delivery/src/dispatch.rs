@@ -445,7 +445,7 @@ fn block_signals() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delivery::{Endpoint, Verdict};
+    use crate::{Endpoint, Verdict};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn endpoint(name: &str, cap: usize) -> Arc<Endpoint> {

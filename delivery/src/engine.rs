@@ -1,0 +1,414 @@
+//! A deliverer's turn, the same for the extension's worker and for
+//! pipeline-relay. Each turn does what is due of:
+//!
+//!   1. record: one transaction logs the attempts that finished since the
+//!      last turn, settles their events (processed, failed with the next
+//!      attempt time, dead), disables endpoints that answered 410 Gone,
+//!      hands back unsent events, and makes the failed events of an endpoint
+//!      that answers again due at once. Outcomes are gathered for a moment
+//!      (RECORD_WITHIN, or half a batch) so that one transaction records many.
+//!   2. claim: one short transaction claims due events whose endpoint has
+//!      room, up to the batch size and the bytes allowed in flight. They
+//!      become processing with a lease and the transaction commits: none
+//!      stays open while requests are out.
+//!   3. deliver: the dispatcher sends them, each endpoint in a lane of its
+//!      own, so a slow or hanging endpoint delays no other; an endpoint that
+//!      keeps failing is probed one request at a time.
+//!
+//! The turn returns how long its caller may wait: until a request finishes
+//! (the dispatcher's wake_fd), new events are announced (the worker's latch,
+//! the relay's LISTEN), the next event is due, or the poll interval passes.
+//! How the caller waits, and how it talks to PostgreSQL, is its own: see the
+//! [`Queue`] and [`Host`] traits.
+
+use std::time::{Duration, Instant};
+
+use crate::health::PROBE_LONGEST;
+use crate::queue::{jobs_of, Claim, Limits, Queue};
+use crate::{Attempt, Change, Dispatcher, Job, Sender, Verdict};
+
+/// Longest time between two purges of old history.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// Rows purged per transaction.
+const PURGE_BATCH: i32 = 1_000;
+/// Pause after a failed transaction, so a persistent error does not spin.
+pub const ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// Outcomes kept for another try when recording them failed; beyond this
+/// the oldest are dropped (their events come back when the lease ends).
+const UNRECORDED_LIMIT: usize = 100_000;
+/// Outcomes are recorded together: once half a batch has come in, when
+/// nothing is in flight any more, or at the latest this long after the
+/// first of them came in.
+const RECORD_WITHIN: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warning,
+}
+
+/// What the engine needs of the program it runs in.
+pub trait Host {
+    /// Whether to stop claiming and return (a shutdown or a reload waits).
+    fn interrupted(&self) -> bool;
+    /// A line for the program's log.
+    fn log(&self, level: Level, message: &str);
+    /// What the deliverer is doing now (the worker shows it in
+    /// pg_stat_activity).
+    fn activity(&self, _what: &str) {}
+    /// Attempts just recorded (for metrics).
+    fn recorded(&self, _attempts: &[Attempt]) {}
+}
+
+pub struct Engine {
+    limits: Limits,
+    dispatcher: Dispatcher,
+    /// Look for due events at the next turn (new events were announced, an
+    /// endpoint answers again, a retry was recorded).
+    claim_wanted: bool,
+    /// A claim was held back by a full lane or the byte budget: claim again
+    /// once there is room.
+    refill_wanted: bool,
+    /// When the next event not claimed yet is due.
+    next_due_at: Option<Instant>,
+    /// Outcomes not recorded yet, and since when.
+    unrecorded: Vec<Attempt>,
+    unrecorded_since: Option<Instant>,
+    unreleased: Vec<Job>,
+    changes: Vec<(String, Change)>,
+    /// The last failure logged, so that a lasting one is logged once.
+    last_failure: Option<String>,
+    last_purge: Option<Instant>,
+}
+
+impl Engine {
+    pub fn new(limits: Limits, sender: Sender) -> std::io::Result<Engine> {
+        Ok(Engine {
+            limits,
+            dispatcher: Dispatcher::new(sender)?,
+            claim_wanted: true,
+            refill_wanted: false,
+            next_due_at: None,
+            unrecorded: Vec::new(),
+            unrecorded_since: None,
+            unreleased: Vec::new(),
+            changes: Vec::new(),
+            last_failure: None,
+            last_purge: None,
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+        self.claim_wanted = true;
+    }
+
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
+    /// Whether the last transaction failed (and no later one succeeded).
+    pub fn failing(&self) -> bool {
+        self.last_failure.is_some()
+    }
+
+    /// New events may be due: look at the next turn.
+    pub fn wake(&mut self) {
+        self.claim_wanted = true;
+    }
+
+    /// Outcomes and hand-backs not recorded yet.
+    pub fn unrecorded(&self) -> usize {
+        self.unrecorded.len() + self.unreleased.len()
+    }
+
+    /// Whether anything is claimed and not recorded yet: requests out or
+    /// waiting, outcomes or hand-backs not stored.
+    pub fn busy(&self) -> bool {
+        let (in_flight, waiting) = self.dispatcher.load();
+        in_flight + waiting + self.unrecorded() > 0
+    }
+
+    /// Records what finished and, when `deliver`, claims what there is room
+    /// for; returns how long to wait at most.
+    pub fn turn(&mut self, queue: &mut impl Queue, host: &impl Host, deliver: bool) -> Duration {
+        let poll = self.limits.poll_interval;
+        if !self.record_finished(queue, host, false) {
+            return ERROR_PAUSE;
+        }
+        if !deliver {
+            return poll;
+        }
+        let now = Instant::now();
+        let probe_in = self.dispatcher.next_probe_in(now);
+        let room = || {
+            let plan = self.dispatcher.plan(self.limits.batch_size as usize, now);
+            !plan.lanes_full && plan.held_bytes < self.limits.max_bytes_in_flight
+        };
+        let due = self.claim_wanted
+            || self.next_due_at.is_some_and(|at| at <= now)
+            || probe_in.is_some_and(|wait| wait.is_zero())
+            || (self.refill_wanted && room());
+        if due && !self.claim_due(queue, host) {
+            return ERROR_PAUSE;
+        }
+        self.purge_if_due(queue, host);
+
+        let now = Instant::now();
+        let mut wait = poll;
+        if let Some(at) = self.next_due_at {
+            wait = wait.min(at.saturating_duration_since(now));
+        }
+        if let Some(probe) = self.dispatcher.next_probe_in(now) {
+            wait = wait.min(probe);
+        }
+        if let Some(since) = self.unrecorded_since {
+            wait = wait.min(RECORD_WITHIN.saturating_sub(since.elapsed()));
+        }
+        if self.claim_wanted && self.dispatcher.load().0 == 0 {
+            wait = Duration::ZERO;
+        }
+        wait
+    }
+
+    /// Claims due events while there is room, then finds when the next one
+    /// is due. False when a transaction failed.
+    fn claim_due(&mut self, queue: &mut impl Queue, host: &impl Host) -> bool {
+        let batch = self.limits.batch_size;
+        self.claim_wanted = false;
+        self.refill_wanted = false;
+        loop {
+            if host.interrupted() {
+                self.claim_wanted = true;
+                return true;
+            }
+            let plan = self.dispatcher.plan(batch as usize, Instant::now());
+            let budget = self.limits.max_bytes_in_flight as i64 - plan.held_bytes as i64;
+            let mut claims: Vec<Claim> = plan
+                .probes
+                .iter()
+                .map(|event_type| Claim {
+                    limit: 1,
+                    skip: Vec::new(),
+                    only: Some(vec![event_type.clone()]),
+                    max_bytes: budget.max(1),
+                })
+                .collect();
+            if budget > 0 {
+                claims.push(Claim {
+                    limit: batch,
+                    skip: plan.skip.clone(),
+                    only: None,
+                    max_bytes: budget,
+                });
+            }
+            host.activity("claiming events");
+            let claimed_at = Instant::now();
+            let claimed = queue.claim(&claims);
+            let Some(claimed) = self.succeeded(host, "claiming events", claimed) else {
+                self.claim_wanted = true;
+                return false;
+            };
+            let mut full = false;
+            for (rows, want) in claimed.into_iter().zip(&claims) {
+                full |= want.only.is_none() && rows.len() >= want.limit as usize;
+                if let (Some(only), true) = (&want.only, rows.is_empty()) {
+                    // NB: else the probe stays due and the deliverer spins.
+                    for event_type in only {
+                        self.dispatcher
+                            .probe_found_nothing(event_type, Instant::now());
+                    }
+                }
+                let (jobs, refused) = jobs_of(rows, &self.limits, claimed_at);
+                self.dispatcher.submit(jobs);
+                if !refused.is_empty() {
+                    self.unrecorded_since.get_or_insert_with(Instant::now);
+                    self.unrecorded.extend(refused);
+                }
+            }
+            // Held back by the byte budget or by full lanes: claim again
+            // once there is room.
+            if budget <= 0 || plan.lanes_full {
+                self.refill_wanted = true;
+            }
+            if !full {
+                break;
+            }
+            if !self.record_finished(queue, host, false) {
+                return false;
+            }
+        }
+        let skip = self.dispatcher.plan(batch as usize, Instant::now()).skip;
+        let next_due = queue.next_due_in(&skip);
+        let Some(next_due) = self.succeeded(host, "finding the next due event", next_due) else {
+            self.claim_wanted = true;
+            return false;
+        };
+        self.next_due_at = next_due.map(|wait| Instant::now() + wait);
+        true
+    }
+
+    /// Records the outcomes that came in, when it is time to (or `now`);
+    /// false when that failed (they are kept for the next turn).
+    pub fn record_finished(&mut self, queue: &mut impl Queue, host: &impl Host, now: bool) -> bool {
+        let collected = self.dispatcher.collect();
+        if !collected.attempts.is_empty() {
+            self.unrecorded_since.get_or_insert_with(Instant::now);
+        }
+        self.unrecorded.extend(collected.attempts);
+        self.unreleased.extend(collected.handed_back);
+        self.changes.extend(collected.changes);
+        if self.unrecorded.is_empty() && self.unreleased.is_empty() && self.changes.is_empty() {
+            return true;
+        }
+        let time = now
+            || !self.unreleased.is_empty()
+            || !self.changes.is_empty()
+            || self.unrecorded.len() >= (self.limits.batch_size as usize / 2).max(1)
+            || self.dispatcher.load().0 == 0
+            || self
+                .unrecorded_since
+                .is_some_and(|at| at.elapsed() >= RECORD_WITHIN);
+        if !time {
+            return true;
+        }
+        host.activity("recording deliveries");
+        let (attempts, unsent, changes) = (
+            std::mem::take(&mut self.unrecorded),
+            std::mem::take(&mut self.unreleased),
+            std::mem::take(&mut self.changes),
+        );
+        self.unrecorded_since = None;
+        let recovered: Vec<String> = changes
+            .iter()
+            .filter(|(_, change)| *change == Change::Recovered)
+            .map(|(event_type, _)| event_type.clone())
+            .collect();
+        let result = queue.record(&attempts, &unsent, &recovered);
+        for (event_type, change) in &changes {
+            if let Change::Failing(failures) = change {
+                host.log(
+                    Level::Info,
+                    &format!(
+                        "the endpoint of {event_type} failed {failures} times in a row; probing it with \
+                         one request at a time (every {}s at most) until it answers",
+                        PROBE_LONGEST.as_secs()
+                    ),
+                );
+            }
+        }
+        match self.succeeded(host, "recording deliveries", result) {
+            Some(due) => {
+                host.recorded(&attempts);
+                // A retry or a handed-back event may be due before anything
+                // the deliverer waits for: look again.
+                if !unsent.is_empty() || attempts.iter().any(|a| a.verdict != Verdict::Delivered) {
+                    self.claim_wanted = true;
+                }
+                for (event_type, due) in recovered.iter().zip(due) {
+                    host.log(
+                        Level::Info,
+                        &format!(
+                            "the endpoint of {event_type} answers again; {due} waiting events are due now"
+                        ),
+                    );
+                    self.claim_wanted = true;
+                }
+                true
+            }
+            None => {
+                self.unrecorded = attempts;
+                self.unreleased = unsent;
+                // Recoveries are made due again next time (failures are logged).
+                self.changes = recovered
+                    .into_iter()
+                    .map(|event_type| (event_type, Change::Recovered))
+                    .collect();
+                self.unrecorded_since = Some(Instant::now());
+                if self.unrecorded.len() > UNRECORDED_LIMIT {
+                    let excess = self.unrecorded.len() - UNRECORDED_LIMIT;
+                    self.unrecorded.drain(..excess);
+                }
+                false
+            }
+        }
+    }
+
+    /// Nothing new starts; the requests in flight get up to `grace` to
+    /// finish; what finished is recorded and the rest of what was claimed
+    /// is handed back. Requests still out after that are abandoned (their
+    /// events come back when the lease ends). False when recording failed.
+    pub fn stop(&mut self, queue: &mut impl Queue, host: &impl Host, grace: Duration) -> bool {
+        let (attempts, unsent) = self.dispatcher.stop();
+        self.unrecorded.extend(attempts);
+        self.unreleased.extend(unsent);
+        let until = Instant::now() + grace;
+        while self.dispatcher.load().0 > 0 && Instant::now() < until {
+            wait_readable(
+                self.dispatcher.wake_fd(),
+                until.saturating_duration_since(Instant::now()),
+            );
+            self.dispatcher.drain_wake();
+        }
+        self.record_finished(queue, host, true)
+    }
+
+    fn purge_if_due(&mut self, queue: &mut impl Queue, host: &impl Host) {
+        // A tenth of the retention, between a second and a minute, apart.
+        let every = (self.limits.retention / 10).clamp(Duration::from_secs(1), PURGE_EVERY);
+        if self.limits.retention.is_zero() || self.last_purge.is_some_and(|at| at.elapsed() < every)
+        {
+            return;
+        }
+        self.last_purge = Some(Instant::now());
+        host.activity("purging old history");
+        // Small transactions keep locks short and let autovacuum keep up.
+        while !host.interrupted() {
+            let purged = queue.purge(PURGE_BATCH);
+            match self.succeeded(host, "purging old history", purged) {
+                Some(deleted) if deleted >= PURGE_BATCH as i64 => continue,
+                _ => break,
+            }
+        }
+    }
+
+    /// A failure is logged (once while it lasts) and gives None: the
+    /// deliverer carries on with the next round instead of dying.
+    fn succeeded<R>(
+        &mut self,
+        host: &impl Host,
+        what: &str,
+        result: Result<R, String>,
+    ) -> Option<R> {
+        match result {
+            Ok(value) => {
+                self.last_failure = None;
+                Some(value)
+            }
+            Err(message) => {
+                let failure = format!("{what} failed: {message}");
+                if self.last_failure.as_ref() != Some(&failure) {
+                    host.log(Level::Warning, &failure);
+                    self.last_failure = Some(failure);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Waits until `fd` is readable or `timeout` passes.
+fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: one pollfd on the stack, for a descriptor the dispatcher owns.
+    unsafe { libc::poll(&mut poll, 1, ms) };
+}

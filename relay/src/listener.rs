@@ -1,0 +1,111 @@
+//! LISTEN pipeline_event on a connection of its own (a direct one: a
+//! transaction-mode pooler drops listeners), turning each notification into
+//! a byte on a pipe the relay's loop waits on. After every (re)connection
+//! it pokes the loop too, since events committed while it was not listening
+//! were announced to no one.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::connection::Target;
+
+/// How often the thread looks at its stop flag while nothing is announced.
+const CHECK_STOP: Duration = Duration::from_millis(500);
+
+pub struct Listener {
+    stop: Arc<AtomicBool>,
+    /// Set while the LISTEN connection is up.
+    pub listening: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Starts listening; `poke` is written to on every notification.
+    pub fn start(target: Target, poke: UnixStream) -> Listener {
+        let stop = Arc::new(AtomicBool::new(false));
+        let listening = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (stop, listening) = (stop.clone(), listening.clone());
+            std::thread::Builder::new()
+                .name("pipeline-relay listener".into())
+                .spawn(move || listen(&target, poke, &stop, &listening))
+                .expect("start the listener thread")
+        };
+        Listener {
+            stop,
+            listening,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn listen(target: &Target, mut poke: UnixStream, stop: &AtomicBool, listening: &AtomicBool) {
+    let mut backoff = Duration::from_millis(250);
+    let mut last_error = None;
+    while !stop.load(Ordering::SeqCst) {
+        let mut client = match target.connect() {
+            Ok(client) => client,
+            Err(failure) => {
+                if last_error.as_ref() != Some(&failure.message) {
+                    tracing::warn!("LISTEN connection: {failure}; trying again");
+                    last_error = Some(failure.message);
+                }
+                sleep_unless(stop, backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        if let Err(error) = client.batch_execute("LISTEN pipeline_event") {
+            tracing::warn!("LISTEN pipeline_event: {}", crate::connection::classify(&error));
+            sleep_unless(stop, backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            continue;
+        }
+        backoff = Duration::from_millis(250);
+        last_error = None;
+        listening.store(true, Ordering::SeqCst);
+        let _ = poke.write(&[1]);
+        while !stop.load(Ordering::SeqCst) {
+            let next = client.notifications().timeout_iter(CHECK_STOP).next();
+            match next {
+                Ok(Some(_)) => {
+                    // NB: what has arrived already is taken before poking,
+                    // so that a burst of commits is one wake-up.
+                    for _ in client.notifications().iter() {}
+                    let _ = poke.write(&[1]);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(
+                        "LISTEN connection lost: {}",
+                        crate::connection::classify(&error)
+                    );
+                    break;
+                }
+            }
+        }
+        listening.store(false, Ordering::SeqCst);
+    }
+}
+
+fn sleep_unless(stop: &AtomicBool, total: Duration) {
+    let step = Duration::from_millis(100);
+    let mut slept = Duration::ZERO;
+    while slept < total && !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(step);
+        slept += step;
+    }
+}

@@ -1,0 +1,237 @@
+//! The queue over a client connection: the statements the worker runs
+//! (pipeline_delivery::queue), each sent with typed parameters as an unnamed
+//! statement, so that they work through a transaction-mode pooler too (no
+//! named prepared statement, no SET, nothing kept in the session). A call
+//! that needs several statements runs them in one BEGIN ... COMMIT.
+
+use std::time::Duration;
+
+use pipeline_delivery::queue::{
+    self, Claim, ClaimedRow, Outcomes, Queue, CLAIM_SQL, NEXT_DUE_SQL, PURGE_SQL, RECORD_SQL,
+    RECOVERED_SQL, RELEASE_CLAIMS_SQL, RELEASE_SQL,
+};
+use pipeline_delivery::{Attempt, Job};
+use postgres::types::{ToSql, Type};
+use postgres::{Client, Row};
+
+use crate::connection::{classify, Failure, Kind};
+
+/// What must exist for the relay to work: the pipeline's queue functions
+/// (a trigger-only install or the extension).
+const SCHEMA_CHECK_SQL: &str = "SELECT pg_catalog.to_regprocedure(\
+     'pipeline._claim_deliveries(integer, interval, text, text[], text[], bigint, bigint)') IS NOT NULL, \
+     pg_catalog.to_regprocedure('pipeline._record_deliveries(bigint[], integer[], text[], integer[], text[], \
+     integer[], integer[], text[], text[])') IS NOT NULL";
+
+/// The database's lease and retention, in seconds.
+const SETTINGS_SQL: &str = "SELECT \
+     pg_catalog.date_part('epoch', pipeline._setting('lease_time', '30s')::pg_catalog.interval)::float8, \
+     pg_catalog.date_part('epoch', pipeline._setting('retention', '7d')::pg_catalog.interval)::float8";
+
+/// Whether the extension's own worker delivers in this database.
+const WORKER_SQL: &str = "SELECT pipeline._worker_pid()";
+
+pub struct Store {
+    client: Option<Client>,
+    consumer: String,
+    max_event_bytes: i64,
+}
+
+/// What the database says about itself at connect time.
+pub struct Facts {
+    pub lease: Duration,
+    pub retention: Duration,
+    pub worker_pid: Option<i32>,
+}
+
+impl Store {
+    pub fn new(consumer: String, max_event_bytes: usize) -> Store {
+        Store {
+            client: None,
+            consumer,
+            max_event_bytes: max_event_bytes as i64,
+        }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.client.as_ref().is_some_and(|c| !c.is_closed())
+    }
+
+    pub fn disconnect(&mut self) {
+        self.client = None;
+    }
+
+    /// Takes a new connection, after checking that the pipeline is there.
+    pub fn attach(&mut self, mut client: Client) -> Result<Facts, Failure> {
+        let row = client
+            .query_typed_one(SCHEMA_CHECK_SQL, &[])
+            .map_err(|e| classify(&e))?;
+        if !(row.get::<_, bool>(0) && row.get::<_, bool>(1)) {
+            return Err(Failure::config(
+                "the pipeline is not installed in this database (pipeline._claim_deliveries is missing): \
+                 run dist/pipeline_ext_trigger_only.sql as the database owner, or CREATE EXTENSION pipeline_ext",
+            ));
+        }
+        let row = client
+            .query_typed_one(SETTINGS_SQL, &[])
+            .map_err(|e| classify(&e))?;
+        let seconds = |s: f64| Duration::from_secs_f64(s.max(0.0));
+        let facts = Facts {
+            lease: seconds(row.get(0)),
+            retention: seconds(row.get(1)),
+            worker_pid: client
+                .query_typed_one(WORKER_SQL, &[])
+                .map_err(|e| classify(&e))?
+                .get(0),
+        };
+        self.client = Some(client);
+        Ok(facts)
+    }
+
+    /// Takes back what this relay's name held from a run that died.
+    pub fn release_claims(&mut self) -> Result<i32, Failure> {
+        let consumer = self.consumer.clone();
+        let rows = self.run(RELEASE_CLAIMS_SQL, &[(&consumer, Type::TEXT)])?;
+        Ok(rows.first().and_then(|r| r.get(0)).unwrap_or(0))
+    }
+
+    /// Runs one statement; a failure says whether the connection broke.
+    pub fn run(&mut self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>, Failure> {
+        let client = self.client.as_mut().ok_or_else(|| Failure {
+            kind: Kind::Connection,
+            message: "not connected".into(),
+        })?;
+        client.query_typed(sql, params).map_err(|e| {
+            let mut failure = classify(&e);
+            if client.is_closed() {
+                failure.kind = Kind::Connection;
+            }
+            failure
+        })
+    }
+
+    /// Runs `body` between BEGIN and COMMIT.
+    fn in_transaction<R>(&mut self, body: impl FnOnce(&mut Store) -> Result<R, Failure>) -> Result<R, Failure> {
+        self.run("BEGIN", &[])?;
+        match body(self) {
+            Ok(value) => {
+                self.run("COMMIT", &[])?;
+                Ok(value)
+            }
+            Err(failure) => {
+                let _ = self.run("ROLLBACK", &[]);
+                Err(failure)
+            }
+        }
+    }
+
+    fn claim_one(&mut self, want: &Claim) -> Result<Vec<ClaimedRow>, Failure> {
+        let consumer = self.consumer.clone();
+        let max_event_bytes = self.max_event_bytes;
+        let rows = self.run(
+            CLAIM_SQL,
+            &[
+                (&want.limit, Type::INT4),
+                (&consumer, Type::TEXT),
+                (&want.skip, Type::TEXT_ARRAY),
+                (&want.only, Type::TEXT_ARRAY),
+                (&want.max_bytes, Type::INT8),
+                (&max_event_bytes, Type::INT8),
+            ],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|row| ClaimedRow {
+                event_id: row.get(0),
+                attempt: row.get(1),
+                event_type: row.get(2),
+                url: row.get(3),
+                method: row.get(4),
+                headers: row.get(5),
+                secret: row.get(6),
+                timeout_ms: row.get(7),
+                max_in_flight: row.get(8),
+                body: row.get(9),
+                body_bytes: row.get(10),
+            })
+            .collect())
+    }
+
+    fn record_attempts(&mut self, attempts: &[Attempt]) -> Result<(), Failure> {
+        if attempts.is_empty() {
+            return Ok(());
+        }
+        let o = Outcomes::of(attempts);
+        self.run(
+            RECORD_SQL,
+            &[
+                (&o.event_ids, Type::INT8_ARRAY),
+                (&o.attempts, Type::INT4_ARRAY),
+                (&o.outcomes, Type::TEXT_ARRAY),
+                (&o.status_codes, Type::INT4_ARRAY),
+                (&o.errors, Type::TEXT_ARRAY),
+                (&o.retry_after_ms, Type::INT4_ARRAY),
+                (&o.durations_ms, Type::INT4_ARRAY),
+                (&o.excerpts, Type::TEXT_ARRAY),
+                (&o.urls, Type::TEXT_ARRAY),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn release(&mut self, jobs: &[Job]) -> Result<(), Failure> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let (ids, attempts) = queue::release_arrays(jobs);
+        self.run(RELEASE_SQL, &[(&ids, Type::INT8_ARRAY), (&attempts, Type::INT4_ARRAY)])?;
+        Ok(())
+    }
+
+    fn recovered(&mut self, event_type: &str) -> Result<i32, Failure> {
+        let rows = self.run(RECOVERED_SQL, &[(&event_type, Type::TEXT)])?;
+        Ok(rows.first().and_then(|r| r.get(0)).unwrap_or(0))
+    }
+}
+
+impl Queue for Store {
+    fn claim(&mut self, claims: &[Claim]) -> Result<Vec<Vec<ClaimedRow>>, String> {
+        let all = |store: &mut Store| claims.iter().map(|want| store.claim_one(want)).collect();
+        let result = if claims.len() > 1 {
+            self.in_transaction(all)
+        } else {
+            all(self)
+        };
+        result.map_err(|f| f.message)
+    }
+
+    fn record(&mut self, attempts: &[Attempt], unsent: &[Job], recovered: &[String]) -> Result<Vec<i32>, String> {
+        let statements = usize::from(!attempts.is_empty()) + usize::from(!unsent.is_empty()) + recovered.len();
+        let body = |store: &mut Store| {
+            store.record_attempts(attempts)?;
+            store.release(unsent)?;
+            recovered.iter().map(|t| store.recovered(t)).collect()
+        };
+        let result = if statements > 1 {
+            self.in_transaction(body)
+        } else {
+            body(self)
+        };
+        result.map_err(|f| f.message)
+    }
+
+    fn next_due_in(&mut self, skip: &[String]) -> Result<Option<Duration>, String> {
+        let skip = skip.to_vec();
+        let rows = self
+            .run(NEXT_DUE_SQL, &[(&skip, Type::TEXT_ARRAY)])
+            .map_err(|f| f.message)?;
+        Ok(queue::due_in(rows.first().and_then(|r| r.get(0))))
+    }
+
+    fn purge(&mut self, max_rows: i32) -> Result<i64, String> {
+        let rows = self
+            .run(PURGE_SQL, &[(&max_rows, Type::INT4)])
+            .map_err(|f| f.message)?;
+        Ok(rows.first().and_then(|r| r.get(0)).unwrap_or(0))
+    }
+}
