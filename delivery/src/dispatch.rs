@@ -225,6 +225,12 @@ impl Dispatcher {
         })
     }
 
+    /// Attempts finished and handed-back jobs not collected yet.
+    pub fn uncollected(&self) -> usize {
+        let state = lock(&self.shared.state);
+        state.finished.len() + state.handed_back.len()
+    }
+
     /// Starts nothing more: returns what finished and every job not started.
     pub fn stop(&self) -> (Vec<Attempt>, Vec<Job>) {
         let mut state = lock(&self.shared.state);

@@ -116,6 +116,26 @@ impl Engine {
         self.last_failure.is_some()
     }
 
+    /// The failure that made the last transaction fail, while it lasts.
+    pub fn last_failure(&self) -> Option<&str> {
+        self.last_failure.as_deref()
+    }
+
+    /// Whether the next turn claims (asked to, or to refill lanes).
+    pub fn wants_claim(&self) -> bool {
+        self.claim_wanted || self.refill_wanted
+    }
+
+    /// Whether events are due to be claimed by `now`.
+    pub fn due(&self, now: Instant) -> bool {
+        self.wants_claim() || self.next_due_at.is_some_and(|at| at <= now)
+    }
+
+    /// How long until the next event known to the engine is due.
+    pub fn next_due_in(&self, now: Instant) -> Option<Duration> {
+        self.next_due_at.map(|at| at.saturating_duration_since(now))
+    }
+
     /// New events may be due: look at the next turn.
     pub fn wake(&mut self) {
         self.claim_wanted = true;
@@ -130,7 +150,7 @@ impl Engine {
     /// waiting, outcomes or hand-backs not stored.
     pub fn busy(&self) -> bool {
         let (in_flight, waiting) = self.dispatcher.load();
-        in_flight + waiting + self.unrecorded() > 0
+        in_flight + waiting + self.dispatcher.uncollected() + self.unrecorded() > 0
     }
 
     /// Records what finished and, when `deliver`, claims what there is room

@@ -21,7 +21,13 @@ use clap::{Parser, ValueEnum};
 /// the pipeline); 3 the database could not be reached or the connection was
 /// lost (--once); 1 anything else.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "pipeline-relay", version, about, long_about, max_term_width = 100)]
+#[command(
+    name = "pipeline-relay",
+    version,
+    about,
+    long_about,
+    max_term_width = 100
+)]
 pub struct Options {
     /// PostgreSQL connection URL, libpq style:
     /// postgres://user:password@host:port/database?sslmode=verify-full.

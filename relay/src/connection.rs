@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use postgres::config::SslMode as PgSslMode;
 use postgres::Client;
-use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::tls::{self, SslMode};
+use crate::tls_stream::MakeRustls;
 
 /// How long one connection attempt may take when the URL does not say.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,7 +55,7 @@ impl fmt::Display for Failure {
 pub struct Target {
     config: postgres::Config,
     mode: SslMode,
-    tls: Option<MakeRustlsConnect>,
+    tls: Option<MakeRustls>,
     /// host:port/database as user, for messages (never the password).
     pub display: String,
 }
@@ -91,7 +91,8 @@ impl Target {
         } else {
             url.query_pairs_mut().clear().extend_pairs(kept);
         }
-        let mut config = postgres::Config::from_str(url.as_str()).map_err(|e| bad(e.to_string()))?;
+        let mut config =
+            postgres::Config::from_str(url.as_str()).map_err(|e| bad(e.to_string()))?;
         if config.get_hosts().is_empty() {
             return Err(bad("no host".into()));
         }
@@ -111,7 +112,7 @@ impl Target {
         });
         let tls = match mode {
             SslMode::Disable => None,
-            _ => Some(MakeRustlsConnect::new(
+            _ => Some(MakeRustls::new(
                 tls::client_config(mode, root_cert.as_deref()).map_err(bad)?,
             )),
         };
@@ -122,7 +123,9 @@ impl Target {
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let display = format!(
             "{host}:{port}/{} as {}",
-            config.get_dbname().unwrap_or(config.get_user().unwrap_or("")),
+            config
+                .get_dbname()
+                .unwrap_or(config.get_user().unwrap_or("")),
             config.get_user().unwrap_or("")
         );
         Ok(Target {
@@ -242,9 +245,14 @@ mod tests {
             ("postgres://u@h/d?frobnicate=1", "frobnicate"),
             ("postgres://u@h:99999/d", "--database-url"),
             ("postgres:///d", "no host"),
-            ("postgres://u@h/d?sslmode=verify-full&sslrootcert=/nonexistent.pem", "/nonexistent.pem"),
+            (
+                "postgres://u@h/d?sslmode=verify-full&sslrootcert=/nonexistent.pem",
+                "/nonexistent.pem",
+            ),
         ] {
-            let failure = Target::parse(url).err().unwrap_or_else(|| panic!("{url} accepted"));
+            let failure = Target::parse(url)
+                .err()
+                .unwrap_or_else(|| panic!("{url} accepted"));
             assert_eq!(failure.kind, Kind::Config, "{url}");
             assert!(failure.message.contains(says), "{url}: {}", failure.message);
             assert!(!failure.message.contains('\n'), "{url}: one line");

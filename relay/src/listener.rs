@@ -5,6 +5,8 @@
 //! were announced to no one.
 
 use std::io::Write;
+
+use postgres::fallible_iterator::FallibleIterator;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -69,7 +71,10 @@ fn listen(target: &Target, mut poke: UnixStream, stop: &AtomicBool, listening: &
             }
         };
         if let Err(error) = client.batch_execute("LISTEN pipeline_event") {
-            tracing::warn!("LISTEN pipeline_event: {}", crate::connection::classify(&error));
+            tracing::warn!(
+                "LISTEN pipeline_event: {}",
+                crate::connection::classify(&error)
+            );
             sleep_unless(stop, backoff);
             backoff = (backoff * 2).min(Duration::from_secs(30));
             continue;
@@ -84,7 +89,9 @@ fn listen(target: &Target, mut poke: UnixStream, stop: &AtomicBool, listening: &
                 Ok(Some(_)) => {
                     // NB: what has arrived already is taken before poking,
                     // so that a burst of commits is one wake-up.
-                    for _ in client.notifications().iter() {}
+                    let mut buffered = client.notifications();
+                    let mut buffered = buffered.iter();
+                    while let Ok(Some(_)) = buffered.next() {}
                     let _ = poke.write(&[1]);
                 }
                 Ok(None) => {}

@@ -96,7 +96,11 @@ impl Store {
     }
 
     /// Runs one statement; a failure says whether the connection broke.
-    pub fn run(&mut self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>, Failure> {
+    pub fn run(
+        &mut self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, Failure> {
         let client = self.client.as_mut().ok_or_else(|| Failure {
             kind: Kind::Connection,
             message: "not connected".into(),
@@ -111,7 +115,10 @@ impl Store {
     }
 
     /// Runs `body` between BEGIN and COMMIT.
-    fn in_transaction<R>(&mut self, body: impl FnOnce(&mut Store) -> Result<R, Failure>) -> Result<R, Failure> {
+    fn in_transaction<R>(
+        &mut self,
+        body: impl FnOnce(&mut Store) -> Result<R, Failure>,
+    ) -> Result<R, Failure> {
         self.run("BEGIN", &[])?;
         match body(self) {
             Ok(value) => {
@@ -184,7 +191,10 @@ impl Store {
             return Ok(());
         }
         let (ids, attempts) = queue::release_arrays(jobs);
-        self.run(RELEASE_SQL, &[(&ids, Type::INT8_ARRAY), (&attempts, Type::INT4_ARRAY)])?;
+        self.run(
+            RELEASE_SQL,
+            &[(&ids, Type::INT8_ARRAY), (&attempts, Type::INT4_ARRAY)],
+        )?;
         Ok(())
     }
 
@@ -205,8 +215,14 @@ impl Queue for Store {
         result.map_err(|f| f.message)
     }
 
-    fn record(&mut self, attempts: &[Attempt], unsent: &[Job], recovered: &[String]) -> Result<Vec<i32>, String> {
-        let statements = usize::from(!attempts.is_empty()) + usize::from(!unsent.is_empty()) + recovered.len();
+    fn record(
+        &mut self,
+        attempts: &[Attempt],
+        unsent: &[Job],
+        recovered: &[String],
+    ) -> Result<Vec<i32>, String> {
+        let statements =
+            usize::from(!attempts.is_empty()) + usize::from(!unsent.is_empty()) + recovered.len();
         let body = |store: &mut Store| {
             store.record_attempts(attempts)?;
             store.release(unsent)?;

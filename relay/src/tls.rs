@@ -18,7 +18,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, Error, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, Error, RootCertStore, SignatureScheme,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
@@ -113,7 +115,10 @@ fn trusted_roots(extra: Option<&Path>) -> Result<RootCertStore, String> {
         }
     }
     if roots.is_empty() {
-        return Err("sslmode verify-ca/verify-full: no trusted CA (the system has none; give sslrootcert)".into());
+        return Err(
+            "sslmode verify-ca/verify-full: no trusted CA (the system has none; give sslrootcert)"
+                .into(),
+        );
     }
     Ok(roots)
 }
@@ -223,13 +228,15 @@ mod tests {
     fn modes() {
         assert_eq!(SslMode::parse("verify-full"), Ok(SslMode::VerifyFull));
         assert_eq!(SslMode::parse("allow"), Ok(SslMode::Prefer));
-        assert!(SslMode::parse("verify_full").unwrap_err().contains("sslmode"));
+        assert!(SslMode::parse("verify_full")
+            .unwrap_err()
+            .contains("sslmode"));
     }
 
     #[test]
     fn a_missing_root_file_is_named() {
-        let error = client_config(SslMode::VerifyFull, Some(Path::new("/nonexistent/ca.pem")))
-            .unwrap_err();
+        let error =
+            client_config(SslMode::VerifyFull, Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
         assert!(error.contains("sslrootcert /nonexistent/ca.pem"), "{error}");
     }
 }

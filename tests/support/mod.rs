@@ -9,8 +9,10 @@
 
 #![allow(dead_code)]
 
+pub mod cascade;
 pub mod http_server;
 pub mod receiver;
+pub mod relay;
 
 use std::fs;
 use std::net::TcpListener;
@@ -165,6 +167,59 @@ impl Cluster {
             .expect("run psql")
     }
 
+    /// A cluster with ssl on (the certificate of `authority`) where every
+    /// role but postgres must log in with a SCRAM password over TLS;
+    /// postgres itself is trusted from 127.0.0.1, for the tests' own
+    /// connections.
+    pub fn with_tls(name: &str, authority: &Authority, settings: &[(&str, &str)]) -> Cluster {
+        let cert = authority.cert_file.display().to_string();
+        let key = authority.key_file.display().to_string();
+        let mut all = vec![
+            ("ssl", "on"),
+            ("ssl_cert_file", cert.as_str()),
+            ("ssl_key_file", key.as_str()),
+            ("password_encryption", "scram-sha-256"),
+        ];
+        all.extend_from_slice(settings);
+        let cluster = Cluster::start(name, &all);
+        cluster.set_hba(
+            "local all all trust\n\
+             host all postgres 127.0.0.1/32 trust\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
+             hostssl all all ::1/128 scram-sha-256\n",
+        );
+        cluster
+    }
+
+    /// Replaces pg_hba.conf and reloads it.
+    pub fn set_hba(&self, lines: &str) {
+        fs::write(self.dir.join("data/pg_hba.conf"), lines).expect("write pg_hba.conf");
+        self.pg_ctl(&["reload"], None);
+    }
+
+    /// Stops the server without a clean shutdown (every connection drops
+    /// at once) and starts it again.
+    pub fn restart_immediate(&self) {
+        self.pg_ctl(&["stop", "-m", "immediate", "-w"], None);
+        self.pg_ctl(
+            &["start", "-w", "-t", "60", "-l"],
+            Some(&self.dir.join("server.log")),
+        );
+    }
+
+    /// Stops the server (fast shutdown).
+    pub fn stop(&self) {
+        self.pg_ctl(&["stop", "-m", "fast", "-w"], None);
+    }
+
+    /// Starts a stopped server again.
+    pub fn start_again(&self) {
+        self.pg_ctl(
+            &["start", "-w", "-t", "60", "-l"],
+            Some(&self.dir.join("server.log")),
+        );
+    }
+
     /// The server log so far, for failure messages.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
@@ -191,6 +246,53 @@ impl Drop for Cluster {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Kills the child process when dropped.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Builds the stage runner (with this test's features, so the library is not
+/// rebuilt) and returns its path.
+pub fn stage_runner() -> std::path::PathBuf {
+    let features = if cfg!(feature = "pg_test") {
+        "pg15 pg_test"
+    } else {
+        "pg15"
+    };
+    let mut build = Command::new(env!("CARGO"));
+    // NB: without the variables cargo set for this test process: build
+    // scripts that watch them (ring's) would otherwise rebuild every run.
+    for (name, _) in std::env::vars() {
+        if name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR" {
+            build.env_remove(name);
+        }
+    }
+    let status = build
+        .args([
+            "build",
+            "--quiet",
+            "--example",
+            "stage_runner",
+            "--features",
+            features,
+        ])
+        .current_dir(repo_root())
+        .status()
+        .expect("cargo build --example stage_runner");
+    assert!(status.success());
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/stage_runner")
 }
 
 /// Polls `done` every few milliseconds until it holds; panics after `limit`.
@@ -222,6 +324,79 @@ pub fn one<T: for<'a> postgres::types::FromSql<'a>>(client: &mut postgres::Clien
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A CA made for one test, and a server certificate it signed.
+pub struct Authority {
+    /// The CA certificate (PEM), readable by everyone.
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    /// The server's key, owned by postgres with mode 0600 as PostgreSQL wants.
+    pub key_file: PathBuf,
+    dir: PathBuf,
+}
+
+impl Authority {
+    /// A CA and a server certificate for these DNS names.
+    pub fn new(names: &[&str]) -> Authority {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        // NB: distinct subject names: OpenSSL (psql) takes a certificate
+        // whose subject is its issuer's for a self-signed one.
+        let ca = CertifiedIssuer::self_signed(
+            {
+                let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+                params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+                params
+                    .distinguished_name
+                    .push(DnType::CommonName, "pipeline_ext test CA");
+                params
+            },
+            KeyPair::generate().unwrap(),
+        )
+        .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("server"),
+        );
+        let cert = params.signed_by(&key, &ca).unwrap();
+        static MADE: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "pipeline_ext-ca-{}-{}",
+            std::process::id(),
+            MADE.fetch_add(1, Ordering::SeqCst)
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        let authority = Authority {
+            ca_file: dir.join("ca.pem"),
+            cert_file: dir.join("server.crt"),
+            key_file: dir.join("server.key"),
+            dir,
+        };
+        fs::write(&authority.ca_file, ca.pem()).unwrap();
+        fs::write(&authority.cert_file, cert.pem()).unwrap();
+        fs::write(&authority.key_file, key.serialize_pem()).unwrap();
+        run_checked(Command::new("chmod").arg("0600").arg(&authority.key_file));
+        run_checked(Command::new("chmod").arg("0755").arg(&authority.dir));
+        if running_as_root() {
+            run_checked(
+                Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&authority.cert_file)
+                    .arg(&authority.key_file),
+            );
+        }
+        authority
+    }
+}
+
+impl Drop for Authority {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn pg_bindir() -> PathBuf {

@@ -1,0 +1,223 @@
+//! pipeline-relay, the deliverer for databases that cannot load the
+//! extension: against a trigger-only install made by a non-superuser owner,
+//! on a cluster without the library, over TLS with SCRAM, as Neon serves it.
+
+mod support;
+
+use std::time::Duration;
+
+use support::receiver::Receiver;
+use support::relay::{self, Relay};
+use support::{eventually, one, repo_root, texts, Authority, Cluster};
+
+const OWNER_PASSWORD: &str = "owner pass/word";
+
+/// A TLS cluster (certificate for "localhost") with database `neon` owned
+/// by app_owner, who installed the trigger-only file over TLS with its
+/// password.
+fn neon_like(name: &str, authority: &Authority) -> Cluster {
+    let cluster = Cluster::with_tls(name, authority, &[]);
+    let mut admin = cluster.connect("postgres", "postgres");
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE app_owner LOGIN PASSWORD '{OWNER_PASSWORD}' NOSUPERUSER NOCREATEDB NOCREATEROLE"
+        ))
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE neon OWNER app_owner")
+        .unwrap();
+    let script = repo_root().join("dist/pipeline_ext_trigger_only.sql");
+    let out = cluster
+        .client("psql", "app_owner")
+        .env("PGPASSWORD", OWNER_PASSWORD)
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", &authority.ca_file)
+        .args([
+            "-h",
+            "localhost",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            "neon",
+        ])
+        .arg("-f")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "trigger-only install as app_owner over TLS:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster
+}
+
+/// The URL a Neon user would give: the owner, verify-full, SCRAM with
+/// channel binding.
+fn owner_url(cluster: &Cluster, authority: &Authority) -> String {
+    format!(
+        "postgres://app_owner:{}@localhost:{}/neon?sslmode=verify-full&sslrootcert={}&channel_binding=require",
+        OWNER_PASSWORD.replace(' ', "%20").replace('/', "%2F"),
+        cluster.port,
+        authority.ca_file.display()
+    )
+}
+
+#[test]
+fn cascade_through_the_relay_over_verified_tls() {
+    let authority = Authority::new(&["localhost"]);
+    let cluster = neon_like("relay-cascade", &authority);
+    let (_runner, port) = support::cascade::start_runner(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=neon",
+        cluster.port
+    ));
+    let url = owner_url(&cluster, &authority);
+    let relay = Relay::start(&["--database-url", &url, "--name", "relay-under-test"]);
+
+    let mut db = cluster.connect("neon", "postgres");
+    eventually(Duration::from_secs(20), "the relay to connect", || {
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+             WHERE a.application_name = 'pipeline-relay' AND a.usename = 'app_owner' AND s.ssl",
+        ) >= 2
+    });
+    support::cascade::feed_and_check(&mut db, port);
+
+    // The trigger-only install has no worker: the relay delivered all of it.
+    let status = texts(
+        &mut db,
+        "SELECT format('%s %s', worker_running, dead) FROM pipeline.status()",
+    );
+    assert_eq!(status, ["f 0"]);
+    assert!(
+        relay.log().contains("LISTEN pipeline_event"),
+        "{}",
+        relay.log()
+    );
+}
+
+#[test]
+fn bad_configuration_is_one_line_and_claims_nothing() {
+    let authority = Authority::new(&["localhost"]);
+    let cluster = neon_like("relay-bad-input", &authority);
+    let mut admin = cluster.connect("postgres", "postgres");
+    admin
+        .batch_execute("CREATE DATABASE empty OWNER app_owner")
+        .unwrap();
+    let mut db = cluster.connect("neon", "postgres");
+    let receiver = Receiver::ok();
+    db.batch_execute(&format!(
+        "SELECT pipeline.register_webhook('ping', '{}', allow_unknown_type => true);
+         SELECT pipeline.emit('ping', jsonb_build_object('n', n)) FROM generate_series(1, 5) n;",
+        receiver.url("/ping")
+    ))
+    .unwrap();
+
+    let good = owner_url(&cluster, &authority);
+    let closed = support::free_port();
+    let ca = authority.ca_file.display().to_string();
+    let cases: Vec<(String, i32, &str)> = vec![
+        (
+            "postgres//app_owner@localhost/neon".into(),
+            2,
+            "not a postgres:// or postgresql:// URL",
+        ),
+        (
+            good.replace("sslmode=verify-full", "sslmode=verify_full"),
+            2,
+            "sslmode",
+        ),
+        (
+            good.replace("owner%20pass", "wrong%20pass"),
+            2,
+            "password authentication failed",
+        ),
+        // The certificate names localhost, not 127.0.0.1.
+        (good.replace("@localhost:", "@127.0.0.1:"), 2, "certificate"),
+        // A CA the server's certificate does not chain to: the system's only.
+        (good.replace(&ca, "system"), 2, "certificate"),
+        (
+            good.replace("/neon?", "/empty?"),
+            2,
+            "the pipeline is not installed",
+        ),
+        (good.replace("/neon?", "/nosuchdb?"), 2, "does not exist"),
+        (
+            good.replace(&format!(":{}/", cluster.port), &format!(":{closed}/")),
+            3,
+            "Connection refused",
+        ),
+    ];
+    for (url, code, says) in cases {
+        let (exit, log) = relay::run(&["--database-url", &url, "--once"], Duration::from_secs(30));
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(exit, Some(code), "{url}: {log}");
+        assert_eq!(lines.len(), 1, "{url}: one line, not {log}");
+        assert!(lines[0].contains(says), "{url}: {log}");
+        assert!(
+            !lines[0].contains("owner pass"),
+            "{url}: the password shows: {log}"
+        );
+    }
+    // A bad flag: clap's own error, exit 2.
+    let (exit, log) = relay::run(
+        &["--database-url", &good, "--poll", "soon"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(exit, Some(2), "{log}");
+    assert!(log.contains("--poll"), "{log}");
+
+    assert_eq!(
+        texts(
+            &mut db,
+            "SELECT format('%s %s %s', status, attempts, claimed_by IS NULL) FROM marketing.pipeline_events"
+        ),
+        ["pending 0 t"; 5]
+    );
+    assert!(receiver.received().is_empty());
+}
+
+#[test]
+fn once_delivers_what_is_due_and_exits() {
+    let authority = Authority::new(&["localhost"]);
+    let cluster = neon_like("relay-once", &authority);
+    let mut db = cluster.connect("neon", "postgres");
+    let receiver = Receiver::scripted(|request, _| {
+        let n = request.json()["data"]["n"].as_i64().unwrap();
+        support::receiver::Answer::status(if n % 10 == 0 { 503 } else { 200 })
+    });
+    db.batch_execute(&format!(
+        "SELECT pipeline.register_webhook('ping', '{}', allow_unknown_type => true);
+         SELECT pipeline.emit('ping', jsonb_build_object('n', n)) FROM generate_series(1, 250) n;",
+        receiver.url("/ping")
+    ))
+    .unwrap();
+    let (exit, log) = relay::run(
+        &["--database-url", &owner_url(&cluster, &authority), "--once"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(exit, Some(0), "{log}");
+    assert_eq!(receiver.received().len(), 250);
+    assert_eq!(
+        texts(
+            &mut db,
+            "SELECT format('%s %s', status, count(*)) FROM marketing.pipeline_events GROUP BY status ORDER BY status"
+        )
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>(),
+        // No retry waited for: the 25 that got 503 are failed, due later.
+        ["failed 25", "processed 225"]
+    );
+    assert_eq!(
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM marketing.pipeline_delivery_attempts"
+        ),
+        250
+    );
+}

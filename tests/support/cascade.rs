@@ -1,0 +1,113 @@
+//! The seven-stage cascade, as the worker's and the relay's tests run it:
+//! the stage runner (examples/stage_runner.rs, which plays the five n8n
+//! workflows and writes back), the registry of n8n/n8n_webhook_registry.json
+//! pointed at it, 20 companies fed in, and the end state checked.
+
+use std::process::Command;
+use std::time::Duration;
+
+use super::{eventually, one, repo_root, stage_runner, texts, Running};
+
+/// Starts the stage runner, writing to the database of `conninfo`; its port.
+pub fn start_runner(conninfo: &str) -> (Running, u16) {
+    let runner = stage_runner();
+    let port = super::free_port();
+    let running = Running(
+        Command::new(runner)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database", conninfo])
+            .spawn()
+            .expect("start the stage runner"),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the stage runner to listen",
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+    (running, port)
+}
+
+/// Imports the registry pointed at the runner, feeds 20 companies and
+/// checks that every valid one ends outreach ready, each routed event
+/// delivered once, with no error.
+pub fn feed_and_check(db: &mut postgres::Client, port: u16) {
+    let registry =
+        std::fs::read_to_string(repo_root().join("n8n/n8n_webhook_registry.json")).unwrap();
+    let imported = texts(
+        db,
+        &format!(
+            "SELECT action FROM pipeline.import_registry(jsonb_set($${registry}$$::jsonb, '{{base_url}}',
+                                                         to_jsonb('http://127.0.0.1:{port}'::text)))"
+        ),
+    );
+    assert_eq!(imported, ["created"; 5]);
+
+    db.batch_execute(
+        "INSERT INTO intake.company_raw_intake (company, website, import_batch_id)
+         SELECT 'Company ' || n, CASE WHEN n % 7 = 0 THEN 'not a website' ELSE 'https://company' || n || '.example' END,
+                'cascade-test'
+         FROM generate_series(1, 20) AS n",
+    )
+    .unwrap();
+
+    let funnel = "SELECT format('%s %s %s', stage, companies, coalesce(contacts::text, '-'))
+                  FROM marketing.vw_pipeline_funnel ORDER BY stage_no";
+    eventually(
+        Duration::from_secs(60),
+        "every valid company to be outreach ready",
+        || texts(db, funnel).last().map(String::as_str) == Some("outreach_ready 18 36"),
+    );
+    assert_eq!(
+        texts(db, funnel),
+        [
+            "intake 20 -",
+            "validation 18 -",
+            "promotion 18 -",
+            "slots 18 36",
+            "enrichment 18 36",
+            "verification 18 36",
+            "outreach_ready 18 36"
+        ]
+    );
+    let invalid: i64 = one(
+        db,
+        "SELECT count(*) FROM intake.company_raw_intake WHERE validation_status = 'invalid'",
+    );
+    assert_eq!(invalid, 2);
+
+    // Every routed event was delivered once; email_verified has no workflow, so it waits.
+    eventually(Duration::from_secs(10), "the last outcomes", || {
+        one::<i64>(
+            db,
+            "SELECT count(*) FROM marketing.pipeline_events WHERE status = 'processing'",
+        ) == 0
+    });
+    let by_status = texts(
+        db,
+        "SELECT format('%s %s %s', event_type, status, count(*)) FROM marketing.pipeline_events
+         GROUP BY event_type, status ORDER BY event_type, status",
+    );
+    assert_eq!(
+        by_status,
+        [
+            "company_created processed 20",
+            "company_promoted processed 18",
+            "company_validated processed 18",
+            "contact_enriched processed 36",
+            "email_verified pending 36",
+            "slots_created processed 18"
+        ]
+    );
+    let errors = texts(
+        db,
+        "SELECT format('%s: %s', stage, error_message) FROM marketing.pipeline_error_log ORDER BY id",
+    );
+    assert!(errors.is_empty(), "{errors:#?}");
+    let latency = texts(
+        db,
+        "SELECT format('%s %s avg %s ms p95 %s ms', event_type, delivered, avg_ms, p95_ms)
+         FROM marketing.vw_processing_latency",
+    );
+    eprintln!("{latency:#?}");
+    assert_eq!(latency.len(), 5, "{latency:?}");
+}
