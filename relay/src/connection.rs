@@ -20,6 +20,41 @@ use crate::tls_stream::MakeRustls;
 /// How long one connection attempt may take when the URL does not say.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The URL parameters passed on to tokio-postgres.
+const KNOWN_PARAMETERS: [&str; 17] = [
+    "user",
+    "password",
+    "dbname",
+    "options",
+    "application_name",
+    "host",
+    "hostaddr",
+    "port",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+];
+
+/// An error and its causes, in one line.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        let text = current.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cause = current.source();
+    }
+    parts.join(": ")
+}
+
 /// Why something failed: decides the exit code and whether to try again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -83,7 +118,15 @@ impl Target {
                         "{key}: client certificates are not supported; use a password (SCRAM)"
                     )))
                 }
-                _ => kept.push((key.into_owned(), value.into_owned())),
+                known if KNOWN_PARAMETERS.contains(&known) => {
+                    kept.push((key.into_owned(), value.into_owned()))
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown parameter {other:?} (known: sslmode, sslrootcert, {})",
+                        KNOWN_PARAMETERS.join(", ")
+                    )))
+                }
             }
         }
         if kept.is_empty() {
@@ -174,20 +217,15 @@ pub fn classify(error: &postgres::Error) -> Failure {
         }
         return Failure { kind, message };
     }
-    let mut parts: Vec<String> = Vec::new();
     let mut kind = Kind::Connection;
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = cause {
-        let text = current.to_string();
         if rustls_refusal(current) {
             kind = Kind::Config;
         }
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
         cause = current.source();
     }
-    let message = parts.join(": ");
+    let message = chain(error);
     if message.contains("server does not support TLS")
         || message.contains("invalid configuration")
         || message.contains("SCRAM")
