@@ -37,6 +37,19 @@ LANGUAGE sql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_column_size(payload)::bigint
 $$;
 
+-- Who delivers: the extension's worker ("pipeline_ext worker") and each
+-- pipeline-relay (by its --name) leave their name here when a claim of
+-- theirs takes events (at most once a second each), so pipeline.status()
+-- tells which deliverer was last active. Rows of deliverers idle for longer
+-- than pipeline.retention go with the purge.
+CREATE TABLE pipeline.deliverers (
+    name           text PRIMARY KEY,
+    last_active_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT name_not_blank CHECK (pipeline._is_blank(name) IS FALSE)
+);
+COMMENT ON TABLE pipeline.deliverers IS
+    'Deliverers (the extension''s worker, each pipeline-relay) and when a claim of theirs last took events.';
+
 -- A batch of due events that have an enabled endpoint, claimed as by
 -- pipeline.claim, each with its endpoint and the request body to send.
 --   skip_types       types to leave alone (their endpoint is busy or probed)
@@ -104,6 +117,11 @@ BEGIN
     END LOOP;
     IF cardinality(v_back_ids) > 0 THEN
         PERFORM pipeline._release(v_back_ids, v_back_attempts);
+    END IF;
+    IF cardinality(v_kept) > 0 AND consumer IS NOT NULL THEN
+        INSERT INTO pipeline.deliverers AS d (name, last_active_at) VALUES (consumer, now())
+        ON CONFLICT (name) DO UPDATE SET last_active_at = excluded.last_active_at
+        WHERE d.last_active_at < excluded.last_active_at - interval '1 second';
     END IF;
     RETURN QUERY
     SELECT b.id, b.attempts, b.event_type::text, w.url, w.method, coalesce(c.headers, '{}')::text, c.secret,
@@ -216,6 +234,7 @@ BEGIN
     )
     DELETE FROM marketing.pipeline_delivery_attempts a USING old WHERE a.id = old.id;
     GET DIAGNOSTICS v_attempts = ROW_COUNT;
+    DELETE FROM pipeline.deliverers d WHERE d.last_active_at < now() - v_age;
     RETURN v_events + v_attempts;
 END
 $$;
@@ -281,11 +300,14 @@ SELECT pipeline._worker_pid() IS NOT NULL AS worker_running,
        (SELECT count(*) FROM pipeline.webhooks w WHERE w.enabled) AS endpoints_enabled,
        (SELECT count(*) FROM pipeline.webhooks w WHERE NOT w.enabled) AS endpoints_disabled,
        (SELECT count(*) FROM marketing.pipeline_error_log l WHERE NOT l.resolved) AS unresolved_errors,
-       count(*) FILTER (WHERE o.status IN ('pending', 'failed') AND NOT o.deliverable) AS without_endpoint
+       count(*) FILTER (WHERE o.status IN ('pending', 'failed') AND NOT o.deliverable) AS without_endpoint,
+       (SELECT d.name FROM pipeline.deliverers d ORDER BY d.last_active_at DESC LIMIT 1) AS last_deliverer,
+       (SELECT max(d.last_active_at) FROM pipeline.deliverers d) AS last_deliverer_active_at
 FROM open_events o;
 COMMENT ON VIEW marketing.vw_pipeline_status IS
     'What pipeline.status() returns: the worker, the backlog by status (events with an enabled endpoint), dead '
-    'events, the last minute''s deliveries and failures, endpoints, unresolved errors, events waiting for an endpoint.';
+    'events, the last minute''s deliveries and failures, endpoints, unresolved errors, events waiting for an endpoint, '
+    'and which deliverer (the worker, a pipeline-relay) last claimed events, when.';
 
 CREATE FUNCTION pipeline.status()
 RETURNS TABLE (
@@ -301,7 +323,9 @@ RETURNS TABLE (
     endpoints_enabled      bigint,
     endpoints_disabled     bigint,
     unresolved_errors      bigint,
-    without_endpoint       bigint
+    without_endpoint       bigint,
+    last_deliverer         text,
+    last_deliverer_active_at timestamptz
 )
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT * FROM marketing.vw_pipeline_status
@@ -309,7 +333,8 @@ $$;
 COMMENT ON FUNCTION pipeline.status() IS
     'Whether the delivery worker runs in this database, events by open status (with an enabled endpoint), dead '
     'events, the oldest waiting event''s age, deliveries and failures in the last minute, endpoints, unresolved '
-    'errors, and events waiting for an endpoint. Reads marketing.vw_pipeline_status: needs no right on the tables.';
+    'errors, events waiting for an endpoint, and the deliverer that last claimed events (the worker, a '
+    'pipeline-relay by its name) with when. Reads marketing.vw_pipeline_status: needs no right on the tables.';
 
 -- Monitoring: pg_monitor (and roles granted it) read the views and status()
 -- without any right on the tables, so without seeing secrets or payloads.
@@ -341,6 +366,9 @@ CREATE FUNCTION pipeline._next_due_in(skip_types text[] DEFAULT NULL) RETURNS do
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
     FROM pipeline.webhooks w
+    -- NB: as in _claim_deliveries: an endpoint without credentials is not
+    -- claimed for, so its events are not due (else the deliverer spins).
+    JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
     CROSS JOIN LATERAL (
         SELECT e.next_attempt_at
         FROM marketing.pipeline_events e

@@ -221,3 +221,194 @@ fn once_delivers_what_is_due_and_exits() {
         250
     );
 }
+
+/// A cluster (no TLS, trust) with `neon` owned by app_owner, who installed
+/// the trigger-only file; `lease` is the database's lease_time.
+fn plain_install(name: &str, settings: &[(&str, &str)]) -> Cluster {
+    let cluster = Cluster::start(name, settings);
+    let mut admin = cluster.connect("postgres", "postgres");
+    for statement in [
+        "CREATE ROLE app_owner LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE",
+        "CREATE DATABASE neon OWNER app_owner",
+    ] {
+        admin.batch_execute(statement).unwrap();
+    }
+    let script = repo_root().join("dist/pipeline_ext_trigger_only.sql");
+    let out = cluster.psql(
+        "neon",
+        "app_owner",
+        &[
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-f",
+            script.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster
+}
+
+fn plain_url(port: u16) -> String {
+    format!("postgres://app_owner@127.0.0.1:{port}/neon?sslmode=disable")
+}
+
+/// Registers `ping` at the receiver and emits `n` events.
+fn backlog(db: &mut postgres::Client, receiver: &Receiver, n: i32) {
+    db.batch_execute(&format!(
+        "SELECT pipeline.register_webhook('ping', '{}', allow_unknown_type => true);
+         SELECT pipeline.emit('ping', jsonb_build_object('n', n)) FROM generate_series(1, {n}) n;",
+        receiver.url("/ping")
+    ))
+    .unwrap();
+}
+
+/// How many requests each event got, by event id.
+fn receipts(receiver: &Receiver) -> std::collections::HashMap<i64, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for request in receiver.received() {
+        *counts.entry(request.event_id()).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn by_status(db: &mut postgres::Client) -> Vec<String> {
+    texts(
+        db,
+        "SELECT format('%s %s', status, count(*)) FROM marketing.pipeline_events GROUP BY status ORDER BY status",
+    )
+}
+
+#[test]
+fn a_server_restart_mid_drain_loses_nothing() {
+    // NB: synchronous commits, so that the crash loses no committed outcome
+    // (with asynchronous ones events would come back after their lease).
+    let cluster = plain_install("relay-restart", &[("synchronous_commit", "on")]);
+    let mut db = cluster.connect("neon", "postgres");
+    let receiver = Receiver::ok();
+    backlog(&mut db, &receiver, 10_000);
+    drop(db);
+    let relay = Relay::start(&["--database-url", &plain_url(cluster.port)]);
+    receiver.wait_for(Duration::from_secs(60), "a part of the backlog", |r| {
+        r.len() >= 2_000
+    });
+    cluster.restart_immediate();
+    let mut db = cluster.connect("neon", "postgres");
+    eventually(Duration::from_secs(120), "every event delivered", || {
+        by_status(&mut db) == ["processed 10000"]
+    });
+    let counts = receipts(&receiver);
+    assert_eq!(counts.len(), 10_000, "every event reached the receiver");
+    assert!(relay.log().contains("reconnecting"), "{}", relay.log());
+    assert!(relay.log().contains("connected again"), "{}", relay.log());
+}
+
+#[test]
+fn two_relays_share_a_backlog_and_send_each_event_once() {
+    let cluster = plain_install("relay-two", &[]);
+    let mut db = cluster.connect("neon", "postgres");
+    let receiver = Receiver::ok();
+    backlog(&mut db, &receiver, 10_000);
+    let url = plain_url(cluster.port);
+    let first = Relay::start(&["--database-url", &url, "--name", "relay-one"]);
+    let second = Relay::start(&["--database-url", &url, "--name", "relay-two"]);
+    eventually(Duration::from_secs(120), "every event delivered", || {
+        by_status(&mut db) == ["processed 10000"]
+    });
+    let counts = receipts(&receiver);
+    assert_eq!(counts.len(), 10_000);
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "sent more than once: {twice:?}");
+    assert_eq!(
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM marketing.pipeline_delivery_attempts"
+        ),
+        10_000
+    );
+    // Both took part.
+    let deliverers = texts(
+        &mut db,
+        "SELECT name FROM pipeline.deliverers ORDER BY name",
+    );
+    assert_eq!(deliverers, ["relay-one", "relay-two"]);
+    drop((first, second));
+}
+
+#[test]
+fn sigterm_records_what_finished_and_hands_back_the_rest() {
+    let cluster = plain_install("relay-sigterm", &[]);
+    let mut db = cluster.connect("neon", "postgres");
+    let receiver = Receiver::scripted(|_, _| support::receiver::Answer {
+        delay: Duration::from_millis(20),
+        ..support::receiver::Answer::status(200)
+    });
+    backlog(&mut db, &receiver, 2_000);
+    let url = plain_url(cluster.port);
+    let mut relay = Relay::start(&["--database-url", &url]);
+    receiver.wait_for(Duration::from_secs(60), "deliveries under way", |r| {
+        r.len() >= 300
+    });
+    let status = relay.terminate(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", relay.log());
+    let sent = receiver.received().len() as i64;
+    assert!(sent < 2_000, "stopped before the end");
+    // Every request that went out was recorded; nothing stays claimed.
+    assert_eq!(
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM marketing.pipeline_delivery_attempts"
+        ),
+        sent
+    );
+    assert_eq!(
+        by_status(&mut db),
+        [
+            format!("pending {}", 2_000 - sent),
+            format!("processed {sent}")
+        ]
+    );
+    // --once delivers the rest, each event once in all.
+    let (exit, log) = relay::run(
+        &["--database-url", &url, "--once"],
+        Duration::from_secs(120),
+    );
+    assert_eq!(exit, Some(0), "{log}");
+    assert_eq!(by_status(&mut db), ["processed 2000"]);
+    let counts = receipts(&receiver);
+    assert_eq!(counts.len(), 2_000);
+    assert!(counts.values().all(|n| *n == 1));
+}
+
+#[test]
+fn cascade_through_pgbouncer_in_transaction_mode_with_poll() {
+    let cluster = plain_install("relay-pgbouncer", &[]);
+    let pooler = support::pgbouncer::PgBouncer::start(cluster.port, "neon", "app_owner");
+    let (_runner, port) = support::cascade::start_runner(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=neon",
+        cluster.port
+    ));
+    let relay = Relay::start(&[
+        "--database-url",
+        &format!(
+            "postgres://app_owner@127.0.0.1:{}/neon?sslmode=disable",
+            pooler.port
+        ),
+        "--poll",
+        "200ms",
+    ]);
+    let mut db = cluster.connect("neon", "postgres");
+    support::cascade::feed_and_check(&mut db, port);
+    assert!(
+        relay.log().contains("polling every 200ms"),
+        "{}",
+        relay.log()
+    );
+    assert!(!relay.log().contains("WARN"), "{}", relay.log());
+    // Its server connections were pooled ones: PgBouncer's.
+    assert!(pooler.log().contains("login attempt"), "{}", pooler.log());
+}

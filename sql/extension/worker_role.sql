@@ -33,3 +33,6 @@ GRANT UPDATE (resolved, resolved_at, resolution_note) ON marketing.pipeline_erro
 -- Endpoints: read them, and disable one that answered 410 Gone.
 GRANT SELECT ON pipeline.webhooks, pipeline.webhook_credentials TO pipeline_worker;
 GRANT UPDATE (enabled, disabled_reason, updated_at) ON pipeline.webhooks TO pipeline_worker;
+-- Say when it last claimed events (pipeline.status()).
+GRANT SELECT, INSERT, DELETE ON pipeline.deliverers TO pipeline_worker;
+GRANT UPDATE (last_active_at) ON pipeline.deliverers TO pipeline_worker;

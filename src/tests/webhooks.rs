@@ -442,6 +442,54 @@ mod tests {
     }
 
     #[pg_test]
+    fn claims_name_their_deliverer_for_status() {
+        run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/validate')");
+        run("SELECT pipeline.emit('company_created', '{}')");
+        let last = || text("SELECT coalesce(last_deliverer, '-') FROM pipeline.status()");
+        assert_eq!(last(), "-");
+        assert_eq!(
+            count("SELECT count(*) FROM pipeline._claim_deliveries(10, NULL, 'relay-a', ARRAY['company_created'])"),
+            0
+        );
+        assert_eq!(last(), "-", "a claim that takes nothing names no one");
+        assert_eq!(
+            count("SELECT count(*) FROM pipeline._claim_deliveries(10, NULL, 'relay-a')"),
+            1
+        );
+        assert_eq!(last(), "relay-a");
+        assert_eq!(
+            count("SELECT count(*) FROM pipeline.status() WHERE last_deliverer_active_at = now()"),
+            1
+        );
+        run("UPDATE pipeline.deliverers SET last_active_at = now() - interval '30 days'");
+        run("SELECT pipeline.purge(interval '7 days', 10)");
+        assert_eq!(last(), "-", "idle deliverers go with the purge");
+    }
+
+    #[pg_test]
+    fn events_of_an_endpoint_without_credentials_are_not_due() {
+        run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/validate')");
+        run("SELECT pipeline.emit('company_created', '{}')");
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM pipeline._next_due_in() WHERE pipeline._next_due_in() <= 0"
+            ),
+            1
+        );
+        // As after a restore that leaves the secrets out.
+        run("DELETE FROM pipeline.webhook_credentials");
+        assert_eq!(
+            count("SELECT count(*) FROM pipeline._claim_deliveries(10)"),
+            0
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM pipeline._next_due_in() WHERE pipeline._next_due_in() IS NULL"),
+            1,
+            "nothing is due that cannot be claimed (a deliverer would spin)"
+        );
+    }
+
+    #[pg_test]
     fn webhooks_release_purge_and_status() {
         run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/validate')");
         run("SELECT pipeline.emit('company_created', '{}') FROM generate_series(1, 3)");

@@ -11,6 +11,7 @@
 
 pub mod cascade;
 pub mod http_server;
+pub mod pgbouncer;
 pub mod receiver;
 pub mod relay;
 
@@ -409,7 +410,7 @@ fn pg_bindir() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-fn running_as_root() -> bool {
+pub(crate) fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
