@@ -1,8 +1,9 @@
 -- The outreach pipeline at work, as bin/run shows it: sample companies go
--- into intake, and the delivery worker carries each stage's event to the
--- stage runner (the five n8n workflows' stand-in), whose writes fire the
--- next stage. Needs pipeline_ext preloaded, the registry imported and the
--- receivers running; bin/run does all that.
+-- into intake, and the deliverer (the extension's worker, or pipeline-relay
+-- with bin/run --trigger-only) carries each stage's event to the stage
+-- runner (the five n8n workflows' stand-in), whose writes fire the next
+-- stage. Needs a deliverer running, the registry imported and the receivers
+-- running; bin/run does all that.
 \set ON_ERROR_STOP on
 \pset footer off
 
@@ -60,8 +61,8 @@ SELECT event_type, url, enabled, waiting, delivered_1h, failed_1h, avg_ms_1h FRO
 SELECT event_type, status, count(*) FROM marketing.pipeline_events GROUP BY 1, 2 ORDER BY 1, 2;
 
 \echo '== pipeline.status() =='
-SELECT worker_running, pending, processing, failed, dead, delivered_last_minute, failed_last_minute,
-       endpoints_enabled, unresolved_errors, without_endpoint
+SELECT worker_running, last_deliverer, pending, processing, failed, dead, delivered_last_minute,
+       failed_last_minute, endpoints_enabled, unresolved_errors, without_endpoint
 FROM pipeline.status();
 
 \echo '== self-check: anything not ok? =='

@@ -5,7 +5,9 @@
 //!       [--smoke] [--out FILE] [--only SCENARIO ...]
 //!
 //! SCENARIO is one of capacity, throughput, latency, write, memory, history,
-//! cascade (all of them without --only).
+//! cascade, relay (all of them without --only). relay needs --relay PATH
+//! (pipeline-relay) and runs some of the same scenarios with the relay
+//! delivering from a trigger-only install, directly and through PgBouncer.
 //!
 //! Every scenario runs against the real worker and a local receiver
 //! (src/receiver.rs, whose own capacity is measured first), repeated (three
@@ -13,6 +15,7 @@
 //! writes the same table as markdown.
 
 mod receiver;
+mod relay;
 mod scenarios;
 
 use std::time::Instant;
@@ -64,6 +67,12 @@ pub struct Bench {
     pub smoke: bool,
     pub repetitions: usize,
     pub figures: Vec<Figure>,
+    /// Put before every scenario name recorded (the relay's rows).
+    pub prefix: String,
+    /// Whether figures recorded now get their targets (none for the rows
+    /// that only state figures).
+    pub targets: bool,
+    pub port: String,
 }
 
 impl Bench {
@@ -84,10 +93,12 @@ impl Bench {
         value: f64,
         target: Option<Target>,
     ) {
+        let scenario = &format!("{}{scenario}", self.prefix);
+        let target = target.filter(|_| self.targets);
         match self
             .figures
             .iter_mut()
-            .find(|f| f.scenario == scenario && f.metric == metric)
+            .find(|f| f.scenario == *scenario && f.metric == metric)
         {
             Some(figure) => figure.values.push(value),
             None => self.figures.push(Figure {
@@ -113,6 +124,15 @@ impl Bench {
             .get(0)
     }
 
+    /// Works in `database` from now on.
+    pub fn use_database(&mut self, database: &str) {
+        self.conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname={database}",
+            self.port
+        );
+        self.db = self.connect();
+    }
+
     pub fn connect(&self) -> postgres::Client {
         postgres::Client::connect(&self.conninfo, postgres::NoTls).expect("connect")
     }
@@ -122,6 +142,7 @@ fn main() {
     let mut port = None;
     let mut pgbench = String::from("pgbench");
     let mut smoke = false;
+    let mut relay = None;
     let mut out = None;
     let mut only = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -132,6 +153,7 @@ fn main() {
             "--smoke" => smoke = true,
             "--out" => out = args.next(),
             "--only" => only.push(args.next().expect("--only SCENARIO")),
+            "--relay" => relay = args.next(),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -147,10 +169,17 @@ fn main() {
         smoke,
         repetitions: if smoke { 1 } else { 3 },
         figures: Vec::new(),
+        prefix: String::new(),
+        targets: true,
+        port: port.clone(),
     };
 
     let started = Instant::now();
     scenarios::run(&mut bench, &only);
+    if only.is_empty() || only.iter().any(|o| o == "relay") {
+        let relay = relay.expect("--relay PATH (pipeline-relay) for the relay scenarios");
+        relay::run(&mut bench, std::path::Path::new(&relay));
+    }
     let table = table(&bench);
     println!("\n{table}");
     println!(

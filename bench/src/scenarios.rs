@@ -19,8 +19,9 @@ pub fn run(bench: &mut Bench, only: &[String]) {
         receiver_capacity(bench);
     }
     if wanted("throughput") {
-        throughput(bench, 1);
-        throughput(bench, 10);
+        let worker = worker_pid(bench);
+        throughput_of(bench, 1, worker);
+        throughput_of(bench, 10, worker);
     }
     if wanted("latency") {
         latency(bench, 100);
@@ -46,12 +47,12 @@ pub fn run(bench: &mut Bench, only: &[String]) {
     }
 }
 
-fn say(what: &str) {
+pub(crate) fn say(what: &str) {
     eprintln!("[bench] {what}");
 }
 
 /// An empty queue, no endpoints, nothing received.
-fn reset(bench: &mut Bench) {
+pub(crate) fn reset(bench: &mut Bench) {
     bench.sql(
         "TRUNCATE marketing.pipeline_events, marketing.pipeline_delivery_attempts, marketing.pipeline_error_log;
          DELETE FROM pipeline.webhooks;",
@@ -59,7 +60,7 @@ fn reset(bench: &mut Bench) {
     bench.receiver.take();
 }
 
-fn register(bench: &mut Bench, event_type: &str, path: &str, enabled: bool) {
+pub(crate) fn register(bench: &mut Bench, event_type: &str, path: &str, enabled: bool) {
     let url = bench.receiver.url(path);
     bench.sql(&format!(
         "SELECT pipeline.register_webhook('{event_type}', '{url}', enabled => {enabled}, allow_unknown_type => true)"
@@ -67,7 +68,7 @@ fn register(bench: &mut Bench, event_type: &str, path: &str, enabled: bool) {
 }
 
 /// `n` pending events spread over the given types, inserted at once.
-fn backlog(bench: &mut Bench, types: &[String], n: usize) {
+pub(crate) fn backlog(bench: &mut Bench, types: &[String], n: usize) {
     let list = types
         .iter()
         .map(|t| format!("'{t}'"))
@@ -84,7 +85,7 @@ fn backlog(bench: &mut Bench, types: &[String], n: usize) {
     bench.sql("VACUUM ANALYZE marketing.pipeline_events");
 }
 
-fn wait_processed(bench: &mut Bench, n: i64, limit: Duration) {
+pub(crate) fn wait_processed(bench: &mut Bench, n: i64, limit: Duration) {
     let start = Instant::now();
     loop {
         let done: i64 =
@@ -114,7 +115,29 @@ fn receiver_capacity(bench: &mut Bench) {
     }
 }
 
-fn throughput(bench: &mut Bench, endpoints: usize) {
+/// The deliverer's process: the worker's pid (for CPU time).
+pub(crate) fn worker_pid(bench: &mut Bench) -> i32 {
+    bench.one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pipeline_ext worker'")
+}
+
+/// CPU seconds (user + system) a process has used.
+pub(crate) fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // NB: the command name (field 2) may hold spaces: count from its ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    // SAFETY: sysconf only reads a configuration value.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// `deliverer`: the pid whose CPU time counts (the worker, the relay).
+pub(crate) fn throughput_of(bench: &mut Bench, endpoints: usize, deliverer: i32) {
     let n = bench.size(100_000, 2_000);
     let scenario = format!("throughput: {n} events, {endpoints} endpoint(s)");
     say(&scenario);
@@ -125,6 +148,7 @@ fn throughput(bench: &mut Bench, endpoints: usize) {
             register(bench, event_type, &format!("/e{i}"), false);
         }
         backlog(bench, &types, n);
+        let cpu_before = cpu_seconds(deliverer);
         bench.sql("UPDATE pipeline.webhooks SET enabled = true, disabled_reason = NULL");
         let limit = Duration::from_secs(60 + n as u64 / 200);
         assert!(
@@ -144,6 +168,13 @@ fn throughput(bench: &mut Bench, endpoints: usize) {
             (endpoints == 1).then_some(Target::AtLeast(5000.0)),
         );
         wait_processed(bench, n as i64, Duration::from_secs(60));
+        bench.record(
+            &scenario,
+            "deliverer CPU per event",
+            "ms",
+            (cpu_seconds(deliverer) - cpu_before) * 1000.0 / n as f64,
+            None,
+        );
     }
 }
 
@@ -225,7 +256,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
-fn latency(bench: &mut Bench, rate: usize) {
+pub(crate) fn latency(bench: &mut Bench, rate: usize) {
     let seconds = if bench.smoke { 2.0 } else { 20.0 };
     let scenario = format!("latency: single-row commits at {rate}/s for {seconds} s");
     say(&scenario);
@@ -404,7 +435,7 @@ fn write_path(bench: &mut Bench) {
 
 /// (VmRSS, RssAnon) of a process, in MB. RSS also counts the pages of
 /// shared_buffers the process has touched; RssAnon is its own memory.
-fn rss(pid: i32) -> (f64, f64) {
+pub(crate) fn rss(pid: i32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status

@@ -1,13 +1,11 @@
 //! Debian's PgBouncer in transaction mode in front of a test cluster (the
 //! stand-in for Neon's -pooler host), run as the postgres user on a free
-//! port, stopped when dropped.
+//! port, stopped when dropped. Standalone: bench/ includes it too.
 
 use std::fs;
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::time::Duration;
-
-use super::{eventually, free_port};
+use std::time::{Duration, Instant};
 
 pub struct PgBouncer {
     pub port: u16,
@@ -19,7 +17,10 @@ impl PgBouncer {
     /// Pools `database` of the cluster on `server_port`, logged in as
     /// `user` whoever the client says it is (auth_type any).
     pub fn start(server_port: u16, database: &str, user: &str) -> PgBouncer {
-        let port = free_port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
         let dir = std::env::temp_dir().join(format!(
             "pipeline_ext-pgbouncer-{}-{port}",
             std::process::id()
@@ -47,17 +48,30 @@ impl PgBouncer {
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .expect("pgbouncer is not installed: bin/setup installs Debian's pgbouncer");
-        let mut command = if super::running_as_root() {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let mut command = if root {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--", program]);
             c
         } else {
             Command::new(program)
         };
-        let child = command.arg(&ini).spawn().expect("start pgbouncer");
-        eventually(Duration::from_secs(10), "pgbouncer to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        let child = command
+            .arg(&ini)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start pgbouncer");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "pgbouncer did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         PgBouncer { port, child, dir }
     }
 
@@ -69,8 +83,9 @@ impl PgBouncer {
 impl Drop for PgBouncer {
     fn drop(&mut self) {
         // NB: runuser passes SIGTERM on to pgbouncer.
-        // SAFETY: kill(2) on the pid of our own child, not yet waited for.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.wait();
         let _ = fs::remove_dir_all(&self.dir);
     }

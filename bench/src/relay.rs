@@ -1,0 +1,129 @@
+//! pipeline-relay's rows, beside the worker's and with the same receiver:
+//! a trigger-only install in the database `relay` of the benchmark cluster
+//! (where no worker runs), delivered by the relay over a direct connection
+//! (LISTEN), then through PgBouncer in transaction mode (--poll 1s).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::scenarios::{
+    backlog, cpu_seconds, latency, register, reset, rss, say, throughput_of, wait_processed,
+};
+use crate::{Bench, Target};
+
+#[path = "../../tests/support/pgbouncer.rs"]
+#[allow(dead_code)]
+mod pgbouncer;
+
+/// The relay, killed when dropped.
+struct Running(Child);
+
+impl Running {
+    fn start(relay: &Path, url: &str, extra: &[&str]) -> Running {
+        let child = Command::new(relay)
+            .args(["--database-url", url])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pipeline-relay");
+        // Connected once it shows in pg_stat_activity; a second is plenty.
+        std::thread::sleep(Duration::from_secs(1));
+        Running(child)
+    }
+
+    fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn run(bench: &mut Bench, relay: &Path) {
+    say("relay: a trigger-only install in database relay");
+    bench.use_database("postgres");
+    bench.sql("DROP DATABASE IF EXISTS relay");
+    bench.sql("CREATE DATABASE relay");
+    bench.use_database("relay");
+    let script = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/pipeline_ext_trigger_only.sql"),
+    )
+    .expect("read dist/pipeline_ext_trigger_only.sql");
+    bench.sql(&script.replace("\\set ON_ERROR_STOP on", ""));
+    let direct = format!(
+        "postgres://postgres@127.0.0.1:{}/relay?sslmode=disable",
+        bench.port
+    );
+
+    bench.prefix = "relay, direct: ".into();
+    {
+        let running = Running::start(relay, &direct, &[]);
+        throughput_of(bench, 1, running.pid());
+        latency(bench, 100);
+        memory(bench, &running);
+    }
+
+    bench.prefix = "relay through PgBouncer, --poll 1s: ".into();
+    bench.targets = false;
+    {
+        let port: u16 = bench.port.parse().unwrap();
+        let pooler = pgbouncer::PgBouncer::start(port, "relay", "postgres");
+        let pooled = format!(
+            "postgres://postgres@127.0.0.1:{}/relay?sslmode=disable",
+            pooler.port
+        );
+        let running = Running::start(relay, &pooled, &["--poll", "1s"]);
+        throughput_of(bench, 1, running.pid());
+        latency(bench, 100);
+    }
+    bench.prefix.clear();
+    bench.targets = true;
+    reset(bench);
+    bench.use_database("postgres");
+}
+
+/// The relay's memory while it drains a large backlog.
+fn memory(bench: &mut Bench, running: &Running) {
+    let n = bench.size(1_000_000, 5_000);
+    let scenario = format!("memory: draining {n} events");
+    say(&scenario);
+    for _ in 0..bench.repetitions {
+        reset(bench);
+        register(bench, "bench_memory", "/memory", false);
+        backlog(bench, &["bench_memory".to_string()], n);
+        let pid = running.pid();
+        let before = rss(pid).0;
+        let cpu_before = cpu_seconds(pid);
+        bench.sql("SELECT pipeline.enable_webhook('bench_memory')");
+        let mut peak = before;
+        let limit = Instant::now() + Duration::from_secs(120 + n as u64 / 200);
+        while bench.receiver.count() < n {
+            assert!(Instant::now() < limit, "drain did not finish");
+            peak = peak.max(rss(pid).0);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        wait_processed(bench, n as i64, Duration::from_secs(60));
+        bench.receiver.take();
+        bench.record(&scenario, "RSS before", "MB", before, None);
+        bench.record(
+            &scenario,
+            "RSS peak while draining",
+            "MB",
+            peak,
+            Some(Target::AtMost(64.0)),
+        );
+        bench.record(
+            &scenario,
+            "relay CPU per event",
+            "ms",
+            (cpu_seconds(pid) - cpu_before) * 1000.0 / n as f64,
+            None,
+        );
+    }
+}
