@@ -142,6 +142,24 @@ COMMENT ON TABLE pipeline.webhook_credentials IS
 COMMENT ON COLUMN pipeline.webhook_credentials.headers IS 'Extra request headers, e.g. {"Authorization": "Basic ..."} for n8n Basic Auth.';
 COMMENT ON COLUMN pipeline.webhook_credentials.secret IS 'Signing secret (whsec_<base64> as in Standard Webhooks); NULL sends no webhook-signature.';
 
+-- A deliverer that listens (pipeline-relay) hears on the channel
+-- pipeline_wake of what can make waiting events deliverable without a new
+-- event: an endpoint registered, enabled or given its credentials back, a
+-- replay (pipeline._requeue). New events are announced on pipeline_event.
+-- (The extension's worker is woken by its library; this costs it nothing
+-- while no one listens.)
+CREATE FUNCTION pipeline._announce_wake() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pg_notify('pipeline_wake', TG_TABLE_NAME);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER pipeline_announce_wake AFTER INSERT OR UPDATE ON pipeline.webhooks
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+CREATE TRIGGER pipeline_announce_wake AFTER INSERT OR UPDATE ON pipeline.webhook_credentials
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+
 -- Storing an endpoint's headers and secret.
 CREATE FUNCTION pipeline._store_credentials(event_type text, headers jsonb, secret text) RETURNS void
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$

@@ -4,8 +4,9 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use support::behaviours::{self, Kind};
 use support::receiver::Receiver;
 use support::relay::{self, Relay};
 use support::{eventually, one, repo_root, texts, Authority, Cluster};
@@ -98,6 +99,21 @@ fn cascade_through_the_relay_over_verified_tls() {
         "{}",
         relay.log()
     );
+}
+
+#[test]
+fn delivers_on_commit_with_signed_standard_headers() {
+    behaviours::signed_standard_headers_on_commit(Kind::Relay);
+}
+
+#[test]
+fn answers_decide_retry_backoff_gone_and_death() {
+    behaviours::answers_decide_retry_backoff_gone_and_death(Kind::Relay);
+}
+
+#[test]
+fn replay_one_and_many_after_death() {
+    behaviours::replay_one_and_many_after_death(Kind::Relay);
 }
 
 #[test]
@@ -411,4 +427,140 @@ fn cascade_through_pgbouncer_in_transaction_mode_with_poll() {
     assert!(!relay.log().contains("WARN"), "{}", relay.log());
     // Its server connections were pooled ones: PgBouncer's.
     assert!(pooler.log().contains("login attempt"), "{}", pooler.log());
+}
+
+/// A plain GET of 127.0.0.1:port/path: (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn health_metrics_and_json_logs() {
+    let cluster = plain_install("relay-metrics", &[]);
+    let mut db = cluster.connect("neon", "postgres");
+    let receiver = Receiver::ok();
+    let listen = support::free_port();
+    let relay = Relay::start(&[
+        "--database-url",
+        &plain_url(cluster.port),
+        "--listen",
+        &format!("127.0.0.1:{listen}"),
+        "--log-format",
+        "json",
+    ]);
+    eventually(Duration::from_secs(20), "/healthz to answer 200", || {
+        std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()
+            && http_get(listen, "/healthz").0 == 200
+    });
+    backlog(&mut db, &receiver, 30);
+    receiver.wait_for(Duration::from_secs(20), "30 deliveries", |r| r.len() == 30);
+    eventually(Duration::from_secs(20), "the metrics to count them", || {
+        http_get(listen, "/metrics").1.contains(
+            "pipeline_relay_delivery_attempts_total{event_type=\"ping\",outcome=\"delivered\"} 30",
+        )
+    });
+    let (status, metrics) = http_get(listen, "/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "pipeline_relay_request_duration_seconds_bucket{",
+        "pipeline_relay_backlog ",
+        "pipeline_relay_in_flight ",
+        "pipeline_relay_connected 1",
+    ] {
+        assert!(metrics.contains(name), "{name} in {metrics}");
+    }
+    assert_eq!(http_get(listen, "/nothing").0, 404);
+
+    // The database goes away: unhealthy, with the reason; back: healthy.
+    cluster.stop();
+    eventually(Duration::from_secs(30), "/healthz to answer 503", || {
+        http_get(listen, "/healthz").0 == 503
+    });
+    let (_, why) = http_get(listen, "/healthz");
+    assert!(why.starts_with("not connected:"), "{why}");
+    assert!(http_get(listen, "/metrics")
+        .1
+        .contains("pipeline_relay_connected 0"));
+    cluster.start_again();
+    eventually(
+        Duration::from_secs(60),
+        "/healthz to answer 200 again",
+        || http_get(listen, "/healthz").0 == 200,
+    );
+
+    // Every log line is one JSON object with a level and a message.
+    let log = relay.log();
+    for line in log.lines() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            value["level"].is_string() && value["message"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(log.contains("reconnecting"), "{log}");
+}
+
+#[test]
+fn idle_disconnect_lets_the_database_rest_and_comes_back_to_poll() {
+    let cluster = plain_install("relay-idle", &[]);
+    let mut db = cluster.connect("neon", "postgres");
+    let receiver = Receiver::ok();
+    backlog(&mut db, &receiver, 5);
+    let relay = Relay::start(&[
+        "--database-url",
+        &plain_url(cluster.port),
+        "--idle-disconnect",
+        "1s",
+        "--poll",
+        "3s",
+    ]);
+    receiver.wait_for(Duration::from_secs(20), "the backlog", |r| r.len() == 5);
+    let connections = |db: &mut postgres::Client| {
+        one::<i64>(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pipeline-relay'",
+        )
+    };
+    eventually(Duration::from_secs(10), "the relay to disconnect", || {
+        connections(&mut db) == 0
+    });
+    // Disconnected: a new event waits for the next poll, then goes.
+    let emitted = Instant::now();
+    db.batch_execute("SELECT pipeline.emit('ping', '{}')")
+        .unwrap();
+    receiver.wait_for(Duration::from_secs(10), "the event after idling", |r| {
+        r.len() == 6
+    });
+    let waited = emitted.elapsed();
+    assert!(waited <= Duration::from_secs(5), "waited {waited:?}");
+    assert!(
+        relay.log().contains("nothing due for 1s: disconnected"),
+        "{}",
+        relay.log()
+    );
+    eventually(Duration::from_secs(10), "the relay to rest again", || {
+        connections(&mut db) == 0
+    });
+    eventually(Duration::from_secs(10), "the last outcome", || {
+        by_status(&mut db) == ["processed 6"]
+    });
 }

@@ -1,5 +1,6 @@
-//! LISTEN pipeline_event on a connection of its own (a direct one: a
-//! transaction-mode pooler drops listeners), turning each notification into
+//! LISTEN pipeline_event (new events) and pipeline_wake (an endpoint
+//! registered or enabled, a replay) on a connection of its own (a direct
+//! one: a transaction-mode pooler drops listeners), turning each notification into
 //! a byte on a pipe the relay's loop waits on. After every (re)connection
 //! it pokes the loop too, since events committed while it was not listening
 //! were announced to no one.
@@ -70,7 +71,7 @@ fn listen(target: &Target, mut poke: UnixStream, stop: &AtomicBool, listening: &
                 continue;
             }
         };
-        if let Err(error) = client.batch_execute("LISTEN pipeline_event") {
+        if let Err(error) = client.batch_execute("LISTEN pipeline_event; LISTEN pipeline_wake") {
             tracing::warn!(
                 "LISTEN pipeline_event: {}",
                 crate::connection::classify(&error)

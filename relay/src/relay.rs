@@ -34,10 +34,9 @@ use crate::listener::Listener;
 use crate::metrics::{Metrics, Server, State};
 use crate::store::Store;
 
-/// With LISTEN, the queue is still looked at this often: only new events
-/// are announced, not an endpoint registered or enabled for waiting ones,
-/// nor a replay.
-const LISTEN_SAFETY_POLL: Duration = Duration::from_secs(5);
+/// With LISTEN, the queue is still looked at this often (events made due
+/// by hand, a notification lost with a connection).
+const LISTEN_SAFETY_POLL: Duration = Duration::from_secs(30);
 /// While the LISTEN connection is down, the queue is looked at this often.
 const LISTEN_DOWN_POLL: Duration = Duration::from_secs(1);
 /// Disconnected on purpose without --poll: connect again this often.

@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod behaviours;
 pub mod cascade;
 pub mod http_server;
 pub mod pgbouncer;
