@@ -564,3 +564,132 @@ fn idle_disconnect_lets_the_database_rest_and_comes_back_to_poll() {
         by_status(&mut db) == ["processed 6"]
     });
 }
+
+#[test]
+fn tls_modes_check_what_they_say() {
+    let authority = Authority::new(&["localhost"]);
+    let cluster = neon_like("relay-tls-modes", &authority);
+    let good = owner_url(&cluster, &authority);
+    let ca = authority.ca_file.display().to_string();
+    let by_address = good.replace("@localhost:", "@127.0.0.1:");
+    let accepted = [
+        // verify-ca checks the chain, not the name.
+        by_address.replace("sslmode=verify-full", "sslmode=verify-ca"),
+        // require checks nothing (no root certificate given)...
+        by_address
+            .replace("sslmode=verify-full", "sslmode=require")
+            .replace(&format!("&sslrootcert={ca}"), ""),
+    ];
+    for url in accepted {
+        let (exit, log) = relay::run(&["--database-url", &url, "--once"], Duration::from_secs(30));
+        assert_eq!(exit, Some(0), "{url}: {log}");
+    }
+    let refused = [
+        // ... but with a root certificate it verifies the chain, as libpq.
+        (
+            good.replace("sslmode=verify-full", "sslmode=require")
+                .replace(&ca, "/etc/ssl/certs/ca-certificates.crt"),
+            "certificate",
+        ),
+        // Without TLS this server refuses everyone but postgres.
+        (
+            good.replace("sslmode=verify-full", "sslmode=disable"),
+            "pg_hba.conf",
+        ),
+    ];
+    for (url, says) in refused {
+        let (exit, log) = relay::run(&["--database-url", &url, "--once"], Duration::from_secs(30));
+        assert_eq!(exit, Some(2), "{url}: {log}");
+        assert!(log.contains(says), "{url}: {log}");
+    }
+}
+
+/// The relay names the server it connects to in the TLS handshake (SNI):
+/// a TLS server of the test's own answers PostgreSQL's SSLRequest and
+/// notes the name the client sent.
+#[test]
+fn the_server_name_is_sent_for_sni() {
+    use std::io::{Read, Write};
+    use tokio_rustls::rustls;
+    let authority = Authority::new(&["ep-quiet-bird-123456.eu-central-1.aws.neon.tech"]);
+    let cert = std::fs::read(&authority.cert_file).unwrap();
+    let key = std::fs::read(&authority.key_file).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![rustls::pki_types::CertificateDer::from_pem_slice(&cert).unwrap()],
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap(),
+    )
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut socket, _) = listener.accept().unwrap();
+        let mut request = [0u8; 8];
+        socket.read_exact(&mut request).unwrap();
+        assert_eq!(&request[4..], &[0x04, 0xd2, 0x16, 0x2f], "an SSLRequest");
+        socket.write_all(b"S").unwrap();
+        let mut tls = rustls::ServerConnection::new(std::sync::Arc::new(config)).unwrap();
+        while tls.is_handshaking() {
+            if tls.complete_io(&mut socket).is_err() {
+                break;
+            }
+        }
+        tls.server_name().map(str::to_string)
+    });
+    // The name resolves to this machine for the test (an /etc/hosts entry
+    // is not ours to add): hostaddr gives the address, host the name.
+    let url = format!(
+        "postgres://app_owner:pw@ep-quiet-bird-123456.eu-central-1.aws.neon.tech:{port}/neondb\
+         ?hostaddr=127.0.0.1&sslmode=verify-full&sslrootcert={}",
+        authority.ca_file.display()
+    );
+    let (exit, log) = relay::run(&["--database-url", &url, "--once"], Duration::from_secs(30));
+    assert_ne!(exit, Some(0), "{log}");
+    assert_eq!(
+        server.join().unwrap().as_deref(),
+        Some("ep-quiet-bird-123456.eu-central-1.aws.neon.tech")
+    );
+}
+
+#[test]
+fn relays_for_the_extension_when_its_worker_is_off() {
+    let cluster = Cluster::with_worker("relay-extension", &[("pipeline.enabled", "off")]);
+    let mut db = cluster.connect("postgres", "postgres");
+    // A role of its own with the worker's rights, as docs/relay.md says.
+    db.batch_execute(
+        "CREATE ROLE relay LOGIN; GRANT pipeline_worker TO relay; ALTER ROLE relay INHERIT",
+    )
+    .unwrap();
+    let receiver = Receiver::ok();
+    backlog(&mut db, &receiver, 50);
+    let url = format!(
+        "postgres://relay@127.0.0.1:{}/postgres?sslmode=disable",
+        cluster.port
+    );
+    let (exit, log) = relay::run(
+        &[
+            "--database-url",
+            &url,
+            "--once",
+            "--name",
+            "relay-beside-the-extension",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(exit, Some(0), "{log}");
+    assert!(log.contains("delivering from"), "{log}");
+    assert_eq!(receipts(&receiver).len(), 50);
+    assert_eq!(
+        texts(
+            &mut db,
+            "SELECT format('%s %s %s', worker_running, pending, last_deliverer) FROM pipeline.status()"
+        ),
+        ["t 0 relay-beside-the-extension"]
+    );
+}

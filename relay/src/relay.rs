@@ -48,8 +48,10 @@ const RECONNECT_LONGEST: Duration = Duration::from_secs(30);
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 
 const BACKLOG_SQL: &str = "SELECT pg_catalog.count(*) FROM marketing.pipeline_events e \
-     WHERE e.status IN ('pending', 'failed', 'processing') \
-     AND EXISTS (SELECT FROM pipeline.webhooks w WHERE w.event_type = e.event_type AND w.enabled)";
+     WHERE e.status::pg_catalog.text OPERATOR(pg_catalog.=) ANY ('{pending,failed,processing}'::pg_catalog.text[]) \
+     AND EXISTS (SELECT FROM pipeline.webhooks w \
+                 WHERE w.event_type::pg_catalog.text OPERATOR(pg_catalog.=) e.event_type::pg_catalog.text \
+                 AND w.enabled)";
 
 struct Relay {
     options: Options,

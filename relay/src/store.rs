@@ -1,4 +1,6 @@
 //! The queue over a client connection: the statements the worker runs
+//! (every function, operator and type in them schema-qualified, since the
+//! connection's search_path is whatever the database or role set)
 //! (pipeline_delivery::queue), each sent with typed parameters as an unnamed
 //! statement, so that they work through a transaction-mode pooler too (no
 //! named prepared statement, no SET, nothing kept in the session). A call
@@ -25,11 +27,14 @@ const SCHEMA_CHECK_SQL: &str = "SELECT pg_catalog.to_regprocedure(\
 
 /// The database's lease and retention, in seconds.
 const SETTINGS_SQL: &str = "SELECT \
-     pg_catalog.date_part('epoch', pipeline._setting('lease_time', '30s')::pg_catalog.interval)::float8, \
-     pg_catalog.date_part('epoch', pipeline._setting('retention', '7d')::pg_catalog.interval)::float8";
+     pg_catalog.date_part('epoch', pipeline._setting('lease_time', '30s')::pg_catalog.interval)::pg_catalog.float8, \
+     pg_catalog.date_part('epoch', pipeline._setting('retention', '7d')::pg_catalog.interval)::pg_catalog.float8";
 
-/// Whether the extension's own worker delivers in this database.
-const WORKER_SQL: &str = "SELECT pipeline._worker_pid()";
+/// Whether the extension's own worker delivers in this database: its pid
+/// while it runs with pipeline.enabled on.
+const WORKER_SQL: &str =
+    "SELECT CASE WHEN coalesce(pg_catalog.current_setting('pipeline.enabled', true), 'on') \
+     OPERATOR(pg_catalog.=) ANY (ARRAY['on', 'true', 'yes', '1']) THEN pipeline._worker_pid() END";
 
 pub struct Store {
     client: Option<Client>,
