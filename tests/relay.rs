@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::behaviours::{self, Kind};
+use support::behaviours::{self, trigger_only_install, Kind};
 use support::receiver::Receiver;
 use support::relay::{self, Relay};
 use support::{eventually, one, repo_root, texts, Authority, Cluster};
@@ -238,37 +238,6 @@ fn once_delivers_what_is_due_and_exits() {
     );
 }
 
-/// A cluster (no TLS, trust) with `neon` owned by app_owner, who installed
-/// the trigger-only file; `lease` is the database's lease_time.
-fn plain_install(name: &str, settings: &[(&str, &str)]) -> Cluster {
-    let cluster = Cluster::start(name, settings);
-    let mut admin = cluster.connect("postgres", "postgres");
-    for statement in [
-        "CREATE ROLE app_owner LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE",
-        "CREATE DATABASE neon OWNER app_owner",
-    ] {
-        admin.batch_execute(statement).unwrap();
-    }
-    let script = repo_root().join("dist/pipeline_ext_trigger_only.sql");
-    let out = cluster.psql(
-        "neon",
-        "app_owner",
-        &[
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-f",
-            script.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    cluster
-}
-
 fn plain_url(port: u16) -> String {
     format!("postgres://app_owner@127.0.0.1:{port}/neon?sslmode=disable")
 }
@@ -303,7 +272,7 @@ fn by_status(db: &mut postgres::Client) -> Vec<String> {
 fn a_server_restart_mid_drain_loses_nothing() {
     // NB: synchronous commits, so that the crash loses no committed outcome
     // (with asynchronous ones events would come back after their lease).
-    let cluster = plain_install("relay-restart", &[("synchronous_commit", "on")]);
+    let cluster = trigger_only_install("relay-restart", &[("synchronous_commit", "on")]);
     let mut db = cluster.connect("neon", "postgres");
     let receiver = Receiver::ok();
     backlog(&mut db, &receiver, 10_000);
@@ -325,7 +294,7 @@ fn a_server_restart_mid_drain_loses_nothing() {
 
 #[test]
 fn two_relays_share_a_backlog_and_send_each_event_once() {
-    let cluster = plain_install("relay-two", &[]);
+    let cluster = trigger_only_install("relay-two", &[]);
     let mut db = cluster.connect("neon", "postgres");
     let receiver = Receiver::ok();
     backlog(&mut db, &receiver, 10_000);
@@ -357,7 +326,7 @@ fn two_relays_share_a_backlog_and_send_each_event_once() {
 
 #[test]
 fn sigterm_records_what_finished_and_hands_back_the_rest() {
-    let cluster = plain_install("relay-sigterm", &[]);
+    let cluster = trigger_only_install("relay-sigterm", &[]);
     let mut db = cluster.connect("neon", "postgres");
     let receiver = Receiver::scripted(|_, _| support::receiver::Answer {
         delay: Duration::from_millis(20),
@@ -402,7 +371,7 @@ fn sigterm_records_what_finished_and_hands_back_the_rest() {
 
 #[test]
 fn cascade_through_pgbouncer_in_transaction_mode_with_poll() {
-    let cluster = plain_install("relay-pgbouncer", &[]);
+    let cluster = trigger_only_install("relay-pgbouncer", &[]);
     let pooler = support::pgbouncer::PgBouncer::start(cluster.port, "neon", "app_owner");
     let (_runner, port) = support::cascade::start_runner(&format!(
         "host=127.0.0.1 port={} user=postgres dbname=neon",
@@ -454,7 +423,7 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
 
 #[test]
 fn health_metrics_and_json_logs() {
-    let cluster = plain_install("relay-metrics", &[]);
+    let cluster = trigger_only_install("relay-metrics", &[]);
     let mut db = cluster.connect("neon", "postgres");
     let receiver = Receiver::ok();
     let listen = support::free_port();
@@ -521,7 +490,7 @@ fn health_metrics_and_json_logs() {
 
 #[test]
 fn idle_disconnect_lets_the_database_rest_and_comes_back_to_poll() {
-    let cluster = plain_install("relay-idle", &[]);
+    let cluster = trigger_only_install("relay-idle", &[]);
     let mut db = cluster.connect("neon", "postgres");
     let receiver = Receiver::ok();
     backlog(&mut db, &receiver, 5);

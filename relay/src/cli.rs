@@ -144,6 +144,26 @@ mod tests {
     }
 
     #[test]
+    fn help_documents_every_flag_and_its_variable() {
+        let help = Options::command().render_long_help().to_string();
+        for argument in Options::command().get_arguments() {
+            let Some(long) = argument.get_long() else {
+                continue;
+            };
+            if ["help", "version"].contains(&long) {
+                continue;
+            }
+            assert!(help.contains(&format!("--{long}")), "--{long} in the help");
+            let variable = argument.get_env().expect("an environment variable");
+            assert!(
+                help.contains(&format!("[env: {}", variable.to_string_lossy())),
+                "{variable:?} in the help"
+            );
+        }
+        assert!(help.contains("Exit codes"));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(duration("1s"), Ok(Duration::from_secs(1)));
         assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));

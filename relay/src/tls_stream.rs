@@ -159,3 +159,29 @@ where
         Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_binding_hashes_the_certificate_by_its_signature_hash() {
+        for (algorithm, length) in [
+            (&rcgen::PKCS_ECDSA_P256_SHA256, 32),
+            (&rcgen::PKCS_ECDSA_P384_SHA384, 48),
+            (&rcgen::PKCS_ED25519, 64),
+        ] {
+            let key = rcgen::KeyPair::generate_for(algorithm).unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["db.example".to_string()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            let binding = server_end_point(cert.der()).expect("a binding");
+            assert_eq!(binding.len(), length);
+            if length == 32 {
+                assert_eq!(binding, Sha256::digest(cert.der()).to_vec());
+            }
+        }
+        assert_eq!(server_end_point(b"not a certificate"), None);
+    }
+}

@@ -13,6 +13,37 @@ use super::receiver::{Answer, Receiver};
 use super::relay::Relay;
 use super::{eventually, one, repo_root, texts, Cluster};
 
+/// A cluster (no TLS, trust) without the library, where app_owner, no
+/// superuser, owns the database `neon` and installed the trigger-only file.
+pub fn trigger_only_install(name: &str, settings: &[(&str, &str)]) -> Cluster {
+    let cluster = Cluster::start(name, settings);
+    let mut admin = cluster.connect("postgres", "postgres");
+    for statement in [
+        "CREATE ROLE app_owner LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE",
+        "CREATE DATABASE neon OWNER app_owner",
+    ] {
+        admin.batch_execute(statement).unwrap();
+    }
+    let script = repo_root().join("dist/pipeline_ext_trigger_only.sql");
+    let out = cluster.psql(
+        "neon",
+        "app_owner",
+        &[
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-f",
+            script.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster
+}
+
 /// Who delivers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -44,31 +75,7 @@ impl Deliverer {
                 database: "postgres",
             },
             Kind::Relay => {
-                let cluster = Cluster::start(&format!("relay-{name}"), settings);
-                let mut admin = cluster.connect("postgres", "postgres");
-                for statement in [
-                    "CREATE ROLE app_owner LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE",
-                    "CREATE DATABASE neon OWNER app_owner",
-                ] {
-                    admin.batch_execute(statement).unwrap();
-                }
-                let script = repo_root().join("dist/pipeline_ext_trigger_only.sql");
-                let out = cluster.psql(
-                    "neon",
-                    "app_owner",
-                    &[
-                        "-q",
-                        "-v",
-                        "ON_ERROR_STOP=1",
-                        "-f",
-                        script.to_str().unwrap(),
-                    ],
-                );
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                let cluster = trigger_only_install(&format!("relay-{name}"), settings);
                 let url = format!(
                     "postgres://app_owner@127.0.0.1:{}/neon?sslmode=disable",
                     cluster.port
