@@ -19,6 +19,14 @@ use crate::tls_stream::MakeRustls;
 
 /// How long one connection attempt may take when the URL does not say.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer that vanished (a suspended compute, a network cut) without
+/// closing the connection is noticed after about a minute, unless the URL
+/// says otherwise: keepalive probes after 30 s of silence, 10 s apart, 3 of
+/// them; and sent data unacknowledged for 30 s.
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVES_RETRIES: u32 = 3;
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The URL parameters passed on to tokio-postgres.
 const KNOWN_PARAMETERS: [&str; 17] = [
@@ -129,6 +137,13 @@ impl Target {
                 }
             }
         }
+        let given = |name: &str| kept.iter().any(|(key, _)| key == name);
+        let (idle, interval, retries, user_timeout) = (
+            given("keepalives_idle"),
+            given("keepalives_interval"),
+            given("keepalives_retries"),
+            given("tcp_user_timeout"),
+        );
         if kept.is_empty() {
             url.set_query(None);
         } else {
@@ -144,6 +159,18 @@ impl Target {
         }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if !idle {
+            config.keepalives_idle(KEEPALIVES_IDLE);
+        }
+        if !interval {
+            config.keepalives_interval(KEEPALIVES_INTERVAL);
+        }
+        if !retries {
+            config.keepalives_retries(KEEPALIVES_RETRIES);
+        }
+        if !user_timeout {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
         }
         if config.get_application_name().is_none() {
             config.application_name("pipeline-relay");
@@ -270,8 +297,15 @@ mod tests {
         assert_eq!(target.config.get_application_name(), Some("pipeline-relay"));
         assert_eq!(target.config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
 
-        let target = Target::parse("postgresql://u@h/d").unwrap();
+        assert_eq!(target.config.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(
+            target.config.get_tcp_user_timeout(),
+            Some(&TCP_USER_TIMEOUT)
+        );
+
+        let target = Target::parse("postgresql://u@h/d?keepalives_idle=5").unwrap();
         assert_eq!(target.ssl_mode(), SslMode::Prefer);
+        assert_eq!(target.config.get_keepalives_idle(), Duration::from_secs(5));
     }
 
     #[test]

@@ -70,6 +70,9 @@ struct Relay {
     next_backlog_at: Instant,
     reconnect_delay: Duration,
     reconnect_at: Option<Instant>,
+    /// The last reason logged for a lost connection, so that a lasting one
+    /// is logged once and a new one is logged.
+    last_loss: Option<String>,
     idle: bool,
 }
 
@@ -181,6 +184,7 @@ pub fn run(options: Options) -> Result<(), Failure> {
         next_backlog_at: now,
         reconnect_delay: RECONNECT_FIRST,
         reconnect_at: None,
+        last_loss: None,
         idle: false,
     };
     relay.start_listener();
@@ -307,6 +311,7 @@ impl Relay {
                 self.idle = false;
                 self.reconnect_delay = RECONNECT_FIRST;
                 self.reconnect_at = None;
+                self.last_loss = None;
                 self.last_busy_at = Instant::now();
                 self.next_poll_at = Instant::now() + self.poll_every();
                 self.metrics.set_state(State::Connected, "");
@@ -325,8 +330,9 @@ impl Relay {
     fn lost(&mut self, why: &str) {
         self.store.disconnect();
         self.listener = None;
-        if !self.idle && self.reconnect_delay == RECONNECT_FIRST {
+        if self.last_loss.as_deref() != Some(why) {
             tracing::warn!("{why}; reconnecting (events in flight are recorded once connected)");
+            self.last_loss = Some(why.to_string());
         }
         self.idle = false;
         self.metrics.set_state(State::Reconnecting, why);
