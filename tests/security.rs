@@ -2,8 +2,8 @@
 //! functions and operators where the pipeline might resolve names (public,
 //! a schema named like the database owner, ahead of pg_catalog in the
 //! search_path), then makes the pipeline run: CREATE EXTENSION, the delivery
-//! worker, a superuser or the owner calling the API, rows written to the
-//! stage tables. Every planted function notes that it ran, tries to make its
+//! worker, pipeline-relay, a superuser or the owner calling the API, rows
+//! written to the stage tables. Every planted function notes that it ran, tries to make its
 //! planter a superuser and to copy the webhook secrets. The tests assert
 //! that none of it happened.
 
@@ -12,6 +12,7 @@ mod support;
 use std::time::Duration;
 
 use support::receiver::Receiver;
+use support::relay::Relay;
 use support::{eventually, one, repo_root, Cluster};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -233,6 +234,43 @@ fn nothing_a_database_owner_planted_runs_as_superuser() {
         },
     );
 
+    // pipeline-relay in the same database, as a role with the worker's
+    // rights (it reads the secrets the owner cannot), the worker turned
+    // off: connecting, listening, claiming, recording, reporting the
+    // backlog and stopping run nothing the owner planted either.
+    each(
+        &mut db,
+        &[
+            "CREATE ROLE relay LOGIN",
+            "GRANT pipeline_worker TO relay",
+            "ALTER SYSTEM SET pipeline.enabled = off",
+            "SELECT pg_catalog.pg_reload_conf()",
+        ],
+    );
+    let mut relay = Relay::start(&[
+        "--database-url",
+        &format!(
+            "postgres://relay@127.0.0.1:{}/app?sslmode=disable",
+            cluster.port
+        ),
+        "--listen",
+        &format!("127.0.0.1:{}", support::free_port()),
+    ]);
+    db.batch_execute("SELECT pipeline.emit('audit_note', '{\"n\": 2}')")
+        .unwrap();
+    receiver.wait_for(Duration::from_secs(20), "the relay's delivery", |r| {
+        r.len() == 3
+    });
+    std::thread::sleep(Duration::from_secs(6)); // a backlog gauge refresh
+    assert_eq!(relay.terminate(Duration::from_secs(20)).code(), Some(0));
+    assert!(relay.log().contains("delivering from"), "{}", relay.log());
+    eventually(Duration::from_secs(10), "the relay's record", || {
+        one::<i64>(
+            &mut db,
+            "SELECT pg_catalog.count(*) FROM marketing.pipeline_delivery_attempts",
+        ) == 3
+    });
+
     let (ran, stolen) = planted_effects(&mut db, "public");
     assert!(ran.is_empty(), "planted code ran: {ran:?}");
     assert_eq!(stolen, 0, "secrets were copied");
@@ -359,6 +397,40 @@ fn the_owner_of_a_trigger_only_install_runs_nothing_an_app_role_planted() {
     assert!(app
         .query("SELECT secret FROM pipeline.webhook_credentials", &[])
         .is_err());
+
+    // pipeline-relay delivers as the owner, whose search_path starts with
+    // the planted schema: connecting, listening, claiming, recording,
+    // reporting the backlog and stopping run none of it.
+    let metrics = support::free_port();
+    let mut relay = Relay::start(&[
+        "--database-url",
+        &format!(
+            "postgres://app_owner@127.0.0.1:{}/neon?sslmode=disable",
+            cluster.port
+        ),
+        "--listen",
+        &format!("127.0.0.1:{metrics}"),
+    ]);
+    receiver.wait_for(Duration::from_secs(20), "the relay's delivery", |r| {
+        r.iter()
+            .any(|r| r.json()["data"]["new"]["company"] == "From the app")
+    });
+    app.batch_execute("INSERT INTO intake.company_raw_intake (company) VALUES ('While listening')")
+        .unwrap();
+    receiver.wait_for(Duration::from_secs(20), "the announced event", |r| {
+        r.iter()
+            .any(|r| r.json()["data"]["new"]["company"] == "While listening")
+    });
+    std::thread::sleep(Duration::from_secs(6)); // a backlog gauge refresh
+    assert_eq!(relay.terminate(Duration::from_secs(20)).code(), Some(0));
+    assert_eq!(
+        one::<i64>(
+            &mut owner,
+            "SELECT pg_catalog.count(*) FROM marketing.pipeline_events
+             WHERE status OPERATOR(pg_catalog.<>) 'processed' AND event_type OPERATOR(pg_catalog.=) 'company_created'"
+        ),
+        0
+    );
 
     let (ran, stolen) = planted_effects(&mut owner, "app_owner");
     assert!(ran.is_empty(), "planted code ran: {ran:?}");

@@ -1,10 +1,10 @@
 //! The queue over a client connection: the statements the worker runs
-//! (every function, operator and type in them schema-qualified, since the
-//! connection's search_path is whatever the database or role set)
 //! (pipeline_delivery::queue), each sent with typed parameters as an unnamed
 //! statement, so that they work through a transaction-mode pooler too (no
 //! named prepared statement, no SET, nothing kept in the session). A call
-//! that needs several statements runs them in one BEGIN ... COMMIT.
+//! that needs several statements runs them in one BEGIN ... COMMIT. Every
+//! function, operator and type in them is schema-qualified: the
+//! connection's search_path is whatever the database or the role set.
 
 use std::time::Duration;
 
@@ -21,9 +21,11 @@ use crate::connection::{classify, Failure, Kind};
 /// What must exist for the relay to work: the pipeline's queue functions
 /// (a trigger-only install or the extension).
 const SCHEMA_CHECK_SQL: &str = "SELECT pg_catalog.to_regprocedure(\
-     'pipeline._claim_deliveries(integer, interval, text, text[], text[], bigint, bigint)') IS NOT NULL, \
-     pg_catalog.to_regprocedure('pipeline._record_deliveries(bigint[], integer[], text[], integer[], text[], \
-     integer[], integer[], text[], text[])') IS NOT NULL";
+     'pipeline._claim_deliveries(pg_catalog.int4, pg_catalog.interval, pg_catalog.text, pg_catalog.text[], \
+     pg_catalog.text[], pg_catalog.int8, pg_catalog.int8)') IS NOT NULL, \
+     pg_catalog.to_regprocedure('pipeline._record_deliveries(pg_catalog.int8[], pg_catalog.int4[], \
+     pg_catalog.text[], pg_catalog.int4[], pg_catalog.text[], pg_catalog.int4[], pg_catalog.int4[], \
+     pg_catalog.text[], pg_catalog.text[])') IS NOT NULL";
 
 /// The database's lease and retention, in seconds.
 const SETTINGS_SQL: &str = "SELECT \
@@ -34,7 +36,7 @@ const SETTINGS_SQL: &str = "SELECT \
 /// while it runs with pipeline.enabled on.
 const WORKER_SQL: &str =
     "SELECT CASE WHEN coalesce(pg_catalog.current_setting('pipeline.enabled', true), 'on') \
-     OPERATOR(pg_catalog.=) ANY (ARRAY['on', 'true', 'yes', '1']) THEN pipeline._worker_pid() END";
+     OPERATOR(pg_catalog.=) ANY ('{on,true,yes,1}'::pg_catalog.text[]) THEN pipeline._worker_pid() END";
 
 pub struct Store {
     client: Option<Client>,
