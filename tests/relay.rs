@@ -662,3 +662,39 @@ fn relays_for_the_extension_when_its_worker_is_off() {
         ["t 0 relay-beside-the-extension"]
     );
 }
+
+#[test]
+fn a_named_relay_takes_back_what_its_killed_run_held() {
+    // A lease of an hour: only the take-back can bring the events back soon.
+    let cluster = trigger_only_install("relay-take-back", &[("pipeline.lease_time", "1h")]);
+    let mut db = cluster.connect("neon", "postgres");
+    let receiver = Receiver::scripted(|_, _| support::receiver::Answer {
+        delay: Duration::from_millis(100),
+        ..support::receiver::Answer::status(200)
+    });
+    backlog(&mut db, &receiver, 300);
+    let url = plain_url(cluster.port);
+    let mut first = Relay::start(&["--database-url", &url, "--name", "relay-a"]);
+    receiver.wait_for(Duration::from_secs(30), "deliveries under way", |r| {
+        r.len() >= 40
+    });
+    // SAFETY: kill(2) on the pid of our own child, not yet waited for.
+    unsafe { libc::kill(first.pid(), libc::SIGKILL) };
+    first.wait(Duration::from_secs(10));
+    let held: i64 = one(
+        &mut db,
+        "SELECT count(*) FROM marketing.pipeline_events WHERE claimed_by = 'relay-a'",
+    );
+    assert!(held > 0, "the killed run held events");
+
+    let second = Relay::start(&["--database-url", &url, "--name", "relay-a"]);
+    eventually(Duration::from_secs(60), "every event delivered", || {
+        by_status(&mut db) == ["processed 300"]
+    });
+    assert!(
+        second.log().contains(&format!("took back {held} events")),
+        "{}",
+        second.log()
+    );
+    assert_eq!(receipts(&receiver).len(), 300);
+}
