@@ -252,10 +252,11 @@ fn backlog(db: &mut postgres::Client, receiver: &Receiver, n: i32) {
     .unwrap();
 }
 
-/// How many requests each event got, by event id.
+/// How many requests each event got, by event id; a request cut off
+/// before its body (a relay killed while sending it) has none.
 fn receipts(receiver: &Receiver) -> std::collections::HashMap<i64, usize> {
     let mut counts = std::collections::HashMap::new();
-    for request in receiver.received() {
+    for request in receiver.received().iter().filter(|r| !r.body.is_empty()) {
         *counts.entry(request.event_id()).or_insert(0) += 1;
     }
     counts
