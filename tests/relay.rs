@@ -243,13 +243,9 @@ fn plain_url(port: u16) -> String {
 }
 
 /// Registers `ping` at the receiver and emits `n` events.
-fn backlog(db: &mut postgres::Client, receiver: &Receiver, n: i32) {
-    db.batch_execute(&format!(
-        "SELECT pipeline.register_webhook('ping', '{}', allow_unknown_type => true);
-         SELECT pipeline.emit('ping', jsonb_build_object('n', n)) FROM generate_series(1, {n}) n;",
-        receiver.url("/ping")
-    ))
-    .unwrap();
+fn backlog(db: &mut postgres::Client, receiver: &Receiver, n: i64) {
+    behaviours::register(db, "ping", &receiver.url("/ping"), "");
+    behaviours::emit(db, "ping", n);
 }
 
 /// How many requests each event got, by event id; a request cut off

@@ -268,6 +268,15 @@ pub fn stage_runner() -> std::path::PathBuf {
     } else {
         "pg15"
     };
+    cargo_build(
+        &["--example", "stage_runner", "--features", features],
+        "examples/stage_runner",
+    )
+}
+
+/// Runs `cargo build --quiet` with `args` in the repository and returns the
+/// path of `output`, relative to the target profile directory of this test.
+pub fn cargo_build(args: &[&str], output: &str) -> PathBuf {
     let mut build = Command::new(env!("CARGO"));
     // NB: without the variables cargo set for this test process: build
     // scripts that watch them (ring's) would otherwise rebuild every run.
@@ -277,24 +286,14 @@ pub fn stage_runner() -> std::path::PathBuf {
         }
     }
     let status = build
-        .args([
-            "build",
-            "--quiet",
-            "--example",
-            "stage_runner",
-            "--features",
-            features,
-        ])
+        .args(["build", "--quiet"])
+        .args(args)
         .current_dir(repo_root())
         .status()
-        .expect("cargo build --example stage_runner");
-    assert!(status.success());
+        .unwrap_or_else(|e| panic!("cargo build {args:?}: {e}"));
+    assert!(status.success(), "cargo build {args:?} failed");
     let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/stage_runner")
+    exe.parent().unwrap().parent().unwrap().join(output)
 }
 
 /// Polls `done` every few milliseconds until it holds; panics after `limit`.

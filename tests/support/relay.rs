@@ -7,35 +7,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::repo_root;
-
 /// The relay's binary, built (debug) on first use.
 pub fn binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let mut build = Command::new(env!("CARGO"));
-            // NB: without the variables cargo set for this test process:
-            // build scripts that watch them would rebuild every run.
-            for (name, _) in std::env::vars() {
-                if name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR"
-                {
-                    build.env_remove(name);
-                }
-            }
-            let status = build
-                .args(["build", "--quiet", "-p", "pipeline-relay"])
-                .current_dir(repo_root())
-                .status()
-                .expect("cargo build -p pipeline-relay");
-            assert!(status.success(), "building pipeline-relay failed");
-            let exe = std::env::current_exe().unwrap();
-            exe.parent()
-                .unwrap()
-                .parent()
-                .unwrap()
-                .join("pipeline-relay")
-        })
+        .get_or_init(|| super::cargo_build(&["-p", "pipeline-relay"], "pipeline-relay"))
         .clone()
 }
 
