@@ -14,6 +14,7 @@ use pipeline_delivery::queue::{
 };
 use pipeline_delivery::{Attempt, Job};
 
+use crate::settings::WorkerSettings;
 use crate::{transaction, wake};
 
 /// The name the worker claims under (marketing.pipeline_events.claimed_by).
@@ -38,6 +39,13 @@ pub struct SpiQueue<'a> {
 }
 
 impl SpiQueue<'_> {
+    pub fn of(settings: &WorkerSettings) -> SpiQueue<'_> {
+        SpiQueue {
+            role: &settings.worker_role,
+            max_event_bytes: settings.max_event_bytes,
+        }
+    }
+
     fn run<R>(&self, body: impl FnOnce() -> SpiResult<R>) -> Result<R, String> {
         transaction::run(Some(self.role), body).map_err(|transaction::Failed(message)| message)
     }

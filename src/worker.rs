@@ -196,10 +196,7 @@ impl Worker {
             // Nothing is sent until the settings change (a reload wakes it).
             wake::want_wakes(false);
         }
-        let mut queue = SpiQueue {
-            role: &self.settings.worker_role,
-            max_event_bytes: self.settings.max_event_bytes,
-        };
+        let mut queue = SpiQueue::of(&self.settings);
         let wait = self.engine.turn(&mut queue, &Backend, deliver);
         if self.engine.failing() {
             // DROP EXTENSION, for one: look for the extension again.
@@ -211,10 +208,7 @@ impl Worker {
     /// SIGTERM: nothing new starts; what finished is recorded, the rest of
     /// what was claimed is handed back (requests in flight are abandoned).
     fn stop(&mut self) {
-        let mut queue = SpiQueue {
-            role: &self.settings.worker_role,
-            max_event_bytes: self.settings.max_event_bytes,
-        };
+        let mut queue = SpiQueue::of(&self.settings);
         if self.extension_found {
             self.engine.stop(&mut queue, &Backend, Duration::ZERO);
         }
@@ -327,6 +321,7 @@ fn build_client(settings: &WorkerSettings) -> Result<Arc<HttpClient>, String> {
                 settings.http_proxy.as_deref(),
                 blocked,
             )
+            .map_err(|e| e.named("pipeline.ca_file", "pipeline.http_proxy"))
         })
         .map(Arc::new)
         .inspect_err(|error| {

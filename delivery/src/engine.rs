@@ -98,10 +98,6 @@ impl Engine {
         })
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
     pub fn set_limits(&mut self, limits: Limits) {
         self.limits = limits;
         self.claim_wanted = true;
@@ -274,7 +270,7 @@ impl Engine {
 
     /// Records the outcomes that came in, when it is time to (or `now`);
     /// false when that failed (they are kept for the next turn).
-    pub fn record_finished(&mut self, queue: &mut impl Queue, host: &impl Host, now: bool) -> bool {
+    fn record_finished(&mut self, queue: &mut impl Queue, host: &impl Host, now: bool) -> bool {
         let collected = self.dispatcher.collect();
         if !collected.attempts.is_empty() {
             self.unrecorded_since.get_or_insert_with(Instant::now);
