@@ -34,6 +34,25 @@ pub struct HttpClient {
     agent: ureq::Agent,
 }
 
+/// A refused input of [`HttpClient::new`]; the caller names its setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientError {
+    /// The CA file: "<path>: <why>".
+    CaFile(String),
+    /// The proxy URL.
+    Proxy(String),
+}
+
+impl ClientError {
+    /// The error with the caller's names of the two inputs.
+    pub fn named(&self, ca_file: &str, proxy: &str) -> String {
+        match self {
+            ClientError::CaFile(why) => format!("{ca_file} {why}"),
+            ClientError::Proxy(why) => format!("{proxy}: {why}"),
+        }
+    }
+}
+
 impl HttpClient {
     /// `concurrency` sizes the connection pool; `ca_file` adds trusted CAs;
     /// `proxy` is the proxy URL, if any; `blocked` the addresses never to
@@ -43,14 +62,15 @@ impl HttpClient {
         ca_file: Option<&str>,
         proxy: Option<&str>,
         blocked: Vec<Network>,
-    ) -> Result<HttpClient, String> {
+    ) -> Result<HttpClient, ClientError> {
+        let roots = trusted_roots(ca_file).map_err(ClientError::CaFile)?;
         let tls = TlsConfig::builder()
-            .root_certs(RootCerts::Specific(Arc::new(trusted_roots(ca_file)?)))
+            .root_certs(RootCerts::Specific(Arc::new(roots)))
             .build();
         let proxy = proxy
             .map(proxy_of)
             .transpose()
-            .map_err(|e| format!("pipeline.http_proxy: {e}"))?;
+            .map_err(ClientError::Proxy)?;
         let config = ureq::Agent::config_builder()
             .tls_config(tls)
             .proxy(proxy)
@@ -168,17 +188,15 @@ fn trusted_roots(ca_file: Option<&str>) -> Result<Vec<Certificate<'static>>, Str
         .map(|der| Certificate::from_der(der.as_ref()).to_owned())
         .collect();
     if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("pipeline.ca_file {path}: {e}"))?;
+        let pem = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
         let before = roots.len();
         for item in ureq::tls::parse_pem(&pem) {
-            if let PemItem::Certificate(cert) =
-                item.map_err(|e| format!("pipeline.ca_file {path}: {e}"))?
-            {
+            if let PemItem::Certificate(cert) = item.map_err(|e| format!("{path}: {e}"))? {
                 roots.push(cert);
             }
         }
         if roots.len() == before {
-            return Err(format!("pipeline.ca_file {path}: no PEM certificate in it"));
+            return Err(format!("{path}: no PEM certificate in it"));
         }
     }
     Ok(roots)

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 pub use dispatch::{Dispatcher, Sender};
 pub use engine::{Engine, Host, Level};
 pub use health::{Change, PROBE_LONGEST};
-pub use http::{proxy_of, HttpClient};
+pub use http::{proxy_of, ClientError, HttpClient};
 pub use network::{parse_networks, DEFAULT_BLOCKED};
 pub use signature::key_of;
 pub use verdict::Verdict;

@@ -436,10 +436,6 @@ fn build_client(options: &Options) -> Result<Arc<HttpClient>, Failure> {
         ),
     )
     .map_err(|e| Failure::config(format!("--blocked-networks: {e}")))?;
-    if let Some(proxy) = &options.http_proxy {
-        pipeline_delivery::proxy_of(proxy)
-            .map_err(|e| Failure::config(format!("--http-proxy: {e}")))?;
-    }
     let ca_file = options.ca_file.as_ref().map(|p| p.display().to_string());
     HttpClient::new(
         options.concurrency as usize,
@@ -448,7 +444,7 @@ fn build_client(options: &Options) -> Result<Arc<HttpClient>, Failure> {
         blocked,
     )
     .map(Arc::new)
-    .map_err(|e| Failure::config(e.replace("pipeline.ca_file", "--ca-file")))
+    .map_err(|e| Failure::config(e.named("--ca-file", "--http-proxy")))
 }
 
 /// host name and process id: unique among running relays.
@@ -463,4 +459,40 @@ fn default_name() -> String {
         "localhost".into()
     };
     format!("pipeline-relay {host}:{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn client_of(extra: &[&str]) -> Result<Arc<HttpClient>, Failure> {
+        let mut args = vec!["pipeline-relay", "--database-url", "postgres://u@h/d"];
+        args.extend_from_slice(extra);
+        build_client(&Options::try_parse_from(args).unwrap())
+    }
+
+    #[test]
+    fn bad_http_settings_name_their_flag() {
+        assert!(client_of(&[]).is_ok());
+        for (extra, says) in [
+            (
+                &["--ca-file", "/nonexistent/ca.pem"][..],
+                "--ca-file /nonexistent/ca.pem: ",
+            ),
+            (&["--http-proxy", "ftp://proxy:21"][..], "--http-proxy: "),
+            (
+                &["--blocked-networks", "10.0.0.0/33"][..],
+                "--blocked-networks: ",
+            ),
+        ] {
+            let failure = client_of(extra).err().expect("refused");
+            assert_eq!(failure.kind, Kind::Config);
+            assert!(
+                failure.message.starts_with(says),
+                "{extra:?}: {}",
+                failure.message
+            );
+        }
+    }
 }
