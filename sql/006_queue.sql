@@ -29,8 +29,11 @@ $$;
 -- Back to pending, due now, with a fresh set of attempts. With force, events
 -- still processing too (their consumer is gone): those keep their attempt
 -- count, so that a late outcome of the old claim cannot settle the new one.
+-- A listening deliverer (pipeline-relay) hears of it on pipeline_wake (see
+-- 010_webhooks.sql).
 CREATE FUNCTION pipeline._requeue(event_ids bigint[], force boolean DEFAULT false) RETURNS SETOF bigint
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_notify('pipeline_wake', 'replay');
     UPDATE marketing.pipeline_events e
     SET status = 'pending',
         next_attempt_at = now(),

@@ -695,3 +695,35 @@ fn a_named_relay_takes_back_what_its_killed_run_held() {
     );
     assert_eq!(receipts(&receiver).len(), 300);
 }
+
+/// What makes waiting events deliverable without a new event is announced
+/// on pipeline_wake: the relay acts on it at once, not at its 30 s poll.
+#[test]
+fn a_late_endpoint_and_a_replay_are_heard_at_once() {
+    let cluster = trigger_only_install("relay-wake", &[]);
+    let mut db = cluster.connect("neon", "postgres");
+    let receiver = Receiver::ok();
+    let ids = behaviours::emit(&mut db, "ping", 3);
+    let _relay = Relay::start(&["--database-url", &plain_url(cluster.port)]);
+    eventually(Duration::from_secs(20), "the relay to listen", || {
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pipeline-relay'",
+        ) >= 2
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(receiver.received().is_empty(), "no endpoint yet");
+
+    behaviours::register(&mut db, "ping", &receiver.url("/ping"), "");
+    receiver.wait_for(Duration::from_secs(5), "the waiting events", |r| {
+        r.len() == 3
+    });
+    eventually(Duration::from_secs(5), "their outcomes", || {
+        by_status(&mut db) == ["processed 3"]
+    });
+    db.execute("SELECT pipeline.replay($1)", &[&ids[0]])
+        .unwrap();
+    receiver.wait_for(Duration::from_secs(5), "the replayed event", |r| {
+        r.len() == 4
+    });
+}
