@@ -8,10 +8,15 @@
 //! an aborted transaction wakes nobody. The worker's poll interval covers
 //! anything that slips past (a prepared transaction committed elsewhere).
 //!
+//! The latch alone is not the message: PostgreSQL's own waits inside the
+//! worker's transactions (a lock wait, say) reset it, so a commit that set it
+//! then would be lost. Each wake-up also counts in shared memory, and the
+//! worker compares the count before every sleep (commits_since_last_look).
+//!
 //! The same shared memory tells pipeline.status() whether the worker runs,
 //! to any role (pg_stat_activity hides other users' workers).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgAtomic};
@@ -29,6 +34,13 @@ static WORKER_PROC: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pipeline_ext_
 // SAFETY: as for WORKER_PROC.
 static WAKE_WANTED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pipeline_ext_wake_wanted") };
 
+/// Commits that woke the worker, ever: the worker claims when it changed.
+// SAFETY: as for WORKER_PROC.
+static WAKES: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pipeline_ext_wakes") };
+
+/// The worker's copy of WAKES when it last looked.
+static WAKES_SEEN: AtomicU64 = AtomicU64::new(0);
+
 /// Set in _PG_init under shared_preload_libraries: only then does the
 /// shared memory above exist.
 static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
@@ -42,6 +54,7 @@ static WAKE_ALWAYS: AtomicBool = AtomicBool::new(false);
 pub fn init_shared_memory() {
     pg_shmem_init!(WORKER_PROC = AtomicU32::new(NO_WORKER));
     pg_shmem_init!(WAKE_WANTED = AtomicBool::new(true));
+    pg_shmem_init!(WAKES = AtomicU64::new(0));
     SHARED_MEMORY.store(true, Ordering::Relaxed);
 }
 
@@ -69,6 +82,24 @@ pub fn publish_worker() {
 #[pg_guard]
 unsafe extern "C-unwind" fn unpublish_worker(_code: i32, _arg: pg_sys::Datum) {
     WORKER_PROC.get().store(NO_WORKER, Ordering::SeqCst);
+}
+
+/// The worker: whether commits woke it since it last asked (and forget
+/// them). Asked after the latch is reset, so a commit that comes later sets
+/// the latch again.
+pub fn commits_since_last_look() -> bool {
+    if !SHARED_MEMORY.load(Ordering::Relaxed) {
+        return false;
+    }
+    let wakes = WAKES.get().load(Ordering::SeqCst);
+    WAKES_SEEN.swap(wakes, Ordering::Relaxed) != wakes
+}
+
+/// The worker, before it sleeps: whether commits woke it since it last
+/// looked, whatever became of its latch meanwhile.
+pub fn commits_waiting() -> bool {
+    SHARED_MEMORY.load(Ordering::Relaxed)
+        && WAKES.get().load(Ordering::SeqCst) != WAKES_SEEN.load(Ordering::Relaxed)
 }
 
 /// The worker says whether commits of new events should wake it.
@@ -172,6 +203,8 @@ fn wake_worker() {
     if procno == NO_WORKER {
         return;
     }
+    // NB: counted before the latch is set: a worker that wakes sees it.
+    WAKES.get().fetch_add(1, Ordering::SeqCst);
     // A stale number (the worker just exited) only wakes some other process
     // once, which is harmless.
     // SAFETY: procno indexes ProcGlobal->allProcs (it came from a PGPROC),

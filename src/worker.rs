@@ -11,7 +11,8 @@
 //! into PostgreSQL.
 //!
 //! Then it waits for whichever comes first: a request finishing (a pipe the
-//! dispatcher writes), a commit of new events (src/wake.rs sets the latch),
+//! dispatcher writes), a commit of new events (src/wake.rs counts it and
+//! sets the latch),
 //! the next event due (a retry, an expiring lease, a probe), or the poll
 //! interval. So outcomes are recorded as they come, and new events leave
 //! within milliseconds while slow requests are still out.
@@ -134,7 +135,10 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
         if BackgroundWorker::sighup_received() || reload_requested() {
             worker.reload();
         }
-        let sleep = worker.turn();
+        if wake::commits_since_last_look() {
+            worker.engine.wake();
+        }
+        let mut sleep = worker.turn();
         // NB: a job just handed to the senders may not be in flight yet.
         let (in_flight, queued) = worker.engine.dispatcher().load();
         let what = if in_flight + queued > 0 {
@@ -144,11 +148,14 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
         };
         report_activity(pg_sys::BackendState::STATE_IDLE, what);
         transaction::flush_statistics();
+        // NB: a commit during the turn may have set the latch and had it
+        // reset by a wait of PostgreSQL's own (a lock wait): the count says.
+        if wake::commits_waiting() {
+            sleep = Duration::ZERO;
+        }
         // NB: the pipe is waited on even with nothing in flight: a request
         // that finished before this point has left its byte in it.
-        if wait(sleep, Some(worker.engine.dispatcher().wake_fd())) {
-            worker.engine.wake();
-        }
+        wait(sleep, worker.engine.dispatcher().wake_fd());
         worker.engine.dispatcher().drain_wake();
     }
     log!("pipeline_ext worker stopping");
@@ -183,6 +190,8 @@ impl Worker {
             self.settings = settings;
         }
         self.engine.set_limits(limits_of(&self.settings));
+        // Events may be deliverable now (enabled again, a client that works).
+        self.engine.wake();
     }
 
     /// Records what finished and claims what there is room for; returns
@@ -284,31 +293,26 @@ fn sender_of(client: &Result<Arc<HttpClient>, String>) -> Sender {
 }
 
 /// Sleeps until the latch is set (a commit, a signal), `fd` turns readable
-/// (a request finished), or `timeout` passes. True when the latch woke it.
-fn wait(timeout: Duration, fd: Option<RawFd>) -> bool {
-    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
-    if fd.is_some() {
-        events |= pg_sys::WL_SOCKET_READABLE;
-    }
+/// (a request finished), or `timeout` passes; then resets the latch.
+fn wait(timeout: Duration, fd: RawFd) {
+    let events = pg_sys::WL_LATCH_SET
+        | pg_sys::WL_SOCKET_READABLE
+        | pg_sys::WL_TIMEOUT
+        | pg_sys::WL_EXIT_ON_PM_DEATH;
     let timeout_ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_long;
     // SAFETY: the main thread; MyLatch is this process's latch, and the
-    // descriptor (when given) is the dispatcher's open pipe.
-    let latch_set = unsafe {
+    // descriptor is the dispatcher's open pipe.
+    unsafe {
         pg_sys::WaitLatchOrSocket(
             pg_sys::MyLatch,
             events as i32,
-            fd.unwrap_or(-1),
+            fd,
             timeout_ms,
             pg_sys::PG_WAIT_EXTENSION,
         );
-        // NB: the wait reports one event; a latch set at the same time as
-        // the pipe turned readable is only seen here.
-        let set = std::ptr::read_volatile(&raw const (*pg_sys::MyLatch).is_set) != 0;
         pg_sys::ResetLatch(pg_sys::MyLatch);
-        set
-    };
+    }
     pg_sys::check_for_interrupts!();
-    latch_set
 }
 
 fn build_client(settings: &WorkerSettings) -> Result<Arc<HttpClient>, String> {

@@ -117,6 +117,11 @@ fn replay_one_and_many_after_death() {
 }
 
 #[test]
+fn a_commit_during_a_lock_wait_is_not_lost() {
+    behaviours::a_commit_during_a_lock_wait_is_not_lost(Kind::Relay);
+}
+
+#[test]
 fn bad_configuration_is_one_line_and_claims_nothing() {
     let authority = Authority::new(&["localhost"]);
     let cluster = neon_like("relay-bad-input", &authority);

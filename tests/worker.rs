@@ -26,6 +26,11 @@ fn replay_one_and_many_after_death() {
 }
 
 #[test]
+fn a_commit_during_a_lock_wait_is_not_lost() {
+    behaviours::a_commit_during_a_lock_wait_is_not_lost(Kind::Worker);
+}
+
+#[test]
 fn receiver_down_then_back_loses_nothing() {
     let cluster = Cluster::with_worker(
         "worker-down",

