@@ -963,6 +963,14 @@ GRANT SELECT ON pipeline.stages TO PUBLIC;
 --       ON marketing.pipeline_events TO consumer;
 --   GRANT SELECT, INSERT, UPDATE (resolved, resolved_at, resolution_note)
 --       ON marketing.pipeline_error_log TO consumer;    -- failures; resolved once delivered
+--
+-- Plans: the functions a deliverer calls (here and in 011_delivery.sql) are
+-- written for the indexes of 003_events.sql and must not depend on the
+-- table's statistics, which are usually stale (analyzed when everything was
+-- delivered, or never). They look events up by primary key, read the due
+-- index in its order, and run with enable_seqscan and enable_bitmapscan off
+-- (SET clauses), so that a guess that most rows match cannot make one
+-- read the whole table. tests/plans.rs checks the plans in each state.
 
 CREATE FUNCTION pipeline._setting(name text, fallback text) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -1029,7 +1037,8 @@ CREATE FUNCTION pipeline.claim(
     event_types text[] DEFAULT NULL,
     consumer    text DEFAULT NULL
 ) RETURNS SETOF marketing.pipeline_events
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 DECLARE
     v_lease interval := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
 BEGIN
@@ -1095,7 +1104,8 @@ COMMENT ON FUNCTION pipeline.claim(integer, interval, text[], text) IS
 -- events are due again now instead of when their leases end. The attempt
 -- counts stay (the crash may have come after a request went out).
 CREATE FUNCTION pipeline.release_claims(consumer text) RETURNS integer
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
     WITH released AS (
         UPDATE marketing.pipeline_events e
         SET status = 'pending', next_attempt_at = now(), claimed_by = NULL
@@ -1124,9 +1134,18 @@ CREATE FUNCTION pipeline._settle(
     give_up   boolean[],
     details   jsonb[]
 ) RETURNS TABLE (event_id bigint, status text)
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    WITH outcome AS (
-        SELECT o.*, e.attempts AS current_attempts,
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
+    -- NB: plans that hold whatever the statistics say. Each event is looked
+    -- up by its primary key (OFFSET 0 keeps the status test out of that
+    -- look-up), and the update compares with the values read, not with
+    -- constants. Given 'processing' as a constant, the planner may read
+    -- every processing event from the due index once per outcome whenever
+    -- the statistics say there are none (the table was analyzed while
+    -- everything was delivered): quadratic in the backlog. MATERIALIZED keeps
+    -- the constant from reaching the update through the join.
+    WITH outcome AS MATERIALIZED (
+        SELECT o.*, e.status AS current_status, e.attempts AS current_attempts,
                CASE WHEN o.delivered THEN 'processed'
                     WHEN coalesce(o.give_up, false)
                       OR e.attempts >= pipeline._setting('max_attempts', '10')::integer THEN 'dead'
@@ -1135,7 +1154,8 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
         FROM unnest(_settle.event_ids, _settle.attempts, _settle.delivered, _settle.errors, _settle.retry_at,
                     _settle.give_up, _settle.details)
                  AS o(event_id, attempt, delivered, error, retry_at, give_up, details)
-        JOIN marketing.pipeline_events e ON e.id = o.event_id
+        CROSS JOIN LATERAL (SELECT e.status, e.attempts FROM marketing.pipeline_events e
+                            WHERE e.id = o.event_id OFFSET 0) e
         WHERE e.status = 'processing' AND (o.attempt IS NULL OR e.attempts = o.attempt)
     ), settled AS (
         UPDATE marketing.pipeline_events e
@@ -1147,7 +1167,8 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
                                    ELSE e.next_attempt_at END,
             last_error = CASE WHEN o.new_status = 'processed' THEN e.last_error ELSE o.error END
         FROM outcome o
-        WHERE e.id = o.event_id AND e.status = 'processing' AND e.attempts = o.current_attempts
+        -- Still as read: a concurrent settle of the same attempt wins.
+        WHERE e.id = o.event_id AND e.status = o.current_status AND e.attempts = o.current_attempts
         RETURNING e.id, e.event_type, e.status, e.attempts, o.error, o.details
     ), logged AS (
         INSERT INTO marketing.pipeline_error_log (stage, event_id, error_message, details)
@@ -2112,7 +2133,8 @@ RETURNS TABLE (
     body          text,
     body_bytes    bigint
 )
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 DECLARE
     v_types         text[];
     v_kept          bigint[] := '{}';
@@ -2194,7 +2216,8 @@ CREATE FUNCTION pipeline._record_deliveries(
     excerpts       text[],
     urls           text[]
 ) RETURNS TABLE (event_id bigint, status text)
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
     WITH o AS (
         SELECT o.*, e.event_type
         FROM unnest(_record_deliveries.event_ids, _record_deliveries.attempts, _record_deliveries.outcomes,
@@ -2235,7 +2258,8 @@ $$;
 -- Failed and dead events stay until someone replays or deletes them.
 CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
 RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 DECLARE
     v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
     v_events  bigint;
@@ -2247,14 +2271,13 @@ BEGIN
     IF max_rows IS NULL OR max_rows < 1 THEN
         RAISE EXCEPTION 'pipeline.purge: max_rows must be at least 1' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    WITH old AS (
-        SELECT e.id FROM marketing.pipeline_events e
-        WHERE e.status = 'processed' AND e.processed_at < now() - v_age
-        ORDER BY e.processed_at
+    DELETE FROM marketing.pipeline_events e
+    WHERE e.id = ANY (ARRAY(
+        SELECT o.id FROM marketing.pipeline_events o
+        WHERE o.status = 'processed' AND o.processed_at < now() - v_age
+        ORDER BY o.processed_at
         LIMIT max_rows
-        FOR UPDATE SKIP LOCKED
-    )
-    DELETE FROM marketing.pipeline_events e USING old WHERE e.id = old.id;
+        FOR UPDATE SKIP LOCKED));
     GET DIAGNOSTICS v_events = ROW_COUNT;
     WITH old AS (
         SELECT a.id FROM marketing.pipeline_delivery_attempts a
@@ -2377,12 +2400,20 @@ GRANT EXECUTE ON FUNCTION pipeline.status() TO pg_monitor;
 -- Handing back claimed events that were never sent (the worker is stopping):
 -- pending again, due now, and the claim does not count as an attempt.
 CREATE FUNCTION pipeline._release(event_ids bigint[], attempts integer[]) RETURNS integer
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    WITH released AS (
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
+    -- NB: by primary key whatever the statistics say, as in _settle.
+    WITH held AS MATERIALIZED (
+        SELECT j.event_id, e.status, e.attempts
+        FROM unnest(_release.event_ids, _release.attempts) AS j(event_id, attempt)
+        CROSS JOIN LATERAL (SELECT e.status, e.attempts FROM marketing.pipeline_events e
+                            WHERE e.id = j.event_id OFFSET 0) e
+        WHERE e.status = 'processing' AND e.attempts = j.attempt
+    ), released AS (
         UPDATE marketing.pipeline_events e
         SET status = 'pending', attempts = e.attempts - 1, next_attempt_at = now(), claimed_by = NULL
-        FROM unnest(_release.event_ids, _release.attempts) AS j(event_id, attempt)
-        WHERE e.id = j.event_id AND e.status = 'processing' AND e.attempts = j.attempt
+        FROM held h
+        WHERE e.id = h.event_id AND e.status = h.status AND e.attempts = h.attempts
         RETURNING e.id
     )
     SELECT count(*)::integer FROM released
@@ -2393,7 +2424,8 @@ $$;
 -- exactly until a retry or an expiring lease needs it. skip_types: types
 -- the worker is not claiming now (their endpoint is busy or probed).
 CREATE FUNCTION pipeline._next_due_in(skip_types text[] DEFAULT NULL) RETURNS double precision
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
     SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
     FROM pipeline.webhooks w
     -- NB: as in _claim_deliveries: an endpoint without credentials is not
@@ -2412,7 +2444,8 @@ $$;
 -- An endpoint that failed answers again: the events that failed meanwhile
 -- are due now instead of on their backoff. Returns how many.
 CREATE FUNCTION pipeline._endpoint_recovered(event_type text) RETURNS integer
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
     WITH due AS (
         UPDATE marketing.pipeline_events e
         SET next_attempt_at = now()

@@ -20,6 +20,14 @@
 --       ON marketing.pipeline_events TO consumer;
 --   GRANT SELECT, INSERT, UPDATE (resolved, resolved_at, resolution_note)
 --       ON marketing.pipeline_error_log TO consumer;    -- failures; resolved once delivered
+--
+-- Plans: the functions a deliverer calls (here and in 011_delivery.sql) are
+-- written for the indexes of 003_events.sql and must not depend on the
+-- table's statistics, which are usually stale (analyzed when everything was
+-- delivered, or never). They look events up by primary key, read the due
+-- index in its order, and run with enable_seqscan and enable_bitmapscan off
+-- (SET clauses), so that a guess that most rows match cannot make one
+-- read the whole table. tests/plans.rs checks the plans in each state.
 
 CREATE FUNCTION pipeline._setting(name text, fallback text) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -86,7 +94,8 @@ CREATE FUNCTION pipeline.claim(
     event_types text[] DEFAULT NULL,
     consumer    text DEFAULT NULL
 ) RETURNS SETOF marketing.pipeline_events
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 DECLARE
     v_lease interval := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
 BEGIN
@@ -152,7 +161,8 @@ COMMENT ON FUNCTION pipeline.claim(integer, interval, text[], text) IS
 -- events are due again now instead of when their leases end. The attempt
 -- counts stay (the crash may have come after a request went out).
 CREATE FUNCTION pipeline.release_claims(consumer text) RETURNS integer
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
     WITH released AS (
         UPDATE marketing.pipeline_events e
         SET status = 'pending', next_attempt_at = now(), claimed_by = NULL
@@ -181,9 +191,18 @@ CREATE FUNCTION pipeline._settle(
     give_up   boolean[],
     details   jsonb[]
 ) RETURNS TABLE (event_id bigint, status text)
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    WITH outcome AS (
-        SELECT o.*, e.attempts AS current_attempts,
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
+    -- NB: plans that hold whatever the statistics say. Each event is looked
+    -- up by its primary key (OFFSET 0 keeps the status test out of that
+    -- look-up), and the update compares with the values read, not with
+    -- constants. Given 'processing' as a constant, the planner may read
+    -- every processing event from the due index once per outcome whenever
+    -- the statistics say there are none (the table was analyzed while
+    -- everything was delivered): quadratic in the backlog. MATERIALIZED keeps
+    -- the constant from reaching the update through the join.
+    WITH outcome AS MATERIALIZED (
+        SELECT o.*, e.status AS current_status, e.attempts AS current_attempts,
                CASE WHEN o.delivered THEN 'processed'
                     WHEN coalesce(o.give_up, false)
                       OR e.attempts >= pipeline._setting('max_attempts', '10')::integer THEN 'dead'
@@ -192,7 +211,8 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
         FROM unnest(_settle.event_ids, _settle.attempts, _settle.delivered, _settle.errors, _settle.retry_at,
                     _settle.give_up, _settle.details)
                  AS o(event_id, attempt, delivered, error, retry_at, give_up, details)
-        JOIN marketing.pipeline_events e ON e.id = o.event_id
+        CROSS JOIN LATERAL (SELECT e.status, e.attempts FROM marketing.pipeline_events e
+                            WHERE e.id = o.event_id OFFSET 0) e
         WHERE e.status = 'processing' AND (o.attempt IS NULL OR e.attempts = o.attempt)
     ), settled AS (
         UPDATE marketing.pipeline_events e
@@ -204,7 +224,8 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
                                    ELSE e.next_attempt_at END,
             last_error = CASE WHEN o.new_status = 'processed' THEN e.last_error ELSE o.error END
         FROM outcome o
-        WHERE e.id = o.event_id AND e.status = 'processing' AND e.attempts = o.current_attempts
+        -- Still as read: a concurrent settle of the same attempt wins.
+        WHERE e.id = o.event_id AND e.status = o.current_status AND e.attempts = o.current_attempts
         RETURNING e.id, e.event_type, e.status, e.attempts, o.error, o.details
     ), logged AS (
         INSERT INTO marketing.pipeline_error_log (stage, event_id, error_message, details)

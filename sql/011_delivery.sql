@@ -82,7 +82,8 @@ RETURNS TABLE (
     body          text,
     body_bytes    bigint
 )
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 DECLARE
     v_types         text[];
     v_kept          bigint[] := '{}';
@@ -164,7 +165,8 @@ CREATE FUNCTION pipeline._record_deliveries(
     excerpts       text[],
     urls           text[]
 ) RETURNS TABLE (event_id bigint, status text)
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
     WITH o AS (
         SELECT o.*, e.event_type
         FROM unnest(_record_deliveries.event_ids, _record_deliveries.attempts, _record_deliveries.outcomes,
@@ -205,7 +207,8 @@ $$;
 -- Failed and dead events stay until someone replays or deletes them.
 CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
 RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 DECLARE
     v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
     v_events  bigint;
@@ -217,14 +220,13 @@ BEGIN
     IF max_rows IS NULL OR max_rows < 1 THEN
         RAISE EXCEPTION 'pipeline.purge: max_rows must be at least 1' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    WITH old AS (
-        SELECT e.id FROM marketing.pipeline_events e
-        WHERE e.status = 'processed' AND e.processed_at < now() - v_age
-        ORDER BY e.processed_at
+    DELETE FROM marketing.pipeline_events e
+    WHERE e.id = ANY (ARRAY(
+        SELECT o.id FROM marketing.pipeline_events o
+        WHERE o.status = 'processed' AND o.processed_at < now() - v_age
+        ORDER BY o.processed_at
         LIMIT max_rows
-        FOR UPDATE SKIP LOCKED
-    )
-    DELETE FROM marketing.pipeline_events e USING old WHERE e.id = old.id;
+        FOR UPDATE SKIP LOCKED));
     GET DIAGNOSTICS v_events = ROW_COUNT;
     WITH old AS (
         SELECT a.id FROM marketing.pipeline_delivery_attempts a
@@ -347,12 +349,20 @@ GRANT EXECUTE ON FUNCTION pipeline.status() TO pg_monitor;
 -- Handing back claimed events that were never sent (the worker is stopping):
 -- pending again, due now, and the claim does not count as an attempt.
 CREATE FUNCTION pipeline._release(event_ids bigint[], attempts integer[]) RETURNS integer
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    WITH released AS (
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
+    -- NB: by primary key whatever the statistics say, as in _settle.
+    WITH held AS MATERIALIZED (
+        SELECT j.event_id, e.status, e.attempts
+        FROM unnest(_release.event_ids, _release.attempts) AS j(event_id, attempt)
+        CROSS JOIN LATERAL (SELECT e.status, e.attempts FROM marketing.pipeline_events e
+                            WHERE e.id = j.event_id OFFSET 0) e
+        WHERE e.status = 'processing' AND e.attempts = j.attempt
+    ), released AS (
         UPDATE marketing.pipeline_events e
         SET status = 'pending', attempts = e.attempts - 1, next_attempt_at = now(), claimed_by = NULL
-        FROM unnest(_release.event_ids, _release.attempts) AS j(event_id, attempt)
-        WHERE e.id = j.event_id AND e.status = 'processing' AND e.attempts = j.attempt
+        FROM held h
+        WHERE e.id = h.event_id AND e.status = h.status AND e.attempts = h.attempts
         RETURNING e.id
     )
     SELECT count(*)::integer FROM released
@@ -363,7 +373,8 @@ $$;
 -- exactly until a retry or an expiring lease needs it. skip_types: types
 -- the worker is not claiming now (their endpoint is busy or probed).
 CREATE FUNCTION pipeline._next_due_in(skip_types text[] DEFAULT NULL) RETURNS double precision
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
     SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
     FROM pipeline.webhooks w
     -- NB: as in _claim_deliveries: an endpoint without credentials is not
@@ -382,7 +393,8 @@ $$;
 -- An endpoint that failed answers again: the events that failed meanwhile
 -- are due now instead of on their backoff. Returns how many.
 CREATE FUNCTION pipeline._endpoint_recovered(event_type text) RETURNS integer
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off AS $$
     WITH due AS (
         UPDATE marketing.pipeline_events e
         SET next_attempt_at = now()

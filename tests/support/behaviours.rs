@@ -17,16 +17,24 @@ use super::{eventually, one, repo_root, texts, Cluster};
 /// superuser, owns the database `neon` and installed the trigger-only file.
 pub fn trigger_only_install(name: &str, settings: &[(&str, &str)]) -> Cluster {
     let cluster = Cluster::start(name, settings);
-    let mut admin = cluster.connect("postgres", "postgres");
-    for statement in [
-        "CREATE ROLE app_owner LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE",
-        "CREATE DATABASE neon OWNER app_owner",
-    ] {
-        admin.batch_execute(statement).unwrap();
-    }
+    cluster
+        .connect("postgres", "postgres")
+        .batch_execute("CREATE ROLE app_owner LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
+        .unwrap();
+    install_trigger_only(&cluster, "neon");
+    cluster
+}
+
+/// A new database owned by app_owner, where app_owner installed the
+/// trigger-only file.
+pub fn install_trigger_only(cluster: &Cluster, database: &str) {
+    cluster
+        .connect("postgres", "postgres")
+        .batch_execute(&format!("CREATE DATABASE {database} OWNER app_owner"))
+        .unwrap();
     let script = repo_root().join("dist/pipeline_ext_trigger_only.sql");
     let out = cluster.psql(
-        "neon",
+        database,
         "app_owner",
         &[
             "-q",
@@ -41,7 +49,6 @@ pub fn trigger_only_install(name: &str, settings: &[(&str, &str)]) -> Cluster {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    cluster
 }
 
 /// Who delivers.
