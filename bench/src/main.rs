@@ -4,8 +4,11 @@
 //!   pipeline_ext_bench --port 28817 --pgbench /usr/lib/postgresql/15/bin/pgbench \
 //!       [--smoke] [--out FILE] [--only SCENARIO ...]
 //!
-//! SCENARIO is one of capacity, throughput, latency, write, memory, history,
-//! cascade, relay (all of them without --only). relay needs --relay PATH
+//! SCENARIO is one of capacity, throughput, arrival, statistics, latency,
+//! write, memory, history, cascade, relay (all of them without --only).
+//! arrival inserts rows in commits of 100 while the worker delivers;
+//! statistics does the same with the events table analyzed in each of four
+//! states (never, all delivered, all waiting, half). relay needs --relay PATH
 //! (pipeline-relay) and runs some of the same scenarios with the relay
 //! delivering from a trigger-only install, directly and through PgBouncer.
 //!

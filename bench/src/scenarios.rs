@@ -23,6 +23,16 @@ pub fn run(bench: &mut Bench, only: &[String]) {
         throughput_of(bench, 1, worker);
         throughput_of(bench, 10, worker);
     }
+    if wanted("arrival") {
+        let worker = worker_pid(bench);
+        arrival(bench, worker, Statistics::AllDelivered);
+    }
+    if wanted("statistics") {
+        let worker = worker_pid(bench);
+        for statistics in Statistics::ALL {
+            arrival(bench, worker, statistics);
+        }
+    }
     if wanted("latency") {
         latency(bench, 100);
         latency(bench, 1000);
@@ -176,6 +186,142 @@ pub(crate) fn throughput_of(bench: &mut Bench, endpoints: usize, deliverer: i32)
             None,
         );
     }
+}
+
+/// When marketing.pipeline_events was last analyzed. The table holds the
+/// same delivered history in each case; only the statistics differ.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Statistics {
+    /// Never (statistics removed).
+    Never,
+    /// While every event was delivered: the normal state of a table that
+    /// keeps days of history.
+    AllDelivered,
+    /// While every event was waiting.
+    AllWaiting,
+    /// While half was delivered and half waiting.
+    Mixed,
+}
+
+impl Statistics {
+    pub(crate) const ALL: [Statistics; 4] = [
+        Statistics::Never,
+        Statistics::AllDelivered,
+        Statistics::AllWaiting,
+        Statistics::Mixed,
+    ];
+
+    fn describe(self) -> &'static str {
+        match self {
+            Statistics::Never => "events table never analyzed",
+            Statistics::AllDelivered => "events table analyzed while all delivered",
+            Statistics::AllWaiting => "events table analyzed while all waiting",
+            Statistics::Mixed => "events table analyzed while half delivered",
+        }
+    }
+}
+
+/// `history` delivered events (of a type without an endpoint), with the
+/// statistics `statistics` says; autovacuum is kept off the table until
+/// [`history_done`].
+fn history_with(bench: &mut Bench, history: usize, statistics: Statistics) {
+    let waiting = match statistics {
+        Statistics::AllWaiting => history,
+        Statistics::Mixed => history / 2,
+        _ => 0,
+    };
+    bench.sql(&format!(
+        "ALTER TABLE marketing.pipeline_events SET (autovacuum_enabled = false);
+         INSERT INTO marketing.pipeline_events (event_type, payload, status, attempts, processed_at)
+         SELECT 'bench_history', jsonb_build_object('n', g),
+                CASE WHEN g <= {waiting} THEN 'pending' ELSE 'processed' END, 1,
+                CASE WHEN g <= {waiting} THEN NULL ELSE now() END
+         FROM generate_series(1, {history}) g"
+    ));
+    if statistics == Statistics::Never {
+        // NB: a superuser's shortcut (the bench runs as one): no command
+        // un-analyzes a table.
+        bench.sql(
+            "DELETE FROM pg_catalog.pg_statistic WHERE starelid = 'marketing.pipeline_events'::regclass;
+             UPDATE pg_catalog.pg_class SET reltuples = -1 WHERE oid = 'marketing.pipeline_events'::regclass",
+        );
+    } else {
+        bench.sql("ANALYZE marketing.pipeline_events");
+    }
+    bench.sql(
+        "UPDATE marketing.pipeline_events SET status = 'processed', processed_at = now()
+         WHERE event_type = 'bench_history' AND status = 'pending'",
+    );
+}
+
+fn history_done(bench: &mut Bench) {
+    bench.sql("ALTER TABLE marketing.pipeline_events RESET (autovacuum_enabled)");
+}
+
+/// Traffic as users make it: rows inserted into intake.company_raw_intake in
+/// commits of 100, one after another, while the deliverer runs; from the
+/// first insert to the last receipt.
+pub(crate) fn arrival(bench: &mut Bench, deliverer: i32, statistics: Statistics) {
+    let n = bench.size(20_000, 1_000);
+    let history = bench.size(20_000, 1_000);
+    let scenario = format!(
+        "arrival: {n} rows in commits of 100 while delivering, {}",
+        statistics.describe()
+    );
+    say(&scenario);
+    for _ in 0..bench.repetitions {
+        reset(bench);
+        bench.sql("TRUNCATE intake.company_raw_intake CASCADE");
+        history_with(bench, history, statistics);
+        register(bench, "company_created", "/validate-company", true);
+        let cpu_before = cpu_seconds(deliverer);
+        let started = Instant::now();
+        for commit in 0..n / 100 {
+            bench.sql(&format!(
+                "INSERT INTO intake.company_raw_intake (company, website, import_batch_id)
+                 SELECT 'Arrival ' || g, 'https://arrival' || g || '.example', 'bench'
+                 FROM generate_series({}, {}) g",
+                commit * 100 + 1,
+                commit * 100 + 100
+            ));
+        }
+        let inserted = started.elapsed();
+        let limit = Duration::from_secs(60 + n as u64 / 200);
+        assert!(
+            bench.receiver.wait_for(n, limit),
+            "not every event arrived within {limit:?}"
+        );
+        let receipts = bench.receiver.take();
+        let last = receipts.iter().map(|r| r.1).max().unwrap();
+        let distinct: std::collections::HashSet<i64> = receipts.iter().map(|r| r.0).collect();
+        assert_eq!(distinct.len(), n, "every event once");
+        wait_processed(bench, (n + history) as i64, Duration::from_secs(60));
+        let cpu = cpu_seconds(deliverer) - cpu_before;
+        history_done(bench);
+        bench.record(
+            &scenario,
+            "rows inserted/s",
+            "/s",
+            n as f64 / inserted.as_secs_f64(),
+            None,
+        );
+        bench.record(
+            &scenario,
+            "deliveries/s (first insert to last receipt)",
+            "/s",
+            n as f64 / last.duration_since(started).as_secs_f64(),
+            Some(Target::AtLeast(10_000.0)),
+        );
+        bench.record(
+            &scenario,
+            "deliverer CPU per event",
+            "ms",
+            cpu * 1000.0 / n as f64,
+            Some(Target::AtMost(0.1)),
+        );
+    }
+    bench.sql("TRUNCATE intake.company_raw_intake CASCADE");
+    reset(bench);
 }
 
 /// Commits one event at a time to bench_latency at `rate` for `seconds`
