@@ -148,17 +148,26 @@ COMMENT ON COLUMN pipeline.webhook_credentials.secret IS 'Signing secret (whsec_
 -- replay (pipeline._requeue). New events are announced on pipeline_event.
 -- (The extension's worker is woken by its library; this costs it nothing
 -- while no one listens.)
+-- Only statements that changed rows announce (a NOTIFY takes a lock that
+-- every committing NOTIFY waits for); transition tables tell, and they
+-- take one trigger per event.
 CREATE FUNCTION pipeline._announce_wake() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM pg_notify('pipeline_wake', TG_TABLE_NAME);
+    IF EXISTS (SELECT 1 FROM changed) THEN
+        PERFORM pg_notify('pipeline_wake', TG_TABLE_NAME);
+    END IF;
     RETURN NULL;
 END
 $$;
-CREATE TRIGGER pipeline_announce_wake AFTER INSERT OR UPDATE ON pipeline.webhooks
-    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
-CREATE TRIGGER pipeline_announce_wake AFTER INSERT OR UPDATE ON pipeline.webhook_credentials
-    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+CREATE TRIGGER pipeline_announce_wake_insert AFTER INSERT ON pipeline.webhooks
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+CREATE TRIGGER pipeline_announce_wake_update AFTER UPDATE ON pipeline.webhooks
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+CREATE TRIGGER pipeline_announce_wake_insert AFTER INSERT ON pipeline.webhook_credentials
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+CREATE TRIGGER pipeline_announce_wake_update AFTER UPDATE ON pipeline.webhook_credentials
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
 
 -- Storing an endpoint's headers and secret.
 CREATE FUNCTION pipeline._store_credentials(event_type text, headers jsonb, secret text) RETURNS void

@@ -152,8 +152,9 @@ END
 $$;
 
 -- Recording a batch of delivery outcomes (parallel arrays, one entry per
--- attempt): every attempt is logged, the events are settled (a refused one
--- is dead at once), and a 410 Gone disables the endpoint that answered it.
+-- attempt, in event id order): every attempt is logged, the events are
+-- settled (a refused one is dead at once), and a 410 Gone disables the
+-- endpoint that answered it.
 CREATE FUNCTION pipeline._record_deliveries(
     event_ids      bigint[],
     attempts       integer[],
@@ -165,40 +166,50 @@ CREATE FUNCTION pipeline._record_deliveries(
     excerpts       text[],
     urls           text[]
 ) RETURNS TABLE (event_id bigint, status text)
-LANGUAGE sql SET search_path = pg_catalog, pg_temp
+-- NB: plpgsql, so that its statements are planned once per session (a SQL
+-- function is parsed and planned again on every call).
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off AS $$
-    WITH o AS (
-        SELECT o.*, e.event_type
-        FROM unnest(_record_deliveries.event_ids, _record_deliveries.attempts, _record_deliveries.outcomes,
-                    _record_deliveries.status_codes, _record_deliveries.errors, _record_deliveries.retry_after_ms,
-                    _record_deliveries.durations_ms, _record_deliveries.excerpts, _record_deliveries.urls)
-                 AS o(event_id, attempt, outcome, status_code, error, retry_after_ms, duration_ms, excerpt, url)
-        JOIN marketing.pipeline_events e ON e.id = o.event_id
-    ), logged AS (
-        INSERT INTO marketing.pipeline_delivery_attempts
-            (event_id, attempt, event_type, url, outcome, status_code, duration_ms, error, response_excerpt)
-        SELECT o.event_id, o.attempt, o.event_type, o.url, o.outcome, o.status_code, o.duration_ms, o.error,
-               o.excerpt
-        FROM o
-    ), gone AS (
+BEGIN
+    INSERT INTO marketing.pipeline_delivery_attempts
+        (event_id, attempt, event_type, url, outcome, status_code, duration_ms, error, response_excerpt)
+    SELECT o.event_id, o.attempt, e.event_type, o.url, o.outcome, o.status_code, o.duration_ms, o.error, o.excerpt
+    FROM unnest(_record_deliveries.event_ids, _record_deliveries.attempts, _record_deliveries.outcomes,
+                _record_deliveries.status_codes, _record_deliveries.errors, _record_deliveries.durations_ms,
+                _record_deliveries.excerpts, _record_deliveries.urls)
+             AS o(event_id, attempt, outcome, status_code, error, duration_ms, excerpt, url)
+    CROSS JOIN LATERAL (SELECT e.event_type FROM marketing.pipeline_events e WHERE e.id = o.event_id OFFSET 0) e;
+    -- NB: only when some endpoint answered 410: an UPDATE of the endpoints,
+    -- even of no row, announces them on pipeline_wake.
+    IF 'gone' = ANY (_record_deliveries.outcomes) THEN
         UPDATE pipeline.webhooks w
         SET enabled = false,
             disabled_reason = format('410 Gone from %s at %s', o.url, now()),
             updated_at = now()
-        FROM o
-        WHERE o.outcome = 'gone' AND w.event_type = o.event_type AND w.url = o.url AND w.enabled
-    )
+        FROM unnest(_record_deliveries.event_ids, _record_deliveries.outcomes, _record_deliveries.urls)
+                 AS o(event_id, outcome, url)
+        JOIN marketing.pipeline_events e ON e.id = o.event_id
+        WHERE o.outcome = 'gone' AND w.event_type = e.event_type AND w.url = o.url AND w.enabled;
+    END IF;
+    RETURN QUERY
     SELECT s.event_id, s.status
     FROM pipeline._settle(
-        ARRAY(SELECT o.event_id FROM o ORDER BY o.event_id),
-        ARRAY(SELECT o.attempt FROM o ORDER BY o.event_id),
-        ARRAY(SELECT o.outcome = 'delivered' FROM o ORDER BY o.event_id),
-        ARRAY(SELECT coalesce(o.error, 'HTTP ' || o.status_code) FROM o ORDER BY o.event_id),
-        ARRAY(SELECT now() + make_interval(secs => o.retry_after_ms / 1000.0) FROM o ORDER BY o.event_id),
-        ARRAY(SELECT o.outcome = 'refused' FROM o ORDER BY o.event_id),
-        ARRAY(SELECT jsonb_strip_nulls(jsonb_build_object('url', o.url, 'status_code', o.status_code,
-                                                          'outcome', o.outcome, 'response_excerpt', o.excerpt))
-              FROM o ORDER BY o.event_id)) s;
+        _record_deliveries.event_ids,
+        _record_deliveries.attempts,
+        ARRAY(SELECT o = 'delivered' FROM unnest(_record_deliveries.outcomes) o),
+        ARRAY(SELECT coalesce(o.error, 'HTTP ' || o.status_code)
+              FROM unnest(_record_deliveries.errors, _record_deliveries.status_codes) AS o(error, status_code)),
+        ARRAY(SELECT now() + make_interval(secs => o / 1000.0) FROM unnest(_record_deliveries.retry_after_ms) o),
+        ARRAY(SELECT o = 'refused' FROM unnest(_record_deliveries.outcomes) o),
+        -- What the error log keeps of a failure (nothing for a delivery).
+        ARRAY(SELECT CASE WHEN o.outcome <> 'delivered'
+                          THEN jsonb_strip_nulls(jsonb_build_object('url', o.url, 'status_code', o.status_code,
+                                                                    'outcome', o.outcome,
+                                                                    'response_excerpt', o.excerpt))
+                     END
+              FROM unnest(_record_deliveries.urls, _record_deliveries.status_codes, _record_deliveries.outcomes,
+                          _record_deliveries.excerpts) AS o(url, status_code, outcome, excerpt))) s;
+END
 $$;
 
 -- Deleting old history in small batches (the worker calls it every round

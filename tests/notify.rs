@@ -75,3 +75,58 @@ fn every_event_is_announced_with_a_small_payload() {
     assert_eq!(second["event_type"], "manual_check");
     assert_eq!(second["op"], "EMIT");
 }
+
+/// pipeline_wake: announced when an endpoint or its credentials change, and
+/// for nothing else. Recording deliveries touches the endpoints table only
+/// when one answered 410; a statement that changes no endpoint says nothing
+/// (every NOTIFY queues behind the commits of every other).
+#[test]
+fn endpoint_changes_are_announced_and_nothing_else() {
+    let cluster = Cluster::start("wake", &[]);
+    let mut db = cluster.connect("postgres", "postgres");
+    db.batch_execute("CREATE EXTENSION pipeline_ext").unwrap();
+    let mut listener = cluster.connect("postgres", "postgres");
+    listener.batch_execute("LISTEN pipeline_wake").unwrap();
+    let heard = |listener: &mut postgres::Client| -> Vec<String> {
+        listener
+            .notifications()
+            .timeout_iter(Duration::from_millis(500))
+            .collect::<Vec<_>>()
+            .unwrap()
+            .iter()
+            .map(|n| n.payload().to_string())
+            .collect()
+    };
+
+    db.batch_execute(
+        "SELECT pipeline.register_webhook('ping', 'http://127.0.0.1:9/ping', allow_unknown_type => true,
+                                          enabled => false)",
+    )
+    .unwrap();
+    assert!(
+        !heard(&mut listener).is_empty(),
+        "a registration is announced"
+    );
+
+    db.batch_execute("UPDATE pipeline.webhooks SET enabled = false WHERE false")
+        .unwrap();
+    // Deliveries recorded (one delivered, one to retry), as a deliverer does.
+    db.batch_execute(
+        "SELECT pipeline.emit('ping', jsonb_build_object('n', n)) FROM generate_series(1, 2) n;
+         SELECT count(*) FROM pipeline.claim(2, NULL, ARRAY['ping'], 'test');
+         SELECT count(*) FROM pipeline._record_deliveries(
+             ARRAY(SELECT id FROM marketing.pipeline_events ORDER BY id), ARRAY[1, 1],
+             ARRAY['delivered', 'retry'], ARRAY[204, 503], ARRAY[NULL, NULL], ARRAY[NULL, NULL]::integer[],
+             ARRAY[1, 1], ARRAY[NULL, NULL], ARRAY['http://127.0.0.1:9/ping', 'http://127.0.0.1:9/ping'])",
+    )
+    .unwrap();
+    assert_eq!(
+        heard(&mut listener),
+        Vec::<String>::new(),
+        "no endpoint changed, nothing announced"
+    );
+
+    db.batch_execute("UPDATE pipeline.webhooks SET enabled = true")
+        .unwrap();
+    assert_eq!(heard(&mut listener), ["webhooks"], "enabling is announced");
+}

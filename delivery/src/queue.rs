@@ -185,7 +185,11 @@ pub struct Outcomes {
 }
 
 impl Outcomes {
+    /// In event id order, so that deliverers lock events in one order.
     pub fn of(attempts: &[Attempt]) -> Outcomes {
+        let mut sorted: Vec<&Attempt> = attempts.iter().collect();
+        sorted.sort_by_key(|a| a.event_id);
+        let attempts = sorted;
         let millis = |d: Duration| d.as_millis().min(i32::MAX as u128) as i32;
         Outcomes {
             event_ids: attempts.iter().map(|a| a.event_id).collect(),
