@@ -12,10 +12,9 @@
 //!
 //! Then it waits for whichever comes first: a request finishing (a pipe the
 //! dispatcher writes), a commit of new events (src/wake.rs counts it and
-//! sets the latch),
-//! the next event due (a retry, an expiring lease, a probe), or the poll
-//! interval. So outcomes are recorded as they come, and new events leave
-//! within milliseconds while slow requests are still out.
+//! sets the latch), the next event due (a retry, an expiring lease, a
+//! probe), or the poll interval. So outcomes are recorded as they come, and
+//! new events leave within milliseconds while slow requests are still out.
 //!
 //! Rights: the worker connects as the bootstrap superuser (a background
 //! worker can do nothing else before CREATE EXTENSION made its role), but
