@@ -5,6 +5,10 @@
 -- trigger's arguments, and which changes count is the trigger's WHEN clause,
 -- evaluated by the executor before any function is called. pipeline.watch()
 -- writes such a trigger; the seven stages of 005_stages.sql are watches too.
+-- INSERT and DELETE watches without a condition (and grouped watches) are
+-- statement triggers with a transition table instead: one INSERT writes
+-- all of a statement's events, which makes a multi-row write far cheaper
+-- and yields the same events.
 --
 -- Every event is announced with NOTIFY on the channel pipeline_event. The
 -- payload holds only bounded fields (id, event type, table, operation), so it
@@ -91,8 +95,38 @@ DECLARE
     v_old   jsonb;
     v_key   jsonb;
     v_id    bigint;
+    v_keys  text[];
+    v_count bigint;
     i       integer;
 BEGIN
+    -- One event per row, for a whole statement at once (INSERT and DELETE
+    -- watches without a condition, see pipeline.watch): the same events as
+    -- the row trigger below, but one INSERT for all of them instead of one
+    -- per row (executor start, the events table's CHECK prepared again).
+    IF TG_LEVEL = 'STATEMENT' AND TG_ARGV[1] = '' THEN
+        -- The key columns (after the event type and the empty group-by).
+        v_keys := TG_ARGV[2:];
+        WITH ins AS (
+            INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
+            SELECT TG_ARGV[0],
+                   jsonb_build_object(CASE TG_OP WHEN 'DELETE' THEN 'old' ELSE 'new' END, r.j),
+                   v_table, TG_OP,
+                   -- NB: as the row trigger's key below; one column is the
+                   -- common case and needs no sub-select.
+                   CASE cardinality(v_keys)
+                       WHEN 0 THEN NULL
+                       WHEN 1 THEN jsonb_build_object(v_keys[1], r.j -> v_keys[1])
+                       ELSE (SELECT jsonb_object_agg(k, r.j -> k) FROM unnest(v_keys) AS k)
+                   END
+            FROM (SELECT to_jsonb(t) AS j FROM pipeline_rows t) r
+            RETURNING id)
+        SELECT count(pg_notify('pipeline_event',
+                               json_build_object('id', ins.id, 'event_type', TG_ARGV[0], 'table', v_table,
+                                                 'op', TG_OP)::text))
+        INTO v_count FROM ins;
+        RETURN NULL;
+    END IF;
+
     IF TG_LEVEL = 'STATEMENT' THEN
         -- One event per distinct value of the group-by column in this
         -- statement's rows (the transition table named by pipeline.watch).
@@ -366,6 +400,7 @@ DECLARE
     v_args    text;
     v_col     text;
     v_sql     text;
+    v_per_statement boolean;
 BEGIN
     IF source_table IS NULL THEN
         RAISE EXCEPTION 'pipeline.watch: source_table must not be NULL'
@@ -441,6 +476,14 @@ BEGIN
     v_trigger := format('pipeline_%s_%s', event_type, lower(v_op));
     PERFORM pipeline._drop_watch(source_table, watch.event_type, v_op);
 
+    -- A statement trigger with a transition table makes all of a statement's
+    -- events at once: grouped watches need it, and INSERT and DELETE watches
+    -- without a condition are cheaper so (an UPDATE needs OLD and NEW paired,
+    -- a condition is a WHEN clause, and only row triggers fire on the
+    -- partitions of a partitioned table when they are written directly).
+    v_per_statement := group_by IS NOT NULL
+                       OR (condition IS NULL AND v_op IN ('INSERT', 'DELETE') AND v_kind = 'r');
+
     SELECT string_agg(quote_literal(a), ', ') INTO v_args
     FROM unnest(ARRAY[event_type, coalesce(group_by, '')] || coalesce(v_keys, '{}')) AS a;
 
@@ -450,10 +493,12 @@ BEGIN
         CASE WHEN columns IS NOT NULL THEN
             ' OF ' || (SELECT string_agg(quote_ident(c), ', ') FROM unnest(columns) AS c) END,
         source_table,
-        CASE WHEN group_by IS NULL THEN ''
+        CASE WHEN NOT v_per_statement THEN ''
+             WHEN group_by IS NULL THEN
+                 format('REFERENCING %s TABLE AS pipeline_rows', CASE v_op WHEN 'DELETE' THEN 'OLD' ELSE 'NEW' END)
              WHEN v_op = 'DELETE' THEN 'REFERENCING OLD TABLE AS pipeline_old_rows'
              ELSE 'REFERENCING NEW TABLE AS pipeline_new_rows' END,
-        CASE WHEN group_by IS NULL THEN 'ROW' ELSE 'STATEMENT' END,
+        CASE WHEN v_per_statement THEN 'STATEMENT' ELSE 'ROW' END,
         CASE WHEN condition IS NOT NULL THEN ' WHEN (' || condition || ')' END,
         v_args);
     BEGIN

@@ -71,10 +71,17 @@ mod tests {
             "$$ || $tag$ \\x00 %s %n".to_string(),
         ];
         for name in &names {
-            let id = Spi::get_one_with_args::<i64>(
-                "INSERT INTO intake.company_raw_intake (company, website) VALUES ($1, $1) RETURNING id",
-                &[name.as_str().into()],
-            )
+            // NB: without a row limit, as a client runs it (see value()).
+            let id = Spi::connect_mut(|client| {
+                client
+                    .update(
+                        "INSERT INTO intake.company_raw_intake (company, website) VALUES ($1, $1) RETURNING id",
+                        None,
+                        &[name.as_str().into()],
+                    )?
+                    .first()
+                    .get_one::<i64>()
+            })
             .unwrap()
             .unwrap();
             assert_eq!(

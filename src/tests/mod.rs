@@ -42,9 +42,12 @@ pub(crate) fn run(sql: &str) {
     Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
-/// The first column of the first row (None for SQL NULL).
+/// The first column of the first row (None for SQL NULL). The statement
+/// runs to its end, as a client's does: with a row limit (Spi::get_one's),
+/// an INSERT ... RETURNING would stop before its statement triggers fire.
 pub(crate) fn value<T: FromDatum + IntoDatum>(sql: &str) -> Option<T> {
-    Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    Spi::connect_mut(|client| client.update(sql, None, &[])?.first().get_one::<T>())
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 pub(crate) fn count(sql: &str) -> i64 {
