@@ -118,7 +118,8 @@ BEGIN
                        WHEN 1 THEN jsonb_build_object(v_keys[1], r.j -> v_keys[1])
                        ELSE (SELECT jsonb_object_agg(k, r.j -> k) FROM unnest(v_keys) AS k)
                    END
-            FROM (SELECT to_jsonb(t) AS j FROM pipeline_rows t) r
+            -- NB: OFFSET 0, or the planner copies to_jsonb into both uses.
+            FROM (SELECT to_jsonb(t) AS j FROM pipeline_rows t OFFSET 0) r
             RETURNING id)
         SELECT count(pg_notify('pipeline_event',
                                json_build_object('id', ins.id, 'event_type', TG_ARGV[0], 'table', v_table,
