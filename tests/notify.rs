@@ -74,6 +74,45 @@ fn every_event_is_announced_with_a_small_payload() {
     let second: serde_json::Value = serde_json::from_str(received[1].payload()).unwrap();
     assert_eq!(second["event_type"], "manual_check");
     assert_eq!(second["op"], "EMIT");
+
+    // One statement of many rows (written by one INSERT of the statement
+    // trigger): an event and an announcement per row, in row order.
+    let rows: Vec<i64> = writer
+        .query(
+            "INSERT INTO intake.company_raw_intake (company)
+             SELECT 'Batch ' || n FROM generate_series(1, 50) n RETURNING id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let announced: Vec<i64> = listener
+        .notifications()
+        .timeout_iter(Duration::from_secs(5))
+        .take(51)
+        .collect::<Vec<_>>()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let payload: serde_json::Value = serde_json::from_str(n.payload()).unwrap();
+            payload["id"].as_i64().unwrap()
+        })
+        .collect();
+    let events: Vec<i64> = writer
+        .query(
+            "SELECT e.id FROM unnest($1::bigint[]) WITH ORDINALITY AS r(id, n)
+             JOIN marketing.pipeline_events e ON e.source_key = jsonb_build_object('id', r.id)
+             ORDER BY r.n",
+            &[&rows],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(events.len(), 50, "one event per row");
+    assert!(events.windows(2).all(|w| w[0] < w[1]), "in row order");
+    assert_eq!(announced, events, "each announced once");
 }
 
 /// pipeline_wake: announced when an endpoint or its credentials change, and
