@@ -3,7 +3,8 @@
 //! one: a transaction-mode pooler drops listeners), turning each notification into
 //! a byte on a pipe the relay's loop waits on. After every (re)connection
 //! it pokes the loop too, since events committed while it was not listening
-//! were announced to no one.
+//! were announced to no one, and when the connection is lost, so that the
+//! loop polls often until it is back.
 
 use std::io::Write;
 
@@ -106,6 +107,10 @@ fn listen(target: &Target, mut poke: UnixStream, stop: &AtomicBool, listening: &
             }
         }
         listening.store(false, Ordering::SeqCst);
+        // NB: the loop looks at once, and polls often until LISTEN is back:
+        // without this poke it slept out its 30 s safety poll, reporting
+        // healthy (and missing commits) meanwhile.
+        let _ = poke.write(&[1]);
     }
 }
 
