@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::receiver::capacity;
+use crate::receiver::{capacity, Receipt};
 use crate::{Bench, Target};
 
 // The five-workflow stand-in, built in release with this driver.
@@ -146,6 +146,19 @@ pub(crate) fn cpu_seconds(pid: i32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
+/// Waits for `n` receipts and takes them; every event must arrive, once.
+fn every_event_once(bench: &mut Bench, n: usize) -> Vec<Receipt> {
+    let limit = Duration::from_secs(60 + n as u64 / 200);
+    assert!(
+        bench.receiver.wait_for(n, limit),
+        "not every event arrived within {limit:?}"
+    );
+    let receipts = bench.receiver.take();
+    let distinct: std::collections::HashSet<i64> = receipts.iter().map(|r| r.0).collect();
+    assert_eq!(distinct.len(), n, "every event once");
+    receipts
+}
+
 /// `deliverer`: the pid whose CPU time counts (the worker, the relay).
 pub(crate) fn throughput_of(bench: &mut Bench, endpoints: usize, deliverer: i32) {
     let n = bench.size(100_000, 2_000);
@@ -160,16 +173,9 @@ pub(crate) fn throughput_of(bench: &mut Bench, endpoints: usize, deliverer: i32)
         backlog(bench, &types, n);
         let cpu_before = cpu_seconds(deliverer);
         bench.sql("UPDATE pipeline.webhooks SET enabled = true, disabled_reason = NULL");
-        let limit = Duration::from_secs(60 + n as u64 / 200);
-        assert!(
-            bench.receiver.wait_for(n, limit),
-            "not every event arrived within {limit:?}"
-        );
-        let receipts = bench.receiver.take();
+        let receipts = every_event_once(bench, n);
         let first = receipts.iter().map(|r| r.1).min().unwrap();
         let last = receipts.iter().map(|r| r.1).max().unwrap();
-        let distinct: std::collections::HashSet<i64> = receipts.iter().map(|r| r.0).collect();
-        assert_eq!(distinct.len(), n, "every event once");
         bench.record(
             &scenario,
             "deliveries/s (first to last receipt)",
@@ -286,15 +292,8 @@ pub(crate) fn arrival(bench: &mut Bench, deliverer: i32, statistics: Statistics)
             ));
         }
         let inserted = started.elapsed();
-        let limit = Duration::from_secs(60 + n as u64 / 200);
-        assert!(
-            bench.receiver.wait_for(n, limit),
-            "not every event arrived within {limit:?}"
-        );
-        let receipts = bench.receiver.take();
+        let receipts = every_event_once(bench, n);
         let last = receipts.iter().map(|r| r.1).max().unwrap();
-        let distinct: std::collections::HashSet<i64> = receipts.iter().map(|r| r.0).collect();
-        assert_eq!(distinct.len(), n, "every event once");
         wait_processed(bench, (n + history) as i64, Duration::from_secs(60));
         let cpu = cpu_seconds(deliverer) - cpu_before;
         history_done(bench);
