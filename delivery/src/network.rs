@@ -7,11 +7,19 @@
 //! is left, the request fails with Blocked and is not retried. IPv4 addresses
 //! written as IPv6 (::ffff:a.b.c.d) are checked as IPv4. With a proxy, the
 //! proxy's address is what is checked: the proxy resolves the rest.
+//!
+//! ureq asks its resolver before every request, pooled connection or not,
+//! and its resolver starts a thread for each lookup that has a timeout
+//! (every one of ours). So an address written in the URL is taken as is,
+//! and a name's addresses are kept for a few seconds: the blocked ranges are
+//! still checked on every request.
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use ureq::config::Config;
 use ureq::http::Uri;
@@ -108,11 +116,16 @@ impl fmt::Display for Blocked {
 
 impl std::error::Error for Blocked {}
 
+/// How long the addresses a name resolved to are used again.
+const NAME_KEPT: Duration = Duration::from_secs(5);
+
 /// The system resolver, less the blocked addresses.
 #[derive(Debug)]
 pub struct GuardedResolver {
     blocked: Arc<Vec<Network>>,
     inner: DefaultResolver,
+    /// "host:port" -> when it was looked up, and its addresses.
+    names: Mutex<HashMap<String, (Instant, Vec<SocketAddr>)>>,
 }
 
 impl GuardedResolver {
@@ -120,11 +133,47 @@ impl GuardedResolver {
         GuardedResolver {
             blocked: Arc::new(blocked),
             inner: DefaultResolver::default(),
+            names: Mutex::new(HashMap::new()),
         }
     }
 
     fn blocked_by(&self, address: &SocketAddr) -> Option<&Network> {
         self.blocked.iter().find(|net| net.contains(address.ip()))
+    }
+
+    /// The addresses of the URI's host: an IP address as written, a name's
+    /// from `lookup` at most once every NAME_KEPT.
+    fn addresses(
+        &self,
+        uri: &Uri,
+        lookup: impl FnOnce() -> Result<ResolvedSocketAddrs, ureq::Error>,
+    ) -> Result<Vec<SocketAddr>, ureq::Error> {
+        let port = uri.port_u16().or(match uri.scheme_str() {
+            Some("http") => Some(80),
+            Some("https") => Some(443),
+            _ => None,
+        });
+        let (Some(host), Some(port)) = (uri.host(), port) else {
+            // Not a URL ureq can send to: its own resolver says why.
+            return Ok(lookup()?.iter().copied().collect());
+        };
+        let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        if let Ok(ip) = literal.unwrap_or(host).parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        let key = format!("{host}:{port}");
+        let now = Instant::now();
+        let names = || self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, addresses)) = names().get(&key) {
+            if now.duration_since(*at) < NAME_KEPT {
+                return Ok(addresses.clone());
+            }
+        }
+        let addresses: Vec<SocketAddr> = lookup()?.iter().copied().collect();
+        let mut names = names();
+        names.retain(|_, (at, _)| now.duration_since(*at) < NAME_KEPT);
+        names.insert(key, (now, addresses.clone()));
+        Ok(addresses)
     }
 }
 
@@ -135,13 +184,14 @@ impl Resolver for GuardedResolver {
         config: &Config,
         timeout: NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        let resolved = self.inner.resolve(uri, config, timeout)?;
+        let resolved = self.addresses(uri, || self.inner.resolve(uri, config, timeout))?;
         let mut allowed = self.empty();
         let mut refused = Vec::new();
-        for address in resolved.iter() {
-            match self.blocked_by(address) {
+        for address in resolved {
+            match self.blocked_by(&address) {
                 Some(network) => refused.push(format!("{} (in {network})", address.ip())),
-                None => allowed.push(*address),
+                // NB: at most as many as ureq's resolver gives (or one).
+                None => allowed.push(address),
             }
         }
         if allowed.is_empty() && !refused.is_empty() {
@@ -188,6 +238,60 @@ mod tests {
         ] {
             assert!(!is_blocked(address), "{address}");
         }
+    }
+
+    #[test]
+    fn addresses_in_the_url_need_no_lookup_and_names_are_kept_a_while() {
+        let resolver = GuardedResolver::new(Vec::new());
+        let never = || -> Result<ResolvedSocketAddrs, ureq::Error> { panic!("looked up") };
+        let uri = |text: &str| text.parse::<Uri>().unwrap();
+        assert_eq!(
+            resolver.addresses(&uri("http://127.0.0.1:8080/x"), never).unwrap(),
+            vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            resolver.addresses(&uri("https://[::1]/x"), never).unwrap(),
+            vec!["[::1]:443".parse::<SocketAddr>().unwrap()]
+        );
+        let lookups = std::cell::Cell::new(0);
+        let lookup = || {
+            lookups.set(lookups.get() + 1);
+            let mut found = resolver.empty();
+            found.push("10.1.2.3:80".parse().unwrap());
+            Ok(found)
+        };
+        for _ in 0..3 {
+            assert_eq!(
+                resolver.addresses(&uri("http://hooks.example/a"), lookup).unwrap(),
+                vec!["10.1.2.3:80".parse::<SocketAddr>().unwrap()]
+            );
+        }
+        assert_eq!(lookups.get(), 1, "one lookup for three requests");
+        // Another port is another entry; an old entry is looked up again.
+        resolver.addresses(&uri("http://hooks.example:81/a"), lookup).unwrap();
+        assert_eq!(lookups.get(), 2);
+        for (at, _) in resolver.names.lock().unwrap().values_mut() {
+            *at -= NAME_KEPT;
+        }
+        resolver.addresses(&uri("http://hooks.example/a"), lookup).unwrap();
+        assert_eq!(lookups.get(), 3);
+    }
+
+    #[test]
+    fn a_blocked_address_in_the_url_is_refused() {
+        let resolver = GuardedResolver::new(parse_networks("169.254.0.0/16").unwrap());
+        let config = ureq::Agent::config_builder().build();
+        let timeout = NextTimeout {
+            after: Duration::from_secs(1).into(),
+            reason: ureq::Timeout::Resolve,
+            ..NextTimeout::default()
+        };
+        let uri: Uri = "http://169.254.169.254/latest".parse().unwrap();
+        let error = resolver.resolve(&uri, &config, timeout).unwrap_err();
+        assert!(error.to_string().contains("169.254.169.254 (in 169.254.0.0/16)"), "{error}");
+        let uri: Uri = "http://127.0.0.1:9/".parse().unwrap();
+        let found = resolver.resolve(&uri, &config, timeout).unwrap();
+        assert_eq!(found.to_vec(), vec!["127.0.0.1:9".parse::<SocketAddr>().unwrap()]);
     }
 
     #[test]
