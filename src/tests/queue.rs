@@ -113,6 +113,45 @@ mod tests {
     }
 
     #[pg_test]
+    fn queue_claim_takes_the_oldest_over_all_types_and_locks_no_more() {
+        // Due times interleaved over three types: a0 b0 c0 a1 b1 c1 ...
+        let mut order = Vec::new();
+        for i in 0..4 {
+            for t in ["type_a", "type_b", "type_c"] {
+                let id = emit(t, 1)[0];
+                run(&format!(
+                    "UPDATE marketing.pipeline_events
+                     SET next_attempt_at = now() - interval '1 hour' + {i} * interval '1 minute'
+                                           + {} * interval '1 second'
+                     WHERE id = {id}",
+                    order.len() % 3
+                ));
+                order.push(id);
+            }
+        }
+        let mut oldest = order[..5].to_vec();
+        oldest.sort();
+        assert_eq!(
+            claim("5, event_types => '{type_a,type_b,type_c}'"),
+            oldest
+        );
+        assert_eq!(claim("5"), {
+            let mut next = order[5..10].to_vec();
+            next.sort();
+            next
+        });
+        // Only the claimed rows were locked: no waiting event carries this
+        // transaction's lock.
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM marketing.pipeline_events
+                 WHERE status = 'pending' AND xmax <> '0'::xid"
+            ),
+            0
+        );
+    }
+
+    #[pg_test]
     fn queue_claim_rejects_bad_arguments() {
         assert_error(
             "SELECT * FROM pipeline.claim(0)",
