@@ -25,7 +25,7 @@ pub const DEFAULT_WORKER_ROLE: &str = "pipeline_worker";
 static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
-static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(100);
+static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(16);
 static HTTP_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);

@@ -63,7 +63,7 @@ pub struct Options {
     pub name: Option<String>,
 
     /// Events per claim.
-    #[arg(long, env = "PIPELINE_RELAY_BATCH_SIZE", default_value_t = 100,
+    #[arg(long, env = "PIPELINE_RELAY_BATCH_SIZE", default_value_t = 500,
           value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub batch_size: i32,
 
