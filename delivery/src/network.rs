@@ -246,7 +246,9 @@ mod tests {
         let never = || -> Result<ResolvedSocketAddrs, ureq::Error> { panic!("looked up") };
         let uri = |text: &str| text.parse::<Uri>().unwrap();
         assert_eq!(
-            resolver.addresses(&uri("http://127.0.0.1:8080/x"), never).unwrap(),
+            resolver
+                .addresses(&uri("http://127.0.0.1:8080/x"), never)
+                .unwrap(),
             vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]
         );
         assert_eq!(
@@ -262,18 +264,24 @@ mod tests {
         };
         for _ in 0..3 {
             assert_eq!(
-                resolver.addresses(&uri("http://hooks.example/a"), lookup).unwrap(),
+                resolver
+                    .addresses(&uri("http://hooks.example/a"), lookup)
+                    .unwrap(),
                 vec!["10.1.2.3:80".parse::<SocketAddr>().unwrap()]
             );
         }
         assert_eq!(lookups.get(), 1, "one lookup for three requests");
         // Another port is another entry; an old entry is looked up again.
-        resolver.addresses(&uri("http://hooks.example:81/a"), lookup).unwrap();
+        resolver
+            .addresses(&uri("http://hooks.example:81/a"), lookup)
+            .unwrap();
         assert_eq!(lookups.get(), 2);
         for (at, _) in resolver.names.lock().unwrap().values_mut() {
             *at -= NAME_KEPT;
         }
-        resolver.addresses(&uri("http://hooks.example/a"), lookup).unwrap();
+        resolver
+            .addresses(&uri("http://hooks.example/a"), lookup)
+            .unwrap();
         assert_eq!(lookups.get(), 3);
     }
 
@@ -288,10 +296,18 @@ mod tests {
         };
         let uri: Uri = "http://169.254.169.254/latest".parse().unwrap();
         let error = resolver.resolve(&uri, &config, timeout).unwrap_err();
-        assert!(error.to_string().contains("169.254.169.254 (in 169.254.0.0/16)"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("169.254.169.254 (in 169.254.0.0/16)"),
+            "{error}"
+        );
         let uri: Uri = "http://127.0.0.1:9/".parse().unwrap();
         let found = resolver.resolve(&uri, &config, timeout).unwrap();
-        assert_eq!(found.to_vec(), vec!["127.0.0.1:9".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            found.to_vec(),
+            vec!["127.0.0.1:9".parse::<SocketAddr>().unwrap()]
+        );
     }
 
     #[test]

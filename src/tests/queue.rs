@@ -131,10 +131,7 @@ mod tests {
         }
         let mut oldest = order[..5].to_vec();
         oldest.sort();
-        assert_eq!(
-            claim("5, event_types => '{type_a,type_b,type_c}'"),
-            oldest
-        );
+        assert_eq!(claim("5, event_types => '{type_a,type_b,type_c}'"), oldest);
         assert_eq!(claim("5"), {
             let mut next = order[5..10].to_vec();
             next.sort();
