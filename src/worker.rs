@@ -319,7 +319,6 @@ fn build_client(settings: &WorkerSettings) -> Result<Arc<HttpClient>, String> {
         .map_err(|e| format!("pipeline.blocked_networks: {e}"))
         .and_then(|blocked| {
             HttpClient::new(
-                settings.concurrency,
                 settings.ca_file.as_deref(),
                 settings.http_proxy.as_deref(),
                 blocked,

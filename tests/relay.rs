@@ -122,6 +122,11 @@ fn a_commit_during_a_lock_wait_is_not_lost() {
 }
 
 #[test]
+fn endpoints_on_one_host_keep_their_connections() {
+    behaviours::endpoints_on_one_host_keep_their_connections(Kind::Relay);
+}
+
+#[test]
 fn bad_configuration_is_one_line_and_claims_nothing() {
     let authority = Authority::new(&["localhost"]);
     let cluster = neon_like("relay-bad-input", &authority);

@@ -31,6 +31,11 @@ fn a_commit_during_a_lock_wait_is_not_lost() {
 }
 
 #[test]
+fn endpoints_on_one_host_keep_their_connections() {
+    behaviours::endpoints_on_one_host_keep_their_connections(Kind::Worker);
+}
+
+#[test]
 fn receiver_down_then_back_loses_nothing() {
     let cluster = Cluster::with_worker(
         "worker-down",

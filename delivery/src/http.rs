@@ -29,6 +29,18 @@ const EXCERPT_CHARS: usize = 500;
 /// How much of a response body is read at most (so the connection can be
 /// reused when the body is small, without reading a huge one).
 const READ_LIMIT: u64 = 64 * 1024;
+/// Idle connections kept, per host and in all. Each sending thread holds
+/// one connection at a time and every lane has threads of its own, so
+/// endpoints on one host (five n8n workflows, say) may keep as many
+/// connections to it as their slots together, not only one endpoint's
+/// worth. Idle connections close after 15 s.
+const IDLE_CONNECTIONS: usize = 4096;
+/// A connection's read buffer: it holds a response's headers, which may be
+/// as large as ureq's limit (64 KiB).
+const INPUT_BUFFER: usize = 64 * 1024;
+/// A connection's write buffer (ureq's default is 128 KiB): requests are
+/// small, and a large body goes out in several writes.
+const OUTPUT_BUFFER: usize = 16 * 1024;
 
 pub struct HttpClient {
     agent: ureq::Agent,
@@ -54,11 +66,9 @@ impl ClientError {
 }
 
 impl HttpClient {
-    /// `concurrency` sizes the connection pool; `ca_file` adds trusted CAs;
-    /// `proxy` is the proxy URL, if any; `blocked` the addresses never to
-    /// connect to.
+    /// `ca_file` adds trusted CAs; `proxy` is the proxy URL, if any;
+    /// `blocked` the addresses never to connect to.
     pub fn new(
-        concurrency: usize,
         ca_file: Option<&str>,
         proxy: Option<&str>,
         blocked: Vec<Network>,
@@ -76,8 +86,10 @@ impl HttpClient {
             .proxy(proxy)
             .http_status_as_error(false)
             .max_redirects(0)
-            .max_idle_connections(concurrency.max(1) * 4)
-            .max_idle_connections_per_host(concurrency.max(1))
+            .max_idle_connections(IDLE_CONNECTIONS)
+            .max_idle_connections_per_host(IDLE_CONNECTIONS)
+            .input_buffer_size(INPUT_BUFFER)
+            .output_buffer_size(OUTPUT_BUFFER)
             .user_agent(concat!("pipeline_ext/", env!("CARGO_PKG_VERSION")))
             .build();
         Ok(HttpClient {

@@ -437,14 +437,9 @@ fn build_client(options: &Options) -> Result<Arc<HttpClient>, Failure> {
     )
     .map_err(|e| Failure::config(format!("--blocked-networks: {e}")))?;
     let ca_file = options.ca_file.as_ref().map(|p| p.display().to_string());
-    HttpClient::new(
-        options.concurrency as usize,
-        ca_file.as_deref(),
-        options.http_proxy.as_deref(),
-        blocked,
-    )
-    .map(Arc::new)
-    .map_err(|e| Failure::config(e.named("--ca-file", "--http-proxy")))
+    HttpClient::new(ca_file.as_deref(), options.http_proxy.as_deref(), blocked)
+        .map(Arc::new)
+        .map_err(|e| Failure::config(e.named("--ca-file", "--http-proxy")))
 }
 
 /// host name and process id: unique among running relays.

@@ -312,6 +312,42 @@ pub fn a_commit_during_a_lock_wait_is_not_lost(kind: Kind) {
     wait_for_status(&mut db, "ping", &["processed:1:0"; 2]);
 }
 
+/// Endpoints on one host (as n8n's workflows are) keep their connections
+/// between requests: four endpoints with 16 slots each, all busy at once,
+/// need 64 connections, and a second round needs no new ones.
+pub fn endpoints_on_one_host_keep_their_connections(kind: Kind) {
+    let deliverer = Deliverer::start(kind, "one-host", &[("pipeline.concurrency", "16")]);
+    let receiver = Receiver::scripted(|_, _| Answer {
+        delay: Duration::from_millis(40),
+        ..Answer::status(200)
+    });
+    let mut db = deliverer.connect();
+    let types = ["one_host_a", "one_host_b", "one_host_c", "one_host_d"];
+    for event_type in types {
+        register(
+            &mut db,
+            event_type,
+            &receiver.url(&format!("/{event_type}")),
+            "",
+        );
+    }
+    let round = |db: &mut postgres::Client, expected: usize| {
+        for event_type in types {
+            emit(db, event_type, 64);
+        }
+        receiver.wait_for(Duration::from_secs(60), "every event of the round", |r| {
+            r.len() >= expected
+        });
+    };
+    round(&mut db, 256);
+    let first = receiver.connections();
+    round(&mut db, 512);
+    let second = receiver.connections() - first;
+    eprintln!("connections: {first} for the first round, {second} more for the second");
+    assert!(first <= 64 + 4, "{first} connections for 64 slots");
+    assert!(second <= 4, "{second} new connections in the second round");
+}
+
 /// What each kind of answer does: 5xx retried, Retry-After obeyed, 4xx and
 /// 3xx retried until dead, a timeout retried, 410 Gone disables the endpoint.
 pub fn answers_decide_retry_backoff_gone_and_death(kind: Kind) {

@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,8 @@ pub struct Response {
 /// A running server; dropping it closes the port and every connection.
 pub struct Server {
     pub addr: SocketAddr,
+    /// Connections accepted so far.
+    connections: Arc<AtomicUsize>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -54,8 +57,11 @@ impl Server {
         let addr = listener.local_addr()?;
         let handler = Arc::new(handler);
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        let connections = Arc::new(AtomicUsize::new(0));
+        let accepted = connections.clone();
         runtime.spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (handler, acceptor) = (handler.clone(), acceptor.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |request| answer(handler.clone(), request));
@@ -79,8 +85,14 @@ impl Server {
         });
         Ok(Server {
             addr,
+            connections,
             runtime: Some(runtime),
         })
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 }
 

@@ -127,6 +127,11 @@ impl Receiver {
         self.received.lock().unwrap().clone()
     }
 
+    /// Connections the deliverer opened to this receiver so far.
+    pub fn connections(&self) -> usize {
+        self._server.connections()
+    }
+
     /// Waits until `done(requests so far)` holds; panics after `limit`.
     pub fn wait_for(
         &self,
