@@ -407,14 +407,19 @@ COMMENT ON FUNCTION pipeline.revoke_event_type(text, regrole) IS
 CREATE FUNCTION pipeline._capture() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_table text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
-    v_new   jsonb;
-    v_old   jsonb;
-    v_key   jsonb;
-    v_id    bigint;
-    v_keys  text[];
-    v_count bigint;
-    i       integer;
+    v_table  text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    -- NB: of the columns' own domains, so that their checks (a regular
+    -- expression for the type) run once per call here, not once per event
+    -- row in the INSERTs below.
+    v_type   pipeline.event_type := TG_ARGV[0];
+    v_op     pipeline.event_source_op := TG_OP;
+    v_new    jsonb;
+    v_old    jsonb;
+    v_key    jsonb;
+    v_id     bigint;
+    v_keys   text[];
+    v_count  bigint;
+    i        integer;
 BEGIN
     -- One event per row, for a whole statement at once (INSERT and DELETE
     -- watches without a condition, see pipeline.watch): the same events as
@@ -425,9 +430,9 @@ BEGIN
         v_keys := TG_ARGV[2:];
         WITH ins AS (
             INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
-            SELECT TG_ARGV[0],
+            SELECT v_type,
                    jsonb_build_object(CASE TG_OP WHEN 'DELETE' THEN 'old' ELSE 'new' END, r.j),
-                   v_table, TG_OP,
+                   v_table, v_op,
                    -- NB: as the row trigger's key below; one column is the
                    -- common case and needs no sub-select.
                    CASE cardinality(v_keys)
@@ -464,7 +469,7 @@ BEGIN
             TG_ARGV[1],
             CASE TG_OP WHEN 'DELETE' THEN 'old' ELSE 'new' END,
             CASE TG_OP WHEN 'DELETE' THEN 'pipeline_old_rows' ELSE 'pipeline_new_rows' END)
-        USING TG_ARGV[0], v_table, TG_OP;
+        USING v_type, v_table, v_op;
         RETURN NULL;
     END IF;
 
@@ -482,13 +487,13 @@ BEGIN
     END IF;
 
     INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
-    VALUES (TG_ARGV[0],
+    VALUES (v_type,
             CASE TG_OP
                 WHEN 'INSERT' THEN jsonb_build_object('new', v_new)
                 WHEN 'UPDATE' THEN jsonb_build_object('new', v_new, 'old', v_old)
                 ELSE jsonb_build_object('old', v_old)
             END,
-            v_table, TG_OP, v_key)
+            v_table, v_op, v_key)
     RETURNING id INTO v_id;
 
     -- Announced to listeners; the payload holds only bounded fields (id,

@@ -467,9 +467,9 @@ fn health_metrics_and_json_logs() {
 
     // The database goes away: unhealthy, with the reason; back: healthy.
     cluster.stop();
-    // NB: well before the 30 s safety poll: losing the LISTEN connection
-    // wakes the loop.
-    eventually(Duration::from_secs(10), "/healthz to answer 503", || {
+    // NB: before the 30 s safety poll: losing the LISTEN connection wakes
+    // the loop. (10 s was once too short while every test ran at once.)
+    eventually(Duration::from_secs(20), "/healthz to answer 503", || {
         http_get(listen, "/healthz").0 == 503
     });
     let (_, why) = http_get(listen, "/healthz");
