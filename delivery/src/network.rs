@@ -148,20 +148,18 @@ impl GuardedResolver {
         uri: &Uri,
         lookup: impl FnOnce() -> Result<ResolvedSocketAddrs, ureq::Error>,
     ) -> Result<Vec<SocketAddr>, ureq::Error> {
-        let port = uri.port_u16().or(match uri.scheme_str() {
-            Some("http") => Some(80),
-            Some("https") => Some(443),
-            _ => None,
-        });
-        let (Some(host), Some(port)) = (uri.host(), port) else {
+        // "host:port" as ureq's resolver would look it up.
+        let key = uri
+            .scheme()
+            .zip(uri.authority())
+            .and_then(|(scheme, authority)| DefaultResolver::host_and_port(scheme, authority));
+        let Some(key) = key else {
             // Not a URL ureq can send to: its own resolver says why.
             return Ok(lookup()?.iter().copied().collect());
         };
-        let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
-        if let Ok(ip) = literal.unwrap_or(host).parse::<IpAddr>() {
-            return Ok(vec![SocketAddr::new(ip, port)]);
+        if let Ok(address) = key.parse::<SocketAddr>() {
+            return Ok(vec![address]);
         }
-        let key = format!("{host}:{port}");
         let now = Instant::now();
         let names = || self.names.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((at, addresses)) = names().get(&key) {

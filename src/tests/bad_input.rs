@@ -71,18 +71,10 @@ mod tests {
             "$$ || $tag$ \\x00 %s %n".to_string(),
         ];
         for name in &names {
-            // NB: without a row limit, as a client runs it (see value()).
-            let id = Spi::connect_mut(|client| {
-                client
-                    .update(
-                        "INSERT INTO intake.company_raw_intake (company, website) VALUES ($1, $1) RETURNING id",
-                        None,
-                        &[name.as_str().into()],
-                    )?
-                    .first()
-                    .get_one::<i64>()
-            })
-            .unwrap()
+            let id = value_with::<i64>(
+                "INSERT INTO intake.company_raw_intake (company, website) VALUES ($1, $1) RETURNING id",
+                &[name.as_str().into()],
+            )
             .unwrap();
             assert_eq!(
                 text(&format!(

@@ -46,7 +46,15 @@ pub(crate) fn run(sql: &str) {
 /// runs to its end, as a client's does: with a row limit (Spi::get_one's),
 /// an INSERT ... RETURNING would stop before its statement triggers fire.
 pub(crate) fn value<T: FromDatum + IntoDatum>(sql: &str) -> Option<T> {
-    Spi::connect_mut(|client| client.update(sql, None, &[])?.first().get_one::<T>())
+    value_with(sql, &[])
+}
+
+/// value() of a statement with parameters ($1, ...).
+pub(crate) fn value_with<T: FromDatum + IntoDatum>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> Option<T> {
+    Spi::connect_mut(|client| client.update(sql, None, args)?.first().get_one::<T>())
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
