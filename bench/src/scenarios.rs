@@ -63,10 +63,26 @@ pub(crate) fn say(what: &str) {
 
 /// An empty queue, no endpoints, nothing received.
 pub(crate) fn reset(bench: &mut Bench) {
-    bench.sql(
-        "TRUNCATE marketing.pipeline_events, marketing.pipeline_delivery_attempts, marketing.pipeline_error_log;
-         DELETE FROM pipeline.webhooks;",
-    );
+    // Endpoints first: the deliverer stops claiming. A recording of its
+    // last outcomes may still hold the attempt log and wait for the events
+    // table, which TRUNCATE locks first; PostgreSQL then ends one of the
+    // two with a deadlock error. The deliverer records again later; the
+    // TRUNCATE is tried again here.
+    bench.sql("DELETE FROM pipeline.webhooks");
+    let truncate = "TRUNCATE marketing.pipeline_events, marketing.pipeline_delivery_attempts,
+                             marketing.pipeline_error_log";
+    for attempt in 1.. {
+        match bench.db.batch_execute(truncate) {
+            Ok(()) => break,
+            Err(e)
+                if e.code() == Some(&postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
+                    && attempt < 5 =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{truncate}: {e}"),
+        }
+    }
     bench.receiver.take();
 }
 
