@@ -1025,6 +1025,11 @@ GRANT SELECT ON pipeline.stages TO PUBLIC;
 -- enable_bitmapscan, enable_hashjoin and enable_mergejoin off (SET clauses),
 -- so that a guess that most rows match cannot make one read the whole
 -- table. tests/plans.rs checks the plans in each state, generic plans too.
+-- They also run with jit off: a plan node the settings disable but that has
+-- no alternative (a sequential scan of pipeline.deliverers) costs 10^10,
+-- far above jit_above_cost, and PostgreSQL then compiled that statement
+-- with LLVM at every execution: tens of milliseconds each time, and about
+-- 25 MB that LLVM kept in the deliverer's process.
 
 CREATE FUNCTION pipeline._setting(name text, fallback text) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -1092,7 +1097,7 @@ CREATE FUNCTION pipeline.claim(
     consumer    text DEFAULT NULL
 ) RETURNS SETOF marketing.pipeline_events
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_lease  interval := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
@@ -1187,7 +1192,7 @@ COMMENT ON FUNCTION pipeline.claim(integer, interval, text[], text) IS
 -- counts stay (the crash may have come after a request went out).
 CREATE FUNCTION pipeline.release_claims(consumer text) RETURNS integer
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
     WITH released AS (
         UPDATE marketing.pipeline_events e
@@ -1221,7 +1226,7 @@ CREATE FUNCTION pipeline._settle(
 -- every call as in a SQL function (a tenth of a deliverer's SQL time went
 -- to planning it).
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 #variable_conflict use_column
 BEGIN
@@ -2234,7 +2239,7 @@ RETURNS TABLE (
     body_bytes    bigint
 )
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_types         text[];
@@ -2321,7 +2326,7 @@ CREATE FUNCTION pipeline._record_deliveries(
 -- NB: plpgsql, so that its statements are planned once per session (a SQL
 -- function is parsed and planned again on every call).
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 BEGIN
     INSERT INTO marketing.pipeline_delivery_attempts
@@ -2372,7 +2377,7 @@ $$;
 CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
 RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
@@ -2515,7 +2520,7 @@ GRANT EXECUTE ON FUNCTION pipeline.status() TO pg_monitor;
 -- pending again, due now, and the claim does not count as an attempt.
 CREATE FUNCTION pipeline._release(event_ids bigint[], attempts integer[]) RETURNS integer
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
     -- NB: by primary key whatever the statistics say, as in _settle.
     WITH held AS MATERIALIZED (
@@ -2540,7 +2545,7 @@ $$;
 -- the worker is not claiming now (their endpoint is busy or probed).
 CREATE FUNCTION pipeline._next_due_in(skip_types text[] DEFAULT NULL) RETURNS double precision
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
     SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
     FROM pipeline.webhooks w
@@ -2561,7 +2566,7 @@ $$;
 -- are due now instead of on their backoff. Returns how many.
 CREATE FUNCTION pipeline._endpoint_recovered(event_type text) RETURNS integer
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
     WITH due AS (
         UPDATE marketing.pipeline_events e

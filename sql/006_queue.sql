@@ -31,6 +31,11 @@
 -- enable_bitmapscan, enable_hashjoin and enable_mergejoin off (SET clauses),
 -- so that a guess that most rows match cannot make one read the whole
 -- table. tests/plans.rs checks the plans in each state, generic plans too.
+-- They also run with jit off: a plan node the settings disable but that has
+-- no alternative (a sequential scan of pipeline.deliverers) costs 10^10,
+-- far above jit_above_cost, and PostgreSQL then compiled that statement
+-- with LLVM at every execution: tens of milliseconds each time, and about
+-- 25 MB that LLVM kept in the deliverer's process.
 
 CREATE FUNCTION pipeline._setting(name text, fallback text) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -98,7 +103,7 @@ CREATE FUNCTION pipeline.claim(
     consumer    text DEFAULT NULL
 ) RETURNS SETOF marketing.pipeline_events
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_lease  interval := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
@@ -193,7 +198,7 @@ COMMENT ON FUNCTION pipeline.claim(integer, interval, text[], text) IS
 -- counts stay (the crash may have come after a request went out).
 CREATE FUNCTION pipeline.release_claims(consumer text) RETURNS integer
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
     WITH released AS (
         UPDATE marketing.pipeline_events e
@@ -227,7 +232,7 @@ CREATE FUNCTION pipeline._settle(
 -- every call as in a SQL function (a tenth of a deliverer's SQL time went
 -- to planning it).
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 #variable_conflict use_column
 BEGIN

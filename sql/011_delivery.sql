@@ -83,7 +83,7 @@ RETURNS TABLE (
     body_bytes    bigint
 )
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_types         text[];
@@ -170,7 +170,7 @@ CREATE FUNCTION pipeline._record_deliveries(
 -- NB: plpgsql, so that its statements are planned once per session (a SQL
 -- function is parsed and planned again on every call).
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 BEGIN
     INSERT INTO marketing.pipeline_delivery_attempts
@@ -221,7 +221,7 @@ $$;
 CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
 RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
@@ -364,7 +364,7 @@ GRANT EXECUTE ON FUNCTION pipeline.status() TO pg_monitor;
 -- pending again, due now, and the claim does not count as an attempt.
 CREATE FUNCTION pipeline._release(event_ids bigint[], attempts integer[]) RETURNS integer
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
     -- NB: by primary key whatever the statistics say, as in _settle.
     WITH held AS MATERIALIZED (
@@ -389,7 +389,7 @@ $$;
 -- the worker is not claiming now (their endpoint is busy or probed).
 CREATE FUNCTION pipeline._next_due_in(skip_types text[] DEFAULT NULL) RETURNS double precision
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
     SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
     FROM pipeline.webhooks w
@@ -410,7 +410,7 @@ $$;
 -- are due now instead of on their backoff. Returns how many.
 CREATE FUNCTION pipeline._endpoint_recovered(event_type text) RETURNS integer
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
     WITH due AS (
         UPDATE marketing.pipeline_events e

@@ -11,7 +11,8 @@
 //!
 //! The session's settings that a database owner could otherwise choose for
 //! it (ALTER DATABASE ... SET) and that decide which code runs or whether
-//! it can write are pinned: search_path is pg_catalog and pg_temp only.
+//! it can write are pinned: search_path is pg_catalog and pg_temp only. So
+//! is jit, off.
 
 use std::ffi::CString;
 use std::panic::AssertUnwindSafe;
@@ -20,11 +21,14 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 
 /// Settings the worker's session holds whatever the database or role say.
-const PINNED: [(&std::ffi::CStr, &std::ffi::CStr); 4] = [
+const PINNED: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
     (c"search_path", c"pg_catalog, pg_temp"),
     (c"row_security", c"on"),
     (c"default_transaction_read_only", c"off"),
     (c"session_replication_role", c"origin"),
+    // Short statements only: compiling one with LLVM would cost more than
+    // running it, and LLVM keeps memory in the process for good.
+    (c"jit", c"off"),
 ];
 
 /// Pins the settings above for the rest of the session.

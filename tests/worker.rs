@@ -385,6 +385,20 @@ fn retention_deletes_old_history_in_small_batches() {
                 ) == 0
         },
     );
+    // Purging ran statements whose plans keep a node the deliverer's planner
+    // settings disable (a sequential scan, costed at 10^10): with jit on,
+    // PostgreSQL compiled each of them with LLVM, which then stays loaded
+    // in the worker with the memory it took.
+    assert!(
+        one::<bool>(&mut db, "SELECT pg_catalog.pg_jit_available()"),
+        "PostgreSQL's JIT (llvmjit) is available here, so the check below means something"
+    );
+    let pid = cluster.worker_pid(&mut db);
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(
+        !maps.contains("libLLVM"),
+        "the worker compiled a statement with LLVM (JIT)"
+    );
 }
 
 #[test]
