@@ -370,6 +370,42 @@ mod tests {
         );
     }
 
+    /// A body is written out as text; it must be the very bytes that
+    /// jsonb_build_object(...)::text gives (and that receivers signed and
+    /// parsed before), for any payload, source and time zone.
+    #[pg_test]
+    fn bodies_are_the_bytes_of_their_jsonb_form() {
+        run("SET LOCAL timezone = 'America/St_Johns'");
+        run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/validate')");
+        run(
+            r#"INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key) VALUES
+               ('company_created', '{"a": 1, "b": [1, 2, {"c": null}], "é": "x\"y\n\u0001", "": true}',
+                'intake.company_raw_intake', 'INSERT', '{"id": 5}'),
+               ('company_created', '{}', NULL, NULL, NULL),
+               ('company_created', '[1, "two", 3.50, 1e10, -0]', 'we"ird\table', 'UPDATE', '{"k": "v\\x", "id": 2}'),
+               ('company_created', '"just a string"', 'x', 'DELETE', '[]'),
+               ('company_created', '12345678901234567890.123', NULL, 'EMIT', '{"z": {"y": 1}}')"#,
+        );
+        let claimed = json(
+            "SELECT jsonb_agg(jsonb_build_object('id', c.event_id, 'body', c.body) ORDER BY c.event_id)
+             FROM pipeline._claim_deliveries(10) c",
+        );
+        let claimed = claimed.as_array().unwrap();
+        assert_eq!(claimed.len(), 5);
+        for row in claimed {
+            let id = row["id"].as_i64().unwrap();
+            let expected = text(&format!(
+                "SELECT jsonb_build_object('id', e.id, 'type', e.event_type, 'created_at', e.created_at,
+                                           'attempt', e.attempts,
+                                           'source', jsonb_build_object('table', e.source_table,
+                                                                        'op', e.source_op, 'key', e.source_key),
+                                           'data', e.payload)::text
+                 FROM marketing.pipeline_events e WHERE e.id = {id}"
+            ));
+            assert_eq!(row["body"].as_str().unwrap(), expected, "event {id}");
+        }
+    }
+
     #[pg_test]
     fn webhooks_record_outcomes() {
         run("SET LOCAL pipeline.max_attempts = 2");
