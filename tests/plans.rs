@@ -273,7 +273,7 @@ fn deliver(db: &mut postgres::Client, plans: &Plans) -> BTreeMap<&'static str, S
 }
 
 /// The functions a deliverer calls, and the planner settings each runs with.
-const DELIVERER_FUNCTIONS: [&str; 9] = [
+const DELIVERER_FUNCTIONS: [&str; 10] = [
     "claim",
     "release_claims",
     "_settle",
@@ -283,6 +283,8 @@ const DELIVERER_FUNCTIONS: [&str; 9] = [
     "purge",
     "_next_due_in",
     "_endpoint_recovered",
+    // The purge's deletes run it.
+    "_delete_attempts",
 ];
 const PLANNER_SETTINGS: [&str; 5] = [
     "enable_seqscan=off",

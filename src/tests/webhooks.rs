@@ -478,6 +478,68 @@ mod tests {
     }
 
     #[pg_test]
+    fn an_events_attempts_go_with_it() {
+        run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/validate')");
+        run("SELECT pipeline.emit('company_created', jsonb_build_object('n', n)) FROM generate_series(1, 4) n");
+        // Two attempts each: a retry, then a delivery.
+        for outcome in ["retry", "delivered"] {
+            run("UPDATE marketing.pipeline_events SET next_attempt_at = now()");
+            run(&format!(
+                "SELECT count(*) FROM (SELECT array_agg(event_id) AS ids, array_agg(attempt) AS attempts
+                                       FROM pipeline._claim_deliveries(10)) c,
+                     pipeline._record_deliveries(c.ids, c.attempts, array_fill('{outcome}'::text, ARRAY[4]),
+                         array_fill(200, ARRAY[4]), NULL, NULL, array_fill(1, ARRAY[4]), NULL,
+                         array_fill('https://n8n.example/validate'::text, ARRAY[4]))"
+            ));
+        }
+        let attempts = || count("SELECT count(*) FROM marketing.pipeline_delivery_attempts");
+        assert_eq!(attempts(), 8);
+        let [first, second] = [0, 1].map(|n| {
+            count(&format!(
+                "SELECT id FROM marketing.pipeline_events ORDER BY id OFFSET {n} LIMIT 1"
+            ))
+        });
+
+        run(&format!(
+            "DELETE FROM marketing.pipeline_events WHERE id = {first}"
+        ));
+        assert_eq!(attempts(), 6);
+        assert_eq!(
+            count(&format!(
+                "SELECT count(*) FROM marketing.pipeline_delivery_attempts WHERE event_id = {first}"
+            )),
+            0,
+            "a deleted event's attempts go with it"
+        );
+
+        // The purge deletes old delivered events, and so their attempts.
+        run(&format!(
+            "UPDATE marketing.pipeline_events SET processed_at = now() - interval '30 days' WHERE id = {second}"
+        ));
+        assert_eq!(count("SELECT pipeline.purge(interval '7 days', 10)"), 1);
+        assert_eq!(attempts(), 4);
+
+        // Deleting events takes DELETE on the attempts as well.
+        run("CREATE ROLE pipeline_test_cleaner NOSUPERUSER");
+        run("GRANT SELECT, DELETE ON marketing.pipeline_events TO pipeline_test_cleaner");
+        run("GRANT USAGE ON SCHEMA tests TO pipeline_test_cleaner");
+        run("SET LOCAL ROLE pipeline_test_cleaner");
+        assert_error(
+            "DELETE FROM marketing.pipeline_events",
+            "permission denied for table pipeline_delivery_attempts",
+        );
+        run("RESET ROLE");
+        assert_eq!(events(), 2, "a refused delete deletes nothing");
+
+        run("TRUNCATE marketing.pipeline_events CASCADE");
+        assert_eq!(
+            attempts(),
+            0,
+            "TRUNCATE ... CASCADE empties the attempt log"
+        );
+    }
+
+    #[pg_test]
     fn claims_name_their_deliverer_for_status() {
         run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/validate')");
         run("SELECT pipeline.emit('company_created', '{}')");
