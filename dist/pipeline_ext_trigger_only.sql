@@ -2201,7 +2201,13 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
-        TRUNCATE marketing.pipeline_delivery_attempts;
+        BEGIN
+            TRUNCATE marketing.pipeline_delivery_attempts;
+        EXCEPTION WHEN object_in_use THEN
+            -- The same TRUNCATE names the attempts too (they are empty
+            -- already), or a cursor of this session reads them.
+            DELETE FROM marketing.pipeline_delivery_attempts;
+        END;
     ELSE
         DELETE FROM marketing.pipeline_delivery_attempts a
         WHERE a.event_id = ANY (ARRAY(SELECT o.id FROM deleted_events o));

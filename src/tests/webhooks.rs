@@ -537,6 +537,10 @@ mod tests {
             0,
             "TRUNCATE ... CASCADE empties the attempt log"
         );
+        run("INSERT INTO marketing.pipeline_delivery_attempts (event_id, attempt, event_type, url, outcome, duration_ms)
+             VALUES (1, 1, 'company_created', 'https://n8n.example/validate', 'delivered', 1)");
+        run("TRUNCATE marketing.pipeline_events, marketing.pipeline_delivery_attempts, marketing.pipeline_error_log");
+        assert_eq!(attempts(), 0, "and so does a TRUNCATE that names them too");
     }
 
     #[pg_test]
