@@ -301,3 +301,32 @@ fn outside_consumer_works_as_non_superuser_with_skip_locked() {
     );
     assert_eq!(counts, ["pending=1", "processed=4", "processing=5"]);
 }
+
+#[test]
+fn truncating_the_events_empties_the_attempt_log() {
+    let cluster = two_installs();
+    for (database, owner) in [("ext", "postgres"), ("neon", "app_owner")] {
+        let mut db = cluster.connect(database, owner);
+        let log_one = "INSERT INTO marketing.pipeline_delivery_attempts
+                           (event_id, attempt, event_type, url, outcome, duration_ms)
+                       VALUES (1, 1, 'ping', 'http://127.0.0.1:9/ping', 'delivered', 1)";
+        let attempts = |db: &mut postgres::Client| -> i64 {
+            one(
+                db,
+                "SELECT count(*) FROM marketing.pipeline_delivery_attempts",
+            )
+        };
+        db.batch_execute(log_one).unwrap();
+        db.batch_execute("TRUNCATE marketing.pipeline_events CASCADE")
+            .unwrap();
+        assert_eq!(attempts(&mut db), 0, "{database}: TRUNCATE ... CASCADE");
+        db.batch_execute(log_one).unwrap();
+        // NB: the trigger's own TRUNCATE of the attempts then finds them in use.
+        db.batch_execute(
+            "TRUNCATE marketing.pipeline_events, marketing.pipeline_delivery_attempts,
+                      marketing.pipeline_error_log",
+        )
+        .unwrap();
+        assert_eq!(attempts(&mut db), 0, "{database}: a TRUNCATE naming both");
+    }
+}
