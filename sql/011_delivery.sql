@@ -32,8 +32,8 @@ COMMENT ON COLUMN marketing.pipeline_delivery_attempts.outcome IS
 -- hand) deletes their attempts, and TRUNCATE ... CASCADE of the events
 -- empties the attempt log too. This was a foreign key with ON DELETE
 -- CASCADE; its check locked the event's row for every attempt logged (a
--- WAL record each), about 8 us of the 30 us that recording a delivery
--- costs. The triggers run as the role that deletes, which therefore needs
+-- WAL record each): recording a delivery cost 38-43 us with it, 28-34
+-- without (docs/benchmark-notes.md). The triggers run as the role that deletes, which therefore needs
 -- DELETE (and SELECT) on the attempts as well as on the events; the
 -- worker's role and pipeline-relay's documented grants have both.
 -- Attempts are logged only for events that exist when they are recorded
