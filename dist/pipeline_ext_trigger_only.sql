@@ -2189,9 +2189,10 @@ COMMENT ON COLUMN marketing.pipeline_delivery_attempts.outcome IS
 -- empties the attempt log too. This was a foreign key with ON DELETE
 -- CASCADE; its check locked the event's row for every attempt logged (a
 -- WAL record each): recording a delivery cost 38-43 us with it, 28-34
--- without (docs/benchmark-notes.md). The triggers run as the role that deletes, which therefore needs
--- DELETE (and SELECT) on the attempts as well as on the events; the
--- worker's role and pipeline-relay's documented grants have both.
+-- without (docs/benchmark-notes.md). The triggers run as the role that
+-- deletes, which therefore needs DELETE (and SELECT) on the attempts as
+-- well as on the events (TRUNCATE on them for a TRUNCATE of the events);
+-- the worker's role and pipeline-relay's documented grants have them.
 -- Attempts are logged only for events that exist when they are recorded
 -- (_record_deliveries joins them); one recorded while another transaction
 -- deletes its event stays until pipeline.purge removes it by age.
