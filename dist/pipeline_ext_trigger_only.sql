@@ -229,8 +229,11 @@ COMMENT ON COLUMN marketing.email_verification.score IS 'The verifier''s confide
 -- is one INSERT, and PostgreSQL prepares a table's CHECK expressions again
 -- for each statement (about 4 us each), while a domain's check is prepared
 -- once per session: that alone made the stage triggers 40% cheaper.
+-- NB: not '{0,46}' in the pattern: PostgreSQL's regular expressions expand a
+-- counted repetition into states, and that form cost about 40,000
+-- instructions per check against about 6,000 for this one (callgrind).
 CREATE DOMAIN pipeline.event_type AS text
-    CONSTRAINT event_type_format CHECK (VALUE ~ '^[a-z][a-z0-9_]{0,46}$');
+    CONSTRAINT event_type_format CHECK (VALUE ~ '^[a-z][a-z0-9_]*$' AND length(VALUE) <= 47);
 COMMENT ON DOMAIN pipeline.event_type IS 'Lower-case identifier: a letter, then letters, digits or _, at most 47 characters.';
 CREATE DOMAIN pipeline.event_status AS text
     CONSTRAINT status_known CHECK (VALUE IN ('pending', 'processing', 'processed', 'failed', 'dead'));
@@ -402,105 +405,136 @@ $$;
 COMMENT ON FUNCTION pipeline.revoke_event_type(text, regrole) IS
     'Takes back a grant of pipeline.grant_event_type (watches made under it stay until unwatched). True when there was one.';
 
+-- The key columns of a row as an object ({"id": 7}): for watches with two
+-- or more key columns. One key column, the common case, is picked inline in
+-- pipeline._capture() without a function call.
+CREATE FUNCTION pipeline._pick(row_json jsonb, keys text[]) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT jsonb_object_agg(k, row_json -> k) FROM unnest(keys) AS k
+$$;
+
 -- Trigger arguments: [0] event type, [1] group-by column or '', [2..] key columns.
 -- NB: SECURITY INVOKER (the default): see the top of this file.
+--
+-- NB on cost (docs/benchmark-notes.md, "Fifth session"): this runs once per
+-- statement or row written to a watched table, and a single-row commit pays
+-- for all of it, so it is written to do little per call:
+--   * every plpgsql expression outside a query (a DECLARE default, an
+--     assignment) is compiled again in each transaction, so each branch
+--     declares only what it uses, in a block of its own;
+--   * the row becomes JSON once (the payload), and its key columns are read
+--     back from that JSON;
+--   * the NOTIFY text is the id plus a tail that is the same for every
+--     event of the call, built once.
 CREATE FUNCTION pipeline._capture() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    v_table  text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
-    -- NB: of the columns' own domains, so that their checks (a regular
-    -- expression for the type) run once per call here, not once per event
-    -- row in the INSERTs below.
-    v_type   pipeline.event_type := TG_ARGV[0];
-    v_op     pipeline.event_source_op := TG_OP;
-    v_new    jsonb;
-    v_old    jsonb;
-    v_key    jsonb;
-    v_id     bigint;
-    v_keys   text[];
-    v_count  bigint;
-    i        integer;
 BEGIN
     -- One event per row, for a whole statement at once (INSERT and DELETE
     -- watches without a condition, see pipeline.watch): the same events as
     -- the row trigger below, but one INSERT for all of them instead of one
     -- per row (executor start, the events table's CHECK prepared again).
     IF TG_LEVEL = 'STATEMENT' AND TG_ARGV[1] = '' THEN
-        -- The key columns (after the event type and the empty group-by).
-        v_keys := TG_ARGV[2:];
-        WITH ins AS (
-            INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
-            SELECT v_type,
-                   jsonb_build_object(CASE TG_OP WHEN 'DELETE' THEN 'old' ELSE 'new' END, r.j),
-                   v_table, v_op,
-                   -- NB: as the row trigger's key below; one column is the
-                   -- common case and needs no sub-select.
-                   CASE cardinality(v_keys)
-                       WHEN 0 THEN NULL
-                       WHEN 1 THEN jsonb_build_object(v_keys[1], r.j -> v_keys[1])
-                       ELSE (SELECT jsonb_object_agg(k, r.j -> k) FROM unnest(v_keys) AS k)
-                   END
-            -- NB: OFFSET 0, or the planner copies to_jsonb into both uses.
-            FROM (SELECT to_jsonb(t) AS j FROM pipeline_rows t OFFSET 0) r
-            RETURNING id)
-        SELECT count(pg_notify('pipeline_event',
-                               json_build_object('id', ins.id, 'event_type', TG_ARGV[0], 'table', v_table,
-                                                 'op', TG_OP)::text))
-        INTO v_count FROM ins;
+        DECLARE
+            -- NB: of the columns' own domains, so that their checks run once
+            -- per call here, not once per event row in the INSERT below.
+            v_type  pipeline.event_type := TG_ARGV[0];
+            v_op    pipeline.event_source_op := TG_OP;
+            v_table text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+            v_tail  text := ', "event_type" : ' || to_json(TG_ARGV[0]) || ', "table" : ' || to_json(v_table)
+                            || ', "op" : ' || to_json(TG_OP) || '}';
+            v_done  boolean;
+        BEGIN
+            -- NB: a data-modifying WITH query runs to completion, RETURNING
+            -- included, whether or not the main query reads it: each new
+            -- event is announced by its own RETURNING, with no aggregate
+            -- over the ids.
+            WITH ins AS (
+                INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
+                SELECT v_type, r.payload, v_table, v_op,
+                       -- NB: the payload has one of "new" and "old".
+                       CASE TG_NARGS
+                           WHEN 2 THEN NULL
+                           WHEN 3 THEN jsonb_build_object(TG_ARGV[2],
+                                           coalesce(r.payload -> 'new', r.payload -> 'old') -> TG_ARGV[2])
+                           ELSE pipeline._pick(coalesce(r.payload -> 'new', r.payload -> 'old'), TG_ARGV[2:])
+                       END
+                -- NB: OFFSET 0, or the planner copies the payload's
+                -- expression into the key's and converts each row twice.
+                FROM (SELECT jsonb_build_object(CASE TG_OP WHEN 'DELETE' THEN 'old' ELSE 'new' END, t) AS payload
+                      FROM pipeline_rows t OFFSET 0) r
+                RETURNING pg_notify('pipeline_event', '{"id" : ' || id || v_tail))
+            SELECT true INTO v_done;
+        END;
         RETURN NULL;
     END IF;
 
     IF TG_LEVEL = 'STATEMENT' THEN
-        -- One event per distinct value of the group-by column in this
-        -- statement's rows (the transition table named by pipeline.watch).
-        EXECUTE format(
-            $sql$
-            WITH ins AS (
-                INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
-                SELECT $1, jsonb_build_object('key', g.k, 'count', g.n, %2$L, g.rows), $2, $3, g.k
-                FROM (SELECT jsonb_build_object(%1$L, t.%1$I) AS k, count(*) AS n,
-                             jsonb_agg(to_jsonb(t)) AS rows
-                      FROM %3$I t GROUP BY t.%1$I ORDER BY t.%1$I) g
-                RETURNING id)
-            SELECT pg_notify('pipeline_event',
-                             json_build_object('id', id, 'event_type', $1, 'table', $2, 'op', $3)::text)
-            FROM ins
-            $sql$,
-            TG_ARGV[1],
-            CASE TG_OP WHEN 'DELETE' THEN 'old' ELSE 'new' END,
-            CASE TG_OP WHEN 'DELETE' THEN 'pipeline_old_rows' ELSE 'pipeline_new_rows' END)
-        USING v_type, v_table, v_op;
+        DECLARE
+            v_type  pipeline.event_type := TG_ARGV[0];
+            v_op    pipeline.event_source_op := TG_OP;
+            v_table text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+        BEGIN
+            -- One event per distinct value of the group-by column in this
+            -- statement's rows (the transition table named by pipeline.watch).
+            EXECUTE format(
+                $sql$
+                WITH ins AS (
+                    INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
+                    SELECT $1, jsonb_build_object('key', g.k, 'count', g.n, %2$L, g.rows), $2, $3, g.k
+                    FROM (SELECT jsonb_build_object(%1$L, t.%1$I) AS k, count(*) AS n,
+                                 jsonb_agg(to_jsonb(t)) AS rows
+                          FROM %3$I t GROUP BY t.%1$I ORDER BY t.%1$I) g
+                    RETURNING id)
+                SELECT pg_notify('pipeline_event',
+                                 json_build_object('id', id, 'event_type', $1, 'table', $2, 'op', $3)::text)
+                FROM ins
+                $sql$,
+                TG_ARGV[1],
+                CASE TG_OP WHEN 'DELETE' THEN 'old' ELSE 'new' END,
+                CASE TG_OP WHEN 'DELETE' THEN 'pipeline_old_rows' ELSE 'pipeline_new_rows' END)
+            USING v_type, v_table, v_op;
+        END;
         RETURN NULL;
     END IF;
 
-    IF TG_OP <> 'DELETE' THEN
-        v_new := to_jsonb(NEW);
-    END IF;
-    IF TG_OP <> 'INSERT' THEN
-        v_old := to_jsonb(OLD);
-    END IF;
-    IF TG_NARGS > 2 THEN
-        v_key := '{}';
-        FOR i IN 2 .. TG_NARGS - 1 LOOP
-            v_key := v_key || jsonb_build_object(TG_ARGV[i], coalesce(v_new, v_old) -> TG_ARGV[i]);
-        END LOOP;
-    END IF;
+    -- One event for this row (UPDATE watches, and watches with a condition).
+    DECLARE
+        v_type  pipeline.event_type := TG_ARGV[0];
+        v_op    pipeline.event_source_op := TG_OP;
+        v_table text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+        v_new   jsonb;
+        v_old   jsonb;
+        v_key   jsonb;
+        v_id    bigint;
+    BEGIN
+        IF TG_OP <> 'DELETE' THEN
+            v_new := to_jsonb(NEW);
+        END IF;
+        IF TG_OP <> 'INSERT' THEN
+            v_old := to_jsonb(OLD);
+        END IF;
+        IF TG_NARGS = 3 THEN
+            v_key := jsonb_build_object(TG_ARGV[2], coalesce(v_new, v_old) -> TG_ARGV[2]);
+        ELSIF TG_NARGS > 3 THEN
+            v_key := pipeline._pick(coalesce(v_new, v_old), TG_ARGV[2:]);
+        END IF;
 
-    INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
-    VALUES (v_type,
-            CASE TG_OP
-                WHEN 'INSERT' THEN jsonb_build_object('new', v_new)
-                WHEN 'UPDATE' THEN jsonb_build_object('new', v_new, 'old', v_old)
-                ELSE jsonb_build_object('old', v_old)
-            END,
-            v_table, v_op, v_key)
-    RETURNING id INTO v_id;
+        INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
+        VALUES (v_type,
+                CASE TG_OP
+                    WHEN 'INSERT' THEN jsonb_build_object('new', v_new)
+                    WHEN 'UPDATE' THEN jsonb_build_object('new', v_new, 'old', v_old)
+                    ELSE jsonb_build_object('old', v_old)
+                END,
+                v_table, v_op, v_key)
+        RETURNING id INTO v_id;
 
-    -- Announced to listeners; the payload holds only bounded fields (id,
-    -- event type, table, operation), so it stays far below NOTIFY's
-    -- 8000-byte limit whatever the row holds.
-    PERFORM pg_notify('pipeline_event',
-                      json_build_object('id', v_id, 'event_type', TG_ARGV[0], 'table', v_table, 'op', TG_OP)::text);
+        -- Announced to listeners; the payload holds only bounded fields (id,
+        -- event type, table, operation), so it stays far below NOTIFY's
+        -- 8000-byte limit whatever the row holds.
+        PERFORM pg_notify('pipeline_event',
+                          json_build_object('id', v_id, 'event_type', TG_ARGV[0], 'table', v_table, 'op', TG_OP)::text);
+    END;
     RETURN NULL;
 END
 $$;
@@ -544,7 +578,8 @@ COMMENT ON FUNCTION pipeline.emit(text, jsonb) IS
 CREATE FUNCTION pipeline._check_event_type(event_type text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF event_type IS NULL OR event_type !~ '^[a-z][a-z0-9_]{0,46}$' THEN
+    -- NB: the same rule as the domain pipeline.event_type (003_events.sql).
+    IF event_type IS NULL OR event_type !~ '^[a-z][a-z0-9_]*$' OR length(event_type) > 47 THEN
         RAISE EXCEPTION 'invalid event type %', coalesce(quote_literal(event_type), 'NULL')
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'An event type is 1-47 characters: a lower-case letter, then letters, digits or _.';

@@ -19,8 +19,11 @@
 -- is one INSERT, and PostgreSQL prepares a table's CHECK expressions again
 -- for each statement (about 4 us each), while a domain's check is prepared
 -- once per session: that alone made the stage triggers 40% cheaper.
+-- NB: not '{0,46}' in the pattern: PostgreSQL's regular expressions expand a
+-- counted repetition into states, and that form cost about 40,000
+-- instructions per check against about 6,000 for this one (callgrind).
 CREATE DOMAIN pipeline.event_type AS text
-    CONSTRAINT event_type_format CHECK (VALUE ~ '^[a-z][a-z0-9_]{0,46}$');
+    CONSTRAINT event_type_format CHECK (VALUE ~ '^[a-z][a-z0-9_]*$' AND length(VALUE) <= 47);
 COMMENT ON DOMAIN pipeline.event_type IS 'Lower-case identifier: a letter, then letters, digits or _, at most 47 characters.';
 CREATE DOMAIN pipeline.event_status AS text
     CONSTRAINT status_known CHECK (VALUE IN ('pending', 'processing', 'processed', 'failed', 'dead'));
