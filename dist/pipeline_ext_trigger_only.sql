@@ -440,8 +440,8 @@ BEGIN
             v_type  pipeline.event_type := TG_ARGV[0];
             v_op    pipeline.event_source_op := TG_OP;
             v_table text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
-            v_tail  text := ', "event_type" : ' || to_json(TG_ARGV[0]) || ', "table" : ' || to_json(v_table)
-                            || ', "op" : ' || to_json(TG_OP) || '}';
+            -- '"event_type" : "...", "table" : "...", "op" : "..."}'
+            v_tail  text := substr(json_build_object('event_type', TG_ARGV[0], 'table', v_table, 'op', TG_OP)::text, 2);
             v_done  boolean;
         BEGIN
             -- NB: a data-modifying WITH query runs to completion, RETURNING
@@ -462,7 +462,7 @@ BEGIN
                 -- expression into the key's and converts each row twice.
                 FROM (SELECT jsonb_build_object(CASE TG_OP WHEN 'DELETE' THEN 'old' ELSE 'new' END, t) AS payload
                       FROM pipeline_rows t OFFSET 0) r
-                RETURNING pg_notify('pipeline_event', '{"id" : ' || id || v_tail))
+                RETURNING pg_notify('pipeline_event', '{"id" : ' || id || ', ' || v_tail))
             SELECT true INTO v_done;
         END;
         RETURN NULL;
