@@ -139,6 +139,31 @@ mod tests {
             "no primary key, no source_key"
         );
         assert_eq!(note["payload"]["new"]["note"], "hello");
+
+        // The row trigger (UPDATE) and the statement trigger of a DELETE
+        // read the same keys: from the new row, and from the old one.
+        run("SELECT pipeline.watch('public.line_items', 'line_changed', 'UPDATE')");
+        run("SELECT pipeline.watch('public.line_items', 'line_removed', 'DELETE')");
+        run("SELECT pipeline.watch('public.audit_notes', 'note_changed', 'UPDATE')");
+        run("UPDATE public.line_items SET sku = 'X-2'");
+        run("DELETE FROM public.line_items");
+        run("UPDATE public.audit_notes SET note = 'bye'");
+        let changed = &events_of("line_changed")[0];
+        assert_eq!(changed["source_key"], json!({ "order_id": 7, "line": 2 }));
+        assert_eq!(changed["payload"]["old"]["sku"], "X-1");
+        assert_eq!(changed["payload"]["new"]["sku"], "X-2");
+        let removed = &events_of("line_removed")[0];
+        assert_eq!(removed["source_key"], json!({ "order_id": 7, "line": 2 }));
+        assert_eq!(
+            removed["payload"],
+            json!({ "old": { "order_id": 7, "line": 2, "sku": "X-2" } })
+        );
+        let note = &events_of("note_changed")[0];
+        assert!(
+            note["source_key"].is_null(),
+            "no primary key, no source_key"
+        );
+        assert_eq!(note["payload"]["new"]["note"], "bye");
     }
 
     #[pg_test]
