@@ -11,7 +11,8 @@
 //!   POST /webhook/verify-email      contact_enriched   -> marketing.email_verification
 //!
 //! Every write is idempotent (deliveries are at least once). It answers 200
-//! when the write committed and 500 when it failed, so the worker retries.
+//! when the write committed and 500 with the database's reason when it
+//! failed, so the worker retries and the error log says why.
 //!
 //!   cargo run --example stage_runner -- --listen 127.0.0.1:28901 \
 //!       --database "host=127.0.0.1 port=28815 user=postgres dbname=postgres"
@@ -99,32 +100,24 @@ fn handle(db: &mut Client, path: &str, body: &str) -> Result<String, String> {
     let data = &event["data"];
     let new = &data["new"];
     let done = match path {
+        // The rules of these three live in the database (sql/009_stage_work.sql),
+        // as the n8n workflows call them too.
         "/webhook/validate-company" => {
-            // A website must look like a URL; the company name must not be a placeholder.
-            let website = new["website"].as_str().unwrap_or("");
-            let valid = website.starts_with("http://") || website.starts_with("https://");
-            db.execute(
-                "UPDATE intake.company_raw_intake
-                 SET validated = $2, validation_status = CASE WHEN $2 THEN 'valid' ELSE 'invalid' END,
-                     validation_errors = CASE WHEN $2 THEN '{}'::text[] ELSE '{website is not a URL}' END,
-                     validated_at = now()
-                 WHERE id = $1 AND validation_status = 'pending'",
-                &[&id(new)?, &valid],
-            )
+            let row = db
+                .query_one(
+                    "SELECT validation_status, validation_errors FROM pipeline.validate_company($1)",
+                    &[&id(new)?],
+                )
+                .map_err(reason)?;
+            let (status, errors): (String, Vec<String>) = (row.get(0), row.get(1));
+            return Ok(format!("{path}: {status} {errors:?}"));
         }
-        "/webhook/promote-company" => db.execute(
-            "INSERT INTO marketing.company_master (intake_id, company_name, website, industry, city, state, country)
-             SELECT id, company, website, industry, city, state, country
-             FROM intake.company_raw_intake WHERE id = $1 AND validated
-             ON CONFLICT DO NOTHING",
-            &[&id(new)?],
-        ),
-        "/webhook/create-slots" => db.execute(
-            "INSERT INTO marketing.company_slots (company_id, slot_role)
-             SELECT $1, role FROM unnest(ARRAY['ceo', 'cfo']) AS role
-             ON CONFLICT DO NOTHING",
-            &[&id(new)?],
-        ),
+        "/webhook/promote-company" => db
+            .query_one("SELECT pipeline.promote_company($1)", &[&id(new)?])
+            .map(|row| row.get::<_, i64>(0) as u64),
+        "/webhook/create-slots" => db
+            .query_one("SELECT pipeline.create_slots($1)", &[&id(new)?])
+            .map(|row| row.get::<_, i32>(0) as u64),
         "/webhook/enrich-contact" => {
             // slots_created carries every new slot of the company in data.new.
             let slots: Vec<i64> = new
@@ -154,7 +147,16 @@ fn handle(db: &mut Client, path: &str, body: &str) -> Result<String, String> {
         other => return Err(format!("no workflow at {other}")),
     };
     done.map(|rows| format!("{path}: {rows} row(s)"))
-        .map_err(|e| e.to_string())
+        .map_err(reason)
+}
+
+/// What went wrong, as the database said it (its message, without the
+/// client library's prefix), for the 500 answer that the error log keeps.
+fn reason(error: postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => db.message().to_string(),
+        None => error.to_string(),
+    }
 }
 
 fn id(row: &Value) -> Result<i64, String> {

@@ -79,9 +79,14 @@ pub extern "C-unwind" fn _PG_init() {
     requires = ["errors"]
 );
 ::pgrx::extension_sql_file!(
+    "../sql/009_stage_work.sql",
+    name = "stage_work",
+    requires = ["views"]
+);
+::pgrx::extension_sql_file!(
     "../sql/010_webhooks.sql",
     name = "webhooks",
-    requires = ["views"]
+    requires = ["stage_work"]
 );
 ::pgrx::extension_sql_file!(
     "../sql/011_delivery.sql",

@@ -8,6 +8,7 @@ mod errors;
 mod indexes;
 mod privileges;
 mod queue;
+mod stage_work;
 mod stages;
 mod verify;
 mod views;

@@ -1,0 +1,176 @@
+-- 009_stage_work.sql: the work of the stages that decide something, as
+-- functions the receivers call (the n8n workflows of n8n/workflows and
+-- examples/stage_runner.rs), so that the rules live here, beside the
+-- constraints they must agree with, and not in each receiver.
+--
+--   pipeline.validate_company(intake_id)   stage 2: valid or invalid, with reasons
+--   pipeline.promote_company(intake_id)    stage 3: into marketing.company_master
+--   pipeline.create_slots(company_id)      stage 4: the role slots of a company
+--
+-- Each may be called again for the same row (deliveries are at least once):
+-- a second call changes nothing and answers as the first did. What cannot be
+-- done raises an error whose message says why, in words a person can act
+-- on; a receiver passes it back, and it ends in marketing.pipeline_error_log.
+-- They run with the rights of their caller (no SECURITY DEFINER): the
+-- receiver's role needs the table rights the work takes (docs/security.md).
+
+-- What is wrong with a website, in words, or NULL when the pipeline can use
+-- it. NULL here if and only if pipeline._is_http_url is true, the rule of
+-- marketing.company_master's CHECK: the reasons only name what failed.
+CREATE FUNCTION pipeline.website_problem(website text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN pipeline._is_http_url(website) THEN NULL
+        WHEN website IS NULL OR pipeline._is_blank(website) THEN 'website is missing'
+        WHEN char_length(website) > 2048 THEN 'website is longer than 2048 characters'
+        WHEN website !~* '^https?://' THEN 'website is not an http(s) URL'
+        WHEN website ~ '\s' THEN 'website contains spaces'
+        WHEN website ~* '^https?://[^/?#]*@' THEN 'website has a user name or password in it'
+        WHEN pipeline.website_domain(website) IS NULL THEN 'website has no host'
+        WHEN pipeline.website_domain(website) !~ '\.' THEN 'website host has no dot'
+        ELSE 'website is not a valid http(s) URL'
+    END
+$$;
+COMMENT ON FUNCTION pipeline.website_problem(text) IS
+    'Why a website cannot be used (missing, not http(s), host without a dot, ...), or NULL when it can.';
+
+-- Looking for an earlier valid row of the same company stays an index scan.
+CREATE INDEX company_raw_intake_valid_domain_idx ON intake.company_raw_intake (pipeline.website_domain(website))
+    WHERE validation_status = 'valid';
+
+-- Stage 2. Decides a pending intake row: valid when its website is usable
+-- and no other company has its domain; invalid otherwise, with every reason.
+-- A row already decided is answered as it is. A duplicate is rejected with
+-- the row it duplicates (promoted company or earlier valid intake row),
+-- never dropped: promotion keeps one company per domain.
+CREATE FUNCTION pipeline.validate_company(intake_id bigint)
+RETURNS TABLE (id bigint, validation_status text, validation_errors text[], domain text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_row     intake.company_raw_intake;
+    v_errors  text[] := '{}';
+    v_domain  text;
+    v_problem text;
+    v_other   bigint;
+BEGIN
+    IF validate_company.intake_id IS NULL THEN
+        RAISE EXCEPTION 'pipeline.validate_company: intake_id must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT * INTO v_row FROM intake.company_raw_intake r WHERE r.id = validate_company.intake_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pipeline.validate_company: intake row % does not exist', validate_company.intake_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    v_domain := pipeline.website_domain(v_row.website);
+    IF v_row.validation_status <> 'pending' THEN
+        RETURN QUERY SELECT v_row.id, v_row.validation_status, v_row.validation_errors, v_domain;
+        RETURN;
+    END IF;
+
+    v_problem := pipeline.website_problem(v_row.website);
+    IF v_problem IS NOT NULL THEN
+        v_errors := v_errors || v_problem;
+        v_domain := NULL;
+    ELSE
+        -- One decision per domain at a time: two rows of one company
+        -- validated at once would otherwise both pass.
+        PERFORM pg_advisory_xact_lock(hashtext('pipeline_ext: company domain'), hashtext(v_domain));
+        SELECT m.id INTO v_other FROM marketing.company_master m WHERE m.domain = v_domain;
+        IF FOUND THEN
+            v_errors := v_errors || format('duplicate: %s is already promoted (company_master id %s)', v_domain, v_other);
+        ELSE
+            SELECT r.id INTO v_other FROM intake.company_raw_intake r
+            WHERE pipeline.website_domain(r.website) = v_domain AND r.validation_status = 'valid' AND r.id <> v_row.id
+            ORDER BY r.id LIMIT 1;
+            IF FOUND THEN
+                v_errors := v_errors || format('duplicate: %s is the domain of intake row %s, already valid', v_domain, v_other);
+            END IF;
+        END IF;
+    END IF;
+
+    UPDATE intake.company_raw_intake r
+    SET validated = cardinality(v_errors) = 0,
+        validation_status = CASE WHEN cardinality(v_errors) = 0 THEN 'valid' ELSE 'invalid' END,
+        validation_errors = v_errors,
+        validated_at = now()
+    WHERE r.id = v_row.id;
+    RETURN QUERY SELECT v_row.id, CASE WHEN cardinality(v_errors) = 0 THEN 'valid' ELSE 'invalid' END, v_errors, v_domain;
+END
+$$;
+COMMENT ON FUNCTION pipeline.validate_company(bigint) IS
+    'Stage 2: marks a pending intake row valid or invalid with its reasons (website rules, duplicate domains); '
+    'returns the outcome. A row already decided is returned unchanged.';
+
+-- Stage 3. Copies a valid intake row into marketing.company_master and
+-- returns the company's id; the same id again when it is there already.
+CREATE FUNCTION pipeline.promote_company(intake_id bigint) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_row   intake.company_raw_intake;
+    v_id    bigint;
+    v_other marketing.company_master;
+BEGIN
+    SELECT * INTO v_row FROM intake.company_raw_intake r WHERE r.id = promote_company.intake_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pipeline.promote_company: intake row % does not exist', promote_company.intake_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    SELECT m.id INTO v_id FROM marketing.company_master m WHERE m.intake_id = v_row.id;
+    IF FOUND THEN
+        RETURN v_id;
+    END IF;
+    IF NOT v_row.validated THEN
+        RAISE EXCEPTION 'pipeline.promote_company: intake row % is not valid (validation_status %)',
+                        v_row.id, v_row.validation_status
+            USING ERRCODE = 'check_violation',
+                  HINT = 'Only rows that pipeline.validate_company accepted are promoted.';
+    END IF;
+    INSERT INTO marketing.company_master AS m (intake_id, company_name, website, industry, employee_count,
+                                               city, state, country, linkedin_url)
+    VALUES (v_row.id, v_row.company, v_row.website, v_row.industry, v_row.employee_count,
+            v_row.city, v_row.state, v_row.country, v_row.linkedin_url)
+    ON CONFLICT (domain) DO NOTHING
+    RETURNING m.id INTO v_id;
+    IF v_id IS NULL THEN
+        -- The same row, promoted by a delivery of the same event at once.
+        SELECT m.id INTO v_id FROM marketing.company_master m WHERE m.intake_id = v_row.id;
+        IF FOUND THEN
+            RETURN v_id;
+        END IF;
+        SELECT * INTO v_other FROM marketing.company_master m WHERE m.domain = pipeline.website_domain(v_row.website);
+        RAISE EXCEPTION 'pipeline.promote_company: intake row % has the domain %, already promoted as company_master id % (from intake row %)',
+                        v_row.id, v_other.domain, v_other.id, coalesce(v_other.intake_id::text, 'none')
+            USING ERRCODE = 'unique_violation';
+    END IF;
+    RETURN v_id;
+END
+$$;
+COMMENT ON FUNCTION pipeline.promote_company(bigint) IS
+    'Stage 3: copies a valid intake row into marketing.company_master; returns the company id (the same one when called again).';
+
+-- Stage 4. The role slots of a promoted company (default: ceo and cfo);
+-- returns how many were created now (0 when they were all there).
+CREATE FUNCTION pipeline.create_slots(company_id bigint, roles text[] DEFAULT '{ceo,cfo}') RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    PERFORM FROM marketing.company_master m WHERE m.id = create_slots.company_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pipeline.create_slots: company_master id % does not exist', create_slots.company_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF roles IS NULL OR cardinality(roles) = 0 THEN
+        RAISE EXCEPTION 'pipeline.create_slots: roles must name at least one role'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO marketing.company_slots AS s (company_id, slot_role)
+    SELECT create_slots.company_id, r FROM unnest(roles) WITH ORDINALITY AS u(r, n) ORDER BY n
+    ON CONFLICT ON CONSTRAINT company_slots_company_role_key DO NOTHING;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION pipeline.create_slots(bigint, text[]) IS
+    'Stage 4: creates the role slots (default ceo, cfo) of a company that lack; returns how many were created.';

@@ -1,0 +1,225 @@
+//! The stage functions the receivers call (sql/009_stage_work.sql).
+
+#[pgrx::pg_schema]
+mod tests {
+    use crate::tests::*;
+    use serde_json::json;
+
+    fn intake(company: &str, website: Option<&str>) -> i64 {
+        let website = website.map_or("NULL".to_string(), |w| format!("'{w}'"));
+        count(&format!(
+            "INSERT INTO intake.company_raw_intake (company, website) VALUES ('{company}', {website}) RETURNING id"
+        ))
+    }
+
+    fn outcome(id: i64) -> serde_json::Value {
+        json(&format!(
+            "SELECT to_jsonb(v) FROM pipeline.validate_company({id}) v"
+        ))
+    }
+
+    #[pg_test]
+    fn website_rules_agree_with_the_company_master_check() {
+        // (website, the reason validation gives, or None when usable)
+        let cases: [(Option<&str>, Option<&str>); 14] = [
+            (Some("https://acme.example"), None),
+            (Some("http://www.Initrode.example:8080/about?x=1#top"), None),
+            (Some("https://bücher.example"), None),
+            (None, Some("website is missing")),
+            (Some("   "), Some("website is missing")),
+            (Some("https://nodot"), Some("website host has no dot")),
+            (
+                Some("https://exa mple.example"),
+                Some("website contains spaces"),
+            ),
+            (Some("acme.example"), Some("website is not an http(s) URL")),
+            (
+                Some("ftp://acme.example"),
+                Some("website is not an http(s) URL"),
+            ),
+            (
+                Some("https://user:pw@acme.example"),
+                Some("website has a user name or password in it"),
+            ),
+            (Some("https:///acme.example"), Some("website has no host")),
+            (
+                Some("https://acme.example:123456"),
+                Some("website is not a valid http(s) URL"),
+            ),
+            (
+                Some("https://acme."),
+                Some("website is not a valid http(s) URL"),
+            ),
+            (
+                Some("https://.example"),
+                Some("website is not a valid http(s) URL"),
+            ),
+        ];
+        for (n, (website, reason)) in cases.iter().enumerate() {
+            let literal = website.map_or("NULL".to_string(), |w| format!("'{w}'"));
+            let problem = value::<String>(&format!("SELECT pipeline.website_problem({literal})"));
+            assert_eq!(problem.as_deref(), *reason, "website_problem({literal})");
+            // The table's CHECK is the same rule: what validation accepts, the
+            // next stage's table takes, and what it refuses, the table refuses.
+            let refused = error_of(&format!(
+                "INSERT INTO marketing.company_master (company_name, website) VALUES ('Case {n}', {literal})"
+            ));
+            assert_eq!(
+                refused.is_none(),
+                reason.is_none(),
+                "company_master with website {literal}: {refused:?}"
+            );
+        }
+        assert_eq!(
+            text("SELECT pipeline.website_domain('HTTPS://WWW.Acme.Example/path')"),
+            "acme.example"
+        );
+        assert_eq!(
+            text("SELECT domain FROM marketing.company_master WHERE company_name = 'Case 1'"),
+            "initrode.example"
+        );
+    }
+
+    #[pg_test]
+    fn validate_company_decides_every_row_with_its_reasons() {
+        let good = intake("Acme", Some("https://www.acme.example/"));
+        let nothing = intake("No Site", None);
+        let nodot = intake("Nodot", Some("https://nodot"));
+        let spaced = intake("Spaced", Some("https://exa mple.example"));
+        assert_eq!(
+            outcome(good),
+            json!({ "id": good, "validation_status": "valid", "validation_errors": [], "domain": "acme.example" })
+        );
+        for (id, reason) in [
+            (nothing, "website is missing"),
+            (nodot, "website host has no dot"),
+            (spaced, "website contains spaces"),
+        ] {
+            assert_eq!(
+                outcome(id),
+                json!({ "id": id, "validation_status": "invalid", "validation_errors": [reason], "domain": null })
+            );
+            let row = json(&format!(
+                "SELECT to_jsonb(r) FROM intake.company_raw_intake r WHERE id = {id}"
+            ));
+            assert_eq!(row["validated"], false);
+            assert!(!row["validated_at"].is_null(), "decided: {row}");
+        }
+        // Only the valid row goes on.
+        assert_eq!(events_of("company_validated").len(), 1);
+
+        // Again: the same answer, nothing written.
+        let at = text(&format!(
+            "SELECT validated_at::text FROM intake.company_raw_intake WHERE id = {good}"
+        ));
+        assert_eq!(outcome(good)["validation_status"], "valid");
+        assert_eq!(
+            text(&format!(
+                "SELECT validated_at::text FROM intake.company_raw_intake WHERE id = {good}"
+            )),
+            at
+        );
+        assert_eq!(events_of("company_validated").len(), 1);
+
+        // A second row of the same company, before and after promotion.
+        let twin = intake("Acme Inc", Some("http://acme.example"));
+        assert_eq!(
+            outcome(twin)["validation_errors"],
+            json!([format!(
+                "duplicate: acme.example is the domain of intake row {good}, already valid"
+            )])
+        );
+        let company = count(&format!("SELECT pipeline.promote_company({good})"));
+        let late = intake("ACME", Some("https://ACME.example/contact"));
+        assert_eq!(
+            outcome(late)["validation_errors"],
+            json!([format!(
+                "duplicate: acme.example is already promoted (company_master id {company})"
+            )])
+        );
+
+        assert_error(
+            "SELECT * FROM pipeline.validate_company(-1)",
+            "intake row -1 does not exist",
+        );
+        assert_error(
+            "SELECT * FROM pipeline.validate_company(NULL)",
+            "intake_id must not be NULL",
+        );
+    }
+
+    #[pg_test]
+    fn promote_company_is_idempotent_and_says_why_it_cannot() {
+        let good = intake("Globex", Some("https://globex.example"));
+        outcome(good);
+        let company = count(&format!("SELECT pipeline.promote_company({good})"));
+        assert_eq!(
+            count(&format!("SELECT pipeline.promote_company({good})")),
+            company
+        );
+        assert_eq!(events_of("company_promoted").len(), 1);
+        assert_eq!(count("SELECT count(*) FROM marketing.company_master"), 1);
+
+        let pending = intake("Initech", Some("https://initech.example"));
+        assert_error(
+            &format!("SELECT pipeline.promote_company({pending})"),
+            &format!("intake row {pending} is not valid (validation_status pending)"),
+        );
+        assert_error(
+            "SELECT pipeline.promote_company(-5)",
+            "intake row -5 does not exist",
+        );
+
+        // A company entered by hand holds the domain that validation let
+        // through before it existed.
+        outcome(pending);
+        let by_hand = count(
+            "INSERT INTO marketing.company_master (company_name, website)
+             VALUES ('Initech by hand', 'https://www.initech.example') RETURNING id",
+        );
+        assert_error(
+            &format!("SELECT pipeline.promote_company({pending})"),
+            &format!("has the domain initech.example, already promoted as company_master id {by_hand} (from intake row none)"),
+        );
+    }
+
+    #[pg_test]
+    fn create_slots_is_idempotent_and_checks_its_input() {
+        let id = intake("Umbrella", Some("https://umbrella.example"));
+        outcome(id);
+        let company = count(&format!("SELECT pipeline.promote_company({id})"));
+        assert_eq!(
+            count(&format!("SELECT pipeline.create_slots({company})::bigint")),
+            2
+        );
+        assert_eq!(
+            count(&format!("SELECT pipeline.create_slots({company})::bigint")),
+            0
+        );
+        assert_eq!(
+            count(&format!(
+                "SELECT pipeline.create_slots({company}, '{{ceo,cto}}')::bigint"
+            )),
+            1
+        );
+        assert_eq!(
+            text(&format!(
+                "SELECT string_agg(slot_role, ',' ORDER BY slot_role) FROM marketing.company_slots WHERE company_id = {company}"
+            )),
+            "ceo,cfo,cto"
+        );
+        assert_eq!(events_of("slots_created").len(), 2);
+        assert_error(
+            "SELECT pipeline.create_slots(-3)",
+            "company_master id -3 does not exist",
+        );
+        assert_error(
+            &format!("SELECT pipeline.create_slots({company}, '{{}}')"),
+            "roles must name at least one role",
+        );
+        assert_error(
+            &format!("SELECT pipeline.create_slots({company}, '{{Chief Executive}}')"),
+            "slot_role_format",
+        );
+    }
+}
