@@ -149,7 +149,10 @@ impl HttpClient {
                     .read_to_end(&mut body);
                 attempt.excerpt = excerpt(&body);
                 if attempt.verdict != Verdict::Delivered {
-                    attempt.error = Some(format!("HTTP {status}"));
+                    attempt.error = Some(match reason(&body) {
+                        Some(reason) => format!("HTTP {status}: {reason}"),
+                        None => format!("HTTP {status}"),
+                    });
                 }
             }
             Err(ureq::Error::Other(cause)) if cause.is::<Blocked>() => {
@@ -179,6 +182,45 @@ fn excerpt(body: &[u8]) -> Option<String> {
     }
     let text = String::from_utf8_lossy(body);
     Some(text.chars().take(EXCERPT_CHARS).collect())
+}
+
+/// Longest reason taken from a refusal's body into the error message.
+const REASON_CHARS: usize = 300;
+
+/// Why a receiver refused, from its answer's body, for the error message a
+/// person reads in marketing.pipeline_error_log: the `error` or `message` of
+/// a JSON object (`{"error": {"message": ...}}` too), else the body's text
+/// with its white space collapsed; None when there is nothing to read.
+pub fn reason(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let said = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|json| {
+            ["error", "message"]
+                .iter()
+                .find_map(|key| match &json[*key] {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Object(inner) => inner
+                        .get("message")
+                        .and_then(|m| m.as_str())
+                        .map(String::from),
+                    _ => None,
+                })
+        });
+    let words = said
+        .as_deref()
+        .unwrap_or(&text)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if words.is_empty() {
+        return None;
+    }
+    let mut short: String = words.chars().take(REASON_CHARS).collect();
+    if short.len() < words.len() {
+        short.push('…');
+    }
+    Some(short)
 }
 
 fn describe(error: &ureq::Error) -> String {
@@ -212,4 +254,46 @@ fn trusted_roots(ca_file: Option<&str>) -> Result<Vec<Certificate<'static>>, Str
         }
     }
     Ok(roots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reason;
+
+    #[test]
+    fn a_refusal_says_why_in_a_line() {
+        let cases: [(&str, Option<&str>); 8] = [
+            (
+                r#"{"error": "intake row 5 is not valid"}"#,
+                Some("intake row 5 is not valid"),
+            ),
+            (
+                r#"{"message": "Error in workflow"}"#,
+                Some("Error in workflow"),
+            ),
+            (
+                r#"{"error": {"code": 7, "message": "out of credits"}}"#,
+                Some("out of credits"),
+            ),
+            (r#"{"status": "no"}"#, Some(r#"{"status": "no"}"#)),
+            (
+                "<html>\n  <h1>Bad   Gateway</h1>\n</html>",
+                Some("<html> <h1>Bad Gateway</h1> </html>"),
+            ),
+            ("", None),
+            (" \n\t", None),
+            (r#"{"error": "  "}"#, None),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(reason(body.as_bytes()).as_deref(), expected, "{body:?}");
+        }
+        let long = reason("x ".repeat(400).as_bytes()).unwrap();
+        assert_eq!(long.chars().count(), 301, "300 characters and an ellipsis");
+        assert!(long.ends_with('…'));
+        // Not UTF-8: read as far as it goes, never a panic.
+        assert_eq!(
+            reason(b"bad \xff byte").as_deref(),
+            Some("bad \u{FFFD} byte")
+        );
+    }
 }

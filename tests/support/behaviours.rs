@@ -366,7 +366,13 @@ pub fn answers_decide_retry_backoff_gone_and_death(kind: Kind) {
             headers: vec![("Retry-After", "2".into())],
             ..Answer::status(429)
         },
-        ("/rejected", _) => Answer::status(400),
+        // A refusal that says why, as the stage workflows answer one.
+        ("/rejected", _) => Answer {
+            body: Some(
+                r#"{"error": "pipeline.promote_company: intake row 5 is not valid"}"#.into(),
+            ),
+            ..Answer::status(422)
+        },
         ("/redirect", _) => Answer {
             headers: vec![("Location", "http://127.0.0.1:1/".into())],
             ..Answer::status(302)
@@ -418,7 +424,10 @@ pub fn answers_decide_retry_backoff_gone_and_death(kind: Kind) {
         )
     };
     assert_eq!(outcomes("flaky"), ["retry 500 HTTP 500", "delivered 200 -"]);
-    assert_eq!(outcomes("rejected"), ["failed 400 HTTP 400"; 3]);
+    assert_eq!(
+        outcomes("rejected"),
+        ["failed 422 HTTP 422: pipeline.promote_company: intake row 5 is not valid"; 3]
+    );
     assert_eq!(outcomes("redirect"), ["failed 302 HTTP 302"; 3]);
     let slow = outcomes("slow");
     assert!(slow[0].starts_with("retry - timed out"), "{slow:?}");
@@ -429,6 +438,14 @@ pub fn answers_decide_retry_backoff_gone_and_death(kind: Kind) {
         ),
         3,
         "every failed attempt is in the error log"
+    );
+    // With the receiver's reason, where a person reads it.
+    assert_eq!(
+        one::<String>(
+            &mut db,
+            "SELECT error_message FROM marketing.vw_unresolved_errors WHERE stage = 'rejected' LIMIT 1"
+        ),
+        "HTTP 422: pipeline.promote_company: intake row 5 is not valid"
     );
 
     // 410 Gone disables the endpoint; its events wait, and go once it is enabled.

@@ -28,10 +28,14 @@ impl Request {
     }
 }
 
-/// How to answer one request: status, extra headers, delay before answering.
+/// How to answer one request: status, extra headers, body, delay before
+/// answering.
 pub struct Answer {
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
+    /// None: n8n's `{"message":"Workflow was started"}` for a 2xx, nothing
+    /// otherwise.
+    pub body: Option<String>,
     pub delay: Duration,
 }
 
@@ -40,6 +44,7 @@ impl Answer {
         Answer {
             status,
             headers: vec![],
+            body: None,
             delay: Duration::ZERO,
         }
     }
@@ -104,10 +109,14 @@ impl Receiver {
                 n
             };
             let answer = script(&request, earlier);
+            let body = answer.body.unwrap_or_else(|| match answer.status {
+                200..=299 => "{\"message\":\"Workflow was started\"}".into(),
+                _ => String::new(),
+            });
             Response {
                 status: answer.status,
                 headers: answer.headers,
-                body: "{\"message\":\"Workflow was started\"}".into(),
+                body,
                 delay: answer.delay,
             }
         })
