@@ -14,8 +14,13 @@
 //! when the write committed and 500 with the database's reason when it
 //! failed, so the worker retries and the error log says why.
 //!
-//!   cargo run --example stage_runner -- --listen 127.0.0.1:28901 \
-//!       --database "host=127.0.0.1 port=28815 user=postgres dbname=postgres"
+//! Like the workflows (n8n Header Auth), it answers only requests that carry
+//! the header X-Pipeline-Auth with the token of the environment variable
+//! PIPELINE_N8N_WEBHOOK_TOKEN (the one n8n/n8n_webhook_registry.json names);
+//! others get 403.
+//!
+//!   PIPELINE_N8N_WEBHOOK_TOKEN=... cargo run --example stage_runner -- \
+//!       --listen 127.0.0.1:28901 --database "host=127.0.0.1 port=28815 user=postgres dbname=postgres"
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -28,7 +33,13 @@ use serde_json::Value;
 #[allow(dead_code)]
 mod http_server;
 
-const USAGE: &str = "usage: stage_runner --listen HOST:PORT --database CONNINFO [--connections N]";
+const USAGE: &str = "usage: stage_runner --listen HOST:PORT --database CONNINFO [--connections N] \
+                     (with PIPELINE_N8N_WEBHOOK_TOKEN set)";
+
+/// The header the workflows' Header Auth checks, as the registry sends it.
+pub const AUTH_HEADER: &str = "X-Pipeline-Auth";
+/// The environment variable that holds its value.
+pub const AUTH_TOKEN_VARIABLE: &str = "PIPELINE_N8N_WEBHOOK_TOKEN";
 
 #[allow(dead_code)] // the benchmark (bench/) includes this file and calls serve
 fn main() {
@@ -45,7 +56,11 @@ fn main() {
         }
     }
     let (listen, database) = (listen.expect(USAGE), database.expect(USAGE));
-    let _server = serve(&listen, &database, connections);
+    let token = std::env::var(AUTH_TOKEN_VARIABLE)
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .unwrap_or_else(|| panic!("{AUTH_TOKEN_VARIABLE} is not set: {USAGE}"));
+    let _server = serve(&listen, &database, connections, &token);
     eprintln!("stage runner listening on http://{listen}");
     loop {
         std::thread::park();
@@ -53,8 +68,9 @@ fn main() {
 }
 
 /// Serves the five workflows on `listen`, writing through `connections`
-/// database connections, until the returned server is dropped.
-pub fn serve(listen: &str, database: &str, connections: usize) -> http_server::Server {
+/// database connections, to requests whose AUTH_HEADER is `token`, until
+/// the returned server is dropped.
+pub fn serve(listen: &str, database: &str, connections: usize, token: &str) -> http_server::Server {
     // Each connection serves one request at a time. NB: the pool lives as
     // long as the process: a postgres::Client dropped inside the server's
     // tokio runtime (when the server stops) would panic.
@@ -69,7 +85,21 @@ pub fn serve(listen: &str, database: &str, connections: usize) -> http_server::S
     ));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let database = database.to_string();
+    let token = token.to_string();
     http_server::Server::start(listen, None, move |request| {
+        let authorized = request
+            .headers
+            .iter()
+            .any(|(name, value)| name.eq_ignore_ascii_case(AUTH_HEADER) && *value == token);
+        if !authorized {
+            // As n8n answers a Header Auth webhook without the right header.
+            return http_server::Response {
+                status: 403,
+                headers: vec![("content-type", "application/json".into())],
+                body: serde_json::json!({ "message": "Authorization data is wrong!" }).to_string(),
+                delay: Duration::ZERO,
+            };
+        }
         let slot = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % pool.len();
         let mut db = pool[slot].lock().unwrap();
         if db.is_closed() {

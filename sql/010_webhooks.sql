@@ -378,9 +378,22 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     FOR v_key IN SELECT jsonb_object_keys(registry) LOOP
-        IF v_key NOT IN ('base_url', 'webhooks') THEN
-            RAISE EXCEPTION 'registry: unknown key % (expected base_url and webhooks)', to_json(v_key)
+        IF v_key NOT IN ('base_url', 'headers', 'webhooks') THEN
+            RAISE EXCEPTION 'registry: unknown key % (expected base_url, headers and webhooks)', to_json(v_key)
                 USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    -- Headers every endpoint of the file sends (an n8n Header Auth, say); an
+    -- endpoint's own headers of the same name win. Their values come from
+    -- the loader (an environment variable or a file, n8n/README.md), never
+    -- from the committed file: a reference left unresolved is refused.
+    PERFORM pipeline._check_json_type('registry: ', registry, 'headers', 'object');
+    FOR v_entry IN SELECT h.key, h.value FROM jsonb_each(registry -> 'headers') h LOOP
+        IF jsonb_typeof(v_entry.value) <> 'string' THEN
+            RAISE EXCEPTION 'registry: headers.%: the value must be a string, not %; % must be replaced by its value before the import',
+                v_entry.key, jsonb_typeof(v_entry.value), v_entry.value
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'n8n/README.md shows how to load the registry with the header''s value from an environment variable or a file.';
         END IF;
     END LOOP;
     IF registry ? 'base_url' THEN
@@ -447,7 +460,7 @@ BEGIN
         v_new.event_type := v_entry.key;
         v_new.url := v_url;
         v_new.method := upper(coalesce(v_spec ->> 'method', 'POST'));
-        v_headers := coalesce(v_spec -> 'headers', '{}');
+        v_headers := coalesce(registry -> 'headers', '{}') || coalesce(v_spec -> 'headers', '{}');
         v_secret := v_spec ->> 'secret';
         v_new.timeout_ms := (v_spec ->> 'timeout_ms')::numeric::integer;
         v_new.max_in_flight := (v_spec ->> 'max_in_flight')::numeric::integer;

@@ -832,7 +832,8 @@ fn cascade(bench: &mut Bench) {
         .local_addr()
         .unwrap()
         .port();
-    let _runner = stage_runner::serve(&format!("127.0.0.1:{port}"), &bench.conninfo, 8);
+    let token = "bench-token";
+    let _runner = stage_runner::serve(&format!("127.0.0.1:{port}"), &bench.conninfo, 8, token);
     let registry = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../n8n/n8n_webhook_registry.json"
@@ -845,8 +846,10 @@ fn cascade(bench: &mut Bench) {
                       marketing.email_verification",
         );
         bench.sql(&format!(
-            "SELECT count(*) FROM pipeline.import_registry(jsonb_set($${registry}$$::jsonb, '{{base_url}}',
-                                                                     to_jsonb('http://127.0.0.1:{port}'::text)))"
+            "SELECT count(*) FROM pipeline.import_registry(
+                 jsonb_set(jsonb_set($${registry}$$::jsonb, '{{base_url}}', to_jsonb('http://127.0.0.1:{port}'::text)),
+                           '{{headers,{}}}', to_jsonb('{token}'::text)))",
+            stage_runner::AUTH_HEADER
         ));
         bench.sql(&format!(
             "INSERT INTO intake.company_raw_intake (company, website, import_batch_id)

@@ -203,6 +203,52 @@ mod tests {
     }
 
     #[pg_test]
+    fn webhooks_registry_headers_go_to_every_endpoint() {
+        // The header of an n8n Header Auth, once for the whole file; an
+        // endpoint's own header of the same name wins.
+        run(
+            r#"SELECT pipeline.import_registry('{"base_url": "https://n8n.example",
+                 "headers": {"X-Pipeline-Auth": "s3cret", "X-Team": "outreach"},
+                 "webhooks": {"company_created": "/webhook/validate-company",
+                              "company_validated": {"url": "/webhook/promote-company",
+                                                    "headers": {"X-Team": "promotion"}}}}')"#,
+        );
+        assert_eq!(
+            webhook("company_created")["headers"],
+            json!({ "X-Pipeline-Auth": "s3cret", "X-Team": "outreach" })
+        );
+        assert_eq!(
+            webhook("company_validated")["headers"],
+            json!({ "X-Pipeline-Auth": "s3cret", "X-Team": "promotion" })
+        );
+        // A reference the loader did not resolve, and other bad shapes: refused,
+        // naming the key, and nothing changes.
+        for (registry, expected) in [
+            (
+                r#"{"headers": {"X-Pipeline-Auth": {"env": "PIPELINE_N8N_WEBHOOK_TOKEN"}}, "webhooks": {}}"#,
+                r#"registry: headers.X-Pipeline-Auth: the value must be a string, not object; {"env": "PIPELINE_N8N_WEBHOOK_TOKEN"} must be replaced by its value before the import"#,
+            ),
+            (
+                r#"{"headers": ["X-Pipeline-Auth"], "webhooks": {}}"#,
+                "registry: headers must be a object, not array",
+            ),
+            (
+                r#"{"headers": {"Content-Type": "text/plain"}, "webhooks": {"company_created": "https://n8n.example/x"}}"#,
+                r#"header "Content-Type" is set by the worker and cannot be overridden"#,
+            ),
+        ] {
+            assert_error(
+                &format!("SELECT pipeline.import_registry('{registry}')"),
+                expected,
+            );
+        }
+        assert_eq!(
+            webhook("company_created")["headers"],
+            json!({ "X-Pipeline-Auth": "s3cret", "X-Team": "outreach" })
+        );
+    }
+
+    #[pg_test]
     fn webhooks_round_trip_emitted_types_and_literal_origins() {
         // A type only pipeline.emit sends, and an origin with _ in it that a
         // LIKE pattern would take as a wildcard.

@@ -16,6 +16,7 @@ pub fn start_runner(conninfo: &str) -> (Running, u16) {
         Command::new(runner)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--database", conninfo])
+            .env("PIPELINE_N8N_WEBHOOK_TOKEN", TOKEN)
             .spawn()
             .expect("start the stage runner"),
     );
@@ -27,6 +28,9 @@ pub fn start_runner(conninfo: &str) -> (Running, u16) {
     (running, port)
 }
 
+/// The token of the runner's Header Auth in these tests.
+pub const TOKEN: &str = "cascade-test-token";
+
 /// Imports the registry pointed at the runner, feeds 20 companies and
 /// checks that every valid one ends outreach ready, each routed event
 /// delivered once, with no error.
@@ -36,11 +40,23 @@ pub fn feed_and_check(db: &mut postgres::Client, port: u16) {
     let imported = texts(
         db,
         &format!(
-            "SELECT action FROM pipeline.import_registry(jsonb_set($${registry}$$::jsonb, '{{base_url}}',
-                                                         to_jsonb('http://127.0.0.1:{port}'::text)))"
+            "SELECT action FROM pipeline.import_registry(jsonb_set(jsonb_set($${registry}$$::jsonb, '{{base_url}}',
+                                                                   to_jsonb('http://127.0.0.1:{port}'::text)),
+                                                         '{{headers,X-Pipeline-Auth}}', to_jsonb('{TOKEN}'::text)))"
         ),
     );
     assert_eq!(imported, ["created"; 5]);
+    // The runner, as the workflows, answers nothing without the header.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(
+        &mut stream,
+        b"POST /webhook/validate-company HTTP/1.1\r\nHost: runner\r\nContent-Type: application/json\r\n\
+          Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
 
     db.batch_execute(
         "INSERT INTO intake.company_raw_intake (company, website, import_batch_id)
