@@ -6,6 +6,8 @@
 --   pipeline.validate_company(intake_id)   stage 2: valid or invalid, with reasons
 --   pipeline.promote_company(intake_id)    stage 3: into marketing.company_master
 --   pipeline.create_slots(company_id)      stage 4: the role slots of a company
+--   pipeline.record_enrichment(slot, items)    stage 5: a people-finder's (Apify) answer
+--   pipeline.record_verification(slot, answer) stage 6: an email verifier's (MillionVerifier) answer
 --
 -- Each may be called again for the same row (deliveries are at least once):
 -- a second call changes nothing and answers as the first did. What cannot be
@@ -174,3 +176,134 @@ END
 $$;
 COMMENT ON FUNCTION pipeline.create_slots(bigint, text[]) IS
     'Stage 4: creates the role slots (default ceo, cfo) of a company that lack; returns how many were created.';
+
+-- Stage 5. Fills a slot from what a people-finder returned: `items` is the
+-- JSON array of dataset items of an Apify actor run
+-- (run-sync-get-dataset-items), one person per item, with fullName (or
+-- name), jobTitle (or title, position), email, linkedinUrl (or linkedin)
+-- and phone. The first item with a name or a usable email fills the slot
+-- (enriched, source `source`); an email the table would refuse is left out.
+-- No such item: the slot is not_found. A slot already decided is left as it
+-- is; returns the slot's enrichment_status.
+CREATE FUNCTION pipeline.record_enrichment(slot_id bigint, items jsonb, source text DEFAULT 'apify')
+RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_slot   marketing.company_slots;
+    v_person jsonb;
+    v_name   text;
+    v_email  text;
+BEGIN
+    SELECT * INTO v_slot FROM marketing.company_slots s WHERE s.id = record_enrichment.slot_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pipeline.record_enrichment: slot % does not exist', record_enrichment.slot_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF jsonb_typeof(items) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'pipeline.record_enrichment: items must be the JSON array of the actor''s dataset items, not %',
+                        coalesce(jsonb_typeof(items), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_slot.enrichment_status IN ('enriched', 'not_found') THEN
+        RETURN v_slot.enrichment_status;
+    END IF;
+    SELECT p.person, p.name, p.email INTO v_person, v_name, v_email
+    FROM (SELECT i.item AS person, i.n,
+                 nullif(btrim(coalesce(i.item ->> 'fullName', i.item ->> 'name')), '') AS name,
+                 CASE WHEN pipeline._is_email(lower(btrim(i.item ->> 'email'))) THEN lower(btrim(i.item ->> 'email')) END AS email
+          FROM jsonb_array_elements(items) WITH ORDINALITY AS i(item, n)
+          WHERE jsonb_typeof(i.item) = 'object') p
+    WHERE p.name IS NOT NULL OR p.email IS NOT NULL
+    ORDER BY p.n
+    LIMIT 1;
+    IF v_person IS NULL THEN
+        UPDATE marketing.company_slots s
+        SET enrichment_status = 'not_found', enrichment_source = record_enrichment.source, enriched_at = now()
+        WHERE s.id = v_slot.id;
+        RETURN 'not_found';
+    END IF;
+    UPDATE marketing.company_slots s
+    SET enrichment_status = 'enriched', enrichment_source = record_enrichment.source, enriched_at = now(),
+        full_name = left(v_name, 200),
+        title = left(nullif(btrim(coalesce(v_person ->> 'jobTitle', v_person ->> 'title', v_person ->> 'position')), ''), 200),
+        email = v_email,
+        linkedin_url = left(nullif(btrim(coalesce(v_person ->> 'linkedinUrl', v_person ->> 'linkedin')), ''), 2048),
+        phone = left(nullif(btrim(v_person ->> 'phone'), ''), 50)
+    WHERE s.id = v_slot.id;
+    RETURN 'enriched';
+END
+$$;
+COMMENT ON FUNCTION pipeline.record_enrichment(bigint, jsonb, text) IS
+    'Stage 5: fills a slot from an Apify actor''s dataset items (the first person with a name or email), '
+    'or marks it not_found; a slot already decided is left as it is. Returns the enrichment_status.';
+
+-- Stage 6. Stores a MillionVerifier answer (GET /api/v3/?api=...&email=...)
+-- for a slot's email: result ok → valid, catch_all → catch_all, unknown →
+-- unknown, invalid and disposable → invalid; score from quality (good 90,
+-- risky 50, bad 10); the whole answer in details. MillionVerifier answers a
+-- bad key or an empty balance with HTTP 200 and result "error": that is
+-- raised with its message, so the event is retried and the error log says
+-- why. The same answer twice stores it once; returns the verification's id.
+CREATE FUNCTION pipeline.record_verification(slot_id bigint, answer jsonb, provider text DEFAULT 'millionverifier')
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_slot   marketing.company_slots;
+    v_result text;
+    v_id     bigint;
+BEGIN
+    SELECT * INTO v_slot FROM marketing.company_slots s WHERE s.id = record_verification.slot_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pipeline.record_verification: slot % does not exist', record_verification.slot_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v_slot.email IS NULL THEN
+        RAISE EXCEPTION 'pipeline.record_verification: slot % has no email to verify', v_slot.id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF jsonb_typeof(answer) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'pipeline.record_verification: the answer must be a JSON object, not %',
+                        coalesce(jsonb_typeof(answer), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF answer ->> 'result' = 'error' OR coalesce(answer ->> 'error', '') <> '' THEN
+        RAISE EXCEPTION '%: %', provider, coalesce(nullif(answer ->> 'error', ''), 'error without a message')
+            USING ERRCODE = 'external_routine_exception',
+                  DETAIL = format('resultcode %s, credits %s', coalesce(answer ->> 'resultcode', '?'),
+                                  coalesce(answer ->> 'credits', '?'));
+    END IF;
+    IF lower(answer ->> 'email') IS DISTINCT FROM lower(v_slot.email) THEN
+        RAISE EXCEPTION 'pipeline.record_verification: the answer is about %, slot % has %',
+                        coalesce(answer ->> 'email', 'no email'), v_slot.id, v_slot.email
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_result := CASE answer ->> 'result'
+                    WHEN 'ok' THEN 'valid'
+                    WHEN 'catch_all' THEN 'catch_all'
+                    WHEN 'unknown' THEN 'unknown'
+                    WHEN 'invalid' THEN 'invalid'
+                    WHEN 'disposable' THEN 'invalid'
+                END;
+    IF v_result IS NULL THEN
+        RAISE EXCEPTION 'pipeline.record_verification: unknown result % (expected ok, catch_all, unknown, invalid, disposable or error)',
+                        coalesce(answer -> 'result', 'null'::jsonb)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT v.id INTO v_id FROM marketing.email_verification v
+    WHERE v.slot_id = v_slot.id AND v.email = v_slot.email AND v.provider = record_verification.provider
+      AND v.details = answer
+    ORDER BY v.id DESC LIMIT 1;
+    IF FOUND THEN
+        RETURN v_id;
+    END IF;
+    INSERT INTO marketing.email_verification AS v (slot_id, email, result, provider, score, details)
+    VALUES (v_slot.id, v_slot.email, v_result, record_verification.provider,
+            CASE answer ->> 'quality' WHEN 'good' THEN 90 WHEN 'risky' THEN 50 WHEN 'bad' THEN 10 END,
+            answer)
+    RETURNING v.id INTO v_id;
+    RETURN v_id;
+END
+$$;
+COMMENT ON FUNCTION pipeline.record_verification(bigint, jsonb, text) IS
+    'Stage 6: stores a MillionVerifier answer for a slot''s email (result, score from quality, the answer as details); '
+    'raises the provider''s error (bad key, no credits) so the event is retried. Returns the verification id.';

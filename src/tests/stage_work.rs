@@ -222,4 +222,182 @@ mod tests {
             "slot_role_format",
         );
     }
+
+    /// A promoted company with its two slots; returns (company id, ceo slot id).
+    fn slots_of(name: &str, domain: &str) -> (i64, i64) {
+        let id = intake(name, Some(&format!("https://{domain}")));
+        outcome(id);
+        let company = count(&format!("SELECT pipeline.promote_company({id})"));
+        count(&format!("SELECT pipeline.create_slots({company})::bigint"));
+        let ceo = count(&format!(
+            "SELECT id FROM marketing.company_slots WHERE company_id = {company} AND slot_role = 'ceo'"
+        ));
+        (company, ceo)
+    }
+
+    fn slot(id: i64) -> serde_json::Value {
+        json(&format!(
+            "SELECT to_jsonb(s) - 'created_at' - 'enriched_at' FROM marketing.company_slots s WHERE id = {id}"
+        ))
+    }
+
+    #[pg_test]
+    fn record_enrichment_maps_the_first_person_or_marks_not_found() {
+        let (company, ceo) = slots_of("Stark", "stark.example");
+        // The first item without a name or a usable email is passed over;
+        // an email the table would refuse is left out, not fatal.
+        let items = r#"[{"note": "nobody"}, "junk",
+                        {"fullName": " Pepper Potts ", "jobTitle": "CEO", "email": " Pepper@Stark.Example ",
+                         "linkedinUrl": "https://linkedin.example/in/pepper", "phone": "+1 555 0100"},
+                        {"fullName": "Someone Else"}]"#;
+        assert_eq!(
+            text(&format!(
+                "SELECT pipeline.record_enrichment({ceo}, '{items}')"
+            )),
+            "enriched"
+        );
+        let filled = slot(ceo);
+        assert_eq!(filled["full_name"], "Pepper Potts");
+        assert_eq!(filled["title"], "CEO");
+        assert_eq!(filled["email"], "pepper@stark.example");
+        assert_eq!(filled["linkedin_url"], "https://linkedin.example/in/pepper");
+        assert_eq!(filled["phone"], "+1 555 0100");
+        assert_eq!(filled["enrichment_source"], "apify");
+        assert_eq!(events_of("contact_enriched").len(), 1);
+        // Again, or with another answer: the slot stays as it was.
+        assert_eq!(
+            text(&format!(
+                "SELECT pipeline.record_enrichment({ceo}, '[{{\"fullName\": \"Tony\"}}]')"
+            )),
+            "enriched"
+        );
+        assert_eq!(slot(ceo), filled);
+        assert_eq!(events_of("contact_enriched").len(), 1);
+
+        let cfo = count(&format!(
+            "SELECT id FROM marketing.company_slots WHERE company_id = {company} AND slot_role = 'cfo'"
+        ));
+        assert_eq!(
+            text(&format!(
+                "SELECT pipeline.record_enrichment({cfo}, '[{{\"fullName\": \"\", \"email\": \"not an email\"}}]')"
+            )),
+            "not_found"
+        );
+        assert_eq!(slot(cfo)["enrichment_status"], "not_found");
+        assert!(slot(cfo)["email"].is_null());
+
+        let (_, other) = slots_of("Wayne", "wayne.example");
+        assert_eq!(
+            text(&format!(
+                "SELECT pipeline.record_enrichment({other}, '[{{\"name\": \"Lucius Fox\", \"position\": \"CEO\"}}]')"
+            )),
+            "enriched"
+        );
+        assert_eq!(slot(other)["full_name"], "Lucius Fox");
+        assert_eq!(slot(other)["title"], "CEO");
+        assert!(slot(other)["email"].is_null());
+
+        assert_error(
+            "SELECT pipeline.record_enrichment(-1, '[]')",
+            "slot -1 does not exist",
+        );
+        let (_, fresh) = slots_of("Oscorp", "oscorp.example");
+        assert_error(
+            &format!("SELECT pipeline.record_enrichment({fresh}, '{{\"items\": []}}')"),
+            "items must be the JSON array of the actor's dataset items, not object",
+        );
+        assert_eq!(
+            slot(fresh)["enrichment_status"],
+            "pending",
+            "refused: nothing changed"
+        );
+    }
+
+    #[pg_test]
+    fn record_verification_maps_millionverifier_and_raises_its_errors() {
+        let (_, ceo) = slots_of("Acme Verify", "acmeverify.example");
+        text(&format!(
+            r#"SELECT pipeline.record_enrichment({ceo}, '[{{"fullName": "Wile E", "email": "wile@acmeverify.example"}}]')"#
+        ));
+        let answer = |result: &str, quality: &str, error: &str| {
+            format!(
+                r#"{{"email": "wile@acmeverify.example", "quality": "{quality}", "result": "{result}", "resultcode": 1,
+                    "subresult": "ok", "free": false, "role": false, "didyoumean": "", "credits": 999,
+                    "executiontime": 1, "error": "{error}", "livemode": true}}"#
+            )
+        };
+        // The traps first: a bad key and an empty balance answer HTTP 200.
+        assert_error(
+            &format!(
+                "SELECT pipeline.record_verification({ceo}, '{}')",
+                answer("error", "", "Apikey not found")
+            ),
+            "millionverifier: Apikey not found",
+        );
+        assert_error(
+            &format!(
+                "SELECT pipeline.record_verification({ceo}, '{}')",
+                answer("error", "", "Insufficient credits")
+            ),
+            "millionverifier: Insufficient credits",
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM marketing.email_verification"),
+            0
+        );
+        for (result, quality, stored, score) in [
+            ("ok", "good", "valid", json!(90.0)),
+            ("catch_all", "risky", "catch_all", json!(50.0)),
+            ("unknown", "", "unknown", json!(null)),
+            ("disposable", "bad", "invalid", json!(10.0)),
+            ("invalid", "bad", "invalid", json!(10.0)),
+        ] {
+            let id = count(&format!(
+                "SELECT pipeline.record_verification({ceo}, '{}')",
+                answer(result, quality, "")
+            ));
+            let row = json(&format!(
+                "SELECT jsonb_build_object('result', result, 'score', score, 'provider', provider, 'details', details)
+                 FROM marketing.email_verification WHERE id = {id}"
+            ));
+            assert_eq!(row["result"], stored, "{result}");
+            assert_eq!(row["score"], score, "{result}");
+            assert_eq!(row["provider"], "millionverifier");
+            assert_eq!(row["details"]["credits"], 999);
+            // The same answer again: the same row.
+            assert_eq!(
+                count(&format!(
+                    "SELECT pipeline.record_verification({ceo}, '{}')",
+                    answer(result, quality, "")
+                )),
+                id
+            );
+        }
+        assert_eq!(
+            count("SELECT count(*) FROM marketing.email_verification"),
+            5
+        );
+        assert_error(
+            &format!(
+                "SELECT pipeline.record_verification({ceo}, '{}')",
+                answer("ok", "good", "").replace("wile@", "coyote@")
+            ),
+            "the answer is about coyote@acmeverify.example",
+        );
+        assert_error(
+            &format!(
+                "SELECT pipeline.record_verification({ceo}, '{}')",
+                answer("maybe", "good", "")
+            ),
+            r#"unknown result "maybe""#,
+        );
+        let (_, empty) = slots_of("No Mail", "nomail.example");
+        assert_error(
+            &format!(
+                "SELECT pipeline.record_verification({empty}, '{}')",
+                answer("ok", "good", "")
+            ),
+            "has no email to verify",
+        );
+    }
 }
