@@ -19,7 +19,10 @@ use hyper_util::rt::TokioIo;
 /// A request as the handler sees it.
 #[derive(Clone, Debug)]
 pub struct Request {
+    pub method: String,
     pub path: String,
+    /// What follows the ? of the target, as sent ("" when none).
+    pub query: String,
     pub headers: Vec<(String, String)>,
     pub body: String,
     /// When the request (headers and body) had arrived.
@@ -118,7 +121,9 @@ where
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let request = Request {
+        method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or_default().to_string(),
         headers: parts
             .headers
             .iter()
