@@ -7,8 +7,12 @@
 //!   POST /webhook/validate-company  company_created    -> validated / invalid
 //!   POST /webhook/promote-company   company_validated  -> marketing.company_master
 //!   POST /webhook/create-slots      company_promoted   -> ceo and cfo slots
-//!   POST /webhook/enrich-contact    slots_created      -> contacts enriched
-//!   POST /webhook/verify-email      contact_enriched   -> marketing.email_verification
+//!   POST /webhook/enrich-contact    slots_created      -> Apify's people-finder, contacts enriched
+//!   POST /webhook/verify-email      contact_enriched   -> MillionVerifier, marketing.email_verification
+//!
+//! The decisions and the mapping of the services' answers are the database's
+//! (sql/009_stage_work.sql), as in the n8n workflows; the services are the
+//! real ones or their stand-ins (examples/outreach_standins.rs), by URL.
 //!
 //! Every write is idempotent (deliveries are at least once). It answers 200
 //! when the write committed and 500 with the database's reason when it
@@ -34,7 +38,8 @@ use serde_json::Value;
 mod http_server;
 
 const USAGE: &str = "usage: stage_runner --listen HOST:PORT --database CONNINFO [--connections N] \
-                     (with PIPELINE_N8N_WEBHOOK_TOKEN set)";
+                     (with PIPELINE_N8N_WEBHOOK_TOKEN, APIFY_TOKEN and MILLIONVERIFIER_API_KEY set; \
+                     APIFY_BASE_URL, APIFY_ACTOR and MILLIONVERIFIER_BASE_URL for other places than the services')";
 
 /// The header the workflows' Header Auth checks, as the registry sends it.
 pub const AUTH_HEADER: &str = "X-Pipeline-Auth";
@@ -60,7 +65,13 @@ fn main() {
         .ok()
         .filter(|t| !t.trim().is_empty())
         .unwrap_or_else(|| panic!("{AUTH_TOKEN_VARIABLE} is not set: {USAGE}"));
-    let _server = serve(&listen, &database, connections, &token);
+    let _server = serve(
+        &listen,
+        &database,
+        connections,
+        &token,
+        Services::from_env(),
+    );
     eprintln!("stage runner listening on http://{listen}");
     loop {
         std::thread::park();
@@ -70,7 +81,13 @@ fn main() {
 /// Serves the five workflows on `listen`, writing through `connections`
 /// database connections, to requests whose AUTH_HEADER is `token`, until
 /// the returned server is dropped.
-pub fn serve(listen: &str, database: &str, connections: usize, token: &str) -> http_server::Server {
+pub fn serve(
+    listen: &str,
+    database: &str,
+    connections: usize,
+    token: &str,
+    services: Services,
+) -> http_server::Server {
     // Each connection serves one request at a time. NB: the pool lives as
     // long as the process: a postgres::Client dropped inside the server's
     // tokio runtime (when the server stops) would panic.
@@ -107,7 +124,7 @@ pub fn serve(listen: &str, database: &str, connections: usize, token: &str) -> h
                 *db = fresh;
             }
         }
-        let (status, message) = match handle(&mut db, &request.path, &request.body) {
+        let (status, message) = match handle(&mut db, &services, &request.path, &request.body) {
             Ok(done) => (200, done),
             Err(error) => {
                 eprintln!("stage runner: {} failed: {error}", request.path);
@@ -125,7 +142,7 @@ pub fn serve(listen: &str, database: &str, connections: usize, token: &str) -> h
 }
 
 /// Does one stage's work for one event; returns what it did.
-fn handle(db: &mut Client, path: &str, body: &str) -> Result<String, String> {
+fn handle(db: &mut Client, services: &Services, path: &str, body: &str) -> Result<String, String> {
     let event: Value = serde_json::from_str(body).map_err(|e| format!("body is not JSON: {e}"))?;
     let data = &event["data"];
     let new = &data["new"];
@@ -149,35 +166,141 @@ fn handle(db: &mut Client, path: &str, body: &str) -> Result<String, String> {
             .query_one("SELECT pipeline.create_slots($1)", &[&id(new)?])
             .map(|row| row.get::<_, i32>(0) as u64),
         "/webhook/enrich-contact" => {
-            // slots_created carries every new slot of the company in data.new.
-            let slots: Vec<i64> = new
-                .as_array()
-                .ok_or("slots_created without slots")?
-                .iter()
-                .map(id)
-                .collect::<Result<_, _>>()?;
-            db.execute(
-                "UPDATE marketing.company_slots s
-                 SET enrichment_status = 'enriched', enrichment_source = 'stage_runner', enriched_at = now(),
-                     full_name = initcap(s.slot_role) || ' of ' || c.company_name,
-                     title = upper(s.slot_role), email = s.slot_role || '@' || c.domain
-                 FROM marketing.company_master c
-                 WHERE c.id = s.company_id AND s.id = ANY($1) AND s.enrichment_status <> 'enriched'",
-                &[&slots],
-            )
+            // slots_created carries every new slot of the company in data.new;
+            // each is looked up at Apify (run-sync-get-dataset-items).
+            let slots = new.as_array().ok_or("slots_created without slots")?;
+            let mut done = 0;
+            for slot in slots {
+                let domain: String = db
+                    .query_one(
+                        "SELECT c.domain FROM marketing.company_master c WHERE c.id = $1",
+                        &[&slot["company_id"]
+                            .as_i64()
+                            .ok_or("slot without company_id")?],
+                    )
+                    .map_err(reason)?
+                    .get(0);
+                let role = slot["slot_role"].as_str().ok_or("slot without slot_role")?;
+                let items = services.find_people(&domain, role)?;
+                db.query_one(
+                    "SELECT pipeline.record_enrichment($1, $2::text::jsonb)",
+                    &[&id(slot)?, &items],
+                )
+                .map_err(reason)?;
+                done += 1;
+            }
+            Ok(done)
         }
-        "/webhook/verify-email" => db.execute(
-            "INSERT INTO marketing.email_verification (slot_id, email, result, score, provider)
-             SELECT s.id, s.email, 'valid', 95, 'stage_runner'
-             FROM marketing.company_slots s
-             WHERE s.id = $1 AND s.email IS NOT NULL
-               AND NOT EXISTS (SELECT 1 FROM marketing.email_verification v WHERE v.slot_id = s.id)",
-            &[&id(new)?],
-        ),
+        "/webhook/verify-email" => match new["email"].as_str() {
+            // A contact found by name only: nothing to verify.
+            None => return Ok(format!("{path}: slot {} has no email", id(new)?)),
+            Some(email) => {
+                let answer = services.verify(email)?;
+                db.query_one(
+                    "SELECT pipeline.record_verification($1, $2::text::jsonb)",
+                    &[&id(new)?, &answer],
+                )
+                .map(|_| 1)
+            }
+        },
         other => return Err(format!("no workflow at {other}")),
     };
     done.map(|rows| format!("{path}: {rows} row(s)"))
         .map_err(reason)
+}
+
+/// Where the enrichment and verification steps send their requests: Apify
+/// and MillionVerifier, or their stand-ins (examples/outreach_standins.rs).
+#[derive(Clone, Debug)]
+pub struct Services {
+    /// Apify's API origin (https://api.apify.com).
+    pub apify_url: String,
+    pub apify_token: String,
+    /// The people-finder actor, username~actor-name.
+    pub apify_actor: String,
+    /// MillionVerifier's API origin (https://api.millionverifier.com).
+    pub verifier_url: String,
+    pub verifier_key: String,
+}
+
+impl Services {
+    /// From APIFY_BASE_URL, APIFY_TOKEN, APIFY_ACTOR, MILLIONVERIFIER_BASE_URL
+    /// and MILLIONVERIFIER_API_KEY (the same names as the n8n variables).
+    pub fn from_env() -> Services {
+        let var = |name: &str, default: Option<&str>| {
+            std::env::var(name)
+                .ok()
+                .or(default.map(String::from))
+                .unwrap_or_else(|| panic!("{name} is not set: {USAGE}"))
+        };
+        Services {
+            apify_url: var("APIFY_BASE_URL", Some("https://api.apify.com")),
+            apify_token: var("APIFY_TOKEN", None),
+            apify_actor: var("APIFY_ACTOR", Some(DEFAULT_ACTOR)),
+            verifier_url: var(
+                "MILLIONVERIFIER_BASE_URL",
+                Some("https://api.millionverifier.com"),
+            ),
+            verifier_key: var("MILLIONVERIFIER_API_KEY", None),
+        }
+    }
+
+    /// Runs the actor for one slot and returns its dataset items (JSON text).
+    fn find_people(&self, domain: &str, role: &str) -> Result<String, String> {
+        let url = format!(
+            "{}/v2/acts/{}/run-sync-get-dataset-items?timeout=60",
+            self.apify_url.trim_end_matches('/'),
+            self.apify_actor
+        );
+        let input = serde_json::json!({ "domain": domain, "role": role }).to_string();
+        let request = ureq::post(&url)
+            .config()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(90)))
+            .build()
+            .header("authorization", &format!("Bearer {}", self.apify_token))
+            .header("content-type", "application/json");
+        answer_of("apify", request.send(input.as_bytes()))
+    }
+
+    /// Asks about one address and returns MillionVerifier's answer (JSON text).
+    fn verify(&self, email: &str) -> Result<String, String> {
+        let url = format!("{}/api/v3/", self.verifier_url.trim_end_matches('/'));
+        let request = ureq::get(&url)
+            .query("api", &self.verifier_key)
+            .query("email", email)
+            .query("timeout", "20")
+            .config()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build();
+        answer_of("millionverifier", request.call())
+    }
+}
+
+/// The actor the workflows and the runner call unless told otherwise.
+pub const DEFAULT_ACTOR: &str = "pipeline~people-finder";
+
+/// A 2xx answer's body, or why there is none.
+fn answer_of(
+    service: &str,
+    sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<String, String> {
+    let mut response = sent.map_err(|e| format!("{service}: {e}"))?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("{service}: {e}"))?;
+    if (200..300).contains(&status) {
+        Ok(body)
+    } else {
+        let body: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
+        Err(format!(
+            "{service} answered HTTP {status}: {}",
+            body.chars().take(300).collect::<String>()
+        ))
+    }
 }
 
 /// What went wrong, as the database said it (its message, without the

@@ -11,6 +11,9 @@ use crate::{Bench, Target};
 #[path = "../../examples/stage_runner.rs"]
 #[allow(dead_code)]
 mod stage_runner;
+#[path = "../../examples/outreach_standins.rs"]
+#[allow(dead_code)]
+mod outreach_standins;
 
 /// Runs the scenarios named in `only` (all when it is empty), in order.
 pub fn run(bench: &mut Bench, only: &[String]) {
@@ -833,7 +836,22 @@ fn cascade(bench: &mut Bench) {
         .unwrap()
         .port();
     let token = "bench-token";
-    let _runner = stage_runner::serve(&format!("127.0.0.1:{port}"), &bench.conninfo, 8, token);
+    // The outside services' stand-ins, on a port of their own.
+    let services = outreach_standins::serve("127.0.0.1:0", "bench-apify", "bench-mv");
+    let services_url = format!("http://{}", services.addr);
+    let _runner = stage_runner::serve(
+        &format!("127.0.0.1:{port}"),
+        &bench.conninfo,
+        8,
+        token,
+        stage_runner::Services {
+            apify_url: services_url.clone(),
+            apify_token: "bench-apify".into(),
+            apify_actor: stage_runner::DEFAULT_ACTOR.into(),
+            verifier_url: services_url,
+            verifier_key: "bench-mv".into(),
+        },
+    );
     let registry = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../n8n/n8n_webhook_registry.json"

@@ -6,26 +6,47 @@
 use std::process::Command;
 use std::time::Duration;
 
-use super::{eventually, one, repo_root, stage_runner, texts, Running};
+use super::{eventually, one, outreach_standins, repo_root, stage_runner, texts, Running};
 
-/// Starts the stage runner, writing to the database of `conninfo`; its port.
-pub fn start_runner(conninfo: &str) -> (Running, u16) {
+/// Starts the stand-ins for Apify and MillionVerifier, and the stage runner
+/// calling them and writing to the database of `conninfo`; the runner's port.
+pub fn start_runner(conninfo: &str) -> (Vec<Running>, u16) {
+    let services_port = super::free_port();
+    let services = Running(
+        Command::new(outreach_standins())
+            .args(["--listen", &format!("127.0.0.1:{services_port}")])
+            .args([
+                "--apify-token",
+                "apify-test-token",
+                "--millionverifier-key",
+                "mv-test-key",
+            ])
+            .spawn()
+            .expect("start the outreach stand-ins"),
+    );
     let runner = stage_runner();
     let port = super::free_port();
+    let services_url = format!("http://127.0.0.1:{services_port}");
     let running = Running(
         Command::new(runner)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--database", conninfo])
             .env("PIPELINE_N8N_WEBHOOK_TOKEN", TOKEN)
+            .env("APIFY_BASE_URL", &services_url)
+            .env("APIFY_TOKEN", "apify-test-token")
+            .env("MILLIONVERIFIER_BASE_URL", &services_url)
+            .env("MILLIONVERIFIER_API_KEY", "mv-test-key")
             .spawn()
             .expect("start the stage runner"),
     );
-    eventually(
-        Duration::from_secs(10),
-        "the stage runner to listen",
-        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-    );
-    (running, port)
+    for listening in [port, services_port] {
+        eventually(
+            Duration::from_secs(10),
+            "the stage runner and the stand-ins to listen",
+            || std::net::TcpStream::connect(("127.0.0.1", listening)).is_ok(),
+        );
+    }
+    (vec![running, services], port)
 }
 
 /// The token of the runner's Header Auth in these tests.
@@ -90,6 +111,21 @@ pub fn feed_and_check(db: &mut postgres::Client, port: u16) {
         "SELECT count(*) FROM intake.company_raw_intake WHERE validation_status = 'invalid'",
     );
     assert_eq!(invalid, 2);
+    // Contacts came from the people-finder, verdicts from the verifier (their stand-ins).
+    assert_eq!(
+        texts(
+            db,
+            "SELECT format('%s %s', enrichment_source, count(*)) FROM marketing.company_slots GROUP BY enrichment_source"
+        ),
+        ["apify 36"]
+    );
+    assert_eq!(
+        texts(
+            db,
+            "SELECT format('%s %s %s', provider, result, count(*)) FROM marketing.email_verification GROUP BY provider, result"
+        ),
+        ["millionverifier valid 36"]
+    );
 
     // Every routed event was delivered once; email_verified has no workflow, so it waits.
     eventually(Duration::from_secs(10), "the last outcomes", || {

@@ -260,6 +260,19 @@ impl Drop for Running {
     }
 }
 
+/// Builds the stand-ins for Apify and MillionVerifier and returns their path.
+pub fn outreach_standins() -> std::path::PathBuf {
+    let features = if cfg!(feature = "pg_test") {
+        "pg15 pg_test"
+    } else {
+        "pg15"
+    };
+    cargo_build(
+        &["--example", "outreach_standins", "--features", features],
+        "examples/outreach_standins",
+    )
+}
+
 /// Builds the stage runner (with this test's features, so the library is not
 /// rebuilt) and returns its path.
 pub fn stage_runner() -> std::path::PathBuf {
