@@ -19,3 +19,23 @@ fn companies_flow_through_all_seven_stages() {
     let mut db = cluster.connect("postgres", "postgres");
     support::cascade::feed_and_check(&mut db, port);
 }
+
+#[test]
+fn messy_companies_end_where_the_fixture_says() {
+    // Three attempts, quickly: the events that cannot succeed end dead soon.
+    let cluster = Cluster::with_worker(
+        "messy",
+        &[
+            ("pipeline.max_attempts", "3"),
+            ("pipeline.backoff_base", "100ms"),
+            ("pipeline.backoff_cap", "300ms"),
+        ],
+    );
+    let (_runner, port) = support::cascade::start_runner(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        cluster.port
+    ));
+    let mut db = cluster.connect("postgres", "postgres");
+    support::cascade::import_registry(&mut db, port);
+    support::cascade::feed_messy_and_check(&mut db);
+}

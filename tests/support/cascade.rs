@@ -52,10 +52,9 @@ pub fn start_runner(conninfo: &str) -> (Vec<Running>, u16) {
 /// The token of the runner's Header Auth in these tests.
 pub const TOKEN: &str = "cascade-test-token";
 
-/// Imports the registry pointed at the runner, feeds 20 companies and
-/// checks that every valid one ends outreach ready, each routed event
-/// delivered once, with no error.
-pub fn feed_and_check(db: &mut postgres::Client, port: u16) {
+/// Imports n8n/n8n_webhook_registry.json pointed at the runner on `port`,
+/// with the runner's auth token.
+pub fn import_registry(db: &mut postgres::Client, port: u16) {
     let registry =
         std::fs::read_to_string(repo_root().join("n8n/n8n_webhook_registry.json")).unwrap();
     let imported = texts(
@@ -67,6 +66,13 @@ pub fn feed_and_check(db: &mut postgres::Client, port: u16) {
         ),
     );
     assert_eq!(imported, ["created"; 5]);
+}
+
+/// Imports the registry pointed at the runner, feeds 20 companies and
+/// checks that every valid one ends outreach ready, each routed event
+/// delivered once, with no error.
+pub fn feed_and_check(db: &mut postgres::Client, port: u16) {
+    import_registry(db, port);
     // The runner, as the workflows, answers nothing without the header.
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::io::Write::write_all(
@@ -162,4 +168,109 @@ pub fn feed_and_check(db: &mut postgres::Client, port: u16) {
     );
     eprintln!("{latency:#?}");
     assert_eq!(latency.len(), 5, "{latency:?}");
+}
+
+/// Feeds tests/fixtures/messy_companies.json wave by wave, waiting for each
+/// to settle, and compares where every company ended with the fixture.
+pub fn feed_messy_and_check(db: &mut postgres::Client) {
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/messy_companies.json")).unwrap(),
+    )
+    .unwrap();
+    let companies = fixture["companies"].as_array().unwrap();
+    for wave in [1, 2] {
+        for company in companies.iter().filter(|c| c["wave"] == wave) {
+            db.execute(
+                "INSERT INTO intake.company_raw_intake (company, website, import_batch_id) VALUES ($1, $2, 'messy')",
+                &[&company["company"].as_str().unwrap(), &company["website"].as_str()],
+            )
+            .unwrap();
+        }
+        eventually(
+            Duration::from_secs(90),
+            &format!("wave {wave} to settle"),
+            || {
+                one::<i64>(
+                    db,
+                    "SELECT count(*) FROM marketing.pipeline_events
+                     WHERE status IN ('pending', 'processing', 'failed') AND event_type <> 'email_verified'",
+                ) == 0
+            },
+        );
+    }
+    let state =
+        std::fs::read_to_string(repo_root().join("tests/fixtures/messy_state.sql")).unwrap();
+    let state = format!(
+        "SELECT state::text FROM ({}) AS s(state)",
+        state.trim().trim_end_matches(';')
+    );
+    let actual: serde_json::Value =
+        serde_json::from_str(&db.query_one(&state, &[]).unwrap().get::<_, String>(0)).unwrap();
+    let mismatches: Vec<String> = companies
+        .iter()
+        .filter_map(|company| {
+            let name = company["company"].as_str().unwrap();
+            let found = &actual[name];
+            messy_mismatch(&company["expect"], found).map(|why| {
+                format!(
+                    "{name}: {why}\n  expected {}\n  found    {found}",
+                    company["expect"]
+                )
+            })
+        })
+        .collect();
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+/// Why `found` is not what `expected` says (the fixture's rules), if it is not.
+fn messy_mismatch(expected: &serde_json::Value, found: &serde_json::Value) -> Option<String> {
+    let empty = serde_json::json!([]);
+    if expected["validation"] != found["validation"] {
+        return Some("validation".into());
+    }
+    let (want, got) = (
+        expected
+            .get("reasons")
+            .unwrap_or(&empty)
+            .as_array()
+            .unwrap(),
+        found.get("reasons").unwrap_or(&empty).as_array().unwrap(),
+    );
+    if want.len() != got.len()
+        || want.iter().zip(got).any(|(w, g)| {
+            !g.as_str()
+                .unwrap_or_default()
+                .starts_with(w.as_str().unwrap())
+        })
+    {
+        return Some("reasons".into());
+    }
+    if expected.get("slots") != found.get("slots") {
+        return Some("slots".into());
+    }
+    let (want, got) = (
+        expected
+            .get("unfinished")
+            .unwrap_or(&empty)
+            .as_array()
+            .unwrap(),
+        found
+            .get("unfinished")
+            .unwrap_or(&empty)
+            .as_array()
+            .unwrap(),
+    );
+    if want.len() != got.len()
+        || want.iter().zip(got).any(|(w, g)| {
+            w["event"] != g["event"]
+                || w["status"] != g["status"]
+                || !g["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains(w["error"].as_str().unwrap())
+        })
+    {
+        return Some("unfinished events".into());
+    }
+    None
 }
