@@ -39,3 +39,15 @@ fn messy_companies_end_where_the_fixture_says() {
     support::cascade::import_registry(&mut db, port);
     support::cascade::feed_messy_and_check(&mut db);
 }
+
+/// The same data set through a pipeline someone else started: bin/check-n8n
+/// runs it against real n8n (PIPELINE_CHECK_DATABASE names the database;
+/// its registry must point at the workflows already).
+#[test]
+#[ignore = "run by bin/check-n8n against its own n8n"]
+fn messy_companies_through_a_running_pipeline() {
+    let conninfo = std::env::var("PIPELINE_CHECK_DATABASE")
+        .expect("PIPELINE_CHECK_DATABASE: the conninfo of the database to feed");
+    let mut db = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    support::cascade::feed_messy_and_check(&mut db);
+}
