@@ -8,12 +8,12 @@ use crate::receiver::{capacity, Receipt};
 use crate::{Bench, Target};
 
 // The five-workflow stand-in, built in release with this driver.
-#[path = "../../examples/stage_runner.rs"]
-#[allow(dead_code)]
-mod stage_runner;
 #[path = "../../examples/outreach_standins.rs"]
 #[allow(dead_code)]
 mod outreach_standins;
+#[path = "../../examples/stage_runner.rs"]
+#[allow(dead_code)]
+mod stage_runner;
 
 /// Runs the scenarios named in `only` (all when it is empty), in order.
 pub fn run(bench: &mut Bench, only: &[String]) {
