@@ -211,7 +211,7 @@ fn handle(db: &mut Client, services: &Services, path: &str, body: &str) -> Resul
 
 /// Where the enrichment and verification steps send their requests: Apify
 /// and MillionVerifier, or their stand-ins (examples/outreach_standins.rs).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Services {
     /// Apify's API origin (https://api.apify.com).
     pub apify_url: String,
@@ -221,6 +221,18 @@ pub struct Services {
     /// MillionVerifier's API origin (https://api.millionverifier.com).
     pub verifier_url: String,
     pub verifier_key: String,
+    /// Keeps connections to the services open between calls.
+    pub agent: Agent,
+}
+
+/// A ureq agent with its default pool, so that calls reuse connections.
+#[derive(Clone, Debug)]
+pub struct Agent(ureq::Agent);
+
+impl Default for Agent {
+    fn default() -> Agent {
+        Agent(ureq::Agent::new_with_defaults())
+    }
 }
 
 impl Services {
@@ -242,6 +254,7 @@ impl Services {
                 Some("https://api.millionverifier.com"),
             ),
             verifier_key: var("MILLIONVERIFIER_API_KEY", None),
+            agent: Agent::default(),
         }
     }
 
@@ -253,7 +266,10 @@ impl Services {
             self.apify_actor
         );
         let input = serde_json::json!({ "domain": domain, "role": role }).to_string();
-        let request = ureq::post(&url)
+        let request = self
+            .agent
+            .0
+            .post(&url)
             .config()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(90)))
@@ -266,7 +282,10 @@ impl Services {
     /// Asks about one address and returns MillionVerifier's answer (JSON text).
     fn verify(&self, email: &str) -> Result<String, String> {
         let url = format!("{}/api/v3/", self.verifier_url.trim_end_matches('/'));
-        let request = ureq::get(&url)
+        let request = self
+            .agent
+            .0
+            .get(&url)
             .query("api", &self.verifier_key)
             .query("email", email)
             .query("timeout", "20")

@@ -852,6 +852,7 @@ fn cascade(bench: &mut Bench) {
             apify_actor: stage_runner::DEFAULT_ACTOR.into(),
             verifier_url: services_url,
             verifier_key: "bench-mv".into(),
+            ..Default::default()
         },
     );
     let registry = std::fs::read_to_string(concat!(
