@@ -5,6 +5,10 @@
 #   cluster_start DIR PORT [SETTING...]   initdb DIR if needed, then start it
 #   cluster_stop DIR                      stop it (fast shutdown)
 #   cluster_psql PORT [psql args...]      psql as the postgres superuser
+#   random_token                          32 hex digits from /dev/urandom
+#   load_registry BASE TOKEN PSQL...      imports n8n/n8n_webhook_registry.json
+#                                         pointed at BASE, its auth header
+#                                         set to TOKEN, with the psql command
 
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 PG_BIN=$("$PG_CONFIG" --bindir)
@@ -41,4 +45,20 @@ cluster_psql() {
     local port=$1
     shift
     "$PG_BIN/psql" -X -h 127.0.0.1 -p "$port" -U postgres "$@"
+}
+
+random_token() {
+    od -An -tx1 -N16 /dev/urandom | tr -d ' \n'
+}
+
+# The file names the token's variable ({"env": ...}); the value goes in here,
+# from the client, as n8n/README.md shows.
+load_registry() {
+    local base=$1 token=$2
+    shift 2
+    "$@" -v registry="$(cat n8n/n8n_webhook_registry.json)" -v base="$base" -v token="$token" <<'SQL'
+SELECT event_type, url, action
+FROM pipeline.import_registry(jsonb_set(jsonb_set(:'registry'::jsonb, '{base_url}', to_jsonb(:'base'::text)),
+                                        '{headers,X-Pipeline-Auth}', to_jsonb(:'token'::text)));
+SQL
 }

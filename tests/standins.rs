@@ -1,12 +1,13 @@
 //! The stand-ins for Apify and MillionVerifier (examples/outreach_standins.rs)
 //! answer as those services document it, the same way for the same input.
 
+mod support;
+
+// NB: the stand-ins include the tests' HTTP server too; each copy serves its own.
 #[path = "../examples/outreach_standins.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, clippy::duplicate_mod)]
 mod standins;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -19,22 +20,8 @@ fn call(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, Value) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let mut request =
-        format!("{method} {target} HTTP/1.1\r\nHost: standins\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let status = answer[9..12].parse().unwrap();
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    let (status, body) = support::http_request(port, method, target, headers, body);
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 fn start() -> (standins::http_server::Server, u16) {

@@ -74,16 +74,14 @@ pub fn import_registry(db: &mut postgres::Client, port: u16) {
 pub fn feed_and_check(db: &mut postgres::Client, port: u16) {
     import_registry(db, port);
     // The runner, as the workflows, answers nothing without the header.
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    std::io::Write::write_all(
-        &mut stream,
-        b"POST /webhook/validate-company HTTP/1.1\r\nHost: runner\r\nContent-Type: application/json\r\n\
-          Content-Length: 2\r\nConnection: close\r\n\r\n{}",
-    )
-    .unwrap();
-    let mut answer = String::new();
-    std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let (status, answer) = super::http_request(
+        port,
+        "POST",
+        "/webhook/validate-company",
+        &[("Content-Type", "application/json")],
+        "{}",
+    );
+    assert_eq!(status, 403, "{answer}");
 
     db.batch_execute(
         "INSERT INTO intake.company_raw_intake (company, website, import_batch_id)
