@@ -1,0 +1,70 @@
+-- The extension's own part of the upgrade from 0.1.0 to 0.2.0 (after the
+-- part both modes share, sql/upgrade/0.1.0--0.2.0.sql).
+
+-- The library's versions of two functions that the shared part made in SQL.
+CREATE OR REPLACE FUNCTION pipeline._payload_bytes(payload jsonb) RETURNS bigint
+LANGUAGE c IMMUTABLE STRICT AS 'MODULE_PATHNAME', 'payload_bytes_wrapper';
+CREATE OR REPLACE FUNCTION pipeline._worker_pid() RETURNS integer
+LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'worker_pid_wrapper';
+-- Only its own triggers call the wake-up (0.1.0 left it to PUBLIC).
+REVOKE ALL ON FUNCTION pipeline._wake_worker() FROM PUBLIC;
+
+-- the role the delivery worker's SQL runs as.
+--
+-- The worker never runs SQL as a superuser (src/transaction.rs): every
+-- transaction switches to pipeline.worker_role, by default pipeline_worker,
+-- made here with exactly the rights delivery needs and owning nothing. It
+-- cannot log in. Another role named in pipeline.worker_role gets these
+-- rights by membership: GRANT pipeline_worker TO that_role.
+--
+-- Roles belong to the whole server: the role is made once and reused by
+-- every database with the extension; DROP EXTENSION leaves it (drop it by
+-- hand once no database uses the extension).
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pipeline_worker') THEN
+        CREATE ROLE pipeline_worker NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS;
+    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pipeline_worker' AND rolsuper) THEN
+        RAISE EXCEPTION 'role pipeline_worker exists and is a superuser'
+            USING HINT = 'The delivery worker must not run with superuser rights: ALTER ROLE pipeline_worker NOSUPERUSER.';
+    END IF;
+END
+$$;
+
+-- Claim, settle, release and purge events: the delivery columns only, so
+-- that it cannot change what an event says or where it goes.
+GRANT SELECT, DELETE ON marketing.pipeline_events TO pipeline_worker;
+GRANT UPDATE (status, attempts, next_attempt_at, processed_at, last_error, claimed_by)
+    ON marketing.pipeline_events TO pipeline_worker;
+-- The attempt log, and the error log (failures; resolved once delivered).
+GRANT SELECT, INSERT, DELETE ON marketing.pipeline_delivery_attempts TO pipeline_worker;
+GRANT SELECT, INSERT ON marketing.pipeline_error_log TO pipeline_worker;
+GRANT UPDATE (resolved, resolved_at, resolution_note) ON marketing.pipeline_error_log TO pipeline_worker;
+-- Endpoints: read them, and disable one that answered 410 Gone.
+GRANT SELECT ON pipeline.webhooks, pipeline.webhook_credentials TO pipeline_worker;
+GRANT UPDATE (enabled, disabled_reason, updated_at) ON pipeline.webhooks TO pipeline_worker;
+-- Say when it last claimed events (pipeline.status()).
+GRANT SELECT, INSERT, DELETE ON pipeline.deliverers TO pipeline_worker;
+GRANT UPDATE (last_active_at) ON pipeline.deliverers TO pipeline_worker;
+
+-- The extension's schema. 0.2.0's control file names it (schema =
+-- pipeline), and PostgreSQL makes it before an install script runs, so a
+-- fresh install has it as the extension's schema and not as a member. 0.1.0
+-- made it in its script (a member) and was recorded in the schema that was
+-- first on the search_path, usually public. ALTER EXTENSION cannot run in
+-- an extension's own script, so the two catalog rows it would change are
+-- changed here; the upgrade's test compares the result with a fresh install.
+DELETE FROM pg_catalog.pg_depend
+WHERE classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_namespace'::pg_catalog.regclass
+  AND objid OPERATOR(pg_catalog.=) 'pipeline'::pg_catalog.regnamespace::pg_catalog.oid
+  AND refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+  AND deptype OPERATOR(pg_catalog.=) 'e';
+UPDATE pg_catalog.pg_depend
+SET refobjid = 'pipeline'::pg_catalog.regnamespace::pg_catalog.oid
+WHERE classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+  AND objid OPERATOR(pg_catalog.=) (SELECT e.oid FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'pipeline_ext')
+  AND refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_namespace'::pg_catalog.regclass;
+UPDATE pg_catalog.pg_extension
+SET extnamespace = 'pipeline'::pg_catalog.regnamespace::pg_catalog.oid
+WHERE extname OPERATOR(pg_catalog.=) 'pipeline_ext';

@@ -1,0 +1,3205 @@
+-- ==== from sql/001_schemas.sql ====
+
+-- 001_schemas.sql: the three schemas of the outreach pipeline.
+--
+-- The files sql/NNN_*.sql are the single source of every SQL object: the
+-- extension loads them in this order, and bin/build-trigger-only concatenates
+-- the same files into the trigger-only script for hosts such as Neon.
+--
+-- Security (PostgreSQL's "Security Considerations for Extension Scripts" and
+-- "Writing SECURITY DEFINER Functions Safely"):
+--   * While these files run, names resolve in pg_catalog only: a function,
+--     operator or type that the database owner (or anyone who may create in
+--     public or in a schema named like the installing role) planted never runs.
+--     Every object of the pipeline is created and referenced schema-qualified.
+--   * Every function runs with search_path = pg_catalog, pg_temp, whoever
+--     calls it, so a caller's search_path cannot redirect its names either.
+--     The few SQL functions left inlinable (they sit in CHECK constraints on
+--     the write path) qualify every operator instead.
+--   * Nothing runs with raised rights: there is no SECURITY DEFINER function.
+--     A watched row becomes JSON as the role that wrote it; what it may then
+--     write to the event queue is decided by row-level security policies
+--     (004_capture.sql). Queue consumers get column privileges only.
+
+SET LOCAL search_path = pg_catalog, pg_temp;
+
+-- ==== the upgrade from 0.1.0 to 0.2.0 ====
+--
+-- Tables keep their rows: they are changed in place below, where the
+-- 0.2.0 install script creates them. Everything that is code (views and
+-- the SQL and plpgsql functions) is dropped first and made again exactly
+-- as 0.2.0 writes it, with the triggers and CHECK constraints that call
+-- those functions; the triggers of every watch, users' own tables
+-- included, are made again at the end from pipeline.watches.
+--
+-- Nothing of a user's is dropped along the way: a view, function, trigger
+-- or constraint outside the pipeline that uses one of its views or
+-- functions stops the upgrade before anything changed, named in the error.
+
+DO $upgrade$
+DECLARE
+    v_ours regnamespace[] := ARRAY['intake'::regnamespace, 'marketing'::regnamespace, 'pipeline'::regnamespace];
+    v_theirs text;
+    v_object record;
+BEGIN
+    SELECT string_agg(DISTINCT pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid), ', ') INTO v_theirs
+    FROM pg_catalog.pg_depend d
+    WHERE d.deptype OPERATOR(pg_catalog.=) 'n'
+      AND ((d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+            AND d.refobjid IN (SELECT p.oid FROM pg_catalog.pg_proc p
+                               JOIN pg_catalog.pg_language l ON l.oid OPERATOR(pg_catalog.=) p.prolang
+                               WHERE p.pronamespace OPERATOR(pg_catalog.=) 'pipeline'::regnamespace
+                                 AND l.lanname OPERATOR(pg_catalog.<>) 'c'))
+           OR (d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+               AND d.refobjid IN (SELECT c.oid FROM pg_catalog.pg_class c
+                                  WHERE c.relkind OPERATOR(pg_catalog.=) 'v'
+                                    AND c.relnamespace OPERATOR(pg_catalog.=) ANY (v_ours))))
+      AND NOT (
+          -- the pipeline's own views (through their rewrite rules) ...
+          (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+           AND EXISTS (SELECT FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.ev_class
+                       WHERE r.oid OPERATOR(pg_catalog.=) d.objid AND c.relnamespace OPERATOR(pg_catalog.=) ANY (v_ours)))
+          -- ... its functions, and the constraints of its tables ...
+          OR (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+              AND EXISTS (SELECT FROM pg_catalog.pg_proc p WHERE p.oid OPERATOR(pg_catalog.=) d.objid
+                          AND p.pronamespace OPERATOR(pg_catalog.=) 'pipeline'::regnamespace))
+          OR (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_constraint'::pg_catalog.regclass
+              AND EXISTS (SELECT FROM pg_catalog.pg_constraint co WHERE co.oid OPERATOR(pg_catalog.=) d.objid
+                          AND co.connamespace OPERATOR(pg_catalog.=) ANY (v_ours)))
+          -- ... and the triggers of watches, made again below.
+          OR (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_trigger'::pg_catalog.regclass
+              AND EXISTS (SELECT FROM pg_catalog.pg_trigger t JOIN pipeline.watches w
+                                 ON w.source_table OPERATOR(pg_catalog.=) t.tgrelid::pg_catalog.regclass
+                                AND w.trigger_name OPERATOR(pg_catalog.=) t.tgname
+                          WHERE t.oid OPERATOR(pg_catalog.=) d.objid)));
+    IF v_theirs IS NOT NULL THEN
+        RAISE EXCEPTION 'pipeline_ext 0.1.0 to 0.2.0: objects outside the pipeline use its views or functions: %', v_theirs
+            USING HINT = 'The upgrade makes the pipeline''s views and functions again. Drop these objects, upgrade, then create them again.';
+    END IF;
+
+    FOR v_object IN
+        -- NB: names as text, taken before any drop: a view or function that an
+        -- earlier CASCADE dropped would print as a bare OID.
+        SELECT c.oid::pg_catalog.regclass::text AS name FROM pg_catalog.pg_class c
+        WHERE c.relkind OPERATOR(pg_catalog.=) 'v' AND c.relnamespace OPERATOR(pg_catalog.=) ANY (v_ours)
+    LOOP
+        EXECUTE pg_catalog.format('DROP VIEW IF EXISTS %s CASCADE', v_object.name);
+    END LOOP;
+    FOR v_object IN
+        SELECT p.oid::pg_catalog.regprocedure::text AS name FROM pg_catalog.pg_proc p
+        JOIN pg_catalog.pg_language l ON l.oid OPERATOR(pg_catalog.=) p.prolang
+        WHERE p.pronamespace OPERATOR(pg_catalog.=) 'pipeline'::regnamespace AND l.lanname OPERATOR(pg_catalog.<>) 'c'
+    LOOP
+        EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %s CASCADE', v_object.name);
+    END LOOP;
+END
+$upgrade$;
+
+COMMENT ON SCHEMA intake IS
+    'Raw company records as they arrive, before validation.';
+
+COMMENT ON SCHEMA marketing IS
+    'Validated companies, their role slots and contacts, email checks, and the pipeline event queue.';
+
+-- (The extension's schema: sql/upgrade/0.1.0--0.2.0.extension.sql.)
+
+COMMENT ON SCHEMA pipeline IS
+    'The pipeline_ext API: watches, queue operations, error handling and self-checks.';
+
+
+-- Looking names up in these schemas is harmless on its own: every table,
+-- view and function in them has privileges of its own. Writers of watched
+-- tables need it, since their own rights store the events (004_capture.sql).
+GRANT USAGE ON SCHEMA marketing, pipeline TO PUBLIC;
+
+
+-- The version of the objects installed here, in either mode (an upgrade
+-- script of the trigger-only mode checks it before it changes anything).
+CREATE FUNCTION pipeline.version() RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT '0.2.0'
+$$;
+
+COMMENT ON FUNCTION pipeline.version() IS
+    'The version of pipeline_ext whose objects are installed in this database (extension or trigger-only).';
+
+
+-- ==== from sql/002_stage_tables.sql ====
+
+-- 002_stage_tables.sql: the tables each stage of the pipeline writes.
+--
+-- intake.company_raw_intake   stage 1-2: companies as imported, then validated
+-- marketing.company_master    stage 3:   validated companies, one row per domain
+-- marketing.company_slots     stage 4-5: one row per role slot (ceo, cfo, ...) of a
+--                                        company, holding the contact that fills it
+-- marketing.email_verification stage 6:  every verification of a slot's email
+-- Stage 7 (outreach ready) is the view marketing.vw_outreach_ready (008_views.sql).
+--
+-- Raw intake keeps what the source sent (validation is a stage of its own), but
+-- refuses values no stage could use: a blank or control-character company name,
+-- an absurdly long one. Later tables hold cleaned data and check it harder.
+
+-- Characters that look like nothing: a company name made only of these is blank.
+-- (ASCII space, no-break space, zero-width space/joiners, word joiner,
+-- ideographic space, byte order mark.)
+-- NB: inlined into the CHECK constraints below, so it has no SET clause (that
+-- would stop inlining on every write); every name in it is qualified instead.
+CREATE FUNCTION pipeline._is_blank(value text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT pg_catalog.btrim(value,
+        U&' \00A0\200B\200C\200D\2060\3000\FEFF'::pg_catalog.text) OPERATOR(pg_catalog.=) ''::pg_catalog.text
+$$;
+
+COMMENT ON FUNCTION pipeline._is_blank(text) IS
+    'True when a text holds nothing but spaces, including Unicode no-break and zero-width ones.';
+
+
+-- A website the pipeline can use: an http(s) URL whose host has a dot, with
+-- no spaces and no user or password part, at most 2048 characters. The CHECK
+-- of marketing.company_master calls it, and so does the validation stage
+-- (pipeline.website_problem, 009_stage_work.sql): a company that passes
+-- validation is never refused by the next stage's table.
+-- NB: inlined like pipeline._is_blank: no SET clause, every name qualified.
+CREATE FUNCTION pipeline._is_http_url(website text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT website OPERATOR(pg_catalog.~*)
+               '^https?://[^\s/?#@:]+\.[^\s/?#@:]+(:[0-9]{1,5})?([/?#]\S*)?$'::pg_catalog.text
+       AND pg_catalog.char_length(website) OPERATOR(pg_catalog.<=) 2048
+$$;
+
+COMMENT ON FUNCTION pipeline._is_http_url(text) IS
+    'True when a website is an http(s) URL whose host has a dot, without spaces or user part, at most 2048 characters.';
+
+
+-- The domain a company is known by: the host of its website in lower case,
+-- without a leading www. marketing.company_master keeps one company per
+-- domain, and validation looks for duplicates by it.
+-- NB: inlined (no SET clause, every name qualified).
+CREATE FUNCTION pipeline.website_domain(website text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT pg_catalog.substring(pg_catalog.lower(website), '^[a-z]+://(?:www\.)?([^/:?#]+)'::pg_catalog.text)
+$$;
+
+COMMENT ON FUNCTION pipeline.website_domain(text) IS
+    'The host of a website URL in lower case without a leading www. (NULL when it is not a URL).';
+
+
+-- An email address the pipeline can use: something@host.with.dot, no spaces,
+-- at most 320 characters. The CHECKs of marketing.company_slots and
+-- marketing.email_verification call it, and so does the enrichment stage
+-- (pipeline.record_enrichment, 009_stage_work.sql), which leaves out an
+-- address the table would refuse instead of failing on it.
+-- NB: inlined (no SET clause, every name qualified).
+CREATE FUNCTION pipeline._is_email(email text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT email OPERATOR(pg_catalog.~) '^[^@\s]+@[^@\s]+\.[^@\s]+$'::pg_catalog.text
+       AND pg_catalog.char_length(email) OPERATOR(pg_catalog.<=) 320
+$$;
+
+COMMENT ON FUNCTION pipeline._is_email(text) IS
+    'True when a text is an email address the pipeline can use (local@host.with.dot, no spaces, at most 320 characters).';
+
+
+COMMENT ON TABLE intake.company_raw_intake IS
+    'Stage 1-2. Companies as imported. INSERT emits company_created; setting validated to true emits company_validated.';
+
+COMMENT ON COLUMN intake.company_raw_intake.company IS 'Company name as the source gave it (1-500 characters, not blank).';
+
+COMMENT ON COLUMN intake.company_raw_intake.website IS 'Website as the source gave it; the validation stage judges it.';
+
+COMMENT ON COLUMN intake.company_raw_intake.import_batch_id IS 'Identifier of the import (file, list, run) the row came in with.';
+
+COMMENT ON COLUMN intake.company_raw_intake.source IS 'Where the row came from (e.g. apollo, csv, manual).';
+
+COMMENT ON COLUMN intake.company_raw_intake.raw IS 'The untouched source record, for audit and re-validation.';
+
+COMMENT ON COLUMN intake.company_raw_intake.validated IS 'True once the validation stage accepted the row.';
+
+COMMENT ON COLUMN intake.company_raw_intake.validation_status IS 'pending, valid or invalid: the outcome of validation.';
+
+COMMENT ON COLUMN intake.company_raw_intake.validation_errors IS 'Why validation rejected the row (empty when valid or pending).';
+
+-- company_master: the website rule and the domain are the functions above, so
+-- that validation and the table cannot disagree. PostgreSQL 15 cannot change
+-- a generated column's expression: the column is made again (it becomes the
+-- table's last column) with its unique key. A row whose website the rule
+-- now refuses, or two rows that now share a domain, stop the upgrade with
+-- the constraint's name; nothing is changed then.
+ALTER TABLE marketing.company_master
+    DROP CONSTRAINT website_is_http_url,
+    DROP COLUMN domain;
+ALTER TABLE marketing.company_master
+    ADD COLUMN domain text GENERATED ALWAYS AS (pipeline.website_domain(website)) STORED,
+    ADD CONSTRAINT company_master_domain_key UNIQUE (domain),
+    ADD CONSTRAINT website_is_http_url CHECK (pipeline._is_http_url(website)),
+    ADD CONSTRAINT company_name_not_blank CHECK (NOT pipeline._is_blank(company_name));
+ALTER TABLE intake.company_raw_intake
+    ADD CONSTRAINT company_not_blank CHECK (NOT pipeline._is_blank(company));
+
+
+COMMENT ON TABLE marketing.company_master IS
+    'Stage 3. Validated companies, one per domain. INSERT emits company_promoted.';
+
+COMMENT ON COLUMN marketing.company_master.intake_id IS 'The intake row this company was promoted from (NULL if entered by hand).';
+
+COMMENT ON COLUMN marketing.company_master.website IS 'Normalised http(s) URL of the company website.';
+
+COMMENT ON COLUMN marketing.company_master.domain IS 'Host of the website without www., lower case; unique, so a company is promoted once.';
+
+ALTER TABLE marketing.company_slots
+    DROP CONSTRAINT email_format,
+    ADD CONSTRAINT email_format CHECK (pipeline._is_email(email));
+
+
+COMMENT ON TABLE marketing.company_slots IS
+    'Stage 4-5. One row per role slot of a company and the contact who fills it. '
+    'INSERT emits one slots_created per company per statement; enrichment_status becoming enriched emits contact_enriched.';
+
+COMMENT ON COLUMN marketing.company_slots.slot_role IS 'The role to fill: lower-case identifier such as ceo, cfo, hr.';
+
+COMMENT ON COLUMN marketing.company_slots.enrichment_status IS
+    'pending, in_progress, enriched, not_found or failed. enriched needs a name or an email.';
+
+ALTER TABLE marketing.email_verification
+    DROP CONSTRAINT email_format,
+    ADD CONSTRAINT email_format CHECK (pipeline._is_email(email));
+
+
+COMMENT ON TABLE marketing.email_verification IS
+    'Stage 6. Every verification of a contact email; the newest per slot counts. INSERT emits email_verified.';
+
+COMMENT ON COLUMN marketing.email_verification.result IS 'valid, invalid, risky, catch_all or unknown. Only valid makes a contact outreach ready.';
+
+COMMENT ON COLUMN marketing.email_verification.score IS 'The verifier''s confidence, 0-100, when it gives one.';
+
+-- The same values, checked without a counted repetition (cheaper).
+ALTER DOMAIN pipeline.event_type DROP CONSTRAINT event_type_format;
+ALTER DOMAIN pipeline.event_type ADD CONSTRAINT event_type_format
+    CHECK (VALUE ~ '^[a-z][a-z0-9_]*$' AND length(VALUE) <= 47);
+
+COMMENT ON DOMAIN pipeline.event_type IS 'Lower-case identifier: a letter, then letters, digits or _, at most 47 characters.';
+
+-- Which deliverer holds a claimed event (pipeline.release_claims).
+ALTER TABLE marketing.pipeline_events ADD COLUMN claimed_by text;
+
+
+COMMENT ON TABLE marketing.pipeline_events IS
+    'The event queue: one row per stage change (or pipeline.emit call), delivered to the webhook of its event_type.';
+
+COMMENT ON COLUMN marketing.pipeline_events.event_type IS 'Lower-case identifier (a-z, 0-9, _; at most 47 characters).';
+
+COMMENT ON COLUMN marketing.pipeline_events.payload IS
+    'Row data: {"new": row} for INSERT, {"new": row, "old": row} for UPDATE, {"old": row} for DELETE; '
+    'grouped events hold {"key": ..., "count": n, "new": [rows]}.';
+
+COMMENT ON COLUMN marketing.pipeline_events.status IS 'pending, processing, processed, failed (will be retried) or dead (gave up).';
+
+COMMENT ON COLUMN marketing.pipeline_events.attempts IS 'Delivery attempts since the event was created or last replayed.';
+
+COMMENT ON COLUMN marketing.pipeline_events.next_attempt_at IS
+    'pending/failed: earliest next delivery attempt. processing: end of the lease, after which the event is claimed again.';
+
+COMMENT ON COLUMN marketing.pipeline_events.processed_at IS 'When delivery succeeded.';
+
+COMMENT ON COLUMN marketing.pipeline_events.last_error IS 'Error of the latest failed attempt.';
+
+COMMENT ON COLUMN marketing.pipeline_events.source_table IS 'schema.table whose change produced the event.';
+
+COMMENT ON COLUMN marketing.pipeline_events.source_op IS 'INSERT, UPDATE, DELETE, or EMIT for pipeline.emit.';
+
+COMMENT ON COLUMN marketing.pipeline_events.source_key IS 'Primary key of the changed row (or the group key of a grouped event), as JSON.';
+
+COMMENT ON COLUMN marketing.pipeline_events.replay_count IS 'How many times the event was replayed.';
+
+COMMENT ON COLUMN marketing.pipeline_events.claimed_by IS
+    'While processing: the consumer that claimed it, when it gave a name (the worker does), so that it can take its claims back after a crash.';
+
+
+COMMENT ON TABLE marketing.pipeline_error_log IS
+    'Failures of the pipeline: failed deliveries and errors reported by receivers (pipeline.log_error).';
+
+COMMENT ON COLUMN marketing.pipeline_error_log.stage IS 'Event type of the failed event, or the stage name a receiver reported.';
+
+COMMENT ON COLUMN marketing.pipeline_error_log.details IS 'Structured context: attempt, status code, response excerpt, ...';
+
+
+-- ==== from sql/004_capture.sql ====
+
+-- 004_capture.sql: turning row changes into events.
+--
+-- One trigger function, pipeline._capture(), serves every watched table. What
+-- differs between watches (event type, grouping, key columns) travels in the
+-- trigger's arguments, and which changes count is the trigger's WHEN clause,
+-- evaluated by the executor before any function is called. pipeline.watch()
+-- writes such a trigger; the seven stages of 005_stages.sql are watches too.
+-- INSERT and DELETE watches without a condition (and grouped watches) are
+-- statement triggers with a transition table instead: one INSERT writes
+-- all of a statement's events, which makes a multi-row write far cheaper
+-- and yields the same events.
+--
+-- Every event is announced with NOTIFY on the channel pipeline_event. The
+-- payload holds only bounded fields (id, event type, table, operation), so it
+-- stays far below NOTIFY's 8000-byte limit whatever the row holds.
+
+-- Who may write which events (row-level security on the event queue)
+-- ---------------------------------------------------------------------
+-- The capture function below runs with the rights of the role whose write
+-- fired it: turning a row into JSON calls the output functions and casts of
+-- the row's column types, which may belong to whoever owns the table or the
+-- type, and such code must never run with more rights than that role has.
+-- So every role may INSERT the columns an event is made of (and read back
+-- the new id), and the policy pipeline_events_produce decides which rows it
+-- may insert:
+--   * a row change (INSERT, UPDATE, DELETE), from inside a trigger, of an
+--     event type that a watch of that table and operation produces, by a
+--     role that may make that change to that table: the events its own
+--     writes produce anyway, nothing else;
+--   * an EMIT (pipeline.emit) of an event type granted to the role with
+--     pipeline.grant_event_type.
+-- Status, attempts and the other delivery columns are not insertable: a
+-- new event is always pending. The owner of the pipeline (and superusers)
+-- are not bound by policies. Reading, claiming and settling events stay
+-- governed by table and column privileges alone (see docs/security.md).
+
+-- Event types a role was allowed to produce (by pipeline.watch of its own
+-- tables or by pipeline.emit) besides the owner of the pipeline.
+CREATE TABLE pipeline.event_type_grants (
+    event_type pipeline.event_type NOT NULL,
+    grantee    regrole NOT NULL,
+    granted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (event_type, grantee)
+);
+
+COMMENT ON TABLE pipeline.event_type_grants IS
+    'Roles allowed to produce events of a type (watch their own tables, emit) besides the pipeline''s owner.';
+
+GRANT SELECT ON pipeline.event_type_grants TO PUBLIC;
+
+
+-- Whether the current role may produce events of a type: it owns the
+-- pipeline (or is a member of the owner), or was granted the type.
+CREATE FUNCTION pipeline._may_produce(event_type text) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = 'marketing.pipeline_events'::regclass), 'USAGE')
+        OR EXISTS (SELECT 1 FROM pipeline.event_type_grants g
+                   JOIN pg_roles r ON r.oid = g.grantee
+                   WHERE g.event_type = _may_produce.event_type AND pg_has_role(r.oid, 'USAGE'))
+$$;
+
+
+CREATE FUNCTION pipeline.grant_event_type(event_type text, grantee regrole) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pipeline._check_event_type(event_type);
+    IF grantee IS NULL THEN
+        RAISE EXCEPTION 'pipeline.grant_event_type: grantee must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    INSERT INTO pipeline.event_type_grants AS g (event_type, grantee)
+    VALUES (grant_event_type.event_type, grant_event_type.grantee)
+    ON CONFLICT DO NOTHING;
+    RETURN FOUND;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.grant_event_type(text, regrole) IS
+    'Lets a role produce events of a type: watch tables it may put triggers on, and pipeline.emit. '
+    'True when newly granted. Only the pipeline''s owner may grant.';
+
+
+CREATE FUNCTION pipeline.revoke_event_type(event_type text, grantee regrole) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM pipeline.event_type_grants g
+    WHERE g.event_type = revoke_event_type.event_type AND g.grantee = revoke_event_type.grantee;
+    RETURN FOUND;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.revoke_event_type(text, regrole) IS
+    'Takes back a grant of pipeline.grant_event_type (watches made under it stay until unwatched). True when there was one.';
+
+
+-- The key columns of a row as an object ({"id": 7}): for watches with two
+-- or more key columns. One key column, the common case, is picked inline in
+-- pipeline._capture() without a function call.
+CREATE FUNCTION pipeline._pick(row_json jsonb, keys text[]) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT jsonb_object_agg(k, row_json -> k) FROM unnest(keys) AS k
+$$;
+
+
+-- Trigger arguments: [0] event type, [1] group-by column or '', [2..] key columns.
+-- NB: SECURITY INVOKER (the default): see the top of this file.
+--
+-- NB on cost (docs/benchmark-notes.md, "Fifth session"): this runs once per
+-- statement or row written to a watched table, and a single-row commit pays
+-- for all of it, so it is written to do little per call:
+--   * every plpgsql expression outside a query (a DECLARE default, an
+--     assignment) is compiled again in each transaction, so each branch
+--     declares only what it uses, in a block of its own;
+--   * the row becomes JSON once (the payload), and its key columns are read
+--     back from that JSON;
+--   * the NOTIFY text is the id plus a tail that is the same for every
+--     event of the call, built once.
+CREATE FUNCTION pipeline._capture() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- One event per row, for a whole statement at once (INSERT and DELETE
+    -- watches without a condition, see pipeline.watch): the same events as
+    -- the row trigger below, but one INSERT for all of them instead of one
+    -- per row (executor start, the events table's CHECK prepared again).
+    IF TG_LEVEL = 'STATEMENT' AND TG_ARGV[1] = '' THEN
+        DECLARE
+            -- NB: of the columns' own domains, so that their checks run once
+            -- per call here, not once per event row in the INSERT below.
+            v_type  pipeline.event_type := TG_ARGV[0];
+            v_op    pipeline.event_source_op := TG_OP;
+            v_table text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+            -- '"event_type" : "...", "table" : "...", "op" : "..."}'
+            v_tail  text := substr(json_build_object('event_type', TG_ARGV[0], 'table', v_table, 'op', TG_OP)::text, 2);
+            v_done  boolean;
+        BEGIN
+            -- NB: a data-modifying WITH query runs to completion, RETURNING
+            -- included, whether or not the main query reads it: each new
+            -- event is announced by its own RETURNING, with no aggregate
+            -- over the ids.
+            WITH ins AS (
+                INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
+                SELECT v_type, r.payload, v_table, v_op,
+                       -- NB: the payload has one of "new" and "old".
+                       CASE TG_NARGS
+                           WHEN 2 THEN NULL
+                           WHEN 3 THEN jsonb_build_object(TG_ARGV[2],
+                                           coalesce(r.payload -> 'new', r.payload -> 'old') -> TG_ARGV[2])
+                           ELSE pipeline._pick(coalesce(r.payload -> 'new', r.payload -> 'old'), TG_ARGV[2:])
+                       END
+                -- NB: OFFSET 0, or the planner copies the payload's
+                -- expression into the key's and converts each row twice.
+                FROM (SELECT jsonb_build_object(CASE TG_OP WHEN 'DELETE' THEN 'old' ELSE 'new' END, t) AS payload
+                      FROM pipeline_rows t OFFSET 0) r
+                RETURNING pg_notify('pipeline_event', '{"id" : ' || id || ', ' || v_tail))
+            SELECT true INTO v_done;
+        END;
+        RETURN NULL;
+    END IF;
+
+    IF TG_LEVEL = 'STATEMENT' THEN
+        DECLARE
+            v_type  pipeline.event_type := TG_ARGV[0];
+            v_op    pipeline.event_source_op := TG_OP;
+            v_table text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+        BEGIN
+            -- One event per distinct value of the group-by column in this
+            -- statement's rows (the transition table named by pipeline.watch).
+            EXECUTE format(
+                $sql$
+                WITH ins AS (
+                    INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
+                    SELECT $1, jsonb_build_object('key', g.k, 'count', g.n, %2$L, g.rows), $2, $3, g.k
+                    FROM (SELECT jsonb_build_object(%1$L, t.%1$I) AS k, count(*) AS n,
+                                 jsonb_agg(to_jsonb(t)) AS rows
+                          FROM %3$I t GROUP BY t.%1$I ORDER BY t.%1$I) g
+                    RETURNING id)
+                SELECT pg_notify('pipeline_event',
+                                 json_build_object('id', id, 'event_type', $1, 'table', $2, 'op', $3)::text)
+                FROM ins
+                $sql$,
+                TG_ARGV[1],
+                CASE TG_OP WHEN 'DELETE' THEN 'old' ELSE 'new' END,
+                CASE TG_OP WHEN 'DELETE' THEN 'pipeline_old_rows' ELSE 'pipeline_new_rows' END)
+            USING v_type, v_table, v_op;
+        END;
+        RETURN NULL;
+    END IF;
+
+    -- One event for this row (UPDATE watches, and watches with a condition).
+    DECLARE
+        v_type  pipeline.event_type := TG_ARGV[0];
+        v_op    pipeline.event_source_op := TG_OP;
+        v_table text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+        v_new   jsonb;
+        v_old   jsonb;
+        v_key   jsonb;
+        v_id    bigint;
+    BEGIN
+        IF TG_OP <> 'DELETE' THEN
+            v_new := to_jsonb(NEW);
+        END IF;
+        IF TG_OP <> 'INSERT' THEN
+            v_old := to_jsonb(OLD);
+        END IF;
+        IF TG_NARGS = 3 THEN
+            v_key := jsonb_build_object(TG_ARGV[2], coalesce(v_new, v_old) -> TG_ARGV[2]);
+        ELSIF TG_NARGS > 3 THEN
+            v_key := pipeline._pick(coalesce(v_new, v_old), TG_ARGV[2:]);
+        END IF;
+
+        INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op, source_key)
+        VALUES (v_type,
+                CASE TG_OP
+                    WHEN 'INSERT' THEN jsonb_build_object('new', v_new)
+                    WHEN 'UPDATE' THEN jsonb_build_object('new', v_new, 'old', v_old)
+                    ELSE jsonb_build_object('old', v_old)
+                END,
+                v_table, v_op, v_key)
+        RETURNING id INTO v_id;
+
+        -- Announced to listeners; the payload holds only bounded fields (id,
+        -- event type, table, operation), so it stays far below NOTIFY's
+        -- 8000-byte limit whatever the row holds.
+        PERFORM pg_notify('pipeline_event',
+                          json_build_object('id', v_id, 'event_type', TG_ARGV[0], 'table', v_table, 'op', TG_OP)::text);
+    END;
+    RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline._capture() IS
+    'Trigger function behind every watch: writes the row change as an event, with the rights of the role that changed the row.';
+
+-- Attaching it to a table produces nothing by itself: the policy below
+-- accepts its events only for tables and types of a watch.
+GRANT EXECUTE ON FUNCTION pipeline._capture() TO PUBLIC;
+
+
+
+-- Emitting an event by hand (for receivers and scripts): as the caller,
+-- for the owner of the pipeline and roles granted the event type.
+CREATE FUNCTION pipeline.emit(event_type text, payload jsonb DEFAULT '{}') RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'pipeline.emit: payload must not be NULL (use ''{}'' for an empty payload)'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM pipeline._check_event_type(event_type);
+    IF NOT pipeline._may_produce(event_type) THEN
+        RAISE EXCEPTION 'pipeline.emit: role % may not produce events of type %', current_user, quote_literal(event_type)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'The pipeline''s owner allows it with pipeline.grant_event_type(event_type, role).';
+    END IF;
+    INSERT INTO marketing.pipeline_events (event_type, payload, source_op)
+    VALUES (emit.event_type, emit.payload, 'EMIT')
+    RETURNING id INTO v_id;
+    PERFORM pg_notify('pipeline_event',
+                      json_build_object('id', v_id, 'event_type', emit.event_type, 'op', 'EMIT')::text);
+    RETURN v_id;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.emit(text, jsonb) IS
+    'Queues an event that no table change produced and announces it; returns its id. '
+    'For the pipeline''s owner and roles granted the event type (pipeline.grant_event_type).';
+
+
+-- Event types are identifiers: they name triggers and URLs, so they are checked early.
+CREATE FUNCTION pipeline._check_event_type(event_type text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- NB: the same rule as the domain pipeline.event_type (003_events.sql).
+    IF event_type IS NULL OR event_type !~ '^[a-z][a-z0-9_]*$' OR length(event_type) > 47 THEN
+        RAISE EXCEPTION 'invalid event type %', coalesce(quote_literal(event_type), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'An event type is 1-47 characters: a lower-case letter, then letters, digits or _.';
+    END IF;
+END
+$$;
+
+COMMENT ON TABLE pipeline.watches IS
+    'Table changes that become events, one row per pipeline.watch call. builtin marks the seven stage watches.';
+
+
+-- The tables of the pipeline itself: an event about them would feed itself.
+CREATE FUNCTION pipeline._is_internal(source_table regclass) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT n.nspname IN ('pg_catalog', 'information_schema', 'pg_toast', 'pipeline')
+        OR c.oid IN (to_regclass('marketing.pipeline_events'), to_regclass('marketing.pipeline_error_log'),
+                     to_regclass('marketing.pipeline_delivery_attempts'))
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = source_table
+$$;
+
+
+-- The event type a trigger's first argument names (tgargs is NUL-separated).
+CREATE FUNCTION pipeline._trigger_event_type(tgargs bytea) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT convert_from(substring(tgargs FROM 1 FOR position('\x00'::bytea IN tgargs) - 1), 'UTF8')
+    WHERE position('\x00'::bytea IN tgargs) > 0
+$$;
+
+
+-- Whether a capture trigger of that name, event type and operation is on
+-- the table (so that a row of pipeline.watches describes a real watch).
+CREATE FUNCTION pipeline._capture_trigger_exists(
+    source_table regclass, trigger_name name, event_type text, operation text
+) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM pg_trigger t
+        WHERE t.tgrelid = source_table AND t.tgname = trigger_name
+          AND t.tgfoid = 'pipeline._capture()'::regprocedure
+          AND pipeline._trigger_event_type(t.tgargs) = event_type
+          AND (t.tgtype::integer & CASE operation WHEN 'INSERT' THEN 4 WHEN 'DELETE' THEN 8
+                                                  WHEN 'UPDATE' THEN 16 ELSE 0 END) <> 0)
+$$;
+
+
+-- A role that may put triggers on a table and was granted an event type
+-- may watch the table for it (pipeline.watch), and the row must describe
+-- the trigger pipeline.watch made; it may remove its watches again. The
+-- stage watches are the owner's.
+ALTER TABLE pipeline.watches ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY watches_read ON pipeline.watches FOR SELECT USING (true);
+
+CREATE POLICY watches_add ON pipeline.watches FOR INSERT
+    WITH CHECK (NOT builtin
+                AND has_table_privilege(source_table, 'TRIGGER')
+                AND NOT pipeline._is_internal(source_table)
+                AND pipeline._may_produce(event_type)
+                AND pipeline._capture_trigger_exists(source_table, trigger_name, event_type, operation));
+
+CREATE POLICY watches_remove ON pipeline.watches FOR DELETE
+    USING (NOT builtin
+           AND coalesce(has_table_privilege(source_table, 'TRIGGER'),
+                        NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = source_table)));
+
+GRANT SELECT, INSERT, DELETE ON pipeline.watches TO PUBLIC;
+
+
+-- The events a role may write (see the top of this file).
+ALTER TABLE marketing.pipeline_events ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY pipeline_events_read ON marketing.pipeline_events FOR SELECT USING (true);
+
+CREATE POLICY pipeline_events_settle ON marketing.pipeline_events FOR UPDATE USING (true) WITH CHECK (true);
+
+CREATE POLICY pipeline_events_purge ON marketing.pipeline_events FOR DELETE USING (true);
+
+CREATE POLICY pipeline_events_produce ON marketing.pipeline_events FOR INSERT
+    WITH CHECK (
+        CASE source_op::text
+            WHEN 'EMIT' THEN source_table IS NULL AND pipeline._may_produce(event_type)
+            ELSE pg_trigger_depth() > 0
+                 AND EXISTS (
+                     SELECT 1
+                     FROM pipeline.watches w
+                     JOIN pg_class c ON c.oid = w.source_table
+                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE w.event_type = pipeline_events.event_type::text
+                       AND w.operation = pipeline_events.source_op::text
+                       AND n.nspname || '.' || c.relname = pipeline_events.source_table
+                       AND CASE w.operation
+                               WHEN 'DELETE' THEN has_table_privilege(w.source_table, 'DELETE')
+                               ELSE has_any_column_privilege(w.source_table, w.operation)
+                           END)
+        END);
+
+GRANT INSERT (event_type, payload, source_table, source_op, source_key) ON marketing.pipeline_events TO PUBLIC;
+
+-- The id too, for INSERT ... RETURNING id: ids are no secret (every role
+-- may LISTEN on pipeline_event, where each event's id, type, table and
+-- operation are announced), and nothing else of the queue is readable.
+GRANT SELECT (id) ON marketing.pipeline_events TO PUBLIC;
+
+
+-- Why a watch condition cannot be pasted into CREATE TRIGGER ... WHEN (...),
+-- or NULL when it can. It must be one expression: every quote closed, every
+-- parenthesis closed and none closed that it did not open, and no ; $ or
+-- comment outside quotes. Then nothing in it can end the WHEN clause or the
+-- statement. (Backslashes are refused anywhere, so that E'' strings cannot
+-- hide a quote from this scan.)
+CREATE FUNCTION pipeline._condition_problem(condition text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_len   integer := length(condition);
+    v_depth integer := 0;
+    v_i     integer := 1;
+    v_c     text;
+BEGIN
+    IF strpos(condition, E'\\') > 0 THEN
+        RETURN 'condition must not contain a backslash';
+    END IF;
+    WHILE v_i <= v_len LOOP
+        v_c := substr(condition, v_i, 1);
+        IF v_c IN ('''', '"') THEN
+            -- A string or quoted identifier ends at the next quote that is not doubled.
+            LOOP
+                v_i := v_i + 1;
+                IF v_i > v_len THEN
+                    RETURN format('condition has an unterminated %s',
+                                  CASE v_c WHEN '''' THEN 'string' ELSE 'quoted identifier' END);
+                END IF;
+                IF substr(condition, v_i, 1) = v_c THEN
+                    EXIT WHEN substr(condition, v_i + 1, 1) <> v_c;
+                    v_i := v_i + 1;
+                END IF;
+            END LOOP;
+        ELSIF v_c = ';' THEN
+            RETURN 'condition must be one expression, without ;';
+        ELSIF v_c = '$' THEN
+            RETURN 'condition must not contain $ outside quotes (no dollar quoting or parameters)';
+        ELSIF substr(condition, v_i, 2) IN ('--', '/*') THEN
+            RETURN 'condition must not contain comments';
+        ELSIF v_c = '(' THEN
+            v_depth := v_depth + 1;
+        ELSIF v_c = ')' THEN
+            v_depth := v_depth - 1;
+            IF v_depth < 0 THEN
+                RETURN 'condition closes a parenthesis it did not open';
+            END IF;
+        END IF;
+        v_i := v_i + 1;
+    END LOOP;
+    IF v_depth > 0 THEN
+        RETURN 'condition leaves a parenthesis open';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+
+-- Starting to turn changes of a table into events (replaces an earlier watch
+-- of the same table, event type and operation).
+CREATE FUNCTION pipeline.watch(
+    source_table regclass,
+    event_type   text,
+    operation    text DEFAULT 'INSERT',
+    condition    text DEFAULT NULL,
+    columns      text[] DEFAULT NULL,
+    group_by     text DEFAULT NULL
+) RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_op      text := upper(btrim(operation));
+    v_kind    "char";
+    v_schema  name;
+    v_name    name;
+    v_trigger name;
+    v_keys    text[];
+    v_args    text;
+    v_col     text;
+    v_sql     text;
+    v_per_statement boolean;
+BEGIN
+    IF source_table IS NULL THEN
+        RAISE EXCEPTION 'pipeline.watch: source_table must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT c.relkind, n.nspname, c.relname INTO v_kind, v_schema, v_name
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = source_table;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pipeline.watch: table with OID % does not exist', source_table::oid
+            USING ERRCODE = 'undefined_table';
+    END IF;
+    IF v_kind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'pipeline.watch: % is not a table', source_table
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'Only ordinary and partitioned tables can be watched.';
+    END IF;
+    IF pipeline._is_internal(source_table) THEN
+        RAISE EXCEPTION 'pipeline.watch: % cannot be watched', source_table
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'System catalogs and the pipeline''s own tables cannot produce events.';
+    END IF;
+    PERFORM pipeline._check_event_type(event_type);
+    IF NOT pipeline._may_produce(event_type) THEN
+        RAISE EXCEPTION 'pipeline.watch: role % may not produce events of type %', current_user, quote_literal(event_type)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'The pipeline''s owner allows it with pipeline.grant_event_type(event_type, role).';
+    END IF;
+    IF v_op IS NULL OR v_op NOT IN ('INSERT', 'UPDATE', 'DELETE') THEN
+        RAISE EXCEPTION 'pipeline.watch: operation must be INSERT, UPDATE or DELETE, not %',
+            coalesce(quote_literal(operation), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF condition IS NOT NULL AND pipeline._is_blank(condition) THEN
+        RAISE EXCEPTION 'pipeline.watch: condition is blank; pass NULL for no condition'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF pipeline._condition_problem(condition) IS NOT NULL THEN
+        RAISE EXCEPTION 'pipeline.watch: %', pipeline._condition_problem(condition)
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('condition: %s', condition),
+                  HINT = 'A condition is one boolean SQL expression over NEW (INSERT), OLD (DELETE) or both (UPDATE).';
+    END IF;
+    IF columns IS NOT NULL THEN
+        IF v_op <> 'UPDATE' THEN
+            RAISE EXCEPTION 'pipeline.watch: columns apply only to UPDATE watches'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF cardinality(columns) = 0 THEN
+            RAISE EXCEPTION 'pipeline.watch: columns is empty; pass NULL to watch every column'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOREACH v_col IN ARRAY columns LOOP
+            PERFORM pipeline._check_column(source_table, v_col);
+        END LOOP;
+    END IF;
+    IF group_by IS NOT NULL THEN
+        PERFORM pipeline._check_column(source_table, group_by);
+        IF condition IS NOT NULL OR columns IS NOT NULL THEN
+            RAISE EXCEPTION 'pipeline.watch: group_by cannot be combined with condition or columns'
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'A grouped watch emits one event per group for every statement.';
+        END IF;
+    END IF;
+
+    -- The primary key travels with each event as source_key.
+    SELECT array_agg(a.attname::text ORDER BY k.ord) INTO v_keys
+    FROM pg_index i
+    CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    WHERE i.indrelid = source_table AND i.indisprimary;
+
+    v_trigger := format('pipeline_%s_%s', event_type, lower(v_op));
+    PERFORM pipeline._drop_watch(source_table, watch.event_type, v_op);
+
+    -- A statement trigger with a transition table makes all of a statement's
+    -- events at once: grouped watches need it, and INSERT and DELETE watches
+    -- without a condition are cheaper so (an UPDATE needs OLD and NEW paired,
+    -- a condition is a WHEN clause, and only row triggers fire on the
+    -- partitions of a partitioned table when they are written directly).
+    v_per_statement := group_by IS NOT NULL
+                       OR (condition IS NULL AND v_op IN ('INSERT', 'DELETE') AND v_kind = 'r');
+
+    SELECT string_agg(quote_literal(a), ', ') INTO v_args
+    FROM unnest(ARRAY[event_type, coalesce(group_by, '')] || coalesce(v_keys, '{}')) AS a;
+
+    v_sql := format('CREATE TRIGGER %I AFTER %s%s ON %s %s FOR EACH %s%s EXECUTE FUNCTION pipeline._capture(%s)',
+        v_trigger,
+        v_op,
+        CASE WHEN columns IS NOT NULL THEN
+            ' OF ' || (SELECT string_agg(quote_ident(c), ', ') FROM unnest(columns) AS c) END,
+        source_table,
+        CASE WHEN NOT v_per_statement THEN ''
+             WHEN group_by IS NULL THEN
+                 format('REFERENCING %s TABLE AS pipeline_rows', CASE v_op WHEN 'DELETE' THEN 'OLD' ELSE 'NEW' END)
+             WHEN v_op = 'DELETE' THEN 'REFERENCING OLD TABLE AS pipeline_old_rows'
+             ELSE 'REFERENCING NEW TABLE AS pipeline_new_rows' END,
+        CASE WHEN v_per_statement THEN 'STATEMENT' ELSE 'ROW' END,
+        CASE WHEN condition IS NOT NULL THEN ' WHEN (' || condition || ')' END,
+        v_args);
+    BEGIN
+        EXECUTE v_sql;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION 'pipeline.watch: cannot watch % on %: %', event_type, source_table, SQLERRM
+            USING ERRCODE = SQLSTATE, DETAIL = v_sql,
+                  HINT = 'A condition is one boolean SQL expression over NEW (INSERT), OLD (DELETE) or both (UPDATE).';
+    END;
+
+    -- The condition is pasted into CREATE TRIGGER: make sure it did not turn
+    -- the statement into something else.
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t
+                   WHERE t.tgrelid = source_table AND t.tgname = v_trigger
+                     AND t.tgfoid = 'pipeline._capture()'::regprocedure) THEN
+        RAISE EXCEPTION 'pipeline.watch: condition % is not a single boolean expression', quote_literal(condition)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    INSERT INTO pipeline.watches (source_table, event_type, operation, condition, columns, group_by, trigger_name)
+    VALUES (source_table, event_type, v_op, condition, columns, group_by, v_trigger);
+    RETURN v_trigger;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.watch(regclass, text, text, text, text[], text) IS
+    'Turns changes of a table into events of event_type: INSERT, UPDATE (optionally OF columns) or DELETE, '
+    'filtered by a condition over NEW/OLD, or grouped into one event per group_by value per statement. Returns the trigger name.';
+
+
+-- Stopping a watch: operation NULL stops every operation of that event type.
+CREATE FUNCTION pipeline.unwatch(source_table regclass, event_type text, operation text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_op   text;
+    v_done integer := 0;
+BEGIN
+    IF source_table IS NULL OR event_type IS NULL THEN
+        RAISE EXCEPTION 'pipeline.unwatch: source_table and event_type must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    FOR v_op IN
+        SELECT w.operation FROM pipeline.watches w
+        WHERE w.source_table = unwatch.source_table AND w.event_type = unwatch.event_type
+          AND (unwatch.operation IS NULL OR w.operation = upper(btrim(unwatch.operation)))
+    LOOP
+        IF pipeline._drop_watch(source_table, event_type, v_op) THEN
+            v_done := v_done + 1;
+        END IF;
+    END LOOP;
+    RETURN v_done;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.unwatch(regclass, text, text) IS
+    'Stops turning changes of a table into events of event_type; returns how many watches were removed.';
+
+
+-- NB: the trigger is dropped only when it is the capture trigger the row
+-- describes: a row of pipeline.watches alone never names a trigger to drop.
+CREATE FUNCTION pipeline._drop_watch(source_table regclass, event_type text, operation text) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_trigger name;
+BEGIN
+    DELETE FROM pipeline.watches w
+    WHERE w.source_table = _drop_watch.source_table
+      AND w.event_type = _drop_watch.event_type
+      AND w.operation = _drop_watch.operation
+    RETURNING w.trigger_name INTO v_trigger;
+    IF v_trigger IS NULL THEN
+        -- Not there, or not this role's to remove (row-level security).
+        IF EXISTS (SELECT 1 FROM pipeline.watches w
+                   WHERE w.source_table = _drop_watch.source_table
+                     AND w.event_type = _drop_watch.event_type
+                     AND w.operation = _drop_watch.operation) THEN
+            RAISE EXCEPTION 'role % may not remove the % watch of % on %', current_user, operation, event_type, source_table
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'A watch is removed by a role that may put triggers on its table; the stage watches by the pipeline''s owner.';
+        END IF;
+        RETURN false;
+    END IF;
+    -- The table may be gone already (then so is its trigger).
+    IF v_trigger IS NOT NULL
+       AND pipeline._capture_trigger_exists(source_table, v_trigger, event_type, operation) THEN
+        EXECUTE format('DROP TRIGGER %I ON %s', v_trigger, source_table);
+    END IF;
+    RETURN true;
+END
+$$;
+
+
+CREATE FUNCTION pipeline._check_column(source_table regclass, column_name text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF column_name IS NULL OR NOT EXISTS (
+        SELECT 1 FROM pg_attribute
+        WHERE attrelid = source_table AND attname = column_name AND attnum > 0 AND NOT attisdropped)
+    THEN
+        RAISE EXCEPTION 'column % of table % does not exist', coalesce(quote_ident(column_name), 'NULL'), source_table
+            USING ERRCODE = 'undefined_column';
+    END IF;
+END
+$$;
+
+COMMENT ON TABLE pipeline.stages IS
+    'The seven stages of the outreach pipeline and the watch that emits each stage''s event.';
+
+
+-- The stages are configuration, not secrets: whoever registers a webhook
+-- or reads the funnel may look at them.
+GRANT SELECT ON pipeline.stages TO PUBLIC;
+
+
+-- ==== from sql/006_queue.sql ====
+
+-- 006_queue.sql: queue operations for whoever delivers events.
+--
+-- A consumer claims a batch (the events become processing, with a lease),
+-- commits, delivers them, and reports each outcome with mark_delivered or
+-- mark_failed. If it dies instead, the lease runs out and the events are
+-- claimed again: delivery is at least once, so receivers should treat the
+-- event id as an idempotency key.
+--
+-- Settings (read with current_setting, so they work without the library too;
+-- set them with ALTER DATABASE ... SET or ALTER SYSTEM SET):
+--   pipeline.max_attempts  attempts before an event is dead        (default 10)
+--   pipeline.backoff_base  delay after the first failed attempt    (default 5s)
+--   pipeline.backoff_cap   longest delay between attempts          (default 1h)
+--   pipeline.lease_time    lease of a claimed event                 (default 30s, at most 1 day)
+--
+-- Consumers need exactly these rights (the worker's role has them): SELECT
+-- on marketing.pipeline_events and UPDATE of its delivery columns only, so
+-- that no consumer can change what an event says or where it goes:
+--   GRANT SELECT, UPDATE (status, attempts, next_attempt_at, processed_at, last_error, replay_count, claimed_by)
+--       ON marketing.pipeline_events TO consumer;
+--   GRANT SELECT, INSERT, UPDATE (resolved, resolved_at, resolution_note)
+--       ON marketing.pipeline_error_log TO consumer;    -- failures; resolved once delivered
+--
+-- Plans: the functions a deliverer calls (here and in 011_delivery.sql) are
+-- written for the indexes of 003_events.sql and must not depend on the
+-- table's statistics, which are usually stale (analyzed when everything was
+-- delivered, or never), nor on the values of the call: after five calls a
+-- session may switch to a generic plan, made for any values (a LIMIT of
+-- unknown size counts as a tenth of the table). They look events up by
+-- primary key, read the due index in its order, and run with enable_seqscan,
+-- enable_bitmapscan, enable_hashjoin and enable_mergejoin off (SET clauses),
+-- so that a guess that most rows match cannot make one read the whole
+-- table. tests/plans.rs checks the plans in each state, generic plans too.
+-- They also run with jit off: a plan node the settings disable but that has
+-- no alternative (a sequential scan of pipeline.deliverers) costs 10^10,
+-- far above jit_above_cost, and PostgreSQL then compiled that statement
+-- with LLVM at every execution: tens of milliseconds each time, and about
+-- 25 MB that LLVM kept in the deliverer's process.
+
+CREATE FUNCTION pipeline._setting(name text, fallback text) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(nullif(current_setting('pipeline.' || name, true), ''), fallback)
+$$;
+
+
+-- Back to pending, due now, with a fresh set of attempts. With force, events
+-- still processing too (their consumer is gone): those keep their attempt
+-- count, so that a late outcome of the old claim cannot settle the new one.
+-- A listening deliverer (pipeline-relay) hears of it on pipeline_wake (see
+-- 010_webhooks.sql).
+CREATE FUNCTION pipeline._requeue(event_ids bigint[], force boolean DEFAULT false) RETURNS SETOF bigint
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_notify('pipeline_wake', 'replay');
+    UPDATE marketing.pipeline_events e
+    SET status = 'pending',
+        next_attempt_at = now(),
+        attempts = CASE WHEN e.status = 'processing' THEN e.attempts ELSE 0 END,
+        processed_at = NULL,
+        replay_count = e.replay_count + 1,
+        claimed_by = NULL
+    WHERE e.id = ANY (event_ids) AND (e.status <> 'processing' OR force)
+    RETURNING e.id;
+$$;
+
+
+-- Raises a clear error naming the ids that do not exist.
+CREATE FUNCTION pipeline._require_events(event_ids bigint[]) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_missing bigint[];
+BEGIN
+    IF event_ids IS NULL OR array_position(event_ids, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'event ids must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT array_agg(DISTINCT want.id ORDER BY want.id) INTO v_missing
+    FROM unnest(event_ids) AS want(id)
+    WHERE NOT EXISTS (SELECT 1 FROM marketing.pipeline_events e WHERE e.id = want.id);
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'no event with id %', array_to_string(v_missing[1:20], ', ')
+                        || CASE WHEN cardinality(v_missing) > 20 THEN ' (and more)' ELSE '' END
+            USING ERRCODE = 'no_data_found';
+    END IF;
+END
+$$;
+
+
+-- Delay before the next attempt after a failed attempt number `attempt`:
+-- exponential from backoff_base, capped at backoff_cap, with 50-100% jitter so
+-- that events failing together do not come back together.
+CREATE FUNCTION pipeline.backoff(attempt integer) RETURNS interval
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT least(pipeline._setting('backoff_cap', '1h')::interval,
+                 pipeline._setting('backoff_base', '5s')::interval
+                     * power(2, least(greatest(coalesce(attempt, 1), 1) - 1, 30)))
+           * (0.5 + random() / 2)
+$$;
+
+COMMENT ON FUNCTION pipeline.backoff(integer) IS
+    'Delay before retrying after failed attempt n: backoff_base * 2^(n-1), at most backoff_cap, times a random 0.5-1.';
+
+
+-- Claiming due events: they become processing until the lease ends.
+CREATE FUNCTION pipeline.claim(
+    batch_size  integer DEFAULT 100,
+    lease       interval DEFAULT NULL,
+    event_types text[] DEFAULT NULL,
+    consumer    text DEFAULT NULL
+) RETURNS SETOF marketing.pipeline_events
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    v_lease  interval := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
+    v_types  text[] := claim.event_types;
+    v_quotas integer[];
+BEGIN
+    IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION 'pipeline.claim: batch_size must be between 1 and 10000, not %', coalesce(batch_size::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_lease <= interval '0' OR v_lease > interval '1 day' THEN
+        RAISE EXCEPTION 'pipeline.claim: lease must be positive and at most 1 day, not %', v_lease
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A consumer that dies leaves its events processing until the lease ends.';
+    END IF;
+    IF v_types IS NULL THEN
+        -- The types with open events, from the due index, skipping from one
+        -- type to the next (a loose index scan) instead of reading every row.
+        v_types := ARRAY(
+            WITH RECURSIVE open_types (event_type) AS (
+                SELECT min(e.event_type::text)
+                FROM marketing.pipeline_events e
+                WHERE e.status IN ('pending', 'failed', 'processing')
+                UNION ALL
+                SELECT (SELECT min(e.event_type::text)
+                        FROM marketing.pipeline_events e
+                        WHERE e.status IN ('pending', 'failed', 'processing') AND e.event_type > o.event_type)
+                FROM open_types o
+                WHERE o.event_type IS NOT NULL
+            )
+            SELECT o.event_type FROM open_types o WHERE o.event_type IS NOT NULL);
+    END IF;
+    IF cardinality(v_types) = 1 THEN
+        v_quotas := ARRAY[batch_size];
+    ELSIF cardinality(v_types) > 1 THEN
+        -- Each type's share of the batch: how many of the oldest due events
+        -- over all types are its own, read without locking. Locking each
+        -- type's first batch_size events instead (to keep the oldest of
+        -- them) locked up to batch_size rows per type to claim batch_size.
+        SELECT array_agg(p.event_type), array_agg(p.quota) INTO v_types, v_quotas
+        FROM (SELECT c.event_type, count(*)::integer AS quota
+              FROM (SELECT types.event_type
+                    FROM unnest(v_types) AS types(event_type)
+                    CROSS JOIN LATERAL (
+                        SELECT e.id, e.next_attempt_at
+                        FROM marketing.pipeline_events e
+                        WHERE e.event_type = types.event_type
+                          AND e.status IN ('pending', 'failed', 'processing')
+                          AND e.next_attempt_at <= now()
+                        ORDER BY e.next_attempt_at, e.id
+                        LIMIT batch_size
+                    ) c
+                    ORDER BY c.next_attempt_at, c.id
+                    LIMIT batch_size) c
+              GROUP BY c.event_type) p;
+    END IF;
+    -- Each type's share, oldest due first, skipping rows that another
+    -- consumer holds (it then takes the next ones of that type).
+    RETURN QUERY
+    WITH candidates AS (
+        SELECT c.id
+        FROM unnest(v_types, v_quotas) AS q(event_type, quota)
+        CROSS JOIN LATERAL (
+            SELECT e.id
+            FROM marketing.pipeline_events e
+            WHERE e.event_type = q.event_type
+              AND e.status IN ('pending', 'failed', 'processing')
+              AND e.next_attempt_at <= now()
+            ORDER BY e.next_attempt_at, e.id
+            LIMIT q.quota
+            FOR UPDATE SKIP LOCKED
+        ) c
+        WHERE q.quota > 0
+    )
+    UPDATE marketing.pipeline_events e
+    SET status = 'processing',
+        attempts = e.attempts + 1,
+        next_attempt_at = now() + v_lease,
+        claimed_by = consumer
+    FROM candidates c
+    WHERE e.id = c.id
+    RETURNING e.*;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.claim(integer, interval, text[], text) IS
+    'Claims up to batch_size due events (oldest due first, skipping rows other consumers hold): '
+    'they become processing with attempts + 1 until the lease ends (at most 1 day), claimed_by consumer. '
+    'Commit before delivering.';
+
+
+-- A consumer that restarts after a crash takes back what it held: its
+-- events are due again now instead of when their leases end. The attempt
+-- counts stay (the crash may have come after a request went out).
+CREATE FUNCTION pipeline.release_claims(consumer text) RETURNS integer
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    WITH released AS (
+        UPDATE marketing.pipeline_events e
+        SET status = 'pending', next_attempt_at = now(), claimed_by = NULL
+        WHERE e.status = 'processing' AND e.claimed_by = release_claims.consumer
+        RETURNING e.id
+    )
+    SELECT count(*)::integer FROM released
+$$;
+
+COMMENT ON FUNCTION pipeline.release_claims(text) IS
+    'Makes the events a named consumer still holds due again now (after its crash); returns how many.';
+
+
+-- Settling claimed events: the one place where a delivery outcome changes an
+-- event. Delivered events become processed; failed ones failed (due again at
+-- retry_at, or after pipeline.backoff) or dead (attempts used up, or give_up),
+-- and every failure goes to the error log. Only events still processing, and
+-- (when attempt is given) still in that attempt, change: a consumer whose
+-- lease ran out and whose event was claimed again cannot overwrite the newer
+-- attempt. The arrays are parallel; missing trailing values count as NULL.
+-- Errors logged for an event that is then delivered are resolved.
+CREATE FUNCTION pipeline._settle(
+    event_ids bigint[],
+    attempts  integer[],
+    delivered boolean[],
+    errors    text[],
+    retry_at  timestamptz[],
+    give_up   boolean[],
+    details   jsonb[]
+) RETURNS TABLE (event_id bigint, status text)
+-- NB: plpgsql, so that the statement is planned once per session, not on
+-- every call as in a SQL function (a tenth of a deliverer's SQL time went
+-- to planning it).
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+#variable_conflict use_column
+BEGIN
+    -- NB: plans that hold whatever the statistics say. Each event is looked
+    -- up by its primary key (OFFSET 0 keeps the status test out of that
+    -- look-up), and the update compares with the values read, not with
+    -- constants. Given 'processing' as a constant, the planner may read
+    -- every processing event from the due index once per outcome whenever
+    -- the statistics say there are none (the table was analyzed while
+    -- everything was delivered): quadratic in the backlog. MATERIALIZED keeps
+    -- the constant from reaching the update through the join.
+    RETURN QUERY
+    WITH outcome AS MATERIALIZED (
+        SELECT o.*, e.status AS current_status, e.attempts AS current_attempts,
+               CASE WHEN o.delivered THEN 'processed'
+                    WHEN coalesce(o.give_up, false)
+                      OR e.attempts >= pipeline._setting('max_attempts', '10')::integer THEN 'dead'
+                    ELSE 'failed'
+               END AS new_status
+        FROM unnest(_settle.event_ids, _settle.attempts, _settle.delivered, _settle.errors, _settle.retry_at,
+                    _settle.give_up, _settle.details)
+                 AS o(event_id, attempt, delivered, error, retry_at, give_up, details)
+        CROSS JOIN LATERAL (SELECT e.status, e.attempts FROM marketing.pipeline_events e
+                            WHERE e.id = o.event_id OFFSET 0) e
+        WHERE e.status = 'processing' AND (o.attempt IS NULL OR e.attempts = o.attempt)
+    ), settled AS (
+        UPDATE marketing.pipeline_events e
+        SET status = o.new_status,
+            claimed_by = NULL,
+            processed_at = CASE WHEN o.new_status = 'processed' THEN now() END,
+            next_attempt_at = CASE WHEN o.new_status = 'failed'
+                                   THEN coalesce(o.retry_at, now() + pipeline.backoff(o.current_attempts))
+                                   ELSE e.next_attempt_at END,
+            last_error = CASE WHEN o.new_status = 'processed' THEN e.last_error ELSE o.error END
+        FROM outcome o
+        -- Still as read: a concurrent settle of the same attempt wins.
+        WHERE e.id = o.event_id AND e.status = o.current_status AND e.attempts = o.current_attempts
+        RETURNING e.id, e.event_type, e.status, e.attempts, o.error, o.details
+    ), logged AS (
+        INSERT INTO marketing.pipeline_error_log (stage, event_id, error_message, details)
+        SELECT s.event_type, s.id, coalesce(s.error, 'delivery failed'),
+               coalesce(s.details, '{}') || jsonb_build_object('attempt', s.attempts, 'status', s.status)
+        FROM settled s
+        WHERE s.status <> 'processed'
+    ), resolved AS (
+        -- An event delivered in the end leaves no error to act on.
+        UPDATE marketing.pipeline_error_log l
+        SET resolved = true, resolved_at = now(),
+            resolution_note = format('event delivered on attempt %s', s.attempts)
+        FROM settled s
+        WHERE s.status = 'processed' AND l.event_id = s.id AND NOT l.resolved
+    )
+    SELECT s.id, s.status::text FROM settled s;
+END
+$$;
+
+
+-- Recording a successful delivery.
+CREATE FUNCTION pipeline.mark_delivered(event_id bigint) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pipeline._require_events(ARRAY[event_id]);
+    RETURN EXISTS (SELECT 1 FROM pipeline._settle(ARRAY[event_id], NULL, ARRAY[true], NULL, NULL, NULL, NULL));
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.mark_delivered(bigint) IS
+    'Marks a claimed event processed. False (and no change) when it was not processing, e.g. already delivered.';
+
+
+CREATE FUNCTION pipeline.mark_delivered_many(event_ids bigint[]) RETURNS SETOF bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pipeline._require_events(event_ids);
+    RETURN QUERY
+    SELECT s.event_id
+    FROM pipeline._settle(event_ids, NULL, array_fill(true, ARRAY[cardinality(event_ids)]),
+                          NULL, NULL, NULL, NULL) s;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.mark_delivered_many(bigint[]) IS
+    'Marks claimed events processed; returns the ids that changed.';
+
+
+-- Recording a failed delivery: retried later, or dead when out of attempts.
+CREATE FUNCTION pipeline.mark_failed(
+    event_id bigint,
+    error    text,
+    retry_at timestamptz DEFAULT NULL,
+    details  jsonb DEFAULT NULL,
+    retry    boolean DEFAULT true
+) RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF error IS NULL OR pipeline._is_blank(error) THEN
+        RAISE EXCEPTION 'pipeline.mark_failed: error must describe the failure'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pipeline._require_events(ARRAY[event_id]);
+    RETURN (SELECT s.status
+            FROM pipeline._settle(ARRAY[event_id], NULL, ARRAY[false], ARRAY[error], ARRAY[retry_at],
+                                  ARRAY[NOT coalesce(retry, true)], ARRAY[details]) s);
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.mark_failed(bigint, text, timestamptz, jsonb, boolean) IS
+    'Records a failed delivery of a claimed event and logs the error. Returns failed (retried at retry_at, '
+    'or after pipeline.backoff) or dead (out of attempts, or retry => false); NULL if the event was not processing.';
+
+
+-- Putting events back to pending for immediate delivery. The attempt count
+-- restarts (so the event gets a full set of retries); errors already logged stay.
+CREATE FUNCTION pipeline.replay_many(event_ids bigint[], force boolean DEFAULT false) RETURNS SETOF bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_busy bigint[];
+BEGIN
+    PERFORM pipeline._require_events(event_ids);
+    SELECT array_agg(e.id ORDER BY e.id) INTO v_busy
+    FROM marketing.pipeline_events e
+    WHERE e.id = ANY (event_ids) AND e.status = 'processing';
+    IF v_busy IS NOT NULL AND NOT coalesce(force, false) THEN
+        RAISE EXCEPTION 'pipeline.replay: events % are being delivered right now', v_busy
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Wait for the delivery to finish or its lease to run out, then replay; '
+                         'if the consumer holding them is gone, replay with force => true.';
+    END IF;
+    RETURN QUERY SELECT pipeline._requeue(event_ids, coalesce(force, false));
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.replay_many(bigint[], boolean) IS
+    'Requeues the given events for immediate delivery; all or none. Events being delivered are refused '
+    'unless force (their consumer is gone). Returns the ids requeued.';
+
+
+CREATE FUNCTION pipeline.replay(event_id bigint, force boolean DEFAULT false) RETURNS bigint
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pipeline.replay_many(ARRAY[event_id], force);
+$$;
+
+COMMENT ON FUNCTION pipeline.replay(bigint, boolean) IS
+    'Requeues one event (failed, dead, processed or pending; processing too with force) for immediate delivery; returns its id.';
+
+
+CREATE FUNCTION pipeline.replay_failed(
+    event_type text DEFAULT NULL,
+    since      timestamptz DEFAULT NULL,
+    until      timestamptz DEFAULT NULL
+) RETURNS SETOF bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF event_type IS NOT NULL THEN
+        PERFORM pipeline._check_event_type(event_type);
+    END IF;
+    IF since > until THEN
+        RAISE EXCEPTION 'pipeline.replay_failed: since (%) is after until (%)', since, until
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY SELECT pipeline._requeue(array_agg(e.id))
+    FROM marketing.pipeline_events e
+    WHERE e.status IN ('failed', 'dead')
+      AND (replay_failed.event_type IS NULL OR e.event_type = replay_failed.event_type)
+      AND (since IS NULL OR e.created_at >= since)
+      AND (until IS NULL OR e.created_at < until);
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.replay_failed(text, timestamptz, timestamptz) IS
+    'Requeues every failed or dead event, optionally of one type and created in [since, until); returns the ids requeued.';
+
+
+-- The error log's checks (dropped with the functions they call).
+ALTER TABLE marketing.pipeline_error_log
+    ADD CONSTRAINT stage_not_blank CHECK (NOT pipeline._is_blank(stage)),
+    ADD CONSTRAINT error_message_not_blank CHECK (NOT pipeline._is_blank(error_message));
+
+-- ==== from sql/007_errors.sql ====
+
+-- 007_errors.sql: reporting, resolving and watching errors.
+--
+-- Delivery failures are logged by pipeline.mark_failed. Receivers report their
+-- own failures (a validation API down, an enrichment quota hit) with
+-- pipeline.log_error, so one log shows every stage.
+
+-- Logging an error of a stage (and, when known, of an event).
+CREATE FUNCTION pipeline.log_error(
+    stage    text,
+    error    text,
+    event_id bigint DEFAULT NULL,
+    details  jsonb DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    IF stage IS NULL OR pipeline._is_blank(stage) THEN
+        RAISE EXCEPTION 'pipeline.log_error: stage must name the stage or event type that failed'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF error IS NULL OR pipeline._is_blank(error) THEN
+        RAISE EXCEPTION 'pipeline.log_error: error must describe the failure'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF event_id IS NOT NULL THEN
+        PERFORM pipeline._require_events(ARRAY[event_id]);
+    END IF;
+    INSERT INTO marketing.pipeline_error_log (stage, event_id, error_message, details)
+    VALUES (stage, event_id, error, coalesce(details, '{}'))
+    RETURNING id INTO v_id;
+    RETURN v_id;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.log_error(text, text, bigint, jsonb) IS
+    'Adds an error to marketing.pipeline_error_log; returns its id.';
+
+
+-- Marking one error resolved.
+CREATE FUNCTION pipeline.resolve_error(error_id bigint, note text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE marketing.pipeline_error_log l
+    SET resolved = true, resolved_at = now(), resolution_note = note
+    WHERE l.id = error_id AND NOT l.resolved;
+    IF FOUND THEN
+        RETURN true;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM marketing.pipeline_error_log l WHERE l.id = error_id) THEN
+        RAISE EXCEPTION 'no error with id %', coalesce(error_id::text, 'NULL')
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN false;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.resolve_error(bigint, text) IS
+    'Marks an error resolved; false when it already was.';
+
+
+-- Marking many errors resolved: those of a stage and/or an event, up to a time.
+CREATE FUNCTION pipeline.resolve_errors(
+    stage    text DEFAULT NULL,
+    event_id bigint DEFAULT NULL,
+    before   timestamptz DEFAULT NULL,
+    note     text DEFAULT NULL
+) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    UPDATE marketing.pipeline_error_log l
+    SET resolved = true, resolved_at = now(), resolution_note = note
+    WHERE NOT l.resolved
+      AND (resolve_errors.stage IS NULL OR l.stage = resolve_errors.stage)
+      AND (resolve_errors.event_id IS NULL OR l.event_id = resolve_errors.event_id)
+      AND l.created_at <= coalesce(before, now());
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.resolve_errors(text, bigint, timestamptz, text) IS
+    'Marks every unresolved error of a stage and/or event, logged up to before (default now), resolved; returns how many.';
+
+
+CREATE VIEW marketing.vw_unresolved_errors AS
+SELECT l.id,
+       l.stage,
+       l.event_id,
+       e.status AS event_status,
+       e.attempts AS event_attempts,
+       l.error_message,
+       l.details,
+       l.created_at,
+       now() - l.created_at AS age
+FROM marketing.pipeline_error_log l
+LEFT JOIN marketing.pipeline_events e ON e.id = l.event_id
+WHERE NOT l.resolved
+ORDER BY l.created_at DESC, l.id DESC;
+
+COMMENT ON VIEW marketing.vw_unresolved_errors IS
+    'Unresolved errors, newest first, with the current state of their event.';
+
+
+-- Error rate per stage over the last 24 hours: errors logged against events
+-- created (of that type) in the same window.
+CREATE VIEW marketing.vw_error_rate_24h AS
+WITH errors AS (
+    SELECT l.stage,
+           count(*) AS errors,
+           count(*) FILTER (WHERE NOT l.resolved) AS unresolved,
+           count(DISTINCT l.event_id) AS failed_events,
+           max(l.created_at) AS last_error_at
+    FROM marketing.pipeline_error_log l
+    WHERE l.created_at > now() - interval '24 hours'
+    GROUP BY l.stage
+), events AS (
+    SELECT e.event_type AS stage, count(*) AS events
+    FROM marketing.pipeline_events e
+    WHERE e.created_at > now() - interval '24 hours'
+    GROUP BY e.event_type
+)
+SELECT coalesce(er.stage, ev.stage) AS stage,
+       coalesce(ev.events, 0) AS events,
+       coalesce(er.errors, 0) AS errors,
+       coalesce(er.unresolved, 0) AS unresolved,
+       coalesce(er.failed_events, 0) AS failed_events,
+       CASE WHEN coalesce(ev.events, 0) = 0 THEN NULL
+            ELSE round(100.0 * coalesce(er.failed_events, 0) / ev.events, 2) END AS failed_event_pct,
+       er.last_error_at
+FROM errors er
+FULL JOIN events ev ON ev.stage = er.stage
+ORDER BY errors DESC, stage;
+
+COMMENT ON VIEW marketing.vw_error_rate_24h IS
+    'Per stage, last 24 hours: events created, errors logged, unresolved errors, events with errors and their share.';
+
+
+-- ==== from sql/008_views.sql ====
+
+-- 008_views.sql: stage 7 and the monitoring views.
+
+-- Stage 7: contacts whose newest email verification is valid.
+CREATE VIEW marketing.vw_outreach_ready AS
+SELECT s.id AS slot_id,
+       c.id AS company_id,
+       c.company_name,
+       c.website,
+       c.domain,
+       s.slot_role,
+       s.full_name,
+       s.title,
+       v.email,
+       v.score AS email_score,
+       v.verified_at
+FROM marketing.company_slots s
+JOIN marketing.company_master c ON c.id = s.company_id
+JOIN LATERAL (
+    SELECT ev.email, ev.result, ev.score, ev.verified_at
+    FROM marketing.email_verification ev
+    WHERE ev.slot_id = s.id
+    ORDER BY ev.verified_at DESC, ev.id DESC
+    LIMIT 1
+) v ON true
+WHERE v.result = 'valid';
+
+COMMENT ON VIEW marketing.vw_outreach_ready IS
+    'Stage 7: contacts whose newest email verification is valid, with their company: ready for outreach.';
+
+
+-- How many companies reached each stage (and, from stage 4 on, how many contacts).
+CREATE VIEW marketing.vw_pipeline_funnel AS
+WITH counts (stage_no, companies, contacts) AS (
+    SELECT 1, (SELECT count(*) FROM intake.company_raw_intake), NULL::bigint
+    UNION ALL
+    SELECT 2, (SELECT count(*) FROM intake.company_raw_intake WHERE validated), NULL
+    UNION ALL
+    SELECT 3, (SELECT count(*) FROM marketing.company_master), NULL
+    UNION ALL
+    SELECT 4, count(DISTINCT company_id), count(*) FROM marketing.company_slots
+    UNION ALL
+    SELECT 5, count(DISTINCT company_id), count(*)
+    FROM marketing.company_slots WHERE enrichment_status = 'enriched'
+    UNION ALL
+    SELECT 6, count(DISTINCT s.company_id), count(DISTINCT s.id)
+    FROM marketing.company_slots s
+    WHERE EXISTS (SELECT 1 FROM marketing.email_verification v WHERE v.slot_id = s.id)
+    UNION ALL
+    SELECT 7, count(DISTINCT company_id), count(*) FROM marketing.vw_outreach_ready
+)
+SELECT st.stage_no, st.stage, st.event_type, c.companies, c.contacts
+FROM pipeline.stages st
+JOIN counts c USING (stage_no)
+ORDER BY st.stage_no;
+
+COMMENT ON VIEW marketing.vw_pipeline_funnel IS
+    'The seven stages with the number of companies that reached each (and of contacts, from slots on).';
+
+
+-- Events waiting for delivery, by type.
+CREATE VIEW marketing.vw_pending_events AS
+SELECT e.event_type,
+       count(*) FILTER (WHERE e.status = 'pending') AS pending,
+       count(*) FILTER (WHERE e.status = 'processing') AS processing,
+       count(*) FILTER (WHERE e.status = 'failed') AS failed,
+       count(*) FILTER (WHERE e.status <> 'processing' AND e.next_attempt_at <= now()) AS due_now,
+       min(e.created_at) AS oldest_created_at,
+       now() - min(e.created_at) AS oldest_age
+FROM marketing.pipeline_events e
+WHERE e.status IN ('pending', 'failed', 'processing')
+GROUP BY e.event_type
+ORDER BY e.event_type;
+
+COMMENT ON VIEW marketing.vw_pending_events IS
+    'Events not yet delivered (pending, processing, failed awaiting retry) by type, with the age of the oldest.';
+
+
+-- Time from an event's creation to its delivery, by type, over the last 24 hours.
+CREATE VIEW marketing.vw_processing_latency AS
+SELECT e.event_type,
+       count(*) AS delivered,
+       round(avg(ms)::numeric, 1) AS avg_ms,
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1) AS p50_ms,
+       round(percentile_cont(0.95) WITHIN GROUP (ORDER BY ms)::numeric, 1) AS p95_ms,
+       round(max(ms)::numeric, 1) AS max_ms
+FROM marketing.pipeline_events e
+CROSS JOIN LATERAL (SELECT extract(epoch FROM e.processed_at - e.created_at) * 1000 AS ms) AS l
+WHERE e.status = 'processed' AND e.processed_at > now() - interval '24 hours'
+GROUP BY e.event_type
+ORDER BY e.event_type;
+
+COMMENT ON VIEW marketing.vw_processing_latency IS
+    'Delivered events of the last 24 hours by type: count and processed_at - created_at in ms (avg, p50, p95, max).';
+
+
+-- ==== from sql/009_stage_work.sql ====
+
+-- 009_stage_work.sql: the work of the stages that decide something, as
+-- functions the receivers call (the n8n workflows of n8n/workflows and
+-- examples/stage_runner.rs), so that the rules live here, beside the
+-- constraints they must agree with, and not in each receiver.
+--
+--   pipeline.validate_company(intake_id)   stage 2: valid or invalid, with reasons
+--   pipeline.promote_company(intake_id)    stage 3: into marketing.company_master
+--   pipeline.create_slots(company_id)      stage 4: the role slots of a company
+--   pipeline.record_enrichment(slot, items)    stage 5: a people-finder's (Apify) answer
+--   pipeline.record_verification(slot, answer) stage 6: an email verifier's (MillionVerifier) answer
+--
+-- Each may be called again for the same row (deliveries are at least once):
+-- a second call changes nothing and answers as the first did. What cannot be
+-- done raises an error whose message says why, in words a person can act
+-- on; a receiver passes it back, and it ends in marketing.pipeline_error_log.
+-- They run with the rights of their caller (no SECURITY DEFINER): the
+-- receiver's role needs the table rights the work takes (docs/security.md).
+
+-- What is wrong with a website, in words, or NULL when the pipeline can use
+-- it. NULL here if and only if pipeline._is_http_url is true, the rule of
+-- marketing.company_master's CHECK: the reasons only name what failed.
+CREATE FUNCTION pipeline.website_problem(website text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN pipeline._is_http_url(website) THEN NULL
+        WHEN website IS NULL OR pipeline._is_blank(website) THEN 'website is missing'
+        WHEN char_length(website) > 2048 THEN 'website is longer than 2048 characters'
+        WHEN website !~* '^https?://' THEN 'website is not an http(s) URL'
+        WHEN website ~ '\s' THEN 'website contains spaces'
+        WHEN website ~* '^https?://[^/?#]*@' THEN 'website has a user name or password in it'
+        WHEN pipeline.website_domain(website) IS NULL THEN 'website has no host'
+        WHEN pipeline.website_domain(website) !~ '\.' THEN 'website host has no dot'
+        ELSE 'website is not a valid http(s) URL'
+    END
+$$;
+
+COMMENT ON FUNCTION pipeline.website_problem(text) IS
+    'Why a website cannot be used (missing, not http(s), host without a dot, ...), or NULL when it can.';
+
+
+-- Looking for an earlier valid row of the same company stays an index scan.
+CREATE INDEX company_raw_intake_valid_domain_idx ON intake.company_raw_intake (pipeline.website_domain(website))
+    WHERE validation_status = 'valid';
+
+
+-- Stage 2. Decides a pending intake row: valid when its website is usable
+-- and no other company has its domain; invalid otherwise, with every reason.
+-- A row already decided is answered as it is. A duplicate is rejected with
+-- the row it duplicates (promoted company or earlier valid intake row),
+-- never dropped: promotion keeps one company per domain.
+CREATE FUNCTION pipeline.validate_company(intake_id bigint)
+RETURNS TABLE (id bigint, validation_status text, validation_errors text[], domain text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_row     intake.company_raw_intake;
+    v_errors  text[] := '{}';
+    v_domain  text;
+    v_problem text;
+    v_other   bigint;
+BEGIN
+    IF validate_company.intake_id IS NULL THEN
+        RAISE EXCEPTION 'pipeline.validate_company: intake_id must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT * INTO v_row FROM intake.company_raw_intake r WHERE r.id = validate_company.intake_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pipeline.validate_company: intake row % does not exist', validate_company.intake_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    v_domain := pipeline.website_domain(v_row.website);
+    IF v_row.validation_status <> 'pending' THEN
+        RETURN QUERY SELECT v_row.id, v_row.validation_status, v_row.validation_errors, v_domain;
+        RETURN;
+    END IF;
+
+    v_problem := pipeline.website_problem(v_row.website);
+    IF v_problem IS NOT NULL THEN
+        v_errors := v_errors || v_problem;
+        v_domain := NULL;
+    ELSE
+        -- One decision per domain at a time: two rows of one company
+        -- validated at once would otherwise both pass.
+        PERFORM pg_advisory_xact_lock(hashtext('pipeline_ext: company domain'), hashtext(v_domain));
+        SELECT m.id INTO v_other FROM marketing.company_master m WHERE m.domain = v_domain;
+        IF FOUND THEN
+            v_errors := v_errors || format('duplicate: %s is already promoted (company_master id %s)', v_domain, v_other);
+        ELSE
+            SELECT r.id INTO v_other FROM intake.company_raw_intake r
+            WHERE pipeline.website_domain(r.website) = v_domain AND r.validation_status = 'valid' AND r.id <> v_row.id
+            ORDER BY r.id LIMIT 1;
+            IF FOUND THEN
+                v_errors := v_errors || format('duplicate: %s is the domain of intake row %s, already valid', v_domain, v_other);
+            END IF;
+        END IF;
+    END IF;
+
+    UPDATE intake.company_raw_intake r
+    SET validated = cardinality(v_errors) = 0,
+        validation_status = CASE WHEN cardinality(v_errors) = 0 THEN 'valid' ELSE 'invalid' END,
+        validation_errors = v_errors,
+        validated_at = now()
+    WHERE r.id = v_row.id;
+    RETURN QUERY SELECT v_row.id, CASE WHEN cardinality(v_errors) = 0 THEN 'valid' ELSE 'invalid' END, v_errors, v_domain;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.validate_company(bigint) IS
+    'Stage 2: marks a pending intake row valid or invalid with its reasons (website rules, duplicate domains); '
+    'returns the outcome. A row already decided is returned unchanged.';
+
+
+-- Stage 3. Copies a valid intake row into marketing.company_master and
+-- returns the company's id; the same id again when it is there already.
+CREATE FUNCTION pipeline.promote_company(intake_id bigint) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_row   intake.company_raw_intake;
+    v_id    bigint;
+    v_other marketing.company_master;
+BEGIN
+    SELECT * INTO v_row FROM intake.company_raw_intake r WHERE r.id = promote_company.intake_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pipeline.promote_company: intake row % does not exist', promote_company.intake_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    SELECT m.id INTO v_id FROM marketing.company_master m WHERE m.intake_id = v_row.id;
+    IF FOUND THEN
+        RETURN v_id;
+    END IF;
+    IF NOT v_row.validated THEN
+        RAISE EXCEPTION 'pipeline.promote_company: intake row % is not valid (validation_status %)',
+                        v_row.id, v_row.validation_status
+            USING ERRCODE = 'check_violation',
+                  HINT = 'Only rows that pipeline.validate_company accepted are promoted.';
+    END IF;
+    INSERT INTO marketing.company_master AS m (intake_id, company_name, website, industry, employee_count,
+                                               city, state, country, linkedin_url)
+    VALUES (v_row.id, v_row.company, v_row.website, v_row.industry, v_row.employee_count,
+            v_row.city, v_row.state, v_row.country, v_row.linkedin_url)
+    ON CONFLICT (domain) DO NOTHING
+    RETURNING m.id INTO v_id;
+    IF v_id IS NULL THEN
+        -- The same row, promoted by a delivery of the same event at once.
+        SELECT m.id INTO v_id FROM marketing.company_master m WHERE m.intake_id = v_row.id;
+        IF FOUND THEN
+            RETURN v_id;
+        END IF;
+        SELECT * INTO v_other FROM marketing.company_master m WHERE m.domain = pipeline.website_domain(v_row.website);
+        RAISE EXCEPTION 'pipeline.promote_company: intake row % has the domain %, already promoted as company_master id % (from intake row %)',
+                        v_row.id, v_other.domain, v_other.id, coalesce(v_other.intake_id::text, 'none')
+            USING ERRCODE = 'unique_violation';
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.promote_company(bigint) IS
+    'Stage 3: copies a valid intake row into marketing.company_master; returns the company id (the same one when called again).';
+
+
+-- Stage 4. The role slots of a promoted company (default: ceo and cfo);
+-- returns how many were created now (0 when they were all there).
+CREATE FUNCTION pipeline.create_slots(company_id bigint, roles text[] DEFAULT '{ceo,cfo}') RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    PERFORM FROM marketing.company_master m WHERE m.id = create_slots.company_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pipeline.create_slots: company_master id % does not exist', create_slots.company_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF roles IS NULL OR cardinality(roles) = 0 THEN
+        RAISE EXCEPTION 'pipeline.create_slots: roles must name at least one role'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO marketing.company_slots AS s (company_id, slot_role)
+    SELECT create_slots.company_id, r FROM unnest(roles) WITH ORDINALITY AS u(r, n) ORDER BY n
+    ON CONFLICT ON CONSTRAINT company_slots_company_role_key DO NOTHING;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.create_slots(bigint, text[]) IS
+    'Stage 4: creates the role slots (default ceo, cfo) of a company that lack; returns how many were created.';
+
+
+-- Stage 5. Fills a slot from what a people-finder returned: `items` is the
+-- JSON array of dataset items of an Apify actor run
+-- (run-sync-get-dataset-items), one person per item, with fullName (or
+-- name), jobTitle (or title, position), email, linkedinUrl (or linkedin)
+-- and phone. The first item with a name or a usable email fills the slot
+-- (enriched, source `source`); an email the table would refuse is left out.
+-- No such item: the slot is not_found. A slot already decided is left as it
+-- is; returns the slot's enrichment_status.
+CREATE FUNCTION pipeline.record_enrichment(slot_id bigint, items jsonb, source text DEFAULT 'apify')
+RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_slot   marketing.company_slots;
+    v_person jsonb;
+    v_name   text;
+    v_email  text;
+BEGIN
+    SELECT * INTO v_slot FROM marketing.company_slots s WHERE s.id = record_enrichment.slot_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pipeline.record_enrichment: slot % does not exist', record_enrichment.slot_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF jsonb_typeof(items) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'pipeline.record_enrichment: items must be the JSON array of the actor''s dataset items, not %',
+                        coalesce(jsonb_typeof(items), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_slot.enrichment_status IN ('enriched', 'not_found') THEN
+        RETURN v_slot.enrichment_status;
+    END IF;
+    SELECT p.person, p.name, p.email INTO v_person, v_name, v_email
+    FROM (SELECT i.item AS person, i.n,
+                 nullif(btrim(coalesce(i.item ->> 'fullName', i.item ->> 'name')), '') AS name,
+                 CASE WHEN pipeline._is_email(lower(btrim(i.item ->> 'email'))) THEN lower(btrim(i.item ->> 'email')) END AS email
+          FROM jsonb_array_elements(items) WITH ORDINALITY AS i(item, n)
+          WHERE jsonb_typeof(i.item) = 'object') p
+    WHERE p.name IS NOT NULL OR p.email IS NOT NULL
+    ORDER BY p.n
+    LIMIT 1;
+    IF v_person IS NULL THEN
+        UPDATE marketing.company_slots s
+        SET enrichment_status = 'not_found', enrichment_source = record_enrichment.source, enriched_at = now()
+        WHERE s.id = v_slot.id;
+        RETURN 'not_found';
+    END IF;
+    UPDATE marketing.company_slots s
+    SET enrichment_status = 'enriched', enrichment_source = record_enrichment.source, enriched_at = now(),
+        full_name = left(v_name, 200),
+        title = left(nullif(btrim(coalesce(v_person ->> 'jobTitle', v_person ->> 'title', v_person ->> 'position')), ''), 200),
+        email = v_email,
+        linkedin_url = left(nullif(btrim(coalesce(v_person ->> 'linkedinUrl', v_person ->> 'linkedin')), ''), 2048),
+        phone = left(nullif(btrim(v_person ->> 'phone'), ''), 50)
+    WHERE s.id = v_slot.id;
+    RETURN 'enriched';
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.record_enrichment(bigint, jsonb, text) IS
+    'Stage 5: fills a slot from an Apify actor''s dataset items (the first person with a name or email), '
+    'or marks it not_found; a slot already decided is left as it is. Returns the enrichment_status.';
+
+
+-- Stage 6. Stores a MillionVerifier answer (GET /api/v3/?api=...&email=...)
+-- for a slot's email: result ok → valid, catch_all → catch_all, unknown →
+-- unknown, invalid and disposable → invalid; score from quality (good 90,
+-- risky 50, bad 10); the whole answer in details. MillionVerifier answers a
+-- bad key or an empty balance with HTTP 200 and result "error": that is
+-- raised with its message, so the event is retried and the error log says
+-- why. The same answer twice stores it once; returns the verification's id.
+CREATE FUNCTION pipeline.record_verification(slot_id bigint, answer jsonb, provider text DEFAULT 'millionverifier')
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_slot   marketing.company_slots;
+    v_result text;
+    v_id     bigint;
+BEGIN
+    SELECT * INTO v_slot FROM marketing.company_slots s WHERE s.id = record_verification.slot_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pipeline.record_verification: slot % does not exist', record_verification.slot_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v_slot.email IS NULL THEN
+        RAISE EXCEPTION 'pipeline.record_verification: slot % has no email to verify', v_slot.id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF jsonb_typeof(answer) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'pipeline.record_verification: the answer must be a JSON object, not %',
+                        coalesce(jsonb_typeof(answer), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF answer ->> 'result' = 'error' OR coalesce(answer ->> 'error', '') <> '' THEN
+        RAISE EXCEPTION '%: %', provider, coalesce(nullif(answer ->> 'error', ''), 'error without a message')
+            USING ERRCODE = 'external_routine_exception',
+                  DETAIL = format('resultcode %s, credits %s', coalesce(answer ->> 'resultcode', '?'),
+                                  coalesce(answer ->> 'credits', '?'));
+    END IF;
+    IF lower(answer ->> 'email') IS DISTINCT FROM lower(v_slot.email) THEN
+        RAISE EXCEPTION 'pipeline.record_verification: the answer is about %, slot % has %',
+                        coalesce(answer ->> 'email', 'no email'), v_slot.id, v_slot.email
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_result := CASE answer ->> 'result'
+                    WHEN 'ok' THEN 'valid'
+                    WHEN 'catch_all' THEN 'catch_all'
+                    WHEN 'unknown' THEN 'unknown'
+                    WHEN 'invalid' THEN 'invalid'
+                    WHEN 'disposable' THEN 'invalid'
+                END;
+    IF v_result IS NULL THEN
+        RAISE EXCEPTION 'pipeline.record_verification: unknown result % (expected ok, catch_all, unknown, invalid, disposable or error)',
+                        coalesce(answer -> 'result', 'null'::jsonb)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT v.id INTO v_id FROM marketing.email_verification v
+    WHERE v.slot_id = v_slot.id AND v.email = v_slot.email AND v.provider = record_verification.provider
+      AND v.details = answer
+    ORDER BY v.id DESC LIMIT 1;
+    IF FOUND THEN
+        RETURN v_id;
+    END IF;
+    INSERT INTO marketing.email_verification AS v (slot_id, email, result, provider, score, details)
+    VALUES (v_slot.id, v_slot.email, v_result, record_verification.provider,
+            CASE answer ->> 'quality' WHEN 'good' THEN 90 WHEN 'risky' THEN 50 WHEN 'bad' THEN 10 END,
+            answer)
+    RETURNING v.id INTO v_id;
+    RETURN v_id;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.record_verification(bigint, jsonb, text) IS
+    'Stage 6: stores a MillionVerifier answer for a slot''s email (result, score from quality, the answer as details); '
+    'raises the provider''s error (bad key, no credits) so the event is retried. Returns the verification id.';
+
+
+-- ==== from sql/010_webhooks.sql ====
+
+-- 010_webhooks.sql: where each event type is delivered.
+--
+-- One endpoint per event type. Events whose type has no enabled endpoint stay
+-- pending: they are not lost, dropped or counted as failed, and go out once an
+-- endpoint is registered or enabled again. Deployments keep the registry as
+-- n8n_webhook_registry.json; import_registry loads it, export_registry gives
+-- it back in the same shape.
+
+-- Why a header set is unusable, or NULL when it is fine: a JSON object of at
+-- most 64 header names (HTTP tokens of at most 256 characters) to string
+-- values of at most 8192 bytes without control characters (tab allowed),
+-- 16384 bytes in all, leaving alone the headers the worker sets itself.
+CREATE FUNCTION pipeline._header_problem(headers jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN headers IS NULL THEN 'headers must not be NULL (use {} for none)'
+        WHEN jsonb_typeof(headers) <> 'object' THEN
+            'headers must be a JSON object of names to strings, not ' || jsonb_typeof(headers)
+        WHEN (SELECT count(*) FROM jsonb_object_keys(headers)) > 64 THEN
+            'headers: at most 64 headers, not ' || (SELECT count(*) FROM jsonb_object_keys(headers))
+        ELSE coalesce((
+            SELECT string_agg(problem, '; ')
+            FROM (
+                SELECT CASE
+                    WHEN h.key !~ '^[!#$%&''*+.^_`|~0-9A-Za-z-]+$' THEN
+                        format('header name %s is not a valid HTTP header name', to_json(h.key))
+                    WHEN char_length(h.key) > 256 THEN
+                        format('header name %s... is longer than 256 characters', to_json(left(h.key, 40)))
+                    WHEN lower(h.key) IN ('content-type', 'content-length', 'host', 'transfer-encoding',
+                                          'connection', 'webhook-id', 'webhook-timestamp', 'webhook-signature') THEN
+                        format('header %s is set by the worker and cannot be overridden', to_json(h.key))
+                    WHEN jsonb_typeof(h.value) <> 'string' THEN
+                        format('header %s must have a string value, not %s', to_json(h.key), jsonb_typeof(h.value))
+                    WHEN h.value #>> '{}' ~ '[\r\n]' THEN
+                        format('header %s must not contain line breaks', to_json(h.key))
+                    WHEN h.value #>> '{}' ~ '[\x01-\x08\x0b-\x1f\x7f]' THEN
+                        format('header %s must not contain control characters', to_json(h.key))
+                    WHEN octet_length(h.value #>> '{}') > 8192 THEN
+                        format('header %s is longer than 8192 bytes (%s)', to_json(h.key), octet_length(h.value #>> '{}'))
+                END AS problem
+                FROM jsonb_each(headers) AS h
+            ) p),
+            CASE WHEN (SELECT sum(octet_length(h.key) + octet_length(h.value #>> '{}'))
+                       FROM jsonb_each(headers) AS h) > 16384
+                 THEN 'headers are longer than 16384 bytes in all' END)
+    END
+$$;
+
+
+-- Why a webhook URL is unusable, or NULL when it is fine: an http(s) URL of
+-- at most 2048 characters, of printable ASCII (percent-encode the rest, use
+-- punycode for international host names), with a host name, an IPv4 address
+-- or a bracketed IPv6 address, an optional port up to 65535, no user:password@.
+CREATE FUNCTION pipeline._url_problem(url text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN url IS NULL THEN 'url must not be NULL'
+        WHEN char_length(url) > 2048 THEN 'url is longer than 2048 characters'
+        WHEN url ~ '[\x01-\x20\x7f]' THEN
+            format('url %s must not contain spaces or control characters', to_json(url))
+        WHEN url ~ '[^\x01-\x7f]' THEN
+            format('url %s must be ASCII: percent-encode other characters, use punycode for international host names',
+                   to_json(url))
+        WHEN url !~* '^https?://' THEN format('url %s is not an http:// or https:// URL', to_json(url))
+        WHEN url ~ '^[^/]+//[^/?#]*@' THEN
+            format('url %s must not carry user:password@ (use an Authorization header)', to_json(url))
+        WHEN url !~* ('^https?://(\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)(:[0-9]{1,5})?'
+                      || '([/?#][]a-z0-9._~:/?#@!$&''()*+,;=%[-]*)?$') THEN
+            format('url %s is not a valid URL', to_json(url))
+        WHEN substring(url FROM '^[^/]+//[^/?#]*:([0-9]+)(?:[/?#]|$)')::integer NOT BETWEEN 1 AND 65535 THEN
+            format('url %s has a port outside 1-65535', to_json(url))
+    END
+$$;
+
+
+-- Standard Webhooks secrets are whsec_ followed by base64 (canonical, no
+-- spaces); other secrets are used as they are (their UTF-8 bytes are the
+-- HMAC key). At most 1024 characters, no control characters.
+CREATE FUNCTION pipeline._secret_problem(secret text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_encoded text;
+BEGIN
+    IF secret IS NULL THEN
+        RETURN NULL;
+    ELSIF pipeline._is_blank(secret) THEN
+        RETURN 'secret is blank (use NULL for no signature)';
+    ELSIF char_length(secret) > 1024 THEN
+        RETURN 'secret is longer than 1024 characters';
+    ELSIF secret ~ '[\x01-\x1f\x7f]' THEN
+        RETURN 'secret must not contain control characters';
+    ELSIF secret LIKE 'whsec\_%' THEN
+        v_encoded := substr(secret, 7);
+        IF v_encoded !~ '^[A-Za-z0-9+/]+={0,2}$' OR length(v_encoded) % 4 <> 0 THEN
+            RETURN 'secret whsec_... must continue with base64 (A-Z a-z 0-9 + /, = padding, no spaces)';
+        END IF;
+        -- NB: decode() tolerates what the worker's decoder refuses (stray bits
+        -- in the last character): only the canonical form is accepted.
+        IF replace(encode(decode(v_encoded, 'base64'), 'base64'), E'\n', '') <> v_encoded THEN
+            RETURN 'secret whsec_... is not canonical base64';
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Endpoints: headers and secrets move to pipeline.webhook_credentials below.
+ALTER TABLE pipeline.webhooks
+    ADD CONSTRAINT url_valid CHECK (pipeline._url_problem(url) IS NULL);
+
+COMMENT ON TABLE pipeline.webhooks IS
+    'Where events are delivered: one endpoint per event type (its headers and secret are in pipeline.webhook_credentials).';
+
+COMMENT ON COLUMN pipeline.webhooks.timeout_ms IS 'Request timeout; NULL uses pipeline.http_timeout.';
+
+COMMENT ON COLUMN pipeline.webhooks.max_in_flight IS 'At most this many deliveries to the endpoint at once; NULL: pipeline.concurrency.';
+
+COMMENT ON COLUMN pipeline.webhooks.disabled_reason IS 'Why the endpoint is disabled (by hand, or 410 Gone from the receiver).';
+
+
+-- What an endpoint sends that nobody else should see: its headers (an
+-- Authorization header, for one) and its signing secret. A table of its own
+-- so that reading the endpoints needs no right on these, and so that the
+-- extension leaves them out of pg_dump (docs/security.md says how to carry
+-- them). One row per endpoint, made and removed with it.
+CREATE TABLE pipeline.webhook_credentials (
+    event_type pipeline.event_type PRIMARY KEY
+               REFERENCES pipeline.webhooks (event_type) ON DELETE CASCADE ON UPDATE CASCADE,
+    headers    jsonb NOT NULL DEFAULT '{}',
+    secret     text,
+    CONSTRAINT headers_valid CHECK (pipeline._header_problem(headers) IS NULL),
+    CONSTRAINT secret_valid CHECK (pipeline._secret_problem(secret) IS NULL)
+);
+
+-- Every endpoint's headers and secret, as 0.1.0 kept them in pipeline.webhooks.
+INSERT INTO pipeline.webhook_credentials (event_type, headers, secret)
+SELECT w.event_type, w.headers, w.secret FROM pipeline.webhooks w;
+ALTER TABLE pipeline.webhooks DROP COLUMN headers, DROP COLUMN secret;
+
+COMMENT ON TABLE pipeline.webhook_credentials IS
+    'The headers and signing secret of each endpoint of pipeline.webhooks. Secrets: grant SELECT with care; not in pg_dump.';
+
+COMMENT ON COLUMN pipeline.webhook_credentials.headers IS 'Extra request headers, e.g. {"Authorization": "Basic ..."} for n8n Basic Auth.';
+
+COMMENT ON COLUMN pipeline.webhook_credentials.secret IS 'Signing secret (whsec_<base64> as in Standard Webhooks); NULL sends no webhook-signature.';
+
+
+-- A deliverer that listens (pipeline-relay) hears on the channel
+-- pipeline_wake of what can make waiting events deliverable without a new
+-- event: an endpoint registered, enabled or given its credentials back, a
+-- replay (pipeline._requeue). New events are announced on pipeline_event.
+-- (The extension's worker is woken by its library; this costs it nothing
+-- while no one listens.)
+-- Only statements that changed rows announce (a NOTIFY takes a lock that
+-- every committing NOTIFY waits for); transition tables tell, and they
+-- take one trigger per event.
+CREATE FUNCTION pipeline._announce_wake() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM changed) THEN
+        PERFORM pg_notify('pipeline_wake', TG_TABLE_NAME);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER pipeline_announce_wake_insert AFTER INSERT ON pipeline.webhooks
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+
+CREATE TRIGGER pipeline_announce_wake_update AFTER UPDATE ON pipeline.webhooks
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+
+CREATE TRIGGER pipeline_announce_wake_insert AFTER INSERT ON pipeline.webhook_credentials
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+
+CREATE TRIGGER pipeline_announce_wake_update AFTER UPDATE ON pipeline.webhook_credentials
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+
+
+-- Storing an endpoint's headers and secret.
+CREATE FUNCTION pipeline._store_credentials(event_type text, headers jsonb, secret text) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO pipeline.webhook_credentials AS c (event_type, headers, secret)
+    VALUES (event_type, headers, secret)
+    ON CONFLICT (event_type) DO UPDATE SET headers = excluded.headers, secret = excluded.secret
+    WHERE (c.headers, c.secret) IS DISTINCT FROM (excluded.headers, excluded.secret)
+$$;
+
+
+-- Raises the first problem of an endpoint's fields, naming the field.
+CREATE FUNCTION pipeline._check_webhook(
+    event_type text, url text, method text, headers jsonb, secret text,
+    timeout_ms integer, max_in_flight integer, allow_unknown_type boolean, context text
+) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_problem text;
+BEGIN
+    PERFORM pipeline._check_event_type(event_type);
+    IF NOT coalesce(allow_unknown_type, false)
+       AND NOT EXISTS (SELECT 1 FROM pipeline.stages s WHERE s.event_type = _check_webhook.event_type)
+       AND NOT EXISTS (SELECT 1 FROM pipeline.watches w WHERE w.event_type = _check_webhook.event_type) THEN
+        RAISE EXCEPTION '%unknown event type %', context, quote_literal(event_type)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'No stage or watch emits it. Watch a table first, or pass allow_unknown_type => true '
+                         'for events sent with pipeline.emit.';
+    END IF;
+    v_problem := coalesce(
+        pipeline._url_problem(url),
+        CASE WHEN method IS NULL OR upper(method) NOT IN ('POST', 'PUT', 'PATCH')
+             THEN format('method must be POST, PUT or PATCH, not %s', coalesce(to_json(method)::text, 'NULL')) END,
+        pipeline._header_problem(headers),
+        pipeline._secret_problem(secret),
+        CASE WHEN timeout_ms NOT BETWEEN 1 AND 300000
+             THEN format('timeout_ms must be between 1 and 300000, not %s', timeout_ms) END,
+        CASE WHEN max_in_flight NOT BETWEEN 1 AND 1000
+             THEN format('max_in_flight must be between 1 and 1000, not %s', max_in_flight) END);
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', context || v_problem USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+
+-- Registering (or replacing) the endpoint of an event type.
+CREATE FUNCTION pipeline.register_webhook(
+    event_type         text,
+    url                text,
+    method             text DEFAULT 'POST',
+    headers            jsonb DEFAULT '{}',
+    secret             text DEFAULT NULL,
+    timeout_ms         integer DEFAULT NULL,
+    max_in_flight      integer DEFAULT NULL,
+    enabled            boolean DEFAULT true,
+    allow_unknown_type boolean DEFAULT false
+) RETURNS pipeline.webhooks
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_row pipeline.webhooks;
+BEGIN
+    PERFORM pipeline._check_webhook(event_type, url, method, headers, secret, timeout_ms, max_in_flight,
+                                    allow_unknown_type, 'pipeline.register_webhook: ');
+    INSERT INTO pipeline.webhooks AS w
+        (event_type, url, method, timeout_ms, max_in_flight, enabled, disabled_reason)
+    VALUES (event_type, url, upper(method), timeout_ms, max_in_flight, coalesce(enabled, true),
+            CASE WHEN NOT coalesce(enabled, true) THEN 'registered disabled' END)
+    ON CONFLICT ON CONSTRAINT webhooks_pkey DO UPDATE
+    SET url = excluded.url, method = excluded.method,
+        timeout_ms = excluded.timeout_ms, max_in_flight = excluded.max_in_flight, enabled = excluded.enabled,
+        disabled_reason = excluded.disabled_reason, updated_at = now()
+    RETURNING * INTO v_row;
+    PERFORM pipeline._store_credentials(register_webhook.event_type, register_webhook.headers, register_webhook.secret);
+    RETURN v_row;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.register_webhook(text, text, text, jsonb, text, integer, integer, boolean, boolean) IS
+    'Registers the endpoint for an event type, replacing any earlier one; returns it (its headers and secret '
+    'go to pipeline.webhook_credentials).';
+
+
+-- Changing some fields of an endpoint; NULL leaves a field as it is.
+-- secret => '' removes the secret; timeout_ms => 0 and max_in_flight => 0
+-- go back to the global settings.
+CREATE FUNCTION pipeline.update_webhook(
+    event_type    text,
+    url           text DEFAULT NULL,
+    method        text DEFAULT NULL,
+    headers       jsonb DEFAULT NULL,
+    secret        text DEFAULT NULL,
+    timeout_ms    integer DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL
+) RETURNS pipeline.webhooks
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_old     pipeline.webhooks;
+    v_new     pipeline.webhooks;
+    v_headers jsonb;
+    v_secret  text;
+BEGIN
+    v_old := pipeline._require_webhook(event_type);
+    SELECT c.headers, c.secret INTO v_headers, v_secret
+    FROM pipeline.webhook_credentials c WHERE c.event_type = v_old.event_type;
+    v_new := v_old;
+    v_new.url := coalesce(url, v_old.url);
+    v_new.method := upper(coalesce(method, v_old.method));
+    v_headers := coalesce(headers, v_headers, '{}');
+    v_secret := CASE WHEN secret = '' THEN NULL ELSE coalesce(secret, v_secret) END;
+    v_new.timeout_ms := CASE WHEN timeout_ms = 0 THEN NULL ELSE coalesce(timeout_ms, v_old.timeout_ms) END;
+    v_new.max_in_flight := CASE WHEN max_in_flight = 0 THEN NULL ELSE coalesce(max_in_flight, v_old.max_in_flight) END;
+    PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_headers, v_secret,
+                                    v_new.timeout_ms, v_new.max_in_flight, true, 'pipeline.update_webhook: ');
+    UPDATE pipeline.webhooks w
+    SET url = v_new.url, method = v_new.method,
+        timeout_ms = v_new.timeout_ms, max_in_flight = v_new.max_in_flight, updated_at = now()
+    WHERE w.event_type = v_old.event_type
+    RETURNING * INTO v_new;
+    PERFORM pipeline._store_credentials(v_new.event_type, v_headers, v_secret);
+    RETURN v_new;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.update_webhook(text, text, text, jsonb, text, integer, integer) IS
+    'Changes the given fields of an endpoint (NULL keeps a field; secret => '''' removes the secret, '
+    'timeout_ms => 0 and max_in_flight => 0 restore the global settings); returns it.';
+
+
+CREATE FUNCTION pipeline._set_enabled(event_type text, enabled boolean, reason text) RETURNS pipeline.webhooks
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_row pipeline.webhooks;
+BEGIN
+    PERFORM pipeline._require_webhook(event_type);
+    UPDATE pipeline.webhooks w
+    SET enabled = _set_enabled.enabled, disabled_reason = reason, updated_at = now()
+    WHERE w.event_type = _set_enabled.event_type
+    RETURNING * INTO v_row;
+    RETURN v_row;
+END
+$$;
+
+
+-- Stopping deliveries to an endpoint; its events wait.
+CREATE FUNCTION pipeline.disable_webhook(event_type text, reason text DEFAULT 'disabled by hand')
+RETURNS pipeline.webhooks
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pipeline._set_enabled(event_type, false, coalesce(nullif(btrim(reason), ''), 'disabled by hand'))
+$$;
+
+COMMENT ON FUNCTION pipeline.disable_webhook(text, text) IS
+    'Stops deliveries to the endpoint of an event type; its events wait until it is enabled again.';
+
+
+-- Resuming deliveries to an endpoint.
+CREATE FUNCTION pipeline.enable_webhook(event_type text) RETURNS pipeline.webhooks
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pipeline._set_enabled(event_type, true, NULL)
+$$;
+
+COMMENT ON FUNCTION pipeline.enable_webhook(text) IS
+    'Resumes deliveries to the endpoint of an event type (also after a 410 Gone disabled it).';
+
+
+-- Removing an endpoint; its events wait for a new one.
+CREATE FUNCTION pipeline.remove_webhook(event_type text) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM pipeline.webhooks w WHERE w.event_type = remove_webhook.event_type;
+    RETURN FOUND;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.remove_webhook(text) IS
+    'Removes the endpoint of an event type (false if there was none); its events wait for a new one.';
+
+
+CREATE FUNCTION pipeline._require_webhook(event_type text) RETURNS pipeline.webhooks
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_row pipeline.webhooks;
+BEGIN
+    SELECT * INTO v_row FROM pipeline.webhooks w WHERE w.event_type = _require_webhook.event_type;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no webhook is registered for event type %', coalesce(quote_literal(event_type), 'NULL')
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v_row;
+END
+$$;
+
+
+-- Loading n8n_webhook_registry.json:
+--   {"base_url": "https://x.app.n8n.cloud",
+--    "webhooks": {"company_created": "/webhook/validate-company", ...}}
+-- A value is a path joined to base_url, a full URL, or an object with url and
+-- the optional fields method, headers, secret, timeout_ms, max_in_flight,
+-- enabled, allow_unknown_type (an event type sent with pipeline.emit, which
+-- no stage or watch produces; export_registry writes it). All or nothing; the same file twice changes nothing. Endpoints not
+-- in the file stay as they are, and so does the enabled flag of an existing
+-- endpoint unless the file sets it.
+CREATE FUNCTION pipeline.import_registry(registry jsonb)
+RETURNS TABLE (event_type text, url text, action text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_base    text;
+    v_key     text;
+    v_entry   record;
+    v_spec    jsonb;
+    v_url     text;
+    v_old     pipeline.webhooks;
+    v_new     pipeline.webhooks;
+    v_old_headers jsonb;
+    v_old_secret  text;
+    v_headers jsonb;
+    v_secret  text;
+    v_where   text;
+BEGIN
+    IF registry IS NULL OR jsonb_typeof(registry) <> 'object' THEN
+        RAISE EXCEPTION 'registry must be a JSON object with base_url and webhooks'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR v_key IN SELECT jsonb_object_keys(registry) LOOP
+        IF v_key NOT IN ('base_url', 'headers', 'webhooks') THEN
+            RAISE EXCEPTION 'registry: unknown key % (expected base_url, headers and webhooks)', to_json(v_key)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    -- Headers every endpoint of the file sends (an n8n Header Auth, say); an
+    -- endpoint's own headers of the same name win. Their values come from
+    -- the loader (an environment variable or a file, n8n/README.md), never
+    -- from the committed file: a reference left unresolved is refused.
+    PERFORM pipeline._check_json_type('registry: ', registry, 'headers', 'object');
+    FOR v_entry IN SELECT h.key, h.value FROM jsonb_each(registry -> 'headers') h LOOP
+        IF jsonb_typeof(v_entry.value) <> 'string' THEN
+            RAISE EXCEPTION 'registry: headers.%: the value must be a string, not %; % must be replaced by its value before the import',
+                v_entry.key, jsonb_typeof(v_entry.value), v_entry.value
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'n8n/README.md shows how to load the registry with the header''s value from an environment variable or a file.';
+        END IF;
+    END LOOP;
+    IF registry ? 'base_url' THEN
+        IF jsonb_typeof(registry -> 'base_url') <> 'string'
+           OR pipeline._url_problem(registry ->> 'base_url') IS NOT NULL
+           OR registry ->> 'base_url' ~ '[?#]' THEN
+            RAISE EXCEPTION 'registry: base_url must be an http(s) URL without query, not %', registry -> 'base_url'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        v_base := rtrim(registry ->> 'base_url', '/');
+    END IF;
+    IF jsonb_typeof(registry -> 'webhooks') IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'registry: webhooks must be an object of event types to endpoints'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    FOR v_entry IN SELECT e.key, e.value FROM jsonb_each(registry -> 'webhooks') e ORDER BY e.key LOOP
+        v_where := format('registry: webhooks.%s: ', v_entry.key);
+        v_spec := CASE WHEN jsonb_typeof(v_entry.value) = 'string' THEN jsonb_build_object('url', v_entry.value)
+                       ELSE v_entry.value END;
+        IF jsonb_typeof(v_spec) <> 'object' THEN
+            RAISE EXCEPTION '%must be a path starting with /, a full URL or an object with url, not %',
+                v_where, jsonb_typeof(v_spec)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOR v_key IN SELECT jsonb_object_keys(v_spec) LOOP
+            IF v_key NOT IN ('url', 'method', 'headers', 'secret', 'timeout_ms', 'max_in_flight', 'enabled',
+                             'allow_unknown_type') THEN
+                RAISE EXCEPTION '%unknown key % (expected url, method, headers, secret, timeout_ms, max_in_flight, enabled, allow_unknown_type)',
+                    v_where, to_json(v_key)
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+        END LOOP;
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'url', 'string');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'method', 'string');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'secret', 'string');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'timeout_ms', 'number');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'max_in_flight', 'number');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'enabled', 'boolean');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'allow_unknown_type', 'boolean');
+        IF NOT v_spec ? 'url' THEN
+            RAISE EXCEPTION '%url is missing', v_where USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        v_url := v_spec ->> 'url';
+        IF v_url LIKE '/%' THEN
+            IF v_base IS NULL THEN
+                RAISE EXCEPTION '%', v_where || to_json(v_url)::text || ' is a path, but the registry has no base_url'
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            v_url := v_base || v_url;
+        ELSIF v_url !~* '^https?://' THEN
+            RAISE EXCEPTION '%', v_where || to_json(v_url)::text || ' must be a path starting with / or a full http(s) URL'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOR v_key IN SELECT unnest(ARRAY['timeout_ms', 'max_in_flight']) LOOP
+            IF v_spec ? v_key AND (v_spec ->> v_key)::numeric <> trunc((v_spec ->> v_key)::numeric) THEN
+                RAISE EXCEPTION '%', v_where || v_key || ' must be a whole number' USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+        END LOOP;
+
+        SELECT * INTO v_old FROM pipeline.webhooks w WHERE w.event_type = v_entry.key;
+        SELECT c.headers, c.secret INTO v_old_headers, v_old_secret
+        FROM pipeline.webhook_credentials c WHERE c.event_type = v_entry.key;
+        v_new.event_type := v_entry.key;
+        v_new.url := v_url;
+        v_new.method := upper(coalesce(v_spec ->> 'method', 'POST'));
+        v_headers := coalesce(registry -> 'headers', '{}') || coalesce(v_spec -> 'headers', '{}');
+        v_secret := v_spec ->> 'secret';
+        v_new.timeout_ms := (v_spec ->> 'timeout_ms')::numeric::integer;
+        v_new.max_in_flight := (v_spec ->> 'max_in_flight')::numeric::integer;
+        v_new.enabled := coalesce((v_spec ->> 'enabled')::boolean, v_old.enabled, true);
+        PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_headers, v_secret,
+                                        v_new.timeout_ms, v_new.max_in_flight,
+                                        coalesce((v_spec ->> 'allow_unknown_type')::boolean, false), v_where);
+
+        event_type := v_new.event_type;
+        url := v_new.url;
+        IF v_old.event_type IS NULL THEN
+            PERFORM pipeline.register_webhook(v_new.event_type, v_new.url, v_new.method, v_headers,
+                                              v_secret, v_new.timeout_ms, v_new.max_in_flight, v_new.enabled,
+                                              allow_unknown_type => true);
+            action := 'created';
+        ELSIF (v_old.url, v_old.method, coalesce(v_old_headers, '{}'), v_old_secret, v_old.timeout_ms, v_old.max_in_flight,
+               v_old.enabled)
+              IS NOT DISTINCT FROM
+              (v_new.url, v_new.method, v_headers, v_secret, v_new.timeout_ms, v_new.max_in_flight,
+               v_new.enabled) THEN
+            action := 'unchanged';
+        ELSE
+            UPDATE pipeline.webhooks w
+            SET url = v_new.url, method = v_new.method,
+                timeout_ms = v_new.timeout_ms, max_in_flight = v_new.max_in_flight, enabled = v_new.enabled,
+                disabled_reason = CASE WHEN v_new.enabled THEN NULL
+                                       ELSE coalesce(w.disabled_reason, 'disabled in the registry') END,
+                updated_at = now()
+            WHERE w.event_type = v_new.event_type;
+            PERFORM pipeline._store_credentials(v_new.event_type, v_headers, v_secret);
+            action := 'updated';
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.import_registry(jsonb) IS
+    'Loads an n8n_webhook_registry.json document into pipeline.webhooks (all or nothing, idempotent); '
+    'returns each endpoint with created, updated or unchanged.';
+
+
+CREATE FUNCTION pipeline._check_json_type(context text, spec jsonb, key text, expected text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF spec ? key AND jsonb_typeof(spec -> key) <> expected THEN
+        RAISE EXCEPTION '%', format('%s%s must be a %s, not %s', context, key, expected, jsonb_typeof(spec -> key))
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+
+-- The registry in the file's shape: base_url is the origin most endpoints
+-- share; an endpoint with nothing but a URL under it is written as its path.
+CREATE FUNCTION pipeline.export_registry() RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH base AS (
+        SELECT substring(w.url FROM '^(https?://[^/?#]+)') AS origin
+        FROM pipeline.webhooks w
+        GROUP BY 1
+        ORDER BY count(*) DESC, 1
+        LIMIT 1
+    ), entries AS (
+        SELECT w.event_type,
+               CASE WHEN b.origin IS NOT NULL AND starts_with(w.url, b.origin || '/')
+                    THEN substr(w.url, length(b.origin) + 1) ELSE w.url END AS url,
+               jsonb_strip_nulls(jsonb_build_object(
+                   'method', nullif(w.method, 'POST'),
+                   'headers', nullif(c.headers, '{}'),
+                   'secret', c.secret,
+                   'timeout_ms', w.timeout_ms,
+                   'max_in_flight', w.max_in_flight,
+                   'enabled', CASE WHEN NOT w.enabled THEN false END,
+                   -- Types sent with pipeline.emit: no stage or watch produces them.
+                   'allow_unknown_type',
+                   CASE WHEN NOT EXISTS (SELECT 1 FROM pipeline.stages s WHERE s.event_type = w.event_type)
+                         AND NOT EXISTS (SELECT 1 FROM pipeline.watches x WHERE x.event_type = w.event_type)
+                        THEN true END)) AS options
+        FROM pipeline.webhooks w
+        LEFT JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
+        LEFT JOIN base b ON true
+    )
+    SELECT jsonb_strip_nulls(jsonb_build_object(
+        'base_url', (SELECT origin FROM base),
+        'webhooks', coalesce(
+            (SELECT jsonb_object_agg(e.event_type,
+                                     CASE WHEN e.options = '{}' THEN to_jsonb(e.url)
+                                          ELSE jsonb_build_object('url', e.url) || e.options END)
+             FROM entries e),
+            '{}')))
+$$;
+
+COMMENT ON FUNCTION pipeline.export_registry() IS
+    'The webhook registry in the shape of n8n_webhook_registry.json; import_registry of it changes nothing.';
+
+-- The attempt log: no foreign key (attempts go with their events through
+-- the triggers below), and refused deliveries.
+ALTER TABLE marketing.pipeline_delivery_attempts
+    DROP CONSTRAINT pipeline_delivery_attempts_event_id_fkey,
+    DROP CONSTRAINT outcome_known,
+    ADD CONSTRAINT outcome_known CHECK (outcome IN ('delivered', 'retry', 'failed', 'gone', 'refused'));
+
+COMMENT ON TABLE marketing.pipeline_delivery_attempts IS
+    'Every delivery attempt: endpoint, HTTP status (NULL when no response came), duration, and the error or the start of the response body.';
+
+COMMENT ON COLUMN marketing.pipeline_delivery_attempts.outcome IS
+    'delivered (2xx); retry (timeout, connection error, 429, 5xx); failed (other status); gone (410: endpoint disabled); '
+    'refused (never sent: larger than pipeline.max_event_size, or an address pipeline.blocked_networks denies; the event is dead).';
+
+
+-- An event's attempts go with it: deleting events (pipeline.purge, or by
+-- hand) deletes their attempts, and TRUNCATE ... CASCADE of the events
+-- empties the attempt log too. This was a foreign key with ON DELETE
+-- CASCADE; its check locked the event's row for every attempt logged (a
+-- WAL record each): recording a delivery cost 38-43 us with it, 28-34
+-- without (docs/benchmark-notes.md). The triggers run as the role that
+-- deletes, which therefore needs DELETE (and SELECT) on the attempts as
+-- well as on the events (TRUNCATE on them for a TRUNCATE of the events);
+-- the worker's role and pipeline-relay's documented grants have them.
+-- Attempts are logged only for events that exist when they are recorded
+-- (_record_deliveries joins them); one recorded while another transaction
+-- deletes its event stays until pipeline.purge removes it by age.
+CREATE FUNCTION pipeline._delete_attempts() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        BEGIN
+            TRUNCATE marketing.pipeline_delivery_attempts;
+        EXCEPTION WHEN object_in_use THEN
+            -- The same TRUNCATE names the attempts too (they are empty
+            -- already), or a cursor of this session reads them.
+            DELETE FROM marketing.pipeline_delivery_attempts;
+        END;
+    ELSE
+        DELETE FROM marketing.pipeline_delivery_attempts a
+        WHERE a.event_id = ANY (ARRAY(SELECT o.id FROM deleted_events o));
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER delete_attempts AFTER DELETE ON marketing.pipeline_events
+    REFERENCING OLD TABLE AS deleted_events
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._delete_attempts();
+
+CREATE TRIGGER truncate_attempts AFTER TRUNCATE ON marketing.pipeline_events
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._delete_attempts();
+
+
+-- The size of a payload in bytes without reading it: the stored size here
+-- (compressed, so it can be much smaller), which is what a trigger-only
+-- install has; the extension replaces it with a function of its library
+-- that reads the uncompressed size from the value's header, so that a
+-- large but compressible event is refused without being expanded.
+-- NB: inlined into the claim, so it has no SET clause, and every name in it
+-- is qualified instead: with the clause it was a function call with its own
+-- search_path change per event, three times in each event's claim (about
+-- 50,000 instructions per event, 13% of a claim and its recording, in
+-- callgrind). STABLE, as pg_column_size is: an IMMUTABLE one is not inlined.
+CREATE FUNCTION pipeline._payload_bytes(payload jsonb) RETURNS bigint
+LANGUAGE sql STABLE STRICT AS $$
+    SELECT pg_catalog.pg_column_size(payload)::pg_catalog.int8
+$$;
+
+
+-- Who delivers: the extension's worker ("pipeline_ext worker") and each
+-- pipeline-relay (by its --name) leave their name here when a claim of
+-- theirs takes events (at most once a second each), so pipeline.status()
+-- tells which deliverer was last active. Rows of deliverers idle for longer
+-- than pipeline.retention go with the purge.
+CREATE TABLE pipeline.deliverers (
+    name           text PRIMARY KEY,
+    last_active_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT name_not_blank CHECK (pipeline._is_blank(name) IS FALSE)
+);
+
+COMMENT ON TABLE pipeline.deliverers IS
+    'Deliverers (the extension''s worker, each pipeline-relay) and when a claim of theirs last took events.';
+
+
+-- A batch of due events that have an enabled endpoint, claimed as by
+-- pipeline.claim, each with its endpoint and the request body to send.
+--   skip_types       types to leave alone (their endpoint is busy or probed)
+--   only_types       claim only these types (a probe)
+--   max_bytes        stop adding events once their size reaches this
+--                    (the first event always comes); the rest go back
+--   max_event_bytes  an event whose body is larger comes with body NULL and
+--                    its size, and is refused without being sent
+-- Bodies are built for the events kept only, so a claim never holds more
+-- than about max_bytes of them (plus one event).
+CREATE FUNCTION pipeline._claim_deliveries(
+    batch_size      integer,
+    lease           interval DEFAULT NULL,
+    consumer        text DEFAULT NULL,
+    skip_types      text[] DEFAULT NULL,
+    only_types      text[] DEFAULT NULL,
+    max_bytes       bigint DEFAULT NULL,
+    max_event_bytes bigint DEFAULT NULL
+)
+RETURNS TABLE (
+    event_id      bigint,
+    attempt       integer,
+    event_type    text,
+    url           text,
+    method        text,
+    headers       text,
+    secret        text,
+    timeout_ms    integer,
+    max_in_flight integer,
+    body          text,
+    body_bytes    bigint
+)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    v_types         text[];
+    v_kept          bigint[] := '{}';
+    v_back_ids      bigint[] := '{}';
+    v_back_attempts integer[] := '{}';
+    v_bytes         bigint := 0;
+    v_row           record;
+BEGIN
+    -- NB: an endpoint without its credentials row (restored from a dump
+    -- that leaves them out) is not claimed for: it would go out without its
+    -- headers and signature. Its events wait for import_registry.
+    v_types := ARRAY(SELECT w.event_type::text FROM pipeline.webhooks w
+                     JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
+                     WHERE w.enabled
+                       AND (skip_types IS NULL OR w.event_type::text <> ALL (skip_types))
+                       AND (only_types IS NULL OR w.event_type::text = ANY (only_types)));
+    IF cardinality(v_types) = 0 THEN
+        RETURN;
+    END IF;
+    FOR v_row IN
+        SELECT c.id, c.attempts, pipeline._payload_bytes(c.payload) AS stored
+        FROM pipeline.claim(batch_size, lease, v_types, consumer) c
+        ORDER BY c.id
+    LOOP
+        IF max_bytes IS NULL OR cardinality(v_kept) = 0 OR v_bytes + v_row.stored <= max_bytes THEN
+            v_kept := v_kept || v_row.id;
+            v_bytes := v_bytes + v_row.stored;
+        ELSE
+            v_back_ids := v_back_ids || v_row.id;
+            v_back_attempts := v_back_attempts || v_row.attempts;
+        END IF;
+    END LOOP;
+    IF cardinality(v_back_ids) > 0 THEN
+        PERFORM pipeline._release(v_back_ids, v_back_attempts);
+    END IF;
+    IF cardinality(v_kept) > 0 AND consumer IS NOT NULL THEN
+        INSERT INTO pipeline.deliverers AS d (name, last_active_at) VALUES (consumer, now())
+        ON CONFLICT (name) DO UPDATE SET last_active_at = excluded.last_active_at
+        WHERE d.last_active_at < excluded.last_active_at - interval '1 second';
+    END IF;
+    RETURN QUERY
+    SELECT b.id, b.attempts, b.event_type::text, w.url, w.method, coalesce(c.headers, '{}')::text, c.secret,
+           w.timeout_ms, w.max_in_flight,
+           CASE WHEN max_event_bytes IS NULL OR octet_length(b.body) <= max_event_bytes THEN b.body END,
+           coalesce(octet_length(b.body)::bigint, b.stored::bigint)
+    FROM (
+        SELECT e.id, e.attempts, e.event_type, pipeline._payload_bytes(e.payload) AS stored,
+               -- NB: byte for byte the text that
+               -- jsonb_build_object('id', ..., 'data', e.payload)::text gave
+               -- (keys in jsonb's order: shorter first, then bytewise; ", "
+               -- and ": " between), but written out around payload::text:
+               -- building that object decoded the payload into a second jsonb
+               -- and encoded it again, about 5 us of each event's claim.
+               -- src/tests/webhooks.rs compares the two on awkward values.
+               CASE WHEN max_event_bytes IS NOT NULL AND pipeline._payload_bytes(e.payload) > max_event_bytes THEN NULL
+                    -- NB: one concat(), not a chain of ||: each || copies
+                    -- what it has so far, and with a 25 MB payload the worker
+                    -- held eight copies of it (516 MB instead of 189 MB in
+                    -- bin/bench's large-event scenario).
+                    ELSE concat('{"id": ', e.id,
+                                ', "data": ', e.payload::text,
+                                ', "type": ', to_json(e.event_type::text)::text,
+                                ', "source": {"op": ', coalesce(to_json(e.source_op::text)::text, 'null'),
+                                ', "key": ', coalesce(e.source_key::text, 'null'),
+                                ', "table": ', coalesce(to_json(e.source_table)::text, 'null'),
+                                '}, "attempt": ', e.attempts,
+                                ', "created_at": ', to_json(e.created_at)::text, '}')
+               END AS body
+        FROM marketing.pipeline_events e
+        WHERE e.id = ANY (v_kept)
+        OFFSET 0  -- NB: a fence, so that each body is built once
+    ) b
+    JOIN pipeline.webhooks w ON w.event_type = b.event_type
+    JOIN pipeline.webhook_credentials c ON c.event_type = b.event_type
+    ORDER BY b.id;
+END
+$$;
+
+
+-- Recording a batch of delivery outcomes (parallel arrays, one entry per
+-- attempt, in event id order): every attempt is logged, the events are
+-- settled (a refused one is dead at once), and a 410 Gone disables the
+-- endpoint that answered it.
+CREATE FUNCTION pipeline._record_deliveries(
+    event_ids      bigint[],
+    attempts       integer[],
+    outcomes       text[],
+    status_codes   integer[],
+    errors         text[],
+    retry_after_ms integer[],
+    durations_ms   integer[],
+    excerpts       text[],
+    urls           text[]
+) RETURNS TABLE (event_id bigint, status text)
+-- NB: plpgsql, so that its statements are planned once per session (a SQL
+-- function is parsed and planned again on every call).
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+BEGIN
+    INSERT INTO marketing.pipeline_delivery_attempts
+        (event_id, attempt, event_type, url, outcome, status_code, duration_ms, error, response_excerpt)
+    SELECT o.event_id, o.attempt, e.event_type, o.url, o.outcome, o.status_code, o.duration_ms, o.error, o.excerpt
+    FROM unnest(_record_deliveries.event_ids, _record_deliveries.attempts, _record_deliveries.outcomes,
+                _record_deliveries.status_codes, _record_deliveries.errors, _record_deliveries.durations_ms,
+                _record_deliveries.excerpts, _record_deliveries.urls)
+             AS o(event_id, attempt, outcome, status_code, error, duration_ms, excerpt, url)
+    CROSS JOIN LATERAL (SELECT e.event_type FROM marketing.pipeline_events e WHERE e.id = o.event_id OFFSET 0) e;
+    -- NB: only when some endpoint answered 410: an UPDATE of the endpoints,
+    -- even of no row, announces them on pipeline_wake.
+    IF 'gone' = ANY (_record_deliveries.outcomes) THEN
+        UPDATE pipeline.webhooks w
+        SET enabled = false,
+            disabled_reason = format('410 Gone from %s at %s', o.url, now()),
+            updated_at = now()
+        FROM unnest(_record_deliveries.event_ids, _record_deliveries.outcomes, _record_deliveries.urls)
+                 AS o(event_id, outcome, url)
+        JOIN marketing.pipeline_events e ON e.id = o.event_id
+        WHERE o.outcome = 'gone' AND w.event_type = e.event_type AND w.url = o.url AND w.enabled;
+    END IF;
+    RETURN QUERY
+    SELECT s.event_id, s.status
+    FROM pipeline._settle(
+        _record_deliveries.event_ids,
+        _record_deliveries.attempts,
+        ARRAY(SELECT o = 'delivered' FROM unnest(_record_deliveries.outcomes) o),
+        ARRAY(SELECT coalesce(o.error, 'HTTP ' || o.status_code)
+              FROM unnest(_record_deliveries.errors, _record_deliveries.status_codes) AS o(error, status_code)),
+        ARRAY(SELECT now() + make_interval(secs => o / 1000.0) FROM unnest(_record_deliveries.retry_after_ms) o),
+        ARRAY(SELECT o = 'refused' FROM unnest(_record_deliveries.outcomes) o),
+        -- What the error log keeps of a failure (nothing for a delivery).
+        ARRAY(SELECT CASE WHEN o.outcome <> 'delivered'
+                          THEN jsonb_strip_nulls(jsonb_build_object('url', o.url, 'status_code', o.status_code,
+                                                                    'outcome', o.outcome,
+                                                                    'response_excerpt', o.excerpt))
+                     END
+              FROM unnest(_record_deliveries.urls, _record_deliveries.status_codes, _record_deliveries.outcomes,
+                          _record_deliveries.excerpts) AS o(url, status_code, outcome, excerpt))) s;
+END
+$$;
+
+
+-- Deleting old history in small batches (the worker calls it every round
+-- until it returns less than max_rows): delivered events older than
+-- older_than (their attempts go with them) and attempts older than it.
+-- Failed and dead events stay until someone replays or deletes them.
+CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
+    v_events  bigint;
+    v_attempts bigint;
+BEGIN
+    IF v_age <= interval '0' THEN
+        RETURN 0;  -- retention 0 keeps everything
+    END IF;
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'pipeline.purge: max_rows must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM marketing.pipeline_events e
+    WHERE e.id = ANY (ARRAY(
+        SELECT o.id FROM marketing.pipeline_events o
+        WHERE o.status = 'processed' AND o.processed_at < now() - v_age
+        ORDER BY o.processed_at
+        LIMIT max_rows
+        FOR UPDATE SKIP LOCKED));
+    GET DIAGNOSTICS v_events = ROW_COUNT;
+    WITH old AS (
+        SELECT a.id FROM marketing.pipeline_delivery_attempts a
+        WHERE a.created_at < now() - v_age
+        ORDER BY a.created_at
+        LIMIT max_rows
+    )
+    DELETE FROM marketing.pipeline_delivery_attempts a USING old WHERE a.id = old.id;
+    GET DIAGNOSTICS v_attempts = ROW_COUNT;
+    DELETE FROM pipeline.deliverers d WHERE d.last_active_at < now() - v_age;
+    RETURN v_events + v_attempts;
+END
+$$;
+
+COMMENT ON FUNCTION pipeline.purge(interval, integer) IS
+    'Deletes up to max_rows delivered events older than older_than (default pipeline.retention) and up to '
+    'max_rows old delivery attempts; returns how many rows went. Retention 0 keeps everything.';
+
+
+-- Per endpoint: state, backlog and the last hour of deliveries.
+CREATE VIEW marketing.vw_endpoint_health AS
+SELECT w.event_type,
+       w.url,
+       w.enabled,
+       w.disabled_reason,
+       (SELECT count(*) FROM marketing.pipeline_events e
+        WHERE e.event_type = w.event_type AND e.status IN ('pending', 'failed', 'processing')) AS waiting,
+       count(a.id) FILTER (WHERE a.outcome = 'delivered') AS delivered_1h,
+       count(a.id) FILTER (WHERE a.outcome <> 'delivered') AS failed_1h,
+       round(avg(a.duration_ms) FILTER (WHERE a.outcome = 'delivered'), 1) AS avg_ms_1h,
+       max(a.created_at) AS last_attempt_at,
+       (SELECT a2.status_code FROM marketing.pipeline_delivery_attempts a2
+        WHERE a2.event_type = w.event_type AND a2.created_at > now() - interval '1 hour'
+        ORDER BY a2.created_at DESC LIMIT 1) AS last_status_code
+FROM pipeline.webhooks w
+LEFT JOIN marketing.pipeline_delivery_attempts a
+       ON a.event_type = w.event_type AND a.created_at > now() - interval '1 hour'
+GROUP BY w.event_type, w.url, w.enabled, w.disabled_reason
+ORDER BY w.event_type;
+
+COMMENT ON VIEW marketing.vw_endpoint_health IS
+    'Each endpoint: enabled or why not, events waiting for it, and its deliveries, failures and latency in the last hour.';
+
+
+-- The delivery worker's pid when it runs in this database, else NULL. This
+-- is what a trigger-only install has (no worker there); the extension
+-- replaces it with a function of its library that asks shared memory, so
+-- that it tells the truth to any role (pg_stat_activity hides the worker
+-- from roles without pg_read_all_stats).
+CREATE FUNCTION pipeline._worker_pid() RETURNS integer
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT NULL::integer
+$$;
+
+
+-- One row to see whether the pipeline is moving. Events of a type without
+-- an enabled endpoint are not backlog: they wait for an endpoint, and are
+-- counted apart (without_endpoint).
+CREATE VIEW marketing.vw_pipeline_status AS
+WITH open_events AS (
+    SELECT e.status, e.created_at, w.event_type IS NOT NULL AS deliverable
+    FROM marketing.pipeline_events e
+    LEFT JOIN pipeline.webhooks w ON w.event_type = e.event_type AND w.enabled
+    WHERE e.status IN ('pending', 'processing', 'failed')
+)
+SELECT pipeline._worker_pid() IS NOT NULL AS worker_running,
+       pipeline._worker_pid() AS worker_pid,
+       count(*) FILTER (WHERE o.status = 'pending' AND o.deliverable) AS pending,
+       count(*) FILTER (WHERE o.status = 'processing') AS processing,
+       count(*) FILTER (WHERE o.status = 'failed' AND o.deliverable) AS failed,
+       (SELECT count(*) FROM marketing.pipeline_events d WHERE d.status = 'dead') AS dead,
+       now() - min(o.created_at) FILTER (WHERE o.status IN ('pending', 'failed') AND o.deliverable)
+           AS oldest_pending_age,
+       (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
+        WHERE a.created_at > now() - interval '1 minute' AND a.outcome = 'delivered') AS delivered_last_minute,
+       (SELECT count(*) FROM marketing.pipeline_delivery_attempts a
+        WHERE a.created_at > now() - interval '1 minute' AND a.outcome <> 'delivered') AS failed_last_minute,
+       (SELECT count(*) FROM pipeline.webhooks w WHERE w.enabled) AS endpoints_enabled,
+       (SELECT count(*) FROM pipeline.webhooks w WHERE NOT w.enabled) AS endpoints_disabled,
+       (SELECT count(*) FROM marketing.pipeline_error_log l WHERE NOT l.resolved) AS unresolved_errors,
+       count(*) FILTER (WHERE o.status IN ('pending', 'failed') AND NOT o.deliverable) AS without_endpoint,
+       (SELECT d.name FROM pipeline.deliverers d ORDER BY d.last_active_at DESC LIMIT 1) AS last_deliverer,
+       (SELECT max(d.last_active_at) FROM pipeline.deliverers d) AS last_deliverer_active_at
+FROM open_events o;
+
+COMMENT ON VIEW marketing.vw_pipeline_status IS
+    'What pipeline.status() returns: the worker, the backlog by status (events with an enabled endpoint), dead '
+    'events, the last minute''s deliveries and failures, endpoints, unresolved errors, events waiting for an endpoint, '
+    'and which deliverer (the worker, a pipeline-relay) last claimed events, when.';
+
+
+CREATE FUNCTION pipeline.status()
+RETURNS TABLE (
+    worker_running         boolean,
+    worker_pid             integer,
+    pending                bigint,
+    processing             bigint,
+    failed                 bigint,
+    dead                   bigint,
+    oldest_pending_age     interval,
+    delivered_last_minute  bigint,
+    failed_last_minute     bigint,
+    endpoints_enabled      bigint,
+    endpoints_disabled     bigint,
+    unresolved_errors      bigint,
+    without_endpoint       bigint,
+    last_deliverer         text,
+    last_deliverer_active_at timestamptz
+)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM marketing.vw_pipeline_status
+$$;
+
+COMMENT ON FUNCTION pipeline.status() IS
+    'Whether the delivery worker runs in this database, events by open status (with an enabled endpoint), dead '
+    'events, the oldest waiting event''s age, deliveries and failures in the last minute, endpoints, unresolved '
+    'errors, events waiting for an endpoint, and the deliverer that last claimed events (the worker, a '
+    'pipeline-relay by its name) with when. Reads marketing.vw_pipeline_status: needs no right on the tables.';
+
+
+-- Monitoring: pg_monitor (and roles granted it) read the views and status()
+-- without any right on the tables, so without seeing secrets or payloads.
+GRANT SELECT ON marketing.vw_pipeline_status, marketing.vw_endpoint_health, marketing.vw_pending_events,
+                marketing.vw_processing_latency, marketing.vw_pipeline_funnel, marketing.vw_unresolved_errors,
+                marketing.vw_error_rate_24h
+    TO pg_monitor;
+
+GRANT EXECUTE ON FUNCTION pipeline.status() TO pg_monitor;
+
+
+-- Handing back claimed events that were never sent (the worker is stopping):
+-- pending again, due now, and the claim does not count as an attempt.
+CREATE FUNCTION pipeline._release(event_ids bigint[], attempts integer[]) RETURNS integer
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    -- NB: by primary key whatever the statistics say, as in _settle.
+    WITH held AS MATERIALIZED (
+        SELECT j.event_id, e.status, e.attempts
+        FROM unnest(_release.event_ids, _release.attempts) AS j(event_id, attempt)
+        CROSS JOIN LATERAL (SELECT e.status, e.attempts FROM marketing.pipeline_events e
+                            WHERE e.id = j.event_id OFFSET 0) e
+        WHERE e.status = 'processing' AND e.attempts = j.attempt
+    ), released AS (
+        UPDATE marketing.pipeline_events e
+        SET status = 'pending', attempts = e.attempts - 1, next_attempt_at = now(), claimed_by = NULL
+        FROM held h
+        WHERE e.id = h.event_id AND e.status = h.status AND e.attempts = h.attempts
+        RETURNING e.id
+    )
+    SELECT count(*)::integer FROM released
+$$;
+
+
+-- Seconds until the next event with an enabled endpoint is due (negative
+-- when one is due already; NULL when none waits), so the worker sleeps
+-- exactly until a retry or an expiring lease needs it. skip_types: types
+-- the worker is not claiming now (their endpoint is busy or probed).
+CREATE FUNCTION pipeline._next_due_in(skip_types text[] DEFAULT NULL) RETURNS double precision
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
+    FROM pipeline.webhooks w
+    -- NB: as in _claim_deliveries: an endpoint without credentials is not
+    -- claimed for, so its events are not due (else the deliverer spins).
+    JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
+    CROSS JOIN LATERAL (
+        SELECT e.next_attempt_at
+        FROM marketing.pipeline_events e
+        WHERE e.event_type = w.event_type AND e.status IN ('pending', 'failed', 'processing')
+        ORDER BY e.next_attempt_at
+        LIMIT 1
+    ) n
+    WHERE w.enabled AND (skip_types IS NULL OR w.event_type::text <> ALL (skip_types))
+$$;
+
+
+-- An endpoint that failed answers again: the events that failed meanwhile
+-- are due now instead of on their backoff. Returns how many.
+CREATE FUNCTION pipeline._endpoint_recovered(event_type text) RETURNS integer
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    WITH due AS (
+        UPDATE marketing.pipeline_events e
+        SET next_attempt_at = now()
+        WHERE e.event_type = _endpoint_recovered.event_type
+          AND e.status = 'failed' AND e.next_attempt_at > now()
+        RETURNING e.id
+    )
+    SELECT count(*)::integer FROM due
+$$;
+
+
+-- ==== from sql/012_verify.sql ====
+
+-- 012_verify.sql: a self-check of the installation (last, so that it can
+-- look at every object).
+--
+-- SELECT * FROM pipeline.verify() lists every object the pipeline needs with
+-- ok or what is wrong; SELECT * FROM pipeline.verify() WHERE status <> 'ok'
+-- is empty on a healthy install. It works the same in trigger-only mode.
+
+CREATE FUNCTION pipeline.verify()
+RETURNS TABLE (kind text, name text, status text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+WITH expected (kind, name) AS (
+    VALUES ('schema', 'intake'), ('schema', 'marketing'), ('schema', 'pipeline'),
+           ('table', 'intake.company_raw_intake'),
+           ('table', 'marketing.company_master'),
+           ('table', 'marketing.company_slots'),
+           ('table', 'marketing.email_verification'),
+           ('table', 'marketing.pipeline_events'),
+           ('table', 'marketing.pipeline_error_log'),
+           ('table', 'pipeline.watches'),
+           ('table', 'pipeline.stages'),
+           ('table', 'pipeline.webhooks'),
+           ('table', 'marketing.pipeline_delivery_attempts'),
+           ('view', 'marketing.vw_outreach_ready'),
+           ('view', 'marketing.vw_pipeline_funnel'),
+           ('view', 'marketing.vw_pending_events'),
+           ('view', 'marketing.vw_processing_latency'),
+           ('view', 'marketing.vw_unresolved_errors'),
+           ('view', 'marketing.vw_error_rate_24h'),
+           ('view', 'marketing.vw_endpoint_health'),
+           ('function', 'pipeline._capture'),
+           ('function', 'pipeline.watch'),
+           ('function', 'pipeline.unwatch'),
+           ('function', 'pipeline.emit'),
+           ('function', 'pipeline.claim'),
+           ('function', 'pipeline.mark_delivered'),
+           ('function', 'pipeline.mark_delivered_many'),
+           ('function', 'pipeline.mark_failed'),
+           ('function', 'pipeline.replay'),
+           ('function', 'pipeline.replay_many'),
+           ('function', 'pipeline.replay_failed'),
+           ('function', 'pipeline.log_error'),
+           ('function', 'pipeline.resolve_error'),
+           ('function', 'pipeline.resolve_errors'),
+           ('function', 'pipeline.register_webhook'),
+           ('function', 'pipeline.update_webhook'),
+           ('function', 'pipeline.disable_webhook'),
+           ('function', 'pipeline.enable_webhook'),
+           ('function', 'pipeline.remove_webhook'),
+           ('function', 'pipeline.import_registry'),
+           ('function', 'pipeline.export_registry'),
+           ('function', 'pipeline.purge'),
+           ('function', 'pipeline.status'),
+           ('function', 'pipeline.release_claims'),
+           ('function', 'pipeline.grant_event_type'),
+           ('function', 'pipeline.revoke_event_type'),
+           ('table', 'pipeline.event_type_grants'),
+           ('table', 'pipeline.webhook_credentials'),
+           ('view', 'marketing.vw_pipeline_status')
+),
+objects AS (
+    SELECT x.kind, x.name,
+           CASE x.kind
+               WHEN 'schema' THEN
+                   CASE WHEN to_regnamespace(x.name) IS NULL THEN 'missing' ELSE 'ok' END
+               WHEN 'function' THEN
+                   CASE WHEN EXISTS (
+                       SELECT 1 FROM pg_proc p
+                       WHERE p.pronamespace = to_regnamespace(split_part(x.name, '.', 1))
+                         AND p.proname = split_part(x.name, '.', 2))
+                   THEN 'ok' ELSE 'missing' END
+               ELSE
+                   (SELECT CASE
+                               WHEN r.relkind IS NULL THEN 'missing'
+                               WHEN r.relkind IN ('r', 'p') AND x.kind = 'table' THEN 'ok'
+                               WHEN r.relkind = 'v' AND x.kind = 'view' THEN 'ok'
+                               ELSE 'not a ' || x.kind
+                           END
+                    FROM (SELECT (SELECT c.relkind FROM pg_class c
+                                  WHERE c.oid = to_regclass(x.name)) AS relkind) r)
+           END AS status
+    FROM expected x
+),
+-- Every stage trigger, and every watch a user added.
+wanted_triggers AS (
+    SELECT s.source_table::text AS table_name,
+           format('pipeline_%s_%s', s.event_type, lower(s.operation)) AS trigger_name
+    FROM pipeline.stages s
+    WHERE s.event_type IS NOT NULL
+    UNION
+    SELECT w.source_table::text, w.trigger_name::text
+    FROM pipeline.watches w
+),
+triggers AS (
+    SELECT 'trigger'::text AS kind,
+           wt.table_name || '.' || wt.trigger_name AS name,
+           CASE
+               WHEN to_regclass(wt.table_name) IS NULL THEN 'missing table'
+               WHEN t.oid IS NULL THEN 'missing'
+               WHEN t.tgenabled = 'D' THEN 'disabled'
+               WHEN t.tgfoid <> 'pipeline._capture()'::regprocedure THEN 'calls another function'
+               ELSE 'ok'
+           END AS status
+    FROM wanted_triggers wt
+    LEFT JOIN pg_trigger t
+           ON t.tgrelid = to_regclass(wt.table_name) AND t.tgname = wt.trigger_name
+)
+SELECT kind, name, status FROM objects
+UNION ALL
+(SELECT kind, name, status FROM triggers ORDER BY name)
+UNION ALL
+-- An endpoint restored from a dump has no credentials until they are imported.
+(SELECT 'endpoint', w.event_type::text,
+        CASE WHEN c.event_type IS NULL THEN 'missing credentials (import them with pipeline.import_registry)'
+             ELSE 'ok' END
+ FROM pipeline.webhooks w
+ LEFT JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
+ ORDER BY 2)
+$$;
+
+COMMENT ON FUNCTION pipeline.verify() IS
+    'Lists every schema, table, view, function and stage trigger the pipeline needs, with ok or what is wrong.';
+
+-- ==== the watches' triggers ====
+--
+-- Made again from pipeline.watches as 0.2.0's pipeline.watch() makes them
+-- (INSERT and DELETE watches without a condition are statement triggers
+-- now), keeping which are the stages' own and when each was made. The
+-- upgrading role needs the right to create triggers on each watched table,
+-- as pipeline.watch() does.
+DO $upgrade$
+DECLARE
+    v_watch pipeline.watches;
+BEGIN
+    FOR v_watch IN SELECT * FROM pipeline.watches LOOP
+        DELETE FROM pipeline.watches w
+        WHERE w.source_table OPERATOR(pg_catalog.=) v_watch.source_table
+          AND w.event_type OPERATOR(pg_catalog.=) v_watch.event_type
+          AND w.operation OPERATOR(pg_catalog.=) v_watch.operation;
+        PERFORM pipeline.watch(v_watch.source_table, v_watch.event_type, v_watch.operation,
+                               v_watch.condition, v_watch.columns, v_watch.group_by);
+        UPDATE pipeline.watches w SET builtin = v_watch.builtin, created_at = v_watch.created_at
+        WHERE w.source_table OPERATOR(pg_catalog.=) v_watch.source_table
+          AND w.event_type OPERATOR(pg_catalog.=) v_watch.event_type
+          AND w.operation OPERATOR(pg_catalog.=) v_watch.operation;
+    END LOOP;
+END
+$upgrade$;
