@@ -13,11 +13,16 @@ BEGIN;
 SET LOCAL search_path = pg_catalog, pg_temp;
 DO $guard$
 DECLARE
-    v_installed text := CASE WHEN pg_catalog.to_regprocedure('pipeline.version()') IS NULL
-                   AND pg_catalog.to_regclass('marketing.pipeline_events') IS NOT NULL THEN '0.1.0' END;
+    v_installed text;
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pipeline_ext') THEN
         RAISE EXCEPTION 'pipeline_ext is installed here as an extension: use ALTER EXTENSION pipeline_ext UPDATE';
+    END IF;
+    -- NB: 0.1.0 had no pipeline.version(): it is the install without one.
+    IF pg_catalog.to_regprocedure('pipeline.version()') IS NOT NULL THEN
+        EXECUTE 'SELECT pipeline.version()' INTO v_installed;
+    ELSIF pg_catalog.to_regclass('marketing.pipeline_events') IS NOT NULL THEN
+        v_installed := '0.1.0';
     END IF;
     IF v_installed IS DISTINCT FROM '0.1.0' THEN
         RAISE EXCEPTION 'this file upgrades the trigger-only install of pipeline_ext 0.1.0, and this database has %',

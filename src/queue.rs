@@ -20,14 +20,13 @@ use crate::{transaction, wake};
 /// The name the worker claims under (marketing.pipeline_events.claimed_by).
 pub const CONSUMER: &str = "pipeline_ext worker";
 
-/// Whether CREATE EXTENSION pipeline_ext has run in this database.
-pub fn extension_ready() -> bool {
-    Spi::get_one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pipeline_ext')",
+/// The version of pipeline_ext installed in this database, if any.
+pub fn installed_version() -> Option<String> {
+    Spi::get_one::<String>(
+        "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pipeline_ext'",
     )
     .ok()
     .flatten()
-    .unwrap_or(false)
 }
 
 /// The queue, as the worker reaches it.

@@ -67,7 +67,8 @@ struct Worker {
     engine: Engine,
     extension_found: bool,
     claims_released: bool,
-    waiting_logged: bool,
+    /// What the worker last said it waits for (said once per change).
+    waiting_logged: Option<String>,
     /// A failure to take back claims, logged once while it lasts.
     release_failure: Option<String>,
 }
@@ -126,7 +127,7 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
         engine,
         extension_found: false,
         claims_released: false,
-        waiting_logged: false,
+        waiting_logged: None,
         release_failure: None,
     };
 
@@ -229,11 +230,24 @@ impl Worker {
         if !self.extension_found {
             // NB: no role switch: the worker role may not exist yet, and a
             // catalog look-up runs no code of anyone's.
-            self.extension_found =
-                transaction::run(None, || Ok(queue::extension_ready())).unwrap_or(false);
-            if !self.extension_found && !self.waiting_logged {
-                log!("pipeline_ext worker waiting for CREATE EXTENSION pipeline_ext in this database");
-                self.waiting_logged = true;
+            // NB: and only the version this library was built for: the SQL
+            // of another one (before ALTER EXTENSION ... UPDATE after a new
+            // package) has other functions.
+            let installed =
+                transaction::run(None, || Ok(queue::installed_version())).unwrap_or(None);
+            self.extension_found = installed.as_deref() == Some(env!("CARGO_PKG_VERSION"));
+            if !self.extension_found {
+                let waiting = match installed {
+                    None => "CREATE EXTENSION pipeline_ext".to_string(),
+                    Some(version) => format!(
+                        "ALTER EXTENSION pipeline_ext UPDATE (version {version} is installed, the library is {})",
+                        env!("CARGO_PKG_VERSION")
+                    ),
+                };
+                if self.waiting_logged.as_ref() != Some(&waiting) {
+                    log!("pipeline_ext worker waiting for {waiting} in this database");
+                    self.waiting_logged = Some(waiting);
+                }
             }
         }
         if self.extension_found && !self.claims_released {
