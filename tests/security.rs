@@ -217,7 +217,52 @@ fn nothing_a_database_owner_planted_runs_as_superuser() {
         one::<String>(&mut db, "SHOW search_path"),
         "public, pg_catalog"
     );
+
+    // The extension's schema, made by the owner before the superuser's
+    // CREATE EXTENSION (PostgreSQL would take it as it is): refused, empty
+    // or not, and nothing is installed.
+    let mut owner = cluster.connect("app", "app_owner");
+    owner.batch_execute("CREATE SCHEMA pipeline").unwrap();
+    let refused = db
+        .batch_execute("CREATE EXTENSION pipeline_ext")
+        .unwrap_err();
+    assert!(
+        refused
+            .as_db_error()
+            .unwrap()
+            .message()
+            .contains("schema pipeline exists and belongs to app_owner, not to postgres"),
+        "{refused:?}"
+    );
+    owner.batch_execute("DROP SCHEMA pipeline").unwrap();
+    db.batch_execute("CREATE SCHEMA pipeline; CREATE TABLE pipeline.planted (x int)")
+        .unwrap();
+    let refused = db
+        .batch_execute("CREATE EXTENSION pipeline_ext")
+        .unwrap_err();
+    assert!(
+        refused
+            .as_db_error()
+            .unwrap()
+            .message()
+            .contains("schema pipeline exists and is not empty"),
+        "{refused:?}"
+    );
+    db.batch_execute("DROP SCHEMA pipeline CASCADE").unwrap();
+    assert_eq!(
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM pg_namespace WHERE nspname IN ('intake', 'marketing')"
+        ),
+        0
+    );
+    drop(owner);
+
     db.batch_execute("CREATE EXTENSION pipeline_ext").unwrap();
+    assert_eq!(
+        one::<String>(&mut db, "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'pipeline_ext'"),
+        "pipeline"
+    );
     use_the_pipeline(&mut db, &receiver.url("/hook"));
 
     // The worker delivers in this database, as pipeline_worker.
