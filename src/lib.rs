@@ -7,21 +7,24 @@
 //! nothing in them may depend on Rust code. SQL that only the extension has
 //! lives in `sql/extension/` and next to the Rust it needs (src/wake.rs).
 //!
-//! Modules: settings (GUCs), wake (commit wake-up of the worker and its
-//! pid for pipeline.status()), worker (the background worker's loop),
-//! transaction (how it runs SQL: short transactions as its own role), queue
-//! (its SQL), delivery (HTTP, no PostgreSQL), database_drop (DROP DATABASE
-//! of the worker's database without FORCE), payload_size (an event's size
-//! without expanding it).
+//! Modules: settings (GUCs), launcher (starts a delivery worker per
+//! database with the extension), worker_slots (each database's worker in
+//! shared memory), wake (commit wake-up of a database's worker and its pid
+//! for pipeline.status()), worker (the delivery worker's loop), transaction
+//! (how it runs SQL: short transactions as its own role), queue (its SQL),
+//! delivery (HTTP, no PostgreSQL), drop_hooks (DROP DATABASE of a served
+//! database without FORCE, DROP EXTENSION ends its worker), payload_size
+//! (an event's size without expanding it).
 
-mod database_drop;
-
+mod drop_hooks;
+mod launcher;
 mod payload_size;
 mod queue;
 mod settings;
 mod transaction;
 mod wake;
 mod worker;
+mod worker_slots;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -35,9 +38,13 @@ pub extern "C-unwind" fn _PG_init() {
     settings::register(preloading);
     wake::register_commit_callback();
     if preloading {
-        wake::init_shared_memory();
-        database_drop::init();
-        worker::register();
+        worker_slots::init_shared_memory();
+        drop_hooks::init();
+        // SAFETY: a flag the postmaster sets before loading libraries.
+        if !unsafe { pgrx::pg_sys::IsBinaryUpgrade } {
+            // pg_upgrade's server must see no activity but its own.
+            launcher::register();
+        }
     }
 }
 // NB: each file requires the one before it, so the generated script keeps

@@ -20,6 +20,14 @@ use crate::{transaction, wake};
 /// The name the worker claims under (marketing.pipeline_events.claimed_by).
 pub const CONSUMER: &str = "pipeline_ext worker";
 
+/// The name of the database the worker serves.
+pub fn database_name() -> String {
+    Spi::get_one::<String>("SELECT pg_catalog.current_database()::text")
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
 /// The version of pipeline_ext installed in this database, if any.
 pub fn installed_version() -> Option<String> {
     Spi::get_one::<String>(

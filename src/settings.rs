@@ -23,8 +23,7 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 pub const DEFAULT_WORKER_ROLE: &str = "pipeline_worker";
 
 static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
-static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(16);
 static HTTP_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
@@ -54,14 +53,14 @@ pub fn register(preloading: bool) {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    // NB: the worker connects to one database when it starts, so changing it
-    // needs a server restart; and PostgreSQL only accepts such a setting
-    // while shared_preload_libraries load (without the worker it is moot).
+    // NB: PostgreSQL only accepts a postmaster setting while
+    // shared_preload_libraries load (without the workers it is moot).
     if preloading {
         GucRegistry::define_string_guc(
             c"pipeline.database",
-            c"Database the delivery worker works in (changing it needs a server restart).",
-            c"The worker waits there until CREATE EXTENSION pipeline_ext has run.",
+            c"The one database to deliver for; empty (the default): every database with the extension.",
+            c"Each database with the extension has a delivery worker of its own, started by CREATE EXTENSION \
+              (changing this needs a server restart).",
             &DATABASE,
             GucContext::Postmaster,
             GucFlags::default(),
@@ -392,11 +391,12 @@ fn non_empty(setting: &GucSetting<Option<CString>>) -> Option<String> {
         .filter(|s| !s.trim().is_empty())
 }
 
+/// pipeline.database: the only database served, or "" for all of them.
 pub fn database() -> String {
     DATABASE
         .get()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "postgres".into())
+        .map(|s| s.to_string_lossy().trim().to_string())
+        .unwrap_or_default()
 }
 
 fn millis(ms: i32) -> Duration {

@@ -1,62 +1,45 @@
-//! Waking the delivery worker when events are committed.
+//! Waking a database's delivery worker when events are committed.
 //!
 //! The worker cannot LISTEN (background workers are refused), so a write of
 //! marketing.pipeline_events fires a statement trigger that only raises a
 //! flag in the writing backend. At commit, a transaction callback sees the
-//! flag and sets the worker's latch, found through its PGPROC number in
-//! shared memory. One wake per transaction, whatever the number of events;
-//! an aborted transaction wakes nobody. The worker's poll interval covers
-//! anything that slips past (a prepared transaction committed elsewhere).
+//! flag and sets the latch of the worker of the backend's database, found
+//! through its slot in shared memory (worker_slots.rs). One wake per
+//! transaction, whatever the number of events; an aborted transaction wakes
+//! nobody. The worker's poll interval covers anything that slips past (a
+//! prepared transaction committed elsewhere).
 //!
 //! The latch alone is not the message: PostgreSQL's own waits inside the
 //! worker's transactions (a lock wait, say) reset it, so a commit that set it
-//! then would be lost. Each wake-up also counts in shared memory, and the
-//! worker compares the count before every sleep (commits_since_last_look).
+//! then would be lost. Each wake-up also counts in the slot, and the worker
+//! compares the count before every sleep (commits_since_last_look).
 //!
-//! The same shared memory tells pipeline.status() whether the worker runs,
-//! to any role (pg_stat_activity hides other users' workers).
+//! The same commit callback asks the launcher for a worker when CREATE
+//! EXTENSION commits (pipeline._start_worker()), and the slot tells
+//! pipeline.status() whether the database's worker runs, to any role
+//! (pg_stat_activity hides other users' workers).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, PgAtomic};
 
-const NO_WORKER: u32 = u32::MAX;
+use crate::worker_slots::{self, Slot, NO_WORKER};
 
-/// PGPROC number of the running worker, or NO_WORKER.
-// SAFETY: the name is unique to this library; pg_shmem_init! in _PG_init
-// allocates the memory before any process uses it.
-static WORKER_PROC: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pipeline_ext_worker_proc") };
+/// The worker's own slot, once it has one.
+static MY_SLOT: OnceLock<&'static Slot> = OnceLock::new();
 
-/// Whether the worker would act on new events (it is enabled and some
-/// endpoint is): when not, writers skip the wake-up, which would otherwise
-/// cost a signal and a round of the worker per commit.
-// SAFETY: as for WORKER_PROC.
-static WAKE_WANTED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pipeline_ext_wake_wanted") };
-
-/// Commits that woke the worker, ever: the worker claims when it changed.
-// SAFETY: as for WORKER_PROC.
-static WAKES: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pipeline_ext_wakes") };
-
-/// The worker's copy of WAKES when it last looked.
+/// The worker's copy of its slot's wake count when it last looked.
 static WAKES_SEEN: AtomicU64 = AtomicU64::new(0);
-
-/// Set in _PG_init under shared_preload_libraries: only then does the
-/// shared memory above exist.
-static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 
 /// This backend wrote events in the current transaction.
 static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 /// ... or changed an endpoint: wake the worker whatever it wants.
 static WAKE_ALWAYS: AtomicBool = AtomicBool::new(false);
-
-/// Called from _PG_init while shared_preload_libraries are loaded.
-pub fn init_shared_memory() {
-    pg_shmem_init!(WORKER_PROC = AtomicU32::new(NO_WORKER));
-    pg_shmem_init!(WAKE_WANTED = AtomicBool::new(true));
-    pg_shmem_init!(WAKES = AtomicU64::new(0));
-    SHARED_MEMORY.store(true, Ordering::Relaxed);
-}
+/// ... or ran CREATE EXTENSION: ask the launcher for a worker.
+static START_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+/// ... or DROP EXTENSION: the worker looks whether the extension is there.
+static RECHECK_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 
 /// Called from _PG_init in every process that loads the library.
 pub fn register_commit_callback() {
@@ -64,58 +47,92 @@ pub fn register_commit_callback() {
     unsafe { pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut()) };
 }
 
-/// The worker announces itself; the entry is cleared when it exits.
-pub fn publish_worker() {
-    if !SHARED_MEMORY.load(Ordering::Relaxed) {
-        return;
+/// The worker takes its database's slot: false when another worker holds
+/// it (that one serves the database) or no slot is free. The slot is given
+/// up when the process exits.
+pub fn publish_worker(slot: &'static Slot) -> bool {
+    let me = worker_slots::my_procno();
+    if slot
+        .proc
+        .compare_exchange(NO_WORKER, me, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        return false;
     }
-    // SAFETY: MyProc is this process's PGPROC once it is connected; the
-    // callback is static and takes no argument.
-    unsafe {
-        WORKER_PROC
-            .get()
-            .store((*pg_sys::MyProc).pgprocno as u32, Ordering::SeqCst);
-        pg_sys::before_shmem_exit(Some(unpublish_worker), pg_sys::Datum::from(0));
+    if MY_SLOT.set(slot).is_ok() {
+        WAKES_SEEN.store(slot.wakes.load(Ordering::SeqCst), Ordering::Relaxed);
+        // SAFETY: a static callback with no argument, run when the process exits.
+        unsafe { pg_sys::before_shmem_exit(Some(unpublish_at_exit), pg_sys::Datum::from(0)) };
+    }
+    true
+}
+
+/// The worker gives up its slot (it is about to look for the extension a
+/// last time before it ends).
+pub fn unpublish_worker() {
+    if let Some(slot) = MY_SLOT.get() {
+        let _ = slot.proc.compare_exchange(
+            worker_slots::my_procno(),
+            NO_WORKER,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
     }
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn unpublish_worker(_code: i32, _arg: pg_sys::Datum) {
-    WORKER_PROC.get().store(NO_WORKER, Ordering::SeqCst);
+unsafe extern "C-unwind" fn unpublish_at_exit(_code: i32, _arg: pg_sys::Datum) {
+    unpublish_worker();
 }
 
 /// The worker: whether commits woke it since it last asked (and forget
 /// them). Asked after the latch is reset, so a commit that comes later sets
 /// the latch again.
 pub fn commits_since_last_look() -> bool {
-    if !SHARED_MEMORY.load(Ordering::Relaxed) {
+    let Some(slot) = MY_SLOT.get() else {
         return false;
-    }
-    let wakes = WAKES.get().load(Ordering::SeqCst);
+    };
+    let wakes = slot.wakes.load(Ordering::SeqCst);
     WAKES_SEEN.swap(wakes, Ordering::Relaxed) != wakes
 }
 
 /// The worker, before it sleeps: whether commits woke it since it last
 /// looked, whatever became of its latch meanwhile.
 pub fn commits_waiting() -> bool {
-    SHARED_MEMORY.load(Ordering::Relaxed)
-        && WAKES.get().load(Ordering::SeqCst) != WAKES_SEEN.load(Ordering::Relaxed)
+    MY_SLOT
+        .get()
+        .is_some_and(|slot| slot.wakes.load(Ordering::SeqCst) != WAKES_SEEN.load(Ordering::Relaxed))
 }
 
 /// The worker says whether commits of new events should wake it.
 pub fn want_wakes(wanted: bool) {
-    if SHARED_MEMORY.load(Ordering::Relaxed) {
-        WAKE_WANTED.get().store(wanted, Ordering::SeqCst);
+    if let Some(slot) = MY_SLOT.get() {
+        slot.wake_wanted.store(wanted, Ordering::SeqCst);
     }
-}
-
-fn wake_wanted_now() -> bool {
-    !SHARED_MEMORY.load(Ordering::Relaxed) || WAKE_WANTED.get().load(Ordering::SeqCst)
 }
 
 fn is_worker() -> bool {
     // SAFETY: reads a pointer PostgreSQL sets at process start.
     unsafe { !pg_sys::MyBgworkerEntry.is_null() }
+}
+
+/// DROP EXTENSION: once it commits, the database's worker looks whether
+/// the extension is still there.
+pub fn recheck_extension_at_commit() {
+    RECHECK_AT_COMMIT.store(true, Ordering::Relaxed);
+}
+
+/// The worker: whether a DROP EXTENSION committed since it last asked.
+pub fn extension_dropped() -> bool {
+    MY_SLOT
+        .get()
+        .is_some_and(|slot| slot.recheck.swap(false, Ordering::SeqCst))
+}
+
+/// pipeline._start_worker(): ask the launcher for this database's worker
+/// once the transaction commits.
+pub fn start_worker_at_commit() {
+    START_AT_COMMIT.store(true, Ordering::Relaxed);
 }
 
 /// Statement trigger on marketing.pipeline_events and pipeline.webhooks
@@ -183,36 +200,62 @@ unsafe extern "C-unwind" fn on_transaction_end(
             let always = WAKE_ALWAYS.swap(false, Ordering::Relaxed);
             // The commit is visible to new snapshots by now (the callback
             // runs after the proc array knows it ended).
-            if wrote && (always || wake_wanted_now()) {
-                wake_worker();
+            if wrote {
+                wake_worker(always);
+            }
+            if START_AT_COMMIT.swap(false, Ordering::Relaxed) {
+                ask_launcher();
+            }
+            if RECHECK_AT_COMMIT.swap(false, Ordering::Relaxed) {
+                if let Some(slot) = worker_slots::here() {
+                    slot.recheck.store(true, Ordering::SeqCst);
+                    worker_slots::set_latch(slot.proc.load(Ordering::SeqCst));
+                }
             }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
             WAKE_ALWAYS.store(false, Ordering::Relaxed);
+            START_AT_COMMIT.store(false, Ordering::Relaxed);
+            RECHECK_AT_COMMIT.store(false, Ordering::Relaxed);
         }
         _ => {}
     }
 }
 
-fn wake_worker() {
-    if !SHARED_MEMORY.load(Ordering::Relaxed) {
+fn wake_worker(always: bool) {
+    let Some(slot) = worker_slots::here() else {
+        return;
+    };
+    if !always && !slot.wake_wanted.load(Ordering::SeqCst) {
         return;
     }
-    let procno = WORKER_PROC.get().load(Ordering::SeqCst);
+    let procno = slot.proc.load(Ordering::SeqCst);
     if procno == NO_WORKER {
         return;
     }
     // NB: counted before the latch is set: a worker that wakes sees it.
-    WAKES.get().fetch_add(1, Ordering::SeqCst);
-    // A stale number (the worker just exited) only wakes some other process
-    // once, which is harmless.
-    // SAFETY: procno indexes ProcGlobal->allProcs (it came from a PGPROC),
-    // and SetLatch may be called on any process's latch.
-    unsafe {
-        let proc = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
-        pg_sys::SetLatch(&raw mut (*proc).procLatch);
-    }
+    slot.wakes.fetch_add(1, Ordering::SeqCst);
+    worker_slots::set_latch(procno);
+}
+
+fn ask_launcher() {
+    // Without shared_preload_libraries there are no workers to ask for.
+    let Some(launcher) = worker_slots::launcher() else {
+        return;
+    };
+    // SAFETY: reads the id of the database this backend is connected to.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    let Some(slot) = worker_slots::take(database) else {
+        // NB: a warning, not an error: the transaction has committed.
+        warning!(
+            "pipeline_ext: no delivery worker for this database: {} databases have one already",
+            worker_slots::MAX_DATABASES
+        );
+        return;
+    };
+    slot.requested.store(true, Ordering::SeqCst);
+    worker_slots::set_latch(launcher.load(Ordering::SeqCst));
 }
 
 /// The worker's pid when it runs in this database, for pipeline.status():
@@ -226,29 +269,8 @@ fn wake_worker() {
     requires = ["delivery"]
 )]
 fn worker_pid() -> Option<i32> {
-    let (pid, database) = worker_process()?;
+    let (pid, database) = worker_slots::here()?.worker_process()?;
     // SAFETY: reads the id of the database this backend is connected to.
     let here = unsafe { pg_sys::MyDatabaseId };
     (database == here).then_some(pid)
-}
-
-/// The running worker's pid and database, whatever this backend's database.
-pub fn worker_process() -> Option<(i32, pg_sys::Oid)> {
-    if !SHARED_MEMORY.load(Ordering::Relaxed) {
-        return None;
-    }
-    let procno = WORKER_PROC.get().load(Ordering::SeqCst);
-    if procno == NO_WORKER {
-        return None;
-    }
-    // SAFETY: procno indexes ProcGlobal->allProcs (it came from a PGPROC);
-    // its pid and database are plain fields, read once.
-    let (pid, database) = unsafe {
-        let proc = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
-        (
-            std::ptr::read_volatile(&raw const (*proc).pid),
-            std::ptr::read_volatile(&raw const (*proc).databaseId),
-        )
-    };
-    (pid != 0).then_some((pid, database))
 }

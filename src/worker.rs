@@ -1,10 +1,12 @@
 //! The delivery worker: drains marketing.pipeline_events to the webhooks of
 //! pipeline.webhooks.
 //!
-//! One background worker, started by the postmaster when the library is in
-//! shared_preload_libraries, works in the database named by
-//! pipeline.database. It waits quietly until CREATE EXTENSION pipeline_ext
-//! has run there. Then it turns: record what finished, claim what is due
+//! One background worker per database with the extension, started by the
+//! launcher (src/launcher.rs) when the library is in
+//! shared_preload_libraries. It ends for good when its database has no
+//! extension (CREATE EXTENSION starts it again), waits while the installed
+//! version is not its library's (ALTER EXTENSION ... UPDATE), and otherwise
+//! turns: record what finished, claim what is due
 //! (up to pipeline.batch_size and pipeline.max_bytes_in_flight), deliver,
 //! as the engine of the delivery crate (delivery/src/engine.rs) does for
 //! pipeline-relay too. Its requests go out on plain threads that never call
@@ -30,38 +32,26 @@
 //! Requests still in flight are abandoned rather than waited for.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
-};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pipeline_delivery::queue::Limits;
 use pipeline_delivery::{Attempt, Engine, Host, HttpClient, Job, Level, Sender};
 
 use crate::queue::{self, SpiQueue};
 use crate::settings::{self, WorkerSettings};
-use crate::{transaction, wake};
-
-/// Registers the worker; only effective from _PG_init under shared_preload_libraries.
-pub fn register() {
-    // SAFETY: a flag the postmaster sets before loading libraries.
-    if unsafe { pg_sys::IsBinaryUpgrade } {
-        // pg_upgrade's server must see no activity but its own.
-        return;
-    }
-    BackgroundWorkerBuilder::new("pipeline_ext delivery worker")
-        .set_type("pipeline_ext worker")
-        .set_library("pipeline_ext")
-        .set_function("pipeline_ext_worker_main")
-        .enable_spi_access()
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(Some(Duration::from_secs(5)))
-        .load();
-}
+use crate::{transaction, wake, worker_slots};
 
 struct Worker {
+    /// The database's slot (worker_slots.rs).
+    slot: &'static worker_slots::Slot,
+    /// The extension is not in the database (any more): the worker ends.
+    ended: bool,
+    /// It found the extension at least once.
+    served: bool,
     settings: WorkerSettings,
     client: Result<Arc<HttpClient>, String>,
     engine: Engine,
@@ -96,20 +86,34 @@ impl Host for Backend {
 
 #[pg_guard]
 #[no_mangle]
-pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn pipeline_ext_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = settings::database();
-    if crate::database_drop::worker_database_dropped() {
+    // The launcher passes the database's OID.
+    let database_oid = pg_sys::Oid::from(arg.value() as u32);
+    let Some(slot) = worker_slots::take(database_oid) else {
         log!(
-            "pipeline_ext worker: database \"{database}\" was dropped; no delivery worker until the server restarts"
+            "pipeline_ext worker: no slot for database {}: at most {} databases have a worker",
+            database_oid.to_u32(),
+            worker_slots::MAX_DATABASES
         );
-        // SAFETY: exit code 0 unregisters the worker: the postmaster does not
-        // start it again (until the server restarts).
+        // SAFETY: exit code 0 unregisters the worker: it is not started again.
+        unsafe { pg_sys::proc_exit(0) };
+    };
+    if slot.dropped.load(Ordering::SeqCst) {
+        log!("pipeline_ext worker: its database was dropped; this worker ends");
+        slot.free();
+        // SAFETY: as above; connecting to the dropped database would fail.
         unsafe { pg_sys::proc_exit(0) };
     }
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    slot.stopping.store(false, Ordering::SeqCst);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database_oid), None);
+    if !wake::publish_worker(slot) {
+        // Another worker serves this database.
+        // SAFETY: as above.
+        unsafe { pg_sys::proc_exit(0) };
+    }
     transaction::pin_session_settings();
-    wake::publish_worker();
+    let database = transaction::run(None, || Ok(queue::database_name())).unwrap_or_default();
 
     let settings = settings::worker_settings();
     log!(
@@ -122,6 +126,9 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
         Err(error) => error!("pipeline_ext worker cannot start its senders: {error}"),
     };
     let mut worker = Worker {
+        slot,
+        ended: false,
+        served: false,
         client,
         settings,
         engine,
@@ -132,6 +139,18 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(_arg: pg_sys::Datum) {
     };
 
     while !shutdown_requested() {
+        if worker.ended {
+            // NB: nothing of its own is left to record: the tables went
+            // with the extension (or were never there).
+            if worker.served {
+                log!("pipeline_ext worker: the extension was dropped from database \"{database}\"; this worker ends");
+            } else {
+                debug1!("pipeline_ext worker: no extension in database \"{database}\"; this worker ends");
+            }
+            // SAFETY: exit code 0 unregisters the worker; CREATE EXTENSION
+            // asks the launcher for a new one.
+            unsafe { pg_sys::proc_exit(0) };
+        }
         if BackgroundWorker::sighup_received() || reload_requested() {
             worker.reload();
         }
@@ -197,8 +216,15 @@ impl Worker {
     /// Records what finished and claims what there is room for; returns
     /// how long to wait at most.
     fn turn(&mut self) -> Duration {
+        if wake::extension_dropped() {
+            self.extension_found = false;
+        }
         if !self.extension_ready() {
-            return self.settings.poll_interval;
+            return if self.ended {
+                Duration::ZERO
+            } else {
+                self.settings.poll_interval
+            };
         }
         let deliver = self.settings.enabled && self.client.is_ok();
         if !deliver {
@@ -233,22 +259,34 @@ impl Worker {
             // NB: and only the version this library was built for: the SQL
             // of another one (before ALTER EXTENSION ... UPDATE after a new
             // package) has other functions.
-            let installed =
+            let mut installed =
                 transaction::run(None, || Ok(queue::installed_version())).unwrap_or(None);
+            if installed.is_none() {
+                // NB: the slot is given up before a last look: a CREATE
+                // EXTENSION that committed meanwhile asked the launcher,
+                // which saw this worker in the slot and started no other.
+                wake::unpublish_worker();
+                installed =
+                    transaction::run(None, || Ok(queue::installed_version())).unwrap_or(None);
+                if installed.is_none() || !wake::publish_worker(self.slot) {
+                    self.ended = true;
+                    return false;
+                }
+            }
             self.extension_found = installed.as_deref() == Some(env!("CARGO_PKG_VERSION"));
-            if !self.extension_found {
-                let waiting = match installed {
-                    None => "CREATE EXTENSION pipeline_ext".to_string(),
-                    Some(version) => format!(
-                        "ALTER EXTENSION pipeline_ext UPDATE (version {version} is installed, the library is {})",
-                        env!("CARGO_PKG_VERSION")
-                    ),
-                };
+            if let (false, Some(version)) = (self.extension_found, installed) {
+                let waiting = format!(
+                    "ALTER EXTENSION pipeline_ext UPDATE (version {version} is installed, the library is {})",
+                    env!("CARGO_PKG_VERSION")
+                );
                 if self.waiting_logged.as_ref() != Some(&waiting) {
                     log!("pipeline_ext worker waiting for {waiting} in this database");
                     self.waiting_logged = Some(waiting);
                 }
             }
+        }
+        if self.extension_found {
+            self.served = true;
         }
         if self.extension_found && !self.claims_released {
             match transaction::run(Some(&self.settings.worker_role), queue::release_claims) {

@@ -8,6 +8,16 @@ CREATE OR REPLACE FUNCTION pipeline._worker_pid() RETURNS integer
 LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'worker_pid_wrapper';
 -- Only its own triggers call the wake-up (0.1.0 left it to PUBLIC).
 REVOKE ALL ON FUNCTION pipeline._wake_worker() FROM PUBLIC;
+-- Each database with the extension has a worker of its own now, which
+-- the launcher starts; this asks for this database's once the update
+-- commits. NB: the library must be the new one (restart the server
+-- first): the old one has no such function, and the update stops here.
+CREATE FUNCTION pipeline._start_worker() RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'start_worker_wrapper';
+COMMENT ON FUNCTION pipeline._start_worker() IS
+    'Asks for this database''s delivery worker when the transaction commits (extension only).';
+REVOKE ALL ON FUNCTION pipeline._start_worker() FROM PUBLIC;
+SELECT pipeline._start_worker();
 
 -- the role the delivery worker's SQL runs as.
 --

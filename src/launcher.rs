@@ -1,0 +1,202 @@
+//! The launcher: one background worker, connected to no database, that
+//! starts a delivery worker for each database with the extension.
+//!
+//! At server start it starts one for every database that takes connections
+//! and is not a template (only pipeline.database, when that is set); a
+//! worker that finds no extension in its database exits for good. After
+//! that it starts one when a backend asks: the commit of CREATE EXTENSION
+//! does (pipeline._start_worker(), run by the install script), so a new
+//! database is served at once, without a server restart. DROP EXTENSION
+//! ends the database's worker (worker.rs), DROP DATABASE too
+//! (drop_hooks.rs).
+//!
+//! Templates are left alone: a worker connected to template1 would make
+//! every CREATE DATABASE fail. When max_worker_processes has no room left,
+//! the launcher says so once and tries again every few seconds.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+
+use crate::{settings, worker_slots};
+
+/// How long the launcher waits before trying again to start workers that
+/// found no room.
+const RETRY: Duration = Duration::from_secs(5);
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("pipeline_ext launcher")
+        .set_type("pipeline_ext launcher")
+        .set_library("pipeline_ext")
+        .set_function("pipeline_ext_launcher_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pipeline_ext_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // No database: the launcher reads pg_database, a shared catalog.
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    let Some(me) = worker_slots::launcher() else {
+        return;
+    };
+    me.store(worker_slots::my_procno(), Ordering::SeqCst);
+    // SAFETY: a static callback with no argument, run when the process exits.
+    unsafe { pg_sys::before_shmem_exit(Some(forget_launcher), pg_sys::Datum::from(0)) };
+    log!("pipeline_ext launcher started");
+
+    let mut waiting: Vec<pg_sys::Oid> = databases();
+    let mut no_room_logged = false;
+    loop {
+        if BackgroundWorker::sigterm_received() {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: the main loop, outside a transaction, as a SIGHUP asks.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        for (database, slot) in worker_slots::in_use() {
+            if slot.requested.swap(false, Ordering::SeqCst) && !waiting.contains(&database) {
+                waiting.push(database);
+            }
+        }
+        waiting.retain(|&database| !start(database, &mut no_room_logged));
+        if waiting.is_empty() {
+            no_room_logged = false;
+        }
+        let wait = if waiting.is_empty() {
+            None
+        } else {
+            Some(RETRY)
+        };
+        if !BackgroundWorker::wait_latch(wait) {
+            break; // the postmaster died
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_launcher(_code: i32, _arg: pg_sys::Datum) {
+    if let Some(me) = worker_slots::launcher() {
+        me.store(worker_slots::NO_WORKER, Ordering::SeqCst);
+    }
+}
+
+/// Starts the worker of a database unless one runs there; false when there
+/// was no room (to be tried again).
+fn start(database: pg_sys::Oid, no_room_logged: &mut bool) -> bool {
+    if let Some((_, serving)) = worker_slots::of(database).and_then(|slot| slot.worker_process()) {
+        if serving == database {
+            return true;
+        }
+    }
+    let only = settings::database();
+    if !only.is_empty() && database_name(database).as_deref() != Some(only.as_str()) {
+        return true;
+    }
+    let started = BackgroundWorkerBuilder::new("pipeline_ext delivery worker")
+        .set_type("pipeline_ext worker")
+        .set_library("pipeline_ext")
+        .set_function("pipeline_ext_worker_main")
+        .set_argument(Some(pg_sys::Datum::from(database.to_u32())))
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load_dynamic()
+        .is_ok();
+    if !started && !*no_room_logged {
+        warning!(
+            "pipeline_ext launcher: no room for another background worker (max_worker_processes); trying again every {} s",
+            RETRY.as_secs()
+        );
+        *no_room_logged = true;
+    }
+    started
+}
+
+/// Every database a worker may serve: it takes connections and is not a
+/// template.
+fn databases() -> Vec<pg_sys::Oid> {
+    scan_databases()
+        .into_iter()
+        .filter(|d| d.allows_connections && !d.is_template)
+        .map(|d| d.oid)
+        .collect()
+}
+
+fn database_name(database: pg_sys::Oid) -> Option<String> {
+    scan_databases()
+        .into_iter()
+        .find(|d| d.oid == database)
+        .map(|d| d.name)
+}
+
+struct Database {
+    oid: pg_sys::Oid,
+    name: String,
+    allows_connections: bool,
+    is_template: bool,
+}
+
+/// pg_database, read as autovacuum's launcher reads it: a catalog scan in a
+/// transaction of its own (no SQL, since no database is connected).
+fn scan_databases() -> Vec<Database> {
+    let mut found = Vec::new();
+    // SAFETY: a transaction of this process's own around a catalog scan of a
+    // shared catalog; every tuple is read while the scan holds it, and the
+    // scan and relation are closed before the transaction ends.
+    unsafe {
+        pg_sys::StartTransactionCommand();
+        let _ = pg_sys::GetTransactionSnapshot();
+        let relation = pg_sys::table_open(
+            pg_sys::DatabaseRelationId,
+            pg_sys::AccessShareLock as pg_sys::LOCKMODE,
+        );
+        let scan = pg_sys::table_beginscan_catalog(relation, 0, std::ptr::null_mut());
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let row = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
+            found.push(Database {
+                oid: (*row).oid,
+                name: std::ffi::CStr::from_ptr((*row).datname.data.as_ptr())
+                    .to_string_lossy()
+                    .into_owned(),
+                allows_connections: (*row).datallowconn,
+                is_template: (*row).datistemplate,
+            });
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        pg_sys::CommitTransactionCommand();
+    }
+    found
+}
+
+/// Asks the launcher, at commit, for a delivery worker in this database:
+/// the install script calls it, so the database is served as soon as
+/// CREATE EXTENSION commits. A worker already running makes it a no-op.
+#[pg_extern(
+    sql = "
+    CREATE FUNCTION pipeline._start_worker() RETURNS void
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'start_worker_wrapper';
+    COMMENT ON FUNCTION pipeline._start_worker() IS
+        'Asks for this database''s delivery worker when the transaction commits (extension only).';
+    REVOKE ALL ON FUNCTION pipeline._start_worker() FROM PUBLIC;
+    SELECT pipeline._start_worker();
+",
+    requires = ["wake_trigger"]
+)]
+fn start_worker() {
+    crate::wake::start_worker_at_commit();
+}
