@@ -8,7 +8,7 @@
 //! does (pipeline._start_worker(), run by the install script), so a new
 //! database is served at once, without a server restart. DROP EXTENSION
 //! ends the database's worker (worker.rs), DROP DATABASE too
-//! (drop_hooks.rs).
+//! (utility_hook.rs).
 //!
 //! Templates are left alone: a worker connected to template1 would make
 //! every CREATE DATABASE fail. When max_worker_processes has no room left,

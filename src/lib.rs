@@ -12,16 +12,16 @@
 //! shared memory), wake (commit wake-up of a database's worker and its pid
 //! for pipeline.status()), worker (the delivery worker's loop), transaction
 //! (how it runs SQL: short transactions as its own role), queue (its SQL),
-//! delivery (HTTP, no PostgreSQL), drop_hooks (DROP DATABASE of a served
-//! database without FORCE, DROP EXTENSION ends its worker), payload_size
+//! delivery (HTTP, no PostgreSQL), utility_hook (DROP DATABASE of a served
+//! database without FORCE; DROP and ALTER EXTENSION reach its worker), payload_size
 //! (an event's size without expanding it).
 
-mod drop_hooks;
 mod launcher;
 mod payload_size;
 mod queue;
 mod settings;
 mod transaction;
+mod utility_hook;
 mod wake;
 mod worker;
 mod worker_slots;
@@ -39,7 +39,7 @@ pub extern "C-unwind" fn _PG_init() {
     wake::register_commit_callback();
     if preloading {
         worker_slots::init_shared_memory();
-        drop_hooks::init();
+        utility_hook::init();
         // SAFETY: a flag the postmaster sets before loading libraries.
         if !unsafe { pgrx::pg_sys::IsBinaryUpgrade } {
             // pg_upgrade's server must see no activity but its own.

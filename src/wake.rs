@@ -38,7 +38,7 @@ static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 static WAKE_ALWAYS: AtomicBool = AtomicBool::new(false);
 /// ... or ran CREATE EXTENSION: ask the launcher for a worker.
 static START_AT_COMMIT: AtomicBool = AtomicBool::new(false);
-/// ... or DROP EXTENSION: the worker looks whether the extension is there.
+/// ... or DROP or ALTER EXTENSION: the worker looks at the extension again.
 static RECHECK_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 
 /// Called from _PG_init in every process that loads the library.
@@ -116,14 +116,15 @@ fn is_worker() -> bool {
     unsafe { !pg_sys::MyBgworkerEntry.is_null() }
 }
 
-/// DROP EXTENSION: once it commits, the database's worker looks whether
-/// the extension is still there.
+/// DROP or ALTER EXTENSION: once it commits, the database's worker looks
+/// at the extension again.
 pub fn recheck_extension_at_commit() {
     RECHECK_AT_COMMIT.store(true, Ordering::Relaxed);
 }
 
-/// The worker: whether a DROP EXTENSION committed since it last asked.
-pub fn extension_dropped() -> bool {
+/// The worker: whether a DROP or ALTER EXTENSION committed since it last
+/// asked.
+pub fn extension_changed() -> bool {
     MY_SLOT
         .get()
         .is_some_and(|slot| slot.recheck.swap(false, Ordering::SeqCst))

@@ -216,7 +216,7 @@ impl Worker {
     /// Records what finished and claims what there is room for; returns
     /// how long to wait at most.
     fn turn(&mut self) -> Duration {
-        if wake::extension_dropped() {
+        if wake::extension_changed() {
             self.extension_found = false;
         }
         if !self.extension_ready() {

@@ -3,7 +3,7 @@
 //! A slot says which database it serves and which process (PGPROC number)
 //! delivers there; writers of that database wake that process at commit
 //! (wake.rs), pipeline.status() reads its pid, DROP DATABASE stops it
-//! (drop_hooks.rs), and the launcher starts a worker for a database when
+//! (utility_hook.rs), and the launcher starts a worker for a database when
 //! a backend asks (launcher.rs). Everything in a slot is atomic: the commit
 //! path reads it without a lock.
 //!
@@ -35,8 +35,8 @@ pub struct Slot {
     pub wakes: AtomicU64,
     /// A backend asked for a worker here (CREATE EXTENSION committed).
     pub requested: AtomicBool,
-    /// DROP EXTENSION committed here: the worker looks whether the
-    /// extension is still there.
+    /// DROP or ALTER EXTENSION committed here: the worker looks at the
+    /// extension again.
     pub recheck: AtomicBool,
     /// DROP DATABASE is stopping the worker: it exits so as to be started
     /// again, in case the drop fails.

@@ -211,7 +211,15 @@ fn extension_upgrade_keeps_every_row_and_matches_a_fresh_install() {
     let before = rows(&mut db);
     let max_id: i64 = one(&mut db, "SELECT max(id) FROM marketing.pipeline_events");
 
-    // The new library's worker does not touch 0.1.0's objects.
+    // The server restarts with the new package's library, as an upgrade
+    // does: its worker does not touch 0.1.0's objects.
+    drop(db);
+    drop(fresh);
+    drop(admin);
+    cluster.stop();
+    cluster.start_again();
+    let mut db = cluster.connect("upgraded", "postgres");
+    let mut fresh = cluster.connect("fresh", "postgres");
     eventually(
         Duration::from_secs(30),
         "the worker waits for the update",

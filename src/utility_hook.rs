@@ -1,8 +1,10 @@
-//! What DROP DATABASE and DROP EXTENSION do to the delivery workers.
+//! What DROP DATABASE, DROP EXTENSION and ALTER EXTENSION do to the
+//! delivery workers (a utility hook in every backend).
 //!
-//! DROP EXTENSION: at commit the database's worker is told to look whether
-//! the extension is still there (it ends when it is not), instead of
-//! finding out from a failed claim at its next poll.
+//! DROP EXTENSION and ALTER EXTENSION ... UPDATE: at commit the database's
+//! worker is told to look at the extension again: it ends when it is gone,
+//! and starts delivering once the installed version is its library's,
+//! instead of finding out at its next poll.
 //!
 //! DROP DATABASE of a served database works without FORCE.
 //!
@@ -48,7 +50,7 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     // SAFETY: PostgreSQL passes a valid statement to the hook.
-    if unsafe { drops_an_extension(pstmt) } {
+    if unsafe { changes_an_extension(pstmt) } {
         crate::wake::recheck_extension_at_commit();
     }
     // SAFETY: as above.
@@ -86,12 +88,12 @@ unsafe extern "C-unwind" fn process_utility(
     }
 }
 
-/// Whether the statement is DROP EXTENSION (of any extension: a needless
-/// look costs the worker one catalog read).
+/// Whether the statement is DROP EXTENSION or ALTER EXTENSION ... UPDATE
+/// (of any extension: a needless look costs the worker one catalog read).
 ///
 /// # Safety
 /// `pstmt` must be the statement PostgreSQL passes to the utility hook.
-unsafe fn drops_an_extension(pstmt: *mut pg_sys::PlannedStmt) -> bool {
+unsafe fn changes_an_extension(pstmt: *mut pg_sys::PlannedStmt) -> bool {
     if pstmt.is_null() {
         return false;
     }
@@ -99,8 +101,10 @@ unsafe fn drops_an_extension(pstmt: *mut pg_sys::PlannedStmt) -> bool {
     unsafe {
         let node = (*pstmt).utilityStmt;
         !node.is_null()
-            && (*node).type_ == pg_sys::NodeTag::T_DropStmt
-            && (*node.cast::<pg_sys::DropStmt>()).removeType == pg_sys::ObjectType::OBJECT_EXTENSION
+            && ((*node).type_ == pg_sys::NodeTag::T_AlterExtensionStmt
+                || ((*node).type_ == pg_sys::NodeTag::T_DropStmt
+                    && (*node.cast::<pg_sys::DropStmt>()).removeType
+                        == pg_sys::ObjectType::OBJECT_EXTENSION))
     }
 }
 
