@@ -91,13 +91,17 @@ impl Cluster {
         cluster
     }
 
-    /// The worker's pid, once it runs.
+    /// The pid of the worker of the client's database, once it has made
+    /// its first turn there (a worker the launcher started before CREATE
+    /// EXTENSION may still be about to end).
     pub fn worker_pid(&self, client: &mut postgres::Client) -> i32 {
         let mut pid = None;
         eventually(Duration::from_secs(20), "the worker to start", || {
             pid = client
                 .query_opt(
-                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pipeline_ext worker'",
+                    "SELECT pid FROM pg_stat_activity
+                     WHERE backend_type = 'pipeline_ext worker' AND datname = current_database()
+                       AND query IN ('waiting', 'delivering events')",
                     &[],
                 )
                 .ok()
