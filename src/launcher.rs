@@ -6,7 +6,10 @@
 //! worker that finds no extension in its database exits for good. After
 //! that it starts one when a backend asks: the commit of CREATE EXTENSION
 //! does (pipeline._start_worker(), run by the install script), so a new
-//! database is served at once, without a server restart. DROP EXTENSION
+//! database is served at once, without a server restart. A database made
+//! by CREATE DATABASE from a template that has the extension runs no
+//! install script: the launcher looks for new databases every 10 s and
+//! starts a worker in each. DROP EXTENSION
 //! ends the database's worker (worker.rs), DROP DATABASE too
 //! (utility_hook.rs).
 //!
@@ -27,6 +30,9 @@ use crate::{settings, worker_slots};
 /// How long the launcher waits before trying again to start workers that
 /// found no room.
 const RETRY: Duration = Duration::from_secs(5);
+
+/// How often the launcher looks for databases made since it last looked.
+const NEW_DATABASES: Duration = Duration::from_secs(10);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pipeline_ext launcher")
@@ -53,7 +59,9 @@ pub extern "C-unwind" fn pipeline_ext_launcher_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::before_shmem_exit(Some(forget_launcher), pg_sys::Datum::from(0)) };
     log!("pipeline_ext launcher started");
 
-    let mut waiting: Vec<pg_sys::Oid> = databases();
+    let mut known: Vec<pg_sys::Oid> = databases();
+    let mut waiting = known.clone();
+    let mut looked = std::time::Instant::now();
     let mut no_room_logged = false;
     loop {
         if BackgroundWorker::sigterm_received() {
@@ -68,16 +76,26 @@ pub extern "C-unwind" fn pipeline_ext_launcher_main(_arg: pg_sys::Datum) {
                 waiting.push(database);
             }
         }
+        if looked.elapsed() >= NEW_DATABASES {
+            let now = databases();
+            for database in &now {
+                if !known.contains(database) && !waiting.contains(database) {
+                    waiting.push(*database);
+                }
+            }
+            known = now;
+            looked = std::time::Instant::now();
+        }
         waiting.retain(|&database| !start(database, &mut no_room_logged));
         if waiting.is_empty() {
             no_room_logged = false;
         }
         let wait = if waiting.is_empty() {
-            None
+            NEW_DATABASES.saturating_sub(looked.elapsed())
         } else {
-            Some(RETRY)
+            RETRY
         };
-        if !BackgroundWorker::wait_latch(wait) {
+        if !BackgroundWorker::wait_latch(Some(wait)) {
             break; // the postmaster died
         }
     }
@@ -98,8 +116,13 @@ fn start(database: pg_sys::Oid, no_room_logged: &mut bool) -> bool {
             return true;
         }
     }
+    // NB: asked again for every start: a request may name a template (an
+    // extension created in template1), or a database dropped meanwhile.
+    let Some(found) = scan_databases().into_iter().find(|d| d.oid == database) else {
+        return true;
+    };
     let only = settings::database();
-    if !only.is_empty() && database_name(database).as_deref() != Some(only.as_str()) {
+    if !found.allows_connections || found.is_template || (!only.is_empty() && found.name != only) {
         return true;
     }
     let started = BackgroundWorkerBuilder::new("pipeline_ext delivery worker")
@@ -130,13 +153,6 @@ fn databases() -> Vec<pg_sys::Oid> {
         .filter(|d| d.allows_connections && !d.is_template)
         .map(|d| d.oid)
         .collect()
-}
-
-fn database_name(database: pg_sys::Oid) -> Option<String> {
-    scan_databases()
-        .into_iter()
-        .find(|d| d.oid == database)
-        .map(|d| d.name)
 }
 
 struct Database {

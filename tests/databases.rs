@@ -128,7 +128,21 @@ fn each_database_with_the_extension_has_its_own_worker() {
     emit(&mut clients[1], "ping", 1);
     delivered_to(&receiver, "/beta-again", 1, "beta after CREATE EXTENSION");
 
-    // After a restart the launcher finds both again.
+    // An extension in template1 gets no worker (it would make CREATE
+    // DATABASE fail); a database made from it gets one.
+    let mut template = cluster.connect("template1", "postgres");
+    template
+        .batch_execute("CREATE EXTENSION pipeline_ext")
+        .unwrap();
+    drop(template);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(running_in(&mut admin), ["alpha", "beta"]);
+    admin.batch_execute("CREATE DATABASE delta").unwrap();
+    eventually(Duration::from_secs(30), "delta's worker", || {
+        running_in(&mut admin) == ["alpha", "beta", "delta"]
+    });
+
+    // After a restart the launcher finds them again.
     drop(clients);
     drop(admin);
     cluster.stop();
@@ -136,8 +150,8 @@ fn each_database_with_the_extension_has_its_own_worker() {
     let mut admin = cluster.connect("postgres", "postgres");
     eventually(
         Duration::from_secs(30),
-        "both workers after a restart",
-        || running_in(&mut admin) == ["alpha", "beta"],
+        "the workers after a restart",
+        || running_in(&mut admin) == ["alpha", "beta", "delta"],
     );
     let mut alpha = cluster.connect("alpha", "postgres");
     emit(&mut alpha, "ping", 1);

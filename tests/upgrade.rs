@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde_json::Value;
 use support::behaviours::register;
 use support::receiver::Receiver;
+use support::relay;
 use support::{eventually, one, repo_root, texts, Cluster};
 
 const CATALOG: &str = include_str!("fixtures/catalog.sql");
@@ -354,6 +355,24 @@ fn trigger_only_upgrade_keeps_every_row_and_matches_a_fresh_install() {
     db.batch_execute(DATA).unwrap();
     let before = rows(&mut db);
 
+    // A relay of the new version refuses the old objects, naming the file
+    // that upgrades them; after the upgrade it delivers.
+    let url = format!(
+        "postgres://app_owner@127.0.0.1:{}/upgraded?sslmode=disable",
+        cluster.port
+    );
+    let (exit, log) = relay::run(&["--database-url", &url, "--once"], Duration::from_secs(30));
+    assert_ne!(exit, Some(0), "{log}");
+    assert!(
+        log.contains(&format!(
+            "this database has the objects of pipeline_ext {RELEASED} and this relay is {}: upgrade the database first \
+             (dist/pipeline_ext_trigger_only--{RELEASED}--{}.sql",
+            version(),
+            version()
+        )),
+        "{log}"
+    );
+
     trigger_only(&cluster, "upgraded", std::slice::from_ref(&upgrade));
     let mut fresh = cluster.connect("fresh", "app_owner");
     let (upgraded_only, fresh_only) =
@@ -386,6 +405,18 @@ fn trigger_only_upgrade_keeps_every_row_and_matches_a_fresh_install() {
         );
     }
     assert_rows_kept(&before, &rows(&mut db));
+
+    // And the relay delivers what 0.1.0 left pending.
+    let receiver = Receiver::ok();
+    register(&mut db, "manual_note", &receiver.url("/notes"), "");
+    let (exit, log) = relay::run(&["--database-url", &url, "--once"], Duration::from_secs(60));
+    assert_eq!(exit, Some(0), "{log}");
+    let pending_notes = before["marketing.pipeline_events"]
+        .iter()
+        .filter(|e| e["event_type"] == "manual_note" && e["status"] == "pending")
+        .count();
+    assert!(pending_notes >= 1);
+    assert_eq!(receiver.received().len(), pending_notes, "{log}");
 }
 
 /// Released versions are frozen, and the version being worked on has an

@@ -27,6 +27,25 @@ const SCHEMA_CHECK_SQL: &str = "SELECT pg_catalog.to_regprocedure(\
      pg_catalog.text[], pg_catalog.int4[], pg_catalog.text[], pg_catalog.int4[], pg_catalog.int4[], \
      pg_catalog.text[], pg_catalog.text[])') IS NOT NULL";
 
+/// Which version of the pipeline's objects the database has: 0.1.0 had no
+/// pipeline.version() (its events table tells it apart from no install).
+const VERSION_CHECK_SQL: &str = "SELECT \
+     pg_catalog.to_regprocedure('pipeline.version()') IS NOT NULL, \
+     pg_catalog.to_regclass('marketing.pipeline_events') IS NOT NULL";
+
+fn installed_version(client: &mut Client) -> Result<Option<String>, Failure> {
+    let row = client
+        .query_typed_one(VERSION_CHECK_SQL, &[])
+        .map_err(|e| classify(&e))?;
+    if row.get::<_, bool>(0) {
+        let row = client
+            .query_typed_one("SELECT pipeline.version()", &[])
+            .map_err(|e| classify(&e))?;
+        return Ok(Some(row.get(0)));
+    }
+    Ok(row.get::<_, bool>(1).then(|| "0.1.0".to_string()))
+}
+
 /// The database's lease and retention, in seconds.
 const SETTINGS_SQL: &str = "SELECT \
      pg_catalog.date_part('epoch', pipeline._setting('lease_time', '30s')::pg_catalog.interval)::pg_catalog.float8, \
@@ -68,15 +87,34 @@ impl Store {
         self.client = None;
     }
 
-    /// Takes a new connection, after checking that the pipeline is there.
+    /// Takes a new connection, after checking that the pipeline is there,
+    /// at this relay's version.
     pub fn attach(&mut self, mut client: Client) -> Result<Facts, Failure> {
+        let installed = installed_version(&mut client)?;
+        let mine = env!("CARGO_PKG_VERSION");
+        match installed.as_deref() {
+            None => {
+                return Err(Failure::config(
+                    "the pipeline is not installed in this database: run dist/pipeline_ext_trigger_only.sql \
+                     as the database owner, or CREATE EXTENSION pipeline_ext",
+                ))
+            }
+            Some(version) if version != mine => {
+                return Err(Failure::config(format!(
+                    "this database has the objects of pipeline_ext {version} and this relay is {mine}: upgrade \
+                     the database first (dist/pipeline_ext_trigger_only--{version}--{mine}.sql as the database \
+                     owner, or ALTER EXTENSION pipeline_ext UPDATE; see UPGRADING.md)"
+                )))
+            }
+            Some(_) => {}
+        }
         let row = client
             .query_typed_one(SCHEMA_CHECK_SQL, &[])
             .map_err(|e| classify(&e))?;
         if !(row.get::<_, bool>(0) && row.get::<_, bool>(1)) {
             return Err(Failure::config(
-                "the pipeline is not installed in this database (pipeline._claim_deliveries is missing): \
-                 run dist/pipeline_ext_trigger_only.sql as the database owner, or CREATE EXTENSION pipeline_ext",
+                "the pipeline's queue functions are missing from this database \
+                 (pipeline._claim_deliveries, pipeline._record_deliveries): install it again",
             ));
         }
         let row = client
