@@ -223,31 +223,21 @@ fn nothing_a_database_owner_planted_runs_as_superuser() {
     // or not, and nothing is installed.
     let mut owner = cluster.connect("app", "app_owner");
     owner.batch_execute("CREATE SCHEMA pipeline").unwrap();
-    let refused = db
-        .batch_execute("CREATE EXTENSION pipeline_ext")
-        .unwrap_err();
-    assert!(
-        refused
-            .as_db_error()
-            .unwrap()
-            .message()
-            .contains("schema pipeline exists and belongs to app_owner, not to postgres"),
-        "{refused:?}"
+    let refused = |db: &mut postgres::Client, why: &str| {
+        let error = db
+            .batch_execute("CREATE EXTENSION pipeline_ext")
+            .unwrap_err();
+        let message = error.as_db_error().unwrap().message().to_string();
+        assert!(message.contains(why), "{message}");
+    };
+    refused(
+        &mut db,
+        "schema pipeline exists and belongs to app_owner, not to postgres",
     );
     owner.batch_execute("DROP SCHEMA pipeline").unwrap();
     db.batch_execute("CREATE SCHEMA pipeline; CREATE TABLE pipeline.planted (x int)")
         .unwrap();
-    let refused = db
-        .batch_execute("CREATE EXTENSION pipeline_ext")
-        .unwrap_err();
-    assert!(
-        refused
-            .as_db_error()
-            .unwrap()
-            .message()
-            .contains("schema pipeline exists and is not empty"),
-        "{refused:?}"
-    );
+    refused(&mut db, "schema pipeline exists and is not empty");
     db.batch_execute("DROP SCHEMA pipeline CASCADE").unwrap();
     assert_eq!(
         one::<i64>(

@@ -117,18 +117,27 @@ fn without(rows: &[Value], keys: &[&str]) -> Vec<Value> {
     rows
 }
 
-/// Catalog lines only one side has, apart from the expected column order.
-fn differences(upgraded: &[String], fresh: &[String]) -> (Vec<String>, Vec<String>) {
+/// The upgraded database has the objects of a fresh install, apart from
+/// the expected column order.
+fn assert_same_catalog(upgraded: &mut postgres::Client, fresh: &mut postgres::Client) {
+    let (upgraded, fresh) = (texts(upgraded, CATALOG), texts(fresh, CATALOG));
     let only = |a: &[String], b: &[String], allowed: &str| {
         a.iter()
             .filter(|x| !b.contains(x) && x.as_str() != allowed)
             .cloned()
             .collect::<Vec<_>>()
     };
-    (
-        only(upgraded, fresh, COLUMN_ORDER_UPGRADED),
-        only(fresh, upgraded, COLUMN_ORDER_FRESH),
-    )
+    let upgraded_only = only(&upgraded, &fresh, COLUMN_ORDER_UPGRADED);
+    let fresh_only = only(&fresh, &upgraded, COLUMN_ORDER_FRESH);
+    assert!(
+        upgraded_only.is_empty() && fresh_only.is_empty(),
+        "the upgraded install differs from a fresh one\nonly upgraded: {upgraded_only:#?}\nonly fresh: {fresh_only:#?}"
+    );
+    assert!(
+        upgraded.len() > 700,
+        "the catalog query found {} objects",
+        upgraded.len()
+    );
 }
 
 /// What the upgrade keeps, before and after: every row, with the columns
@@ -240,12 +249,7 @@ fn extension_upgrade_keeps_every_row_and_matches_a_fresh_install() {
         ),
         version()
     );
-    let (upgraded_only, fresh_only) =
-        differences(&texts(&mut db, CATALOG), &texts(&mut fresh, CATALOG));
-    assert!(
-        upgraded_only.is_empty() && fresh_only.is_empty(),
-        "the upgraded install differs from a fresh one\nonly upgraded: {upgraded_only:#?}\nonly fresh: {fresh_only:#?}"
-    );
+    assert_same_catalog(&mut db, &mut fresh);
     assert_rows_kept(&before, &rows(&mut db));
     assert_eq!(
         texts(
@@ -375,12 +379,7 @@ fn trigger_only_upgrade_keeps_every_row_and_matches_a_fresh_install() {
 
     trigger_only(&cluster, "upgraded", std::slice::from_ref(&upgrade));
     let mut fresh = cluster.connect("fresh", "app_owner");
-    let (upgraded_only, fresh_only) =
-        differences(&texts(&mut db, CATALOG), &texts(&mut fresh, CATALOG));
-    assert!(
-        upgraded_only.is_empty() && fresh_only.is_empty(),
-        "the upgraded install differs from a fresh one\nonly upgraded: {upgraded_only:#?}\nonly fresh: {fresh_only:#?}"
-    );
+    assert_same_catalog(&mut db, &mut fresh);
     assert_rows_kept(&before, &rows(&mut db));
     assert_eq!(
         one::<String>(&mut db, "SELECT pipeline.version()"),
