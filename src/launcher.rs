@@ -99,6 +99,10 @@ pub extern "C-unwind" fn pipeline_ext_launcher_main(_arg: pg_sys::Datum) {
             break; // the postmaster died
         }
     }
+    // NB: a non-zero exit lets the postmaster start the launcher again after
+    // pg_terminate_backend(); during a server shutdown nothing restarts.
+    // SAFETY: ends the process the way PostgreSQL expects a worker to.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 #[pg_guard]

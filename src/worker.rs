@@ -48,6 +48,8 @@ use crate::{transaction, wake, worker_slots};
 struct Worker {
     /// The database's slot (worker_slots.rs).
     slot: &'static worker_slots::Slot,
+    /// The database's name, for the log.
+    database: String,
     /// The extension is not in the database (any more): the worker ends.
     ended: bool,
     /// It found the extension at least once.
@@ -116,10 +118,6 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(arg: pg_sys::Datum) {
     let database = transaction::run(None, || Ok(queue::database_name())).unwrap_or_default();
 
     let settings = settings::worker_settings();
-    log!(
-        "pipeline_ext worker {} started in database \"{database}\": {settings:?}",
-        env!("CARGO_PKG_VERSION")
-    );
     let client = build_client(&settings);
     let engine = match Engine::new(limits_of(&settings), sender_of(&client)) {
         Ok(engine) => engine,
@@ -127,6 +125,7 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(arg: pg_sys::Datum) {
     };
     let mut worker = Worker {
         slot,
+        database: database.clone(),
         ended: false,
         served: false,
         client,
@@ -285,7 +284,16 @@ impl Worker {
                 }
             }
         }
-        if self.extension_found {
+        if self.extension_found && !self.served {
+            // NB: said once the extension is found: the launcher starts a
+            // worker in every database at server start, and those without
+            // the extension end at once.
+            log!(
+                "pipeline_ext worker {} started in database \"{}\": {:?}",
+                env!("CARGO_PKG_VERSION"),
+                self.database,
+                self.settings
+            );
             self.served = true;
         }
         if self.extension_found && !self.claims_released {
