@@ -246,6 +246,13 @@ impl Relay {
                     continue;
                 }
             }
+            // NB: a poll set while LISTEN worked may be up to 30 s away; once
+            // the LISTEN connection is down (the database going away, say),
+            // nothing announces events or the loss: look within a second,
+            // which also finds out soon if this connection went too.
+            if self.listener.is_some() && !self.listening() {
+                self.next_poll_at = self.next_poll_at.min(now + LISTEN_DOWN_POLL);
+            }
             self.wait(wait.min(self.next_poll_at.saturating_duration_since(now)));
         }
         Ok(())
