@@ -144,7 +144,6 @@ fn stop_worker(database: pg_sys::Oid) {
     let Some(slot) = worker_slots::of(database) else {
         return;
     };
-    slot.stopping.store(true, Ordering::SeqCst);
     if let Some((pid, _)) = slot.worker_process() {
         let name = database_name(database);
         log!("pipeline_ext: stopping the delivery worker of database \"{name}\" (pid {pid}) for DROP DATABASE");

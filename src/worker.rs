@@ -107,7 +107,6 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(arg: pg_sys::Datum) {
         // SAFETY: as above; connecting to the dropped database would fail.
         unsafe { pg_sys::proc_exit(0) };
     }
-    slot.stopping.store(false, Ordering::SeqCst);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database_oid), None);
     if !wake::publish_worker(slot) {
         // Another worker serves this database.

@@ -38,9 +38,6 @@ pub struct Slot {
     /// DROP or ALTER EXTENSION committed here: the worker looks at the
     /// extension again.
     pub recheck: AtomicBool,
-    /// DROP DATABASE is stopping the worker: it exits so as to be started
-    /// again, in case the drop fails.
-    pub stopping: AtomicBool,
     /// DROP DATABASE succeeded: the worker started again exits for good.
     pub dropped: AtomicBool,
 }
@@ -65,7 +62,6 @@ impl Default for Slots {
                 wakes: AtomicU64::new(0),
                 requested: AtomicBool::new(false),
                 recheck: AtomicBool::new(false),
-                stopping: AtomicBool::new(false),
                 dropped: AtomicBool::new(false),
             }),
             launcher: AtomicU32::new(NO_WORKER),
@@ -136,7 +132,6 @@ impl Slot {
     pub fn free(&self) {
         self.proc.store(NO_WORKER, Ordering::SeqCst);
         self.requested.store(false, Ordering::SeqCst);
-        self.stopping.store(false, Ordering::SeqCst);
         self.dropped.store(false, Ordering::SeqCst);
         self.wake_wanted.store(true, Ordering::SeqCst);
         self.database.store(0, Ordering::SeqCst);
