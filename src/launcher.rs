@@ -59,7 +59,7 @@ pub extern "C-unwind" fn pipeline_ext_launcher_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::before_shmem_exit(Some(forget_launcher), pg_sys::Datum::from(0)) };
     log!("pipeline_ext launcher started");
 
-    let mut known: Vec<pg_sys::Oid> = databases();
+    let mut known: Vec<pg_sys::Oid> = servable(&scan_databases());
     let mut waiting = known.clone();
     let mut looked = std::time::Instant::now();
     let mut no_room_logged = false;
@@ -76,8 +76,16 @@ pub extern "C-unwind" fn pipeline_ext_launcher_main(_arg: pg_sys::Datum) {
                 waiting.push(database);
             }
         }
-        if looked.elapsed() >= NEW_DATABASES {
-            let now = databases();
+        // NB: pg_database read once a turn, for the new databases and for
+        // every start of the turn.
+        let look_for_new = looked.elapsed() >= NEW_DATABASES;
+        let all = if waiting.is_empty() && !look_for_new {
+            Vec::new()
+        } else {
+            scan_databases()
+        };
+        if look_for_new {
+            let now = servable(&all);
             for database in &now {
                 if !known.contains(database) && !waiting.contains(database) {
                     waiting.push(*database);
@@ -86,7 +94,7 @@ pub extern "C-unwind" fn pipeline_ext_launcher_main(_arg: pg_sys::Datum) {
             known = now;
             looked = std::time::Instant::now();
         }
-        waiting.retain(|&database| !start(database, &mut no_room_logged));
+        waiting.retain(|&database| !start(&all, database, &mut no_room_logged));
         if waiting.is_empty() {
             no_room_logged = false;
         }
@@ -113,16 +121,16 @@ unsafe extern "C-unwind" fn forget_launcher(_code: i32, _arg: pg_sys::Datum) {
 }
 
 /// Starts the worker of a database unless one runs there; false when there
-/// was no room (to be tried again).
-fn start(database: pg_sys::Oid, no_room_logged: &mut bool) -> bool {
+/// was no room (to be tried again). `all` is pg_database as just read.
+fn start(all: &[Database], database: pg_sys::Oid, no_room_logged: &mut bool) -> bool {
     if let Some((_, serving)) = worker_slots::of(database).and_then(|slot| slot.worker_process()) {
         if serving == database {
             return true;
         }
     }
-    // NB: asked again for every start: a request may name a template (an
+    // NB: looked up for every start: a request may name a template (an
     // extension created in template1), or a database dropped meanwhile.
-    let Some(found) = scan_databases().into_iter().find(|d| d.oid == database) else {
+    let Some(found) = all.iter().find(|d| d.oid == database) else {
         return true;
     };
     let only = settings::database();
@@ -151,9 +159,8 @@ fn start(database: pg_sys::Oid, no_room_logged: &mut bool) -> bool {
 
 /// Every database a worker may serve: it takes connections and is not a
 /// template.
-fn databases() -> Vec<pg_sys::Oid> {
-    scan_databases()
-        .into_iter()
+fn servable(all: &[Database]) -> Vec<pg_sys::Oid> {
+    all.iter()
         .filter(|d| d.allows_connections && !d.is_template)
         .map(|d| d.oid)
         .collect()

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use support::behaviours::{emit, register};
 use support::receiver::Receiver;
-use support::{one, repo_root, Cluster};
+use support::{one, pg_config, repo_root, Cluster};
 
 const EXTENSION_PACKAGE: &str = "postgresql-15-pipeline-ext";
 const RELAY_PACKAGE: &str = "pipeline-relay";
@@ -32,10 +32,6 @@ fn run(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn pg_config(flag: &str) -> PathBuf {
-    PathBuf::from(run("/usr/lib/postgresql/15/bin/pg_config", &[flag]).trim())
 }
 
 /// The files of a development install (cargo pgrx install), moved aside

@@ -8,14 +8,13 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 use support::behaviours::register;
 use support::receiver::Receiver;
 use support::relay;
-use support::{eventually, one, repo_root, texts, Cluster};
+use support::{eventually, one, pg_config, repo_root, texts, Cluster};
 
 const CATALOG: &str = include_str!("fixtures/catalog.sql");
 const SCENARIO: &str = include_str!("fixtures/stage_scenario.sql");
@@ -35,14 +34,7 @@ fn version() -> String {
 }
 
 fn extension_dir() -> PathBuf {
-    let out = Command::new(
-        std::env::var("PG_CONFIG")
-            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".to_string()),
-    )
-    .arg("--sharedir")
-    .output()
-    .expect("run pg_config");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("extension")
+    pg_config("--sharedir").join("extension")
 }
 
 /// Puts the released install script where CREATE EXTENSION ... VERSION

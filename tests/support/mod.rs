@@ -445,10 +445,16 @@ impl Drop for Authority {
 }
 
 fn pg_bindir() -> PathBuf {
+    pg_config("--bindir")
+}
+
+/// What pg_config says for one flag (--bindir, --sharedir, --pkglibdir),
+/// of $PG_CONFIG or Debian's PostgreSQL 15.
+pub fn pg_config(flag: &str) -> PathBuf {
     let pg_config = std::env::var("PG_CONFIG")
         .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
     let out = Command::new(&pg_config)
-        .arg("--bindir")
+        .arg(flag)
         .output()
         .unwrap_or_else(|e| panic!("{pg_config}: {e}"));
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
