@@ -1242,7 +1242,9 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
     WITH released AS (
         UPDATE marketing.pipeline_events e
-        SET status = 'pending', next_attempt_at = now(), claimed_by = NULL
+        -- NB: due since their creation, so that they go before the backlog
+        -- that came after them (they were claimed first).
+        SET status = 'pending', next_attempt_at = least(e.created_at, now()), claimed_by = NULL
         WHERE e.status = 'processing' AND e.claimed_by = release_claims.consumer
         RETURNING e.id
     )
@@ -1250,7 +1252,7 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp
 $$;
 
 COMMENT ON FUNCTION pipeline.release_claims(text) IS
-    'Makes the events a named consumer still holds due again now (after its crash); returns how many.';
+    'Makes the events a named consumer still holds due again now, ahead of events created after them (after its crash); returns how many.';
 
 
 -- Settling claimed events: the one place where a delivery outcome changes an
@@ -3022,7 +3024,8 @@ GRANT EXECUTE ON FUNCTION pipeline.status() TO pg_monitor;
 
 
 -- Handing back claimed events that were never sent (the worker is stopping):
--- pending again, due now, and the claim does not count as an attempt.
+-- pending again, due now (ahead of events created after them), and the claim
+-- does not count as an attempt.
 CREATE FUNCTION pipeline._release(event_ids bigint[], attempts integer[]) RETURNS integer
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
@@ -3036,7 +3039,9 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp
         WHERE e.status = 'processing' AND e.attempts = j.attempt
     ), released AS (
         UPDATE marketing.pipeline_events e
-        SET status = 'pending', attempts = e.attempts - 1, next_attempt_at = now(), claimed_by = NULL
+        -- NB: due since their creation: they go first again.
+        SET status = 'pending', attempts = e.attempts - 1, next_attempt_at = least(e.created_at, now()),
+            claimed_by = NULL
         FROM held h
         WHERE e.id = h.event_id AND e.status = h.status AND e.attempts = h.attempts
         RETURNING e.id

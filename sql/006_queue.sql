@@ -202,14 +202,16 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
     WITH released AS (
         UPDATE marketing.pipeline_events e
-        SET status = 'pending', next_attempt_at = now(), claimed_by = NULL
+        -- NB: due since their creation, so that they go before the backlog
+        -- that came after them (they were claimed first).
+        SET status = 'pending', next_attempt_at = least(e.created_at, now()), claimed_by = NULL
         WHERE e.status = 'processing' AND e.claimed_by = release_claims.consumer
         RETURNING e.id
     )
     SELECT count(*)::integer FROM released
 $$;
 COMMENT ON FUNCTION pipeline.release_claims(text) IS
-    'Makes the events a named consumer still holds due again now (after its crash); returns how many.';
+    'Makes the events a named consumer still holds due again now, ahead of events created after them (after its crash); returns how many.';
 
 -- Settling claimed events: the one place where a delivery outcome changes an
 -- event. Delivered events become processed; failed ones failed (due again at

@@ -416,7 +416,8 @@ GRANT SELECT ON marketing.vw_pipeline_status, marketing.vw_endpoint_health, mark
 GRANT EXECUTE ON FUNCTION pipeline.status() TO pg_monitor;
 
 -- Handing back claimed events that were never sent (the worker is stopping):
--- pending again, due now, and the claim does not count as an attempt.
+-- pending again, due now (ahead of events created after them), and the claim
+-- does not count as an attempt.
 CREATE FUNCTION pipeline._release(event_ids bigint[], attempts integer[]) RETURNS integer
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
@@ -430,7 +431,9 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp
         WHERE e.status = 'processing' AND e.attempts = j.attempt
     ), released AS (
         UPDATE marketing.pipeline_events e
-        SET status = 'pending', attempts = e.attempts - 1, next_attempt_at = now(), claimed_by = NULL
+        -- NB: due since their creation: they go first again.
+        SET status = 'pending', attempts = e.attempts - 1, next_attempt_at = least(e.created_at, now()),
+            claimed_by = NULL
         FROM held h
         WHERE e.id = h.event_id AND e.status = h.status AND e.attempts = h.attempts
         RETURNING e.id

@@ -2,23 +2,29 @@
 //! the slowest.
 //!
 //! Each endpoint (event type) has a lane: its jobs in claim order, and a cap
-//! on its requests in flight (its max_in_flight; 1 while it is probed, see
-//! health.rs). Threads take jobs from the lanes in turn as soon as a lane has
-//! room, and are started as lanes need them (then kept for later jobs), so a
-//! hanging endpoint holds its own slots only, never another's.
+//! on its requests in flight (its max_in_flight, or less while its circuit
+//! is open or half-open, see health.rs). Threads take jobs from the lanes in
+//! turn as soon as a lane has room, and are started as lanes need them (then
+//! kept for later jobs), so a hanging endpoint holds its own slots only,
+//! never another's.
 //!
 //! The caller collects finished attempts whenever it likes: every finish
 //! writes a byte to a pipe whose read end it can wait on beside PostgreSQL's
 //! latch, so outcomes are recorded and new events claimed while slow
-//! requests are still out.
+//! requests are still out. It acknowledges them once they are stored; no new
+//! request starts while the unacknowledged ones reach the cap it set. So the
+//! deliveries a crash can repeat (answered, not yet stored) are bounded by
+//! the requests in flight plus that cap, not by the batch claimed.
 //!
 //! Jobs handed back unsent (for the caller to release): a job that could not
 //! start before its deadline (its lease would end before the request did);
-//! the waiting jobs of an endpoint that starts failing (only probes go out
-//! then); every waiting job when the dispatcher stops. Requests in flight at
-//! a stop are abandoned: their events stay processing until the lease ends
-//! or the next worker takes its claims back, which keeps delivery at least
-//! once without making shutdown wait for a slow receiver.
+//! the waiting jobs of an endpoint whose circuit opens (only probes go out
+//! then), that asks to wait (Retry-After) or that answers 410 Gone (it is
+//! being disabled: nothing more is sent to it); every waiting job when the
+//! dispatcher stops. Requests in flight at a stop are abandoned: their events
+//! stay processing until the lease ends or the next worker takes its claims
+//! back, which keeps delivery at least once without making shutdown wait for
+//! a slow receiver.
 
 use std::collections::VecDeque;
 use std::io;
@@ -29,7 +35,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::health::{Change, Health};
-use super::{Attempt, Job};
+use super::{Attempt, Job, Verdict};
 
 /// What sends one job.
 pub type Sender = Arc<dyn Fn(&Job) -> Attempt + Send + Sync>;
@@ -59,6 +65,10 @@ struct State {
     handed_back: Vec<Job>,
     changes: Vec<(String, Change)>,
     held_bytes: usize,
+    /// Attempts finished and not yet acknowledged as stored, and the most
+    /// there may be before no new request starts.
+    unacknowledged: usize,
+    unacknowledged_cap: usize,
     threads: usize,
     idle: usize,
     stopped: bool,
@@ -69,6 +79,9 @@ struct Lane {
     jobs: VecDeque<Job>,
     in_flight: usize,
     health: Health,
+    /// Answered 410 Gone: nothing more starts until the caller has stored
+    /// that (the endpoint is disabled then) and says so.
+    gone: bool,
 }
 
 /// What the caller should claim next.
@@ -76,7 +89,7 @@ struct Lane {
 pub struct Plan {
     /// Event types not to claim: their lane holds half a batch or more
     /// (refilled below that, so that claims stay large), or their endpoint
-    /// is probed (its events wait in the queue).
+    /// is down, paused or gone (its events wait in the queue).
     pub skip: Vec<String>,
     /// Event types whose endpoint is due for a probe: claim one event each.
     pub probes: Vec<String>,
@@ -107,7 +120,10 @@ impl Dispatcher {
         };
         Ok(Dispatcher {
             shared: Arc::new(Shared {
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State {
+                    unacknowledged_cap: usize::MAX,
+                    ..State::default()
+                }),
                 work: Condvar::new(),
                 sender: Mutex::new(sender),
                 wake_write,
@@ -115,6 +131,30 @@ impl Dispatcher {
             }),
             wake_read,
         })
+    }
+
+    /// No new request starts while `cap` attempts or more are finished and
+    /// not acknowledged.
+    pub fn set_unacknowledged_cap(&self, cap: usize) {
+        let mut state = lock(&self.shared.state);
+        state.unacknowledged_cap = cap.max(1);
+        self.wake_startable(state);
+    }
+
+    /// `count` collected attempts are stored: that many more may finish.
+    pub fn acknowledge(&self, count: usize) {
+        let mut state = lock(&self.shared.state);
+        state.unacknowledged = state.unacknowledged.saturating_sub(count);
+        self.wake_startable(state);
+    }
+
+    /// The 410 Gone of these types is stored (their endpoints are disabled):
+    /// their lanes take jobs again (claimed only once they are enabled).
+    pub fn forget_gone(&self, event_types: &[String]) {
+        let mut state = lock(&self.shared.state);
+        for event_type in event_types {
+            state.lane(event_type).gone = false;
+        }
     }
 
     /// Requests started from now on use `sender` (a rebuilt HTTP client).
@@ -151,10 +191,21 @@ impl Dispatcher {
         }
         let mut state = lock(&self.shared.state);
         for job in jobs {
+            let lane = state.lane(&job.endpoint.event_type);
+            if lane.gone {
+                // NB: claimed before the 410 was stored; never sent.
+                state.handed_back.push(job);
+                continue;
+            }
             state.held_bytes += job.body.len();
             let lane = state.lane(&job.endpoint.event_type);
             lane.jobs.push_back(job);
         }
+        self.wake_startable(state);
+    }
+
+    /// Starts or wakes threads for the jobs that can start.
+    fn wake_startable(&self, mut state: MutexGuard<'_, State>) {
         let waking = self.start_threads(&mut state);
         drop(state);
         // One idle thread per job that can start: waking them all would cost
@@ -183,7 +234,9 @@ impl Dispatcher {
             ..Plan::default()
         };
         for lane in &state.lanes {
-            if lane.health.probing() {
+            if lane.gone || lane.health.paused(now) {
+                plan.skip.push(lane.event_type.clone());
+            } else if lane.health.open() {
                 plan.skip.push(lane.event_type.clone());
                 if lane.in_flight == 0
                     && lane.jobs.is_empty()
@@ -205,14 +258,22 @@ impl Dispatcher {
         state.lane(event_type).health.probe_found_nothing(now);
     }
 
-    /// How long until a probe is due (None: none is waited for).
+    /// How long until a probe is due or a pause ends, so that claims look
+    /// again (None: none is waited for).
     pub fn next_probe_in(&self, now: Instant) -> Option<Duration> {
         let state = lock(&self.shared.state);
-        state
+        let probes = state
             .lanes
             .iter()
             .filter(|lane| lane.in_flight == 0 && lane.jobs.is_empty())
-            .filter_map(|lane| lane.health.probe_at())
+            .filter_map(|lane| lane.health.probe_at());
+        let pauses = state
+            .lanes
+            .iter()
+            .filter_map(|lane| lane.health.paused_until())
+            .filter(|until| *until > now);
+        probes
+            .chain(pauses)
             .min()
             .map(|at| at.saturating_duration_since(now))
     }
@@ -281,6 +342,7 @@ impl State {
                     jobs: VecDeque::new(),
                     in_flight: 0,
                     health: Health::default(),
+                    gone: false,
                 });
                 self.lanes.len() - 1
             }
@@ -302,6 +364,9 @@ impl State {
     /// The next job that may start, taking lanes in turn.
     fn take(&mut self, now: Instant) -> Option<Job> {
         self.hand_back_expired(now);
+        if self.unacknowledged >= self.unacknowledged_cap {
+            return None;
+        }
         let count = self.lanes.len();
         for step in 0..count {
             let index = (self.next + step) % count;
@@ -309,8 +374,8 @@ impl State {
             if lane.startable(now) == 0 {
                 continue;
             }
-            if lane.health.probing() {
-                lane.health.probe_started();
+            if lane.health.open() {
+                lane.health.probe_started(now);
             }
             lane.in_flight += 1;
             self.next = (index + 1) % count;
@@ -321,25 +386,37 @@ impl State {
 
     /// When a waiting thread should look again without being told.
     fn next_check(&self, now: Instant) -> Duration {
-        let probe = self
-            .lanes
-            .iter()
-            .filter(|lane| !lane.jobs.is_empty() && lane.in_flight == 0)
-            .filter_map(|lane| lane.health.probe_at())
+        let waiting = || self.lanes.iter().filter(|lane| !lane.jobs.is_empty());
+        let probe = waiting()
+            .filter(|lane| lane.in_flight == 0)
+            .filter_map(|lane| lane.health.probe_at());
+        let pause = waiting().filter_map(|lane| lane.health.paused_until());
+        probe
+            .chain(pause)
+            .filter(|at| *at > now)
             .min()
-            .map(|at| at.saturating_duration_since(now));
-        probe.unwrap_or(IDLE_CHECK).min(IDLE_CHECK)
+            .map(|at| at.saturating_duration_since(now))
+            .unwrap_or(IDLE_CHECK)
+            .min(IDLE_CHECK)
     }
 
     /// Notes a finished attempt.
     fn finish(&mut self, job: &Job, attempt: Attempt, now: Instant) {
         self.held_bytes -= job.body.len();
+        self.unacknowledged += 1;
         let event_type = &job.endpoint.event_type;
         let lane = self.lane(event_type);
         lane.in_flight -= 1;
-        let change = lane.health.record(attempt.verdict, now);
-        if matches!(change, Change::Failing(_)) {
-            // Only probes go out now; the rest waits in the queue.
+        let mut change = lane
+            .health
+            .record(&attempt, job.endpoint.max_in_flight, now);
+        if attempt.verdict == Verdict::Gone && !lane.gone {
+            lane.gone = true;
+            change = Change::Gone;
+        }
+        if matches!(change, Change::Opened(_) | Change::Paused(_) | Change::Gone) {
+            // Only probes go out now, or nothing for a while: the rest
+            // waits in the queue.
             let waiting: Vec<Job> = lane.jobs.drain(..).collect();
             for job in waiting {
                 self.held_bytes -= job.body.len();
@@ -359,14 +436,11 @@ impl Lane {
         let Some(front) = self.jobs.front() else {
             return 0;
         };
-        if self.health.probing() {
-            let due = self.health.probe_at().is_some_and(|at| at <= now);
-            return usize::from(due && self.in_flight == 0);
+        if self.gone {
+            return 0;
         }
-        front
-            .endpoint
-            .max_in_flight
-            .max(1)
+        self.health
+            .allowed(front.endpoint.max_in_flight, now)
             .saturating_sub(self.in_flight)
             .min(self.jobs.len())
     }
@@ -451,7 +525,7 @@ fn block_signals() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Endpoint, Verdict};
+    use crate::Endpoint;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn endpoint(name: &str, cap: usize) -> Arc<Endpoint> {
@@ -463,6 +537,7 @@ mod tests {
             signing_key: None,
             timeout: Duration::from_secs(1),
             max_in_flight: cap,
+            redactor: Default::default(),
         })
     }
 
@@ -603,9 +678,9 @@ mod tests {
         let all = collect_until(&dispatcher, Duration::from_secs(5), |c| {
             !c.changes.is_empty() && c.attempts.len() + c.handed_back.len() == 50
         });
-        assert!(matches!(all.changes[0], (ref t, Change::Failing(_)) if t == "down"));
+        assert!(matches!(all.changes[0], (ref t, Change::Opened(_)) if t == "down"));
         assert!(
-            SENT.load(Ordering::SeqCst) <= 6,
+            SENT.load(Ordering::SeqCst) <= 5 + 3,
             "a handful failed, the rest waits"
         );
         assert_eq!(all.handed_back.len(), 50 - all.attempts.len());
@@ -622,6 +697,107 @@ mod tests {
         let later = now + Duration::from_secs(3);
         assert!(dispatcher.plan(100, later).probes.is_empty());
         assert!(dispatcher.next_probe_in(later).unwrap() > Duration::from_secs(5));
+    }
+
+    #[test]
+    fn after_410_gone_nothing_more_is_sent_until_it_is_stored() {
+        static SENT: AtomicUsize = AtomicUsize::new(0);
+        let gone = endpoint("gone", 1);
+        let dispatcher = Dispatcher::new(Arc::new(|job: &Job| {
+            SENT.fetch_add(1, Ordering::SeqCst);
+            Attempt {
+                verdict: Verdict::Gone,
+                status_code: Some(410),
+                ..Attempt::new(job)
+            }
+        }))
+        .unwrap();
+        dispatcher.submit(jobs(&gone, 0..20));
+        let all = collect_until(&dispatcher, Duration::from_secs(5), |c| {
+            c.attempts.len() + c.handed_back.len() == 20
+        });
+        assert_eq!(SENT.load(Ordering::SeqCst), 1, "one 410, then nothing");
+        assert_eq!(all.changes, [("gone".to_string(), Change::Gone)]);
+        assert_eq!(dispatcher.plan(100, Instant::now()).skip, ["gone"]);
+        // Claimed before the 410 was stored: handed back unsent.
+        dispatcher.submit(jobs(&gone, 20..22));
+        assert_eq!(dispatcher.collect().handed_back.len(), 2);
+        // Stored (the endpoint is disabled): a later claim means it was
+        // enabled again.
+        dispatcher.forget_gone(&["gone".to_string()]);
+        assert!(dispatcher.plan(100, Instant::now()).skip.is_empty());
+        dispatcher.submit(jobs(&gone, 22..23));
+        collect_until(&dispatcher, Duration::from_secs(5), |c| {
+            c.attempts.len() == 1
+        });
+        assert_eq!(SENT.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn retry_after_holds_the_endpoint_and_hands_back_its_waiting_jobs() {
+        static SENT: AtomicUsize = AtomicUsize::new(0);
+        let busy = endpoint("busy", 2);
+        let dispatcher = Dispatcher::new(Arc::new(|job: &Job| {
+            SENT.fetch_add(1, Ordering::SeqCst);
+            Attempt {
+                verdict: Verdict::Retry,
+                status_code: Some(429),
+                retry_after: Some(Duration::from_secs(2)),
+                ..Attempt::new(job)
+            }
+        }))
+        .unwrap();
+        dispatcher.submit(jobs(&busy, 0..10));
+        let all = collect_until(&dispatcher, Duration::from_secs(5), |c| {
+            c.attempts.len() + c.handed_back.len() == 10
+        });
+        assert!(SENT.load(Ordering::SeqCst) <= 2, "only those in flight");
+        let now = Instant::now();
+        assert_eq!(dispatcher.plan(100, now).skip, ["busy"]);
+        let wait = dispatcher.next_probe_in(now).unwrap();
+        assert!(wait > Duration::from_secs(1) && wait <= Duration::from_secs(2));
+        assert!(all
+            .changes
+            .iter()
+            .all(|(_, c)| matches!(c, Change::Paused(_))));
+        assert!(dispatcher
+            .plan(100, now + Duration::from_secs(3))
+            .skip
+            .is_empty());
+    }
+
+    #[test]
+    fn no_request_starts_while_too_many_answers_wait_to_be_stored() {
+        static SENT: AtomicUsize = AtomicUsize::new(0);
+        let fast = endpoint("fast", 8);
+        let dispatcher = Dispatcher::new(Arc::new(|job: &Job| {
+            SENT.fetch_add(1, Ordering::SeqCst);
+            delivered(job)
+        }))
+        .unwrap();
+        dispatcher.set_unacknowledged_cap(10);
+        dispatcher.submit(jobs(&fast, 0..100));
+        // Requests start while fewer than 10 answers wait: at most 10 plus
+        // those in flight (8) less one finish before nothing starts.
+        let at_most = 10 + 8 - 1;
+        let first = collect_until(&dispatcher, Duration::from_secs(5), |c| {
+            c.attempts.len() >= 10
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let held = first.attempts.len() + dispatcher.collect().attempts.len();
+        assert!((10..=at_most).contains(&held), "{held} finished");
+        assert_eq!(SENT.load(Ordering::SeqCst), held, "nothing more started");
+        dispatcher.acknowledge(held);
+        let rest = collect_until(&dispatcher, Duration::from_secs(5), |c| {
+            c.attempts.len() >= 10
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let again = rest.attempts.len() + dispatcher.collect().attempts.len();
+        assert!((10..=at_most).contains(&again), "{again} finished");
+        dispatcher.set_unacknowledged_cap(usize::MAX);
+        collect_until(&dispatcher, Duration::from_secs(5), |c| {
+            c.attempts.len() == 100 - held - again
+        });
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //!      attempt time, dead), disables endpoints that answered 410 Gone,
 //!      hands back unsent events, and makes the failed events of an endpoint
 //!      that answers again due at once. Outcomes are gathered for a moment
-//!      (RECORD_WITHIN, or half a batch) so that one transaction records many.
+//!      (RECORD_WITHIN, or half of what may wait unstored) so that one
+//!      transaction records many; no new request starts while
+//!      `unstored_cap` answers wait to be stored, so a crash repeats at most
+//!      that many deliveries besides the requests in flight.
 //!   2. claim: one short transaction claims due events whose endpoint has
 //!      room, up to the batch size and the bytes allowed in flight. They
 //!      become processing with a lease and the transaction commits: none
@@ -36,10 +39,16 @@ pub const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// Outcomes kept for another try when recording them failed; beyond this
 /// the oldest are dropped (their events come back when the lease ends).
 const UNRECORDED_LIMIT: usize = 100_000;
-/// Outcomes are recorded together: once half a batch has come in, when
-/// nothing is in flight any more, or at the latest this long after the
+/// Outcomes are recorded together: once half of unstored_cap has come in,
+/// when nothing is in flight any more, or at the latest this long after the
 /// first of them came in.
 const RECORD_WITHIN: Duration = Duration::from_millis(10);
+
+/// Answers that may wait to be stored before no new request starts: four
+/// times the requests in flight an endpoint has by default, at least 64.
+pub fn unstored_cap(limits: &Limits) -> usize {
+    (limits.concurrency * 4).max(64)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -74,6 +83,9 @@ pub struct Engine {
     /// Outcomes not recorded yet, and since when.
     unrecorded: Vec<Attempt>,
     unrecorded_since: Option<Instant>,
+    /// Of them, how many came from the dispatcher (it is told once they
+    /// are stored).
+    unacknowledged: usize,
     unreleased: Vec<Job>,
     changes: Vec<(String, Change)>,
     /// The last failure logged, so that a lasting one is logged once.
@@ -83,14 +95,17 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(limits: Limits, sender: Sender) -> std::io::Result<Engine> {
+        let dispatcher = Dispatcher::new(sender)?;
+        dispatcher.set_unacknowledged_cap(unstored_cap(&limits));
         Ok(Engine {
             limits,
-            dispatcher: Dispatcher::new(sender)?,
+            dispatcher,
             claim_wanted: true,
             refill_wanted: false,
             next_due_at: None,
             unrecorded: Vec::new(),
             unrecorded_since: None,
+            unacknowledged: 0,
             unreleased: Vec::new(),
             changes: Vec::new(),
             last_failure: None,
@@ -99,6 +114,8 @@ impl Engine {
     }
 
     pub fn set_limits(&mut self, limits: Limits) {
+        self.dispatcher
+            .set_unacknowledged_cap(unstored_cap(&limits));
         self.limits = limits;
         self.claim_wanted = true;
     }
@@ -275,6 +292,7 @@ impl Engine {
         if !collected.attempts.is_empty() {
             self.unrecorded_since.get_or_insert_with(Instant::now);
         }
+        self.unacknowledged += collected.attempts.len();
         self.unrecorded.extend(collected.attempts);
         self.unreleased.extend(collected.handed_back);
         self.changes.extend(collected.changes);
@@ -284,7 +302,7 @@ impl Engine {
         let time = now
             || !self.unreleased.is_empty()
             || !self.changes.is_empty()
-            || self.unrecorded.len() >= (self.limits.batch_size as usize / 2).max(1)
+            || self.unrecorded.len() >= (unstored_cap(&self.limits) / 2).max(1)
             || self.dispatcher.load().0 == 0
             || self
                 .unrecorded_since
@@ -299,19 +317,23 @@ impl Engine {
             std::mem::take(&mut self.changes),
         );
         self.unrecorded_since = None;
-        let recovered: Vec<String> = changes
-            .iter()
-            .filter(|(_, change)| *change == Change::Recovered)
-            .map(|(event_type, _)| event_type.clone())
-            .collect();
+        let of_kind = |wanted: fn(&Change) -> bool| -> Vec<String> {
+            changes
+                .iter()
+                .filter(|(_, change)| wanted(change))
+                .map(|(event_type, _)| event_type.clone())
+                .collect()
+        };
+        let recovered = of_kind(|c| *c == Change::Recovered);
+        let gone = of_kind(|c| *c == Change::Gone);
         let result = queue.record(&attempts, &unsent, &recovered);
         for (event_type, change) in &changes {
-            if let Change::Failing(failures) = change {
+            if let Change::Opened(why) = change {
                 host.log(
                     Level::Info,
                     &format!(
-                        "the endpoint of {event_type} failed {failures} times in a row; probing it with \
-                         one request at a time (every {}s at most) until it answers",
+                        "the endpoint of {event_type} is down: {why}; probing it with one request at a \
+                         time (every {}s at most) until it answers; its other events wait",
                         PROBE_LONGEST.as_secs()
                     ),
                 );
@@ -320,6 +342,9 @@ impl Engine {
         match self.succeeded(host, "recording deliveries", result) {
             Some(due) => {
                 host.recorded(&attempts);
+                self.dispatcher
+                    .acknowledge(std::mem::take(&mut self.unacknowledged));
+                self.dispatcher.forget_gone(&gone);
                 // A retry or a handed-back event may be due before anything
                 // the deliverer waits for: look again.
                 if !unsent.is_empty() || attempts.iter().any(|a| a.verdict != Verdict::Delivered) {
@@ -340,14 +365,16 @@ impl Engine {
                 self.unrecorded = attempts;
                 self.unreleased = unsent;
                 // Recoveries are made due again next time (failures are logged).
-                self.changes = recovered
+                self.changes = changes
                     .into_iter()
-                    .map(|event_type| (event_type, Change::Recovered))
+                    .filter(|(_, change)| matches!(change, Change::Recovered | Change::Gone))
                     .collect();
                 self.unrecorded_since = Some(Instant::now());
                 if self.unrecorded.len() > UNRECORDED_LIMIT {
                     let excess = self.unrecorded.len() - UNRECORDED_LIMIT;
                     self.unrecorded.drain(..excess);
+                    self.dispatcher.acknowledge(excess);
+                    self.unacknowledged = self.unacknowledged.saturating_sub(excess);
                 }
                 false
             }

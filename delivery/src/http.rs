@@ -123,8 +123,11 @@ impl HttpClient {
             .header("content-type", "application/json")
             .header("webhook-id", &id)
             .header("webhook-timestamp", timestamp.to_string());
+        let mut redactor = endpoint.redactor.clone();
         if let Some(key) = &endpoint.signing_key {
-            request = request.header("webhook-signature", sign(key, &id, timestamp, &job.body));
+            let signature = sign(key, &id, timestamp, &job.body);
+            redactor.add(signature.trim_start_matches("v1,"));
+            request = request.header("webhook-signature", signature);
         }
         for (name, value) in &endpoint.headers {
             request = request.header(name, value);
@@ -147,9 +150,13 @@ impl HttpClient {
                     .as_reader()
                     .take(READ_LIMIT)
                     .read_to_end(&mut body);
-                attempt.excerpt = excerpt(&body);
+                // NB: an error page may echo the request: its headers and
+                // signature are masked, in the whole body, before any of it
+                // is kept (a cut could split a secret otherwise).
+                let body = redactor.apply(&String::from_utf8_lossy(&body));
+                attempt.excerpt = excerpt(body.as_bytes());
                 if attempt.verdict != Verdict::Delivered {
-                    attempt.error = Some(match reason(&body) {
+                    attempt.error = Some(match reason(body.as_bytes()) {
                         Some(reason) => format!("HTTP {status}: {reason}"),
                         None => format!("HTTP {status}"),
                     });

@@ -7,8 +7,9 @@
 //! queue: the SQL both deliverers run and the rows it reads and writes;
 //! dispatch: lanes per endpoint, threads, handing outcomes back as they
 //! come; health: probing an endpoint that fails; http: one request;
-//! network: addresses never to connect to; signature: Standard Webhooks;
-//! verdict: what an answer means.
+//! network: addresses never to connect to; redact: an endpoint's secrets
+//! kept out of what is stored of its answers; signature: Standard
+//! Webhooks; verdict: what an answer means.
 
 mod dispatch;
 mod engine;
@@ -16,6 +17,7 @@ mod health;
 mod http;
 mod network;
 pub mod queue;
+mod redact;
 mod signature;
 mod verdict;
 
@@ -27,6 +29,7 @@ pub use engine::{Engine, Host, Level};
 pub use health::{Change, PROBE_LONGEST};
 pub use http::{proxy_of, ClientError, HttpClient};
 pub use network::{parse_networks, DEFAULT_BLOCKED};
+pub use redact::{Redactor, REDACTED};
 pub use signature::key_of;
 pub use verdict::Verdict;
 
@@ -40,6 +43,8 @@ pub struct Endpoint {
     pub signing_key: Option<Vec<u8>>,
     pub timeout: Duration,
     pub max_in_flight: usize,
+    /// Masks its header values and secret in what is stored of answers.
+    pub redactor: Redactor,
 }
 
 impl Endpoint {
@@ -59,13 +64,15 @@ impl Endpoint {
     ) -> Result<Endpoint, String> {
         let headers: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(headers_json)
-                .map_err(|e| format!("headers of {event_type}: {e}"))?;
+                .map_err(|_| format!("headers of {event_type} are not a JSON object"))?;
         let headers = headers
             .into_iter()
             .map(|(name, value)| match value {
                 serde_json::Value::String(value) => Ok((name, value)),
+                // NB: the value is not repeated: it may be a secret.
                 other => Err(format!(
-                    "header {name} of {event_type} is not a string: {other}"
+                    "header {name} of {event_type} is not a string but {}",
+                    json_type(&other)
                 )),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -73,6 +80,7 @@ impl Endpoint {
             event_type: event_type.to_string(),
             url: url.to_string(),
             method: method.to_ascii_uppercase(),
+            redactor: Redactor::new(headers.iter().map(|(_, value)| value.as_str()), secret),
             headers,
             signing_key: secret.map(key_of).transpose()?,
             timeout: timeout_ms.map_or(default_timeout, |ms| {
@@ -80,6 +88,18 @@ impl Endpoint {
             }),
             max_in_flight: max_in_flight.map_or(default_in_flight, |n| n.max(1) as usize),
         })
+    }
+}
+
+/// The JSON type of a value, as jsonb_typeof names it.
+fn json_type(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
     }
 }
 
@@ -176,14 +196,19 @@ mod tests {
             "x",
             "http://a",
             "POST",
-            r#"{"A": 1}"#,
+            r#"{"A": 918273645}"#,
             None,
             None,
             None,
             Duration::ZERO,
             1,
         );
-        assert!(err.unwrap_err().contains("not a string"));
+        let err = err.unwrap_err();
+        assert!(err.contains("not a string but number"), "{err}");
+        assert!(
+            !err.contains("918273645"),
+            "the value is not repeated: {err}"
+        );
         let err = Endpoint::from_row(
             "x",
             "http://a",

@@ -109,6 +109,14 @@ impl Deliverer {
         self.cluster.connect(self.database, "postgres")
     }
 
+    /// The deliverer's log so far (the server's for the worker).
+    pub fn log(&self) -> String {
+        match &self.relay {
+            Some(relay) => relay.log(),
+            None => self.cluster.log(),
+        }
+    }
+
     /// What pipeline.status() says once 20 events were delivered (see
     /// signed_standard_headers_on_commit).
     fn status(&self) -> String {

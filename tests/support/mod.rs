@@ -11,6 +11,7 @@
 
 pub mod behaviours;
 pub mod cascade;
+pub mod faults;
 pub mod http_server;
 pub mod pgbouncer;
 pub mod receiver;
