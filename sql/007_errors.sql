@@ -79,22 +79,52 @@ $$;
 COMMENT ON FUNCTION pipeline.resolve_errors(text, bigint, timestamptz, text) IS
     'Marks every unresolved error of a stage and/or event, logged up to before (default now), resolved; returns how many.';
 
+-- What a role that may not read the error log (pg_monitor) sees of an
+-- error: what failed, where, when and with which status, but none of the
+-- words of a receiver or a service (an answer may echo the request's
+-- payload; a stage's own report may quote a company). Whoever may read the
+-- error log reads them there, and in the view (docs/security.md).
+CREATE FUNCTION pipeline._reads_error_text() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT has_table_privilege('marketing.pipeline_error_log', 'SELECT')
+$$;
+
+-- An error as monitoring sees it: a delivery failure by its status (the
+-- deliverer's own words when no answer came: a timeout, a refused
+-- connection), a stage's report by nothing but that it was one.
+CREATE FUNCTION pipeline._error_summary(error_message text, details jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN details ? 'status_code' THEN 'HTTP ' || (details ->> 'status_code')
+        WHEN details ? 'outcome' THEN error_message
+        ELSE 'reported by the stage (its words are in marketing.pipeline_error_log)'
+    END
+$$;
+
 CREATE VIEW marketing.vw_unresolved_errors AS
 SELECT l.id,
        l.stage,
        l.event_id,
        e.status AS event_status,
        e.attempts AS event_attempts,
-       l.error_message,
-       l.details,
+       CASE WHEN r.full THEN l.error_message
+            ELSE pipeline._error_summary(l.error_message, l.details) END AS error_message,
+       CASE WHEN r.full THEN l.details
+            ELSE jsonb_strip_nulls(jsonb_build_object('url', l.details -> 'url',
+                                                      'status_code', l.details -> 'status_code',
+                                                      'outcome', l.details -> 'outcome',
+                                                      'attempt', l.details -> 'attempt',
+                                                      'status', l.details -> 'status')) END AS details,
        l.created_at,
        now() - l.created_at AS age
 FROM marketing.pipeline_error_log l
+CROSS JOIN (SELECT pipeline._reads_error_text() AS full) r
 LEFT JOIN marketing.pipeline_events e ON e.id = l.event_id
 WHERE NOT l.resolved
 ORDER BY l.created_at DESC, l.id DESC;
 COMMENT ON VIEW marketing.vw_unresolved_errors IS
-    'Unresolved errors, newest first, with the current state of their event.';
+    'Unresolved errors, newest first, with the current state of their event. Roles that may not read '
+    'marketing.pipeline_error_log (pg_monitor) see the status of a failure but not what a receiver said.';
 
 -- Error rate per stage over the last 24 hours: errors logged against events
 -- created (of that type) in the same window.

@@ -37,6 +37,7 @@ static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new
 static WORKER_ROLE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"pipeline_worker"));
 static HTTP_PROXY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static HTTP_PROXY_AUTH_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static BLOCKED_NETWORKS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(pipeline_delivery::DEFAULT_BLOCKED));
 static MAX_EVENT_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(1024);
@@ -201,7 +202,8 @@ pub fn register(preloading: bool) {
         GucRegistry::define_string_guc_with_hooks(
             c"pipeline.http_proxy",
             c"Proxy for webhook requests (http://host:port, socks5://host:port); empty for none.",
-            c"The server's environment (HTTP_PROXY, ALL_PROXY, NO_PROXY) is never consulted.",
+            c"The server's environment (HTTP_PROXY, ALL_PROXY, NO_PROXY) is never consulted. \
+              Credentials go in pipeline.http_proxy_auth_file: every role reads settings.",
             &HTTP_PROXY,
             GucContext::Sighup,
             GucFlags::default(),
@@ -221,6 +223,14 @@ pub fn register(preloading: bool) {
             None,
         );
     }
+    GucRegistry::define_string_guc(
+        c"pipeline.http_proxy_auth_file",
+        c"File whose first line is the proxy's user:password (as a URL writes them); empty for none.",
+        c"Read by the worker at start and on every reload; make it readable by the server's user only.",
+        &HTTP_PROXY_AUTH_FILE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     // SAFETY: a plain call with a static C string, in _PG_init.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"pipeline".as_ptr()) };
 }
@@ -267,6 +277,12 @@ unsafe extern "C-unwind" fn check_http_proxy(
 ) -> bool {
     // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
     match unsafe { string_value(newval) } {
+        // NB: every role reads a setting (SHOW, pg_settings), and the worker
+        // logs them: a password does not belong in one.
+        Some(url) if pipeline_delivery::proxy_has_credentials(&url) => refuse(
+            c"pipeline.http_proxy must not carry credentials (user:password@): every role can read a setting; \
+              put them in the file named by pipeline.http_proxy_auth_file",
+        ),
         Some(url) if !url.trim().is_empty() => match pipeline_delivery::proxy_of(&url) {
             Ok(_) => true,
             Err(error) => {
@@ -332,6 +348,7 @@ pub struct WorkerSettings {
     pub ca_file: Option<String>,
     pub worker_role: String,
     pub http_proxy: Option<String>,
+    pub http_proxy_auth_file: Option<String>,
     pub max_event_bytes: usize,
     pub max_bytes_in_flight: usize,
     pub blocked_networks: String,
@@ -345,7 +362,7 @@ impl fmt::Debug for WorkerSettings {
             "pipeline.enabled={} pipeline.worker_role={} pipeline.batch_size={} pipeline.concurrency={} \
              pipeline.http_timeout={}ms pipeline.lease_time={}s pipeline.retention={}s \
              pipeline.poll_interval={}ms pipeline.ca_file={} pipeline.http_proxy={} \
-             pipeline.max_event_size={}kB pipeline.max_bytes_in_flight={}kB pipeline.blocked_networks='{}'",
+             pipeline.http_proxy_auth_file={} pipeline.max_event_size={}kB pipeline.max_bytes_in_flight={}kB pipeline.blocked_networks='{}'",
             self.enabled,
             self.worker_role,
             self.batch_size,
@@ -356,6 +373,7 @@ impl fmt::Debug for WorkerSettings {
             self.poll_interval.as_millis(),
             self.ca_file.as_deref().unwrap_or("''"),
             self.http_proxy.as_deref().unwrap_or("''"),
+            self.http_proxy_auth_file.as_deref().unwrap_or("''"),
             self.max_event_bytes / 1024,
             self.max_bytes_in_flight / 1024,
             self.blocked_networks,
@@ -375,6 +393,7 @@ pub fn worker_settings() -> WorkerSettings {
         ca_file: non_empty(&CA_FILE),
         worker_role: non_empty(&WORKER_ROLE).unwrap_or_else(|| DEFAULT_WORKER_ROLE.into()),
         http_proxy: non_empty(&HTTP_PROXY),
+        http_proxy_auth_file: non_empty(&HTTP_PROXY_AUTH_FILE),
         max_event_bytes: MAX_EVENT_SIZE_KB.get().max(1) as usize * 1024,
         max_bytes_in_flight: MAX_BYTES_IN_FLIGHT_KB.get().max(1) as usize * 1024,
         blocked_networks: BLOCKED_NETWORKS

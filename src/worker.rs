@@ -191,9 +191,11 @@ impl Worker {
             pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
         }
         let settings = settings::worker_settings();
-        // NB: with a CA file the client is rebuilt on every reload, so a
-        // renewed file is picked up without renaming it.
+        // NB: with a CA file or a proxy credentials file the client is
+        // rebuilt on every reload, so a renewed file is picked up without
+        // renaming it.
         if settings.ca_file.is_some()
+            || settings.http_proxy_auth_file.is_some()
             || settings.ca_file != self.settings.ca_file
             || settings.concurrency != self.settings.concurrency
             || settings.http_proxy != self.settings.http_proxy
@@ -374,20 +376,41 @@ fn wait(timeout: Duration, fd: RawFd) {
 }
 
 fn build_client(settings: &WorkerSettings) -> Result<Arc<HttpClient>, String> {
-    pipeline_delivery::parse_networks(&settings.blocked_networks)
-        .map_err(|e| format!("pipeline.blocked_networks: {e}"))
-        .and_then(|blocked| {
-            HttpClient::new(
-                settings.ca_file.as_deref(),
-                settings.http_proxy.as_deref(),
-                blocked,
-            )
-            .map_err(|e| e.named("pipeline.ca_file", "pipeline.http_proxy"))
+    proxy_url(settings)
+        .and_then(|proxy| {
+            let blocked = pipeline_delivery::parse_networks(&settings.blocked_networks)
+                .map_err(|e| format!("pipeline.blocked_networks: {e}"))?;
+            HttpClient::new(settings.ca_file.as_deref(), proxy.as_deref(), blocked)
+                .map_err(|e| e.named("pipeline.ca_file", "pipeline.http_proxy"))
         })
         .map(Arc::new)
         .inspect_err(|error| {
             warning!("pipeline_ext worker cannot deliver until this is fixed: {error}");
         })
+}
+
+/// The proxy URL with the credentials of pipeline.http_proxy_auth_file put
+/// in; errors name the setting and the file, never what it holds.
+fn proxy_url(settings: &WorkerSettings) -> Result<Option<String>, String> {
+    let (Some(proxy), Some(path)) = (&settings.http_proxy, &settings.http_proxy_auth_file) else {
+        if settings.http_proxy_auth_file.is_some() {
+            warning!("pipeline_ext worker: pipeline.http_proxy_auth_file is set but pipeline.http_proxy is not: no proxy is used");
+        }
+        return Ok(settings.http_proxy.clone());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("pipeline.http_proxy_auth_file: {path}: {e}"))?;
+    let credentials = text.lines().next().unwrap_or("").trim();
+    if !credentials.contains(':') || credentials.contains(['@', '/']) {
+        return Err(format!(
+            "pipeline.http_proxy_auth_file: the first line of {path} must be user:password \
+             (percent-encode @, / and : in them)"
+        ));
+    }
+    Ok(Some(pipeline_delivery::proxy_with_credentials(
+        proxy,
+        credentials,
+    )))
 }
 
 /// SIGTERM arrived (safe to ask from any thread: it reads one flag).

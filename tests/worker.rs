@@ -65,7 +65,7 @@ fn receiver_down_then_back_loses_nothing() {
     // A few requests fail, then the endpoint is probed one request at a
     // time: the other events are not tried (and burn no attempts) meanwhile.
     eventually(Duration::from_secs(10), "the endpoint to be probed", || {
-        cluster.log().contains("the endpoint of ping failed")
+        cluster.log().contains("the endpoint of ping is down")
     });
     std::thread::sleep(Duration::from_secs(4));
     let tried: i64 = one(
@@ -168,14 +168,19 @@ fn settings_take_effect_after_reload() {
             "ALTER SYSTEM SET pipeline.http_proxy = 'ftp://proxy.example'",
             "pipeline.http_proxy: \"ftp://proxy.example\" is not a proxy URL",
         ),
+        // Every role reads settings: credentials go in a file.
+        (
+            "ALTER SYSTEM SET pipeline.http_proxy = 'http://squid:hunter22@127.0.0.1:3128'",
+            "pipeline.http_proxy must not carry credentials (user:password@)",
+        ),
     ] {
         let error = db.batch_execute(statement).unwrap_err();
-        let message = error
-            .as_db_error()
-            .map(|e| e.message().to_string())
-            .unwrap_or_default();
+        let db_error = error.as_db_error().expect("refused by the server");
+        let message = format!("{} {}", db_error.message(), db_error.detail().unwrap_or(""));
         assert!(message.contains(expected), "{statement}: {message}");
+        assert!(!message.contains("hunter22"), "{message}");
     }
+    assert!(!cluster.log().contains("hunter22"), "no password in the log");
     db.batch_execute("ALTER SYSTEM SET pipeline.http_proxy = 'http://127.0.0.1:3128'")
         .unwrap();
     db.batch_execute("ALTER SYSTEM RESET pipeline.http_proxy")
@@ -861,7 +866,7 @@ fn a_removed_endpoint_under_probe_leaves_the_worker_idle() {
     register(&mut db, "gone", &format!("http://127.0.0.1:{closed}/x"), "");
     emit(&mut db, "gone", 5);
     eventually(Duration::from_secs(10), "the endpoint to be probed", || {
-        cluster.log().contains("the endpoint of gone failed")
+        cluster.log().contains("the endpoint of gone is down")
     });
     db.batch_execute("SELECT pipeline.remove_webhook('gone')")
         .unwrap();

@@ -228,7 +228,13 @@ impl Dispatcher {
 
     /// What to claim next, for claims of up to `batch_size` events.
     pub fn plan(&self, batch_size: usize, now: Instant) -> Plan {
-        let state = lock(&self.shared.state);
+        let mut state = lock(&self.shared.state);
+        for lane in &mut state.lanes {
+            // NB: an ended pause is forgotten here, where the claim that
+            // follows takes its events again: until then next_probe_in
+            // keeps asking for that claim.
+            lane.health.resume_if_due(now);
+        }
         let mut plan = Plan {
             held_bytes: state.held_bytes,
             ..Plan::default()
@@ -270,8 +276,7 @@ impl Dispatcher {
         let pauses = state
             .lanes
             .iter()
-            .filter_map(|lane| lane.health.paused_until())
-            .filter(|until| *until > now);
+            .filter_map(|lane| lane.health.paused_until());
         probes
             .chain(pauses)
             .min()
@@ -760,10 +765,12 @@ mod tests {
             .changes
             .iter()
             .all(|(_, c)| matches!(c, Change::Paused(_))));
-        assert!(dispatcher
-            .plan(100, now + Duration::from_secs(3))
-            .skip
-            .is_empty());
+        // The pause over, the next claim is due at once, and takes the
+        // endpoint's events again.
+        let later = now + Duration::from_secs(3);
+        assert_eq!(dispatcher.next_probe_in(later), Some(Duration::ZERO));
+        assert!(dispatcher.plan(100, later).skip.is_empty());
+        assert_eq!(dispatcher.next_probe_in(later), None);
     }
 
     #[test]

@@ -270,6 +270,15 @@ impl Health {
         };
     }
 
+    /// Forgets a pause that has ended (true when there was one).
+    pub fn resume_if_due(&mut self, now: Instant) -> bool {
+        let ended = self.paused_until.is_some_and(|until| until <= now);
+        if ended {
+            self.paused_until = None;
+        }
+        ended
+    }
+
     /// A probe was due but nothing waited for the endpoint (or it is gone):
     /// look again after the longest delay.
     pub fn probe_found_nothing(&mut self, now: Instant) {

@@ -179,7 +179,32 @@ impl HttpClient {
 
 /// The proxy a URL names (http, https, socks4, socks5).
 pub fn proxy_of(url: &str) -> Result<Proxy, String> {
-    Proxy::new(url.trim()).map_err(|e| format!("{url:?} is not a proxy URL: {e}"))
+    Proxy::new(url.trim()).map_err(|e| {
+        if proxy_has_credentials(url) {
+            // NB: neither the URL nor ureq's words, which may repeat it.
+            "the proxy URL (its credentials not shown) is not a proxy URL".to_string()
+        } else {
+            format!("{url:?} is not a proxy URL: {e}")
+        }
+    })
+}
+
+/// Whether a proxy URL carries credentials (user:password@ or token@).
+pub fn proxy_has_credentials(url: &str) -> bool {
+    let rest = url.trim().split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split(['/', '?', '#'])
+        .next()
+        .unwrap_or("")
+        .contains('@')
+}
+
+/// The proxy URL with `credentials` (user:password, written as in a URL)
+/// put before its host.
+pub fn proxy_with_credentials(url: &str, credentials: &str) -> String {
+    match url.trim().split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{credentials}@{rest}"),
+        None => format!("{credentials}@{}", url.trim()),
+    }
 }
 
 /// The start of a response body, as text; None when empty.
@@ -265,7 +290,20 @@ fn trusted_roots(ca_file: Option<&str>) -> Result<Vec<Certificate<'static>>, Str
 
 #[cfg(test)]
 mod tests {
-    use super::reason;
+    use super::{proxy_has_credentials, proxy_of, proxy_with_credentials, reason};
+
+    #[test]
+    fn proxy_credentials_are_found_and_never_repeated() {
+        assert!(proxy_has_credentials("http://user:pw@proxy:3128"));
+        assert!(proxy_has_credentials("socks5://token@proxy:1080/"));
+        assert!(!proxy_has_credentials("http://proxy:3128/a@b"));
+        assert!(!proxy_has_credentials("http://proxy:3128"));
+        let url = proxy_with_credentials("http://proxy:3128", "user:pw");
+        assert_eq!(url, "http://user:pw@proxy:3128");
+        assert!(proxy_of(&url).is_ok());
+        let error = proxy_of("ftp://user:hunter22@proxy:99999").unwrap_err();
+        assert!(!error.contains("hunter22"), "{error}");
+    }
 
     #[test]
     fn a_refusal_says_why_in_a_line() {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 pub use dispatch::{Dispatcher, Sender};
 pub use engine::{Engine, Host, Level};
 pub use health::{Change, PROBE_LONGEST};
-pub use http::{proxy_of, ClientError, HttpClient};
+pub use http::{proxy_has_credentials, proxy_of, proxy_with_credentials, ClientError, HttpClient};
 pub use network::{parse_networks, DEFAULT_BLOCKED};
 pub use redact::{Redactor, REDACTED};
 pub use signature::key_of;

@@ -34,9 +34,24 @@ pub struct Options {
     /// sslmode: disable, prefer (the default), require, verify-ca,
     /// verify-full; sslrootcert: a CA file trusted besides the system's
     /// (with require, it makes require verify the chain as libpq does);
-    /// channel_binding: disable, prefer, require.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    /// channel_binding: disable, prefer, require. A password given here on
+    /// the command line is readable by every user of the machine (ps,
+    /// /proc/PID/cmdline): pass the URL in DATABASE_URL or
+    /// --database-url-file instead.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        required_unless_present = "database_url_file",
+        conflicts_with = "database_url_file"
+    )]
+    pub database_url: Option<String>,
+
+    /// A file whose first line is the connection URL (read at start), so
+    /// that the password is neither on the command line nor in the
+    /// environment. Make it readable by the relay's user only.
+    #[arg(long, env = "PIPELINE_RELAY_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
 
     /// Poll for due events at this interval instead of LISTEN. Needed through
     /// a transaction-mode pooler (Neon's -pooler host, PgBouncer), where
@@ -83,7 +98,9 @@ pub struct Options {
     pub ca_file: Option<PathBuf>,
 
     /// Proxy for webhook requests (http://, https://, socks5://). The
-    /// HTTP_PROXY family of variables is not read.
+    /// HTTP_PROXY family of variables is not read. A proxy password on the
+    /// command line is readable by every user of the machine: give a URL
+    /// with user:password@ in PIPELINE_RELAY_HTTP_PROXY instead.
     #[arg(long, env = "PIPELINE_RELAY_HTTP_PROXY")]
     pub http_proxy: Option<String>,
 
@@ -115,6 +132,48 @@ pub struct Options {
     /// Log format: text for people, json for one JSON object per line.
     #[arg(long, env = "PIPELINE_RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+impl Options {
+    /// The connection URL, from --database-url (DATABASE_URL) or the first
+    /// line of --database-url-file.
+    pub fn connection_url(&self) -> Result<String, String> {
+        if let Some(url) = &self.database_url {
+            return Ok(url.clone());
+        }
+        let Some(path) = &self.database_url_file else {
+            return Err("--database-url or --database-url-file is needed".into());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--database-url-file {}: {e}", path.display()))?;
+        let url = text.lines().next().unwrap_or("").trim();
+        if url.is_empty() {
+            return Err(format!(
+                "--database-url-file {}: the first line is empty",
+                path.display()
+            ));
+        }
+        Ok(url.to_string())
+    }
+}
+
+/// Flags whose value on the command line holds a password, for a warning:
+/// any user of the machine reads a process's arguments.
+pub fn passwords_on_command_line(matches: &clap::ArgMatches) -> Vec<&'static str> {
+    [
+        ("database_url", "--database-url"),
+        ("http_proxy", "--http-proxy"),
+    ]
+    .into_iter()
+    .filter(|(id, _)| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+    .filter(|(id, _)| {
+        matches
+            .get_one::<String>(id)
+            .and_then(|value| url::Url::parse(value.trim()).ok())
+            .is_some_and(|url| url.password().is_some())
+    })
+    .map(|(_, flag)| flag)
+    .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -169,6 +228,44 @@ mod tests {
         assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(duration("0s").unwrap_err().contains("zero"));
         assert!(duration("soon").unwrap_err().contains("examples"));
+    }
+
+    #[test]
+    fn the_url_comes_from_a_flag_or_a_file_and_a_password_on_the_command_line_is_noticed() {
+        use clap::{CommandFactory, FromArgMatches};
+        let parse = |args: &[&str]| {
+            let matches = Options::command().try_get_matches_from(args).unwrap();
+            let options = Options::from_arg_matches(&matches).unwrap();
+            (options, passwords_on_command_line(&matches))
+        };
+        let (options, warned) = parse(&[
+            "pipeline-relay",
+            "--database-url",
+            "postgres://u:pw@h/d",
+            "--http-proxy",
+            "http://p:secret@proxy:3128",
+        ]);
+        assert_eq!(options.connection_url().unwrap(), "postgres://u:pw@h/d");
+        assert_eq!(warned, ["--database-url", "--http-proxy"]);
+        let (_, warned) = parse(&["pipeline-relay", "--database-url", "postgres://u@h/d"]);
+        assert!(warned.is_empty());
+
+        let file = std::env::temp_dir().join(format!("relay-url-{}", std::process::id()));
+        std::fs::write(&file, "postgres://u:pw@h/d\n").unwrap();
+        let (options, warned) = parse(&[
+            "pipeline-relay",
+            "--database-url-file",
+            file.to_str().unwrap(),
+        ]);
+        assert_eq!(options.connection_url().unwrap(), "postgres://u:pw@h/d");
+        assert!(warned.is_empty());
+        std::fs::write(&file, "\n").unwrap();
+        assert!(options.connection_url().unwrap_err().contains("empty"));
+        std::fs::remove_file(&file).unwrap();
+        assert!(Options::try_parse_from(["pipeline-relay"])
+            .unwrap_err()
+            .to_string()
+            .contains("--database-url"));
     }
 
     #[test]

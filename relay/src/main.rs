@@ -19,7 +19,7 @@ mod tls_stream;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use connection::Kind;
 
@@ -28,8 +28,15 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_CONNECTION: u8 = 3;
 
 fn main() -> ExitCode {
-    let options = cli::Options::parse();
+    let matches = cli::Options::command().get_matches();
+    let options = cli::Options::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     logging::init(options.log_format);
+    for flag in cli::passwords_on_command_line(&matches) {
+        tracing::warn!(
+            "{flag} holds a password on the command line, where every user of this machine reads it; \
+             give it in the environment or a file instead (pipeline-relay --help)"
+        );
+    }
     match relay::run(options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {

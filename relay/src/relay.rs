@@ -100,7 +100,7 @@ impl Host for RelayHost {
 
 /// Runs the relay until it is stopped (Ok) or cannot go on (the failure).
 pub fn run(options: Options) -> Result<(), Failure> {
-    let target = Target::parse(&options.database_url)?;
+    let target = Target::parse(&options.connection_url().map_err(Failure::config)?)?;
     let client = build_client(&options)?;
     let consumer = options.name.clone().unwrap_or_else(default_name);
     if consumer.trim().is_empty() {

@@ -64,6 +64,30 @@ mod tests {
     }
 
     #[pg_test]
+    fn refusals_never_repeat_a_credential() {
+        for sql in [
+            "SELECT pipeline.register_webhook('company_created', 'https://user:hunter22@n8n example/x')",
+            "SELECT pipeline.register_webhook('company_created', 'https://user:hunter22@n8n.example/x')",
+            "SELECT pipeline.register_webhook('company_created', 'https://hunter22@n8n.exämple/x')",
+            r#"SELECT pipeline.import_registry('{"base_url": "https://u:hunter22@n8n.example/", "webhooks": {}}')"#,
+            r#"SELECT pipeline.import_registry('{"headers": {"X-Key": {"token": "hunter22"}}, "webhooks": {}}')"#,
+            r#"SELECT pipeline.import_registry('{"headers": {"X-Key": 4711223344}, "webhooks": {}}')"#,
+            r#"SELECT pipeline.import_registry('{"webhooks": {"company_created": "ftp://u:hunter22@n8n.example/x"}}')"#,
+            r#"SELECT pipeline.import_registry('{"webhooks": {"company_created": "/x"}, "base_url": "https://u:hunter22@n8n.example/?q"}')"#,
+        ] {
+            let message = super::error_of(sql).unwrap_or_else(|| panic!("{sql} succeeded"));
+            assert!(
+                !message.contains("hunter22") && !message.contains("4711223344"),
+                "{sql}\n  repeats the credential: {message}"
+            );
+        }
+        super::assert_error(
+            "SELECT pipeline.register_webhook('company_created', 'https://user:hunter22@n8n.example/x')",
+            r#"url "https://***@n8n.example/x" must not carry user:password@"#,
+        );
+    }
+
+    #[pg_test]
     fn webhooks_refuse_bad_endpoints() {
         let register = |args: &str| format!("SELECT pipeline.register_webhook({args})");
         let cases = [
@@ -226,7 +250,7 @@ mod tests {
         for (registry, expected) in [
             (
                 r#"{"headers": {"X-Pipeline-Auth": {"env": "PIPELINE_N8N_WEBHOOK_TOKEN"}}, "webhooks": {}}"#,
-                r#"registry: headers.X-Pipeline-Auth: the value must be a string, not object; {"env": "PIPELINE_N8N_WEBHOOK_TOKEN"} must be replaced by its value before the import"#,
+                r#"registry: headers.X-Pipeline-Auth: the value must be a string, not object; a reference such as {"$env": ...} must be replaced by its value before the import"#,
             ),
             (
                 r#"{"headers": ["X-Pipeline-Auth"], "webhooks": {}}"#,
