@@ -59,7 +59,10 @@ pub extern "C-unwind" fn pipeline_ext_launcher_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::before_shmem_exit(Some(forget_launcher), pg_sys::Datum::from(0)) };
     log!("pipeline_ext launcher started");
 
-    let mut known: Vec<pg_sys::Oid> = servable(&scan_databases());
+    let first = scan_databases();
+    let mut only_said = None;
+    say_whether_only_is_served(&first, &mut only_said);
+    let mut known: Vec<pg_sys::Oid> = servable(&first);
     let mut waiting = known.clone();
     let mut looked = std::time::Instant::now();
     let mut no_room_logged = false;
@@ -85,6 +88,7 @@ pub extern "C-unwind" fn pipeline_ext_launcher_main(_arg: pg_sys::Datum) {
             scan_databases()
         };
         if look_for_new {
+            say_whether_only_is_served(&all, &mut only_said);
             let now = servable(&all);
             for database in &now {
                 if !known.contains(database) && !waiting.contains(database) {
@@ -155,6 +159,36 @@ fn start(all: &[Database], database: pg_sys::Oid, no_room_logged: &mut bool) -> 
         *no_room_logged = true;
     }
     started
+}
+
+/// Says (once, and again when it changes) why the database that
+/// pipeline.database names gets no worker: else a misspelt name would leave
+/// every database without delivery and the log silent.
+fn say_whether_only_is_served(all: &[Database], said: &mut Option<String>) {
+    let only = settings::database();
+    if only.is_empty() || all.is_empty() {
+        return;
+    }
+    let problem = match all.iter().find(|d| d.name == only) {
+        None => Some("does not exist"),
+        Some(d) if d.is_template => Some("is a template (templates get no worker)"),
+        Some(d) if !d.allows_connections => Some("does not allow connections"),
+        Some(_) => None,
+    };
+    let text = problem.map(|problem| {
+        format!(
+            "pipeline.database names \"{only}\", which {problem}: no database is delivered for until it \
+             can be served (looked for every {} s) or the setting changes (a server restart)",
+            NEW_DATABASES.as_secs()
+        )
+    });
+    if text != *said {
+        match &text {
+            Some(text) => warning!("pipeline_ext launcher: {text}"),
+            None => log!("pipeline_ext launcher: pipeline.database \"{only}\" can be served now"),
+        }
+        *said = text;
+    }
 }
 
 /// Every database a worker may serve: it takes connections and is not a

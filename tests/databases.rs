@@ -157,3 +157,24 @@ fn each_database_with_the_extension_has_its_own_worker() {
     emit(&mut alpha, "ping", 1);
     delivered_to(&receiver, "/alpha", 4, "alpha after the restart");
 }
+
+/// A pipeline.database naming no database is said in the log (nothing
+/// would be delivered anywhere otherwise, silently), and said to be served
+/// once it exists.
+#[test]
+fn a_misnamed_pipeline_database_is_said() {
+    let cluster =
+        Cluster::with_worker("databases-misnamed", &[("pipeline.database", "no_such_db")]);
+    eventually(Duration::from_secs(20), "the warning", || {
+        cluster
+            .log()
+            .contains("pipeline.database names \"no_such_db\", which does not exist")
+    });
+    let mut admin = cluster.connect("postgres", "postgres");
+    admin.batch_execute("CREATE DATABASE no_such_db").unwrap();
+    eventually(Duration::from_secs(20), "the database served", || {
+        cluster
+            .log()
+            .contains("pipeline.database \"no_such_db\" can be served now")
+    });
+}

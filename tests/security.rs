@@ -11,9 +11,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::receiver::Receiver;
+use support::receiver::{Answer, Receiver};
 use support::relay::Relay;
-use support::{eventually, one, repo_root, Cluster};
+use support::{eventually, one, repo_root, texts, Cluster};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -366,6 +366,88 @@ fn the_worker_has_the_rights_of_its_role_only() {
     );
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(receiver.received().len(), 1);
+}
+
+/// A receiver whose error page echoes the request it got: what is stored
+/// of its answer holds none of the endpoint's secrets, and monitoring reads
+/// neither what the receiver said nor the payload.
+#[test]
+fn an_echoed_request_leaves_no_secret_and_monitoring_reads_no_payload() {
+    let receiver = Receiver::scripted(|request, _| Answer {
+        body: Some(format!(
+            "bad request {} {:?} {:?} body {}",
+            request.path,
+            request.header("authorization"),
+            request.header("webhook-signature"),
+            request.body
+        )),
+        ..Answer::status(500)
+    });
+    let cluster = Cluster::with_worker("security-echo", &[("pipeline.max_attempts", "1")]);
+    let mut db = cluster.connect("postgres", "postgres");
+    each(
+        &mut db,
+        &[
+            &format!(
+                "SELECT pipeline.register_webhook('audit_note', '{}', allow_unknown_type => true,
+                     headers => '{{\"Authorization\": \"Bearer tok_live_hunter2222\"}}',
+                     secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')",
+                receiver.url("/hook")
+            ),
+            "SELECT pipeline.emit('audit_note', '{\"company\": \"Secret Corp Ltd\"}')",
+            "SELECT pipeline.log_error('company_created', 'Secret Corp Ltd was refused', NULL, '{\"company\": \"Secret Corp Ltd\"}')",
+            "CREATE ROLE watcher LOGIN",
+            "GRANT pg_monitor TO watcher",
+        ],
+    );
+    let got = receiver.wait_for(Duration::from_secs(10), "the request", |r| r.len() == 1);
+    let signature = got[0].header("webhook-signature").unwrap().to_string();
+    eventually(Duration::from_secs(10), "the failure stored", || {
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM marketing.pipeline_error_log WHERE stage = 'audit_note'",
+        ) == 1
+    });
+    let stored = texts(
+        &mut db,
+        "SELECT coalesce(response_excerpt, '') || ' ' || coalesce(error, '') FROM marketing.pipeline_delivery_attempts
+         UNION ALL
+         SELECT error_message || ' ' || details::text FROM marketing.pipeline_error_log WHERE stage = 'audit_note'",
+    )
+    .join("\n");
+    for secret in [
+        "tok_live_hunter2222",
+        signature.trim_start_matches("v1,"),
+        "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    ] {
+        assert!(!stored.contains(secret), "{secret} stored: {stored}");
+    }
+    assert!(stored.contains("[redacted]"), "{stored}");
+    assert!(
+        stored.contains("Secret Corp"),
+        "the owner still reads the answer"
+    );
+
+    let mut watcher = cluster.connect("postgres", "watcher");
+    let seen = texts(
+        &mut watcher,
+        "SELECT stage || ': ' || error_message || ' ' || details::text FROM marketing.vw_unresolved_errors ORDER BY stage",
+    );
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(!seen.join(" ").contains("Secret Corp"), "{seen:?}");
+    assert!(seen[0].starts_with("audit_note: HTTP 500 {"), "{seen:?}");
+    assert!(seen[0].contains("\"status_code\": 500"), "{seen:?}");
+    assert!(
+        seen[1].starts_with("company_created: reported by the stage"),
+        "{seen:?}"
+    );
+    let refused = watcher
+        .batch_execute("SELECT response_excerpt FROM marketing.pipeline_delivery_attempts")
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
 }
 
 #[test]

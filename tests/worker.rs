@@ -180,7 +180,10 @@ fn settings_take_effect_after_reload() {
         assert!(message.contains(expected), "{statement}: {message}");
         assert!(!message.contains("hunter22"), "{message}");
     }
-    assert!(!cluster.log().contains("hunter22"), "no password in the log");
+    assert!(
+        !cluster.log().contains("hunter22"),
+        "no password in the log"
+    );
     db.batch_execute("ALTER SYSTEM SET pipeline.http_proxy = 'http://127.0.0.1:3128'")
         .unwrap();
     db.batch_execute("ALTER SYSTEM RESET pipeline.http_proxy")
