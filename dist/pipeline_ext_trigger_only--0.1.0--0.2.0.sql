@@ -1544,23 +1544,53 @@ COMMENT ON FUNCTION pipeline.resolve_errors(text, bigint, timestamptz, text) IS
     'Marks every unresolved error of a stage and/or event, logged up to before (default now), resolved; returns how many.';
 
 
+-- What a role that may not read the error log (pg_monitor) sees of an
+-- error: what failed, where, when and with which status, but none of the
+-- words of a receiver or a service (an answer may echo the request's
+-- payload; a stage's own report may quote a company). Whoever may read the
+-- error log reads them there, and in the view (docs/security.md).
+CREATE FUNCTION pipeline._reads_error_text() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT has_table_privilege('marketing.pipeline_error_log', 'SELECT')
+$$;
+
+-- An error as monitoring sees it: a delivery failure by its status (the
+-- deliverer's own words when no answer came: a timeout, a refused
+-- connection), a stage's report by nothing but that it was one.
+CREATE FUNCTION pipeline._error_summary(error_message text, details jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN details ? 'status_code' THEN 'HTTP ' || (details ->> 'status_code')
+        WHEN details ? 'outcome' THEN error_message
+        ELSE 'reported by the stage (its words are in marketing.pipeline_error_log)'
+    END
+$$;
+
 CREATE VIEW marketing.vw_unresolved_errors AS
 SELECT l.id,
        l.stage,
        l.event_id,
        e.status AS event_status,
        e.attempts AS event_attempts,
-       l.error_message,
-       l.details,
+       CASE WHEN r.full THEN l.error_message
+            ELSE pipeline._error_summary(l.error_message, l.details) END AS error_message,
+       CASE WHEN r.full THEN l.details
+            ELSE jsonb_strip_nulls(jsonb_build_object('url', l.details -> 'url',
+                                                      'status_code', l.details -> 'status_code',
+                                                      'outcome', l.details -> 'outcome',
+                                                      'attempt', l.details -> 'attempt',
+                                                      'status', l.details -> 'status')) END AS details,
        l.created_at,
        now() - l.created_at AS age
 FROM marketing.pipeline_error_log l
+CROSS JOIN (SELECT pipeline._reads_error_text() AS full) r
 LEFT JOIN marketing.pipeline_events e ON e.id = l.event_id
 WHERE NOT l.resolved
 ORDER BY l.created_at DESC, l.id DESC;
 
 COMMENT ON VIEW marketing.vw_unresolved_errors IS
-    'Unresolved errors, newest first, with the current state of their event.';
+    'Unresolved errors, newest first, with the current state of their event. Roles that may not read '
+    'marketing.pipeline_error_log (pg_monitor) see the status of a failure but not what a receiver said.';
 
 
 -- Error rate per stage over the last 24 hours: errors logged against events
@@ -2070,6 +2100,14 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 
+-- A URL as error messages quote it (a JSON string): whatever stands before
+-- an @ in its authority (user:password, a token) is masked, so that a
+-- refusal never repeats a credential into the client's screen or the log.
+CREATE FUNCTION pipeline._url_shown(url text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT to_json(regexp_replace(url, '^([^/?#]*//)[^/?#]*@', '\1***@'))::text
+$$;
+
 -- Why a webhook URL is unusable, or NULL when it is fine: an http(s) URL of
 -- at most 2048 characters, of printable ASCII (percent-encode the rest, use
 -- punycode for international host names), with a host name, an IPv4 address
@@ -2080,18 +2118,18 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
         WHEN url IS NULL THEN 'url must not be NULL'
         WHEN char_length(url) > 2048 THEN 'url is longer than 2048 characters'
         WHEN url ~ '[\x01-\x20\x7f]' THEN
-            format('url %s must not contain spaces or control characters', to_json(url))
+            format('url %s must not contain spaces or control characters', pipeline._url_shown(url))
         WHEN url ~ '[^\x01-\x7f]' THEN
             format('url %s must be ASCII: percent-encode other characters, use punycode for international host names',
-                   to_json(url))
-        WHEN url !~* '^https?://' THEN format('url %s is not an http:// or https:// URL', to_json(url))
+                   pipeline._url_shown(url))
+        WHEN url !~* '^https?://' THEN format('url %s is not an http:// or https:// URL', pipeline._url_shown(url))
         WHEN url ~ '^[^/]+//[^/?#]*@' THEN
-            format('url %s must not carry user:password@ (use an Authorization header)', to_json(url))
+            format('url %s must not carry user:password@ (use an Authorization header)', pipeline._url_shown(url))
         WHEN url !~* ('^https?://(\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)(:[0-9]{1,5})?'
                       || '([/?#][]a-z0-9._~:/?#@!$&''()*+,;=%[-]*)?$') THEN
-            format('url %s is not a valid URL', to_json(url))
+            format('url %s is not a valid URL', pipeline._url_shown(url))
         WHEN substring(url FROM '^[^/]+//[^/?#]*:([0-9]+)(?:[/?#]|$)')::integer NOT BETWEEN 1 AND 65535 THEN
-            format('url %s has a port outside 1-65535', to_json(url))
+            format('url %s has a port outside 1-65535', pipeline._url_shown(url))
     END
 $$;
 
@@ -2435,8 +2473,9 @@ BEGIN
     PERFORM pipeline._check_json_type('registry: ', registry, 'headers', 'object');
     FOR v_entry IN SELECT h.key, h.value FROM jsonb_each(registry -> 'headers') h LOOP
         IF jsonb_typeof(v_entry.value) <> 'string' THEN
-            RAISE EXCEPTION 'registry: headers.%: the value must be a string, not %; % must be replaced by its value before the import',
-                v_entry.key, jsonb_typeof(v_entry.value), v_entry.value
+            -- NB: the value itself is not repeated: it may be the secret.
+            RAISE EXCEPTION 'registry: headers.%: the value must be a string, not %; a reference such as {"$env": ...} must be replaced by its value before the import',
+                v_entry.key, jsonb_typeof(v_entry.value)
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'n8n/README.md shows how to load the registry with the header''s value from an environment variable or a file.';
         END IF;
@@ -2445,7 +2484,10 @@ BEGIN
         IF jsonb_typeof(registry -> 'base_url') <> 'string'
            OR pipeline._url_problem(registry ->> 'base_url') IS NOT NULL
            OR registry ->> 'base_url' ~ '[?#]' THEN
-            RAISE EXCEPTION 'registry: base_url must be an http(s) URL without query, not %', registry -> 'base_url'
+            RAISE EXCEPTION 'registry: base_url must be an http(s) URL without query, not %',
+                CASE WHEN jsonb_typeof(registry -> 'base_url') = 'string'
+                     THEN pipeline._url_shown(registry ->> 'base_url')
+                     ELSE jsonb_typeof(registry -> 'base_url') END
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
         v_base := rtrim(registry ->> 'base_url', '/');
@@ -2485,12 +2527,12 @@ BEGIN
         v_url := v_spec ->> 'url';
         IF v_url LIKE '/%' THEN
             IF v_base IS NULL THEN
-                RAISE EXCEPTION '%', v_where || to_json(v_url)::text || ' is a path, but the registry has no base_url'
+                RAISE EXCEPTION '%', v_where || pipeline._url_shown(v_url) || ' is a path, but the registry has no base_url'
                     USING ERRCODE = 'invalid_parameter_value';
             END IF;
             v_url := v_base || v_url;
         ELSIF v_url !~* '^https?://' THEN
-            RAISE EXCEPTION '%', v_where || to_json(v_url)::text || ' must be a path starting with / or a full http(s) URL'
+            RAISE EXCEPTION '%', v_where || pipeline._url_shown(v_url) || ' must be a path starting with / or a full http(s) URL'
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
         FOR v_key IN SELECT unnest(ARRAY['timeout_ms', 'max_in_flight']) LOOP

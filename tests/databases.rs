@@ -163,8 +163,13 @@ fn each_database_with_the_extension_has_its_own_worker() {
 /// once it exists.
 #[test]
 fn a_misnamed_pipeline_database_is_said() {
-    let cluster =
-        Cluster::with_worker("databases-misnamed", &[("pipeline.database", "no_such_db")]);
+    let cluster = Cluster::start(
+        "databases-misnamed",
+        &[
+            ("shared_preload_libraries", "pipeline_ext"),
+            ("pipeline.database", "no_such_db"),
+        ],
+    );
     eventually(Duration::from_secs(20), "the warning", || {
         cluster
             .log()

@@ -556,3 +556,40 @@ fn the_owner_of_a_trigger_only_install_runs_nothing_an_app_role_planted() {
     assert_eq!(stolen, 0, "the owner's secrets were copied");
     assert_trap_springs(&mut app, "app_owner");
 }
+
+/// A role named pipeline_worker that someone made before CREATE EXTENSION
+/// (to log in with the worker's rights, the webhook secrets among them) is
+/// reset, and the log says what it had.
+#[test]
+fn a_pipeline_worker_role_made_beforehand_is_reset() {
+    let cluster = Cluster::start(
+        "security-worker-role-reset",
+        &[("shared_preload_libraries", "pipeline_ext")],
+    );
+    let mut db = cluster.connect("postgres", "postgres");
+    each(
+        &mut db,
+        &[
+            "CREATE ROLE pipeline_worker LOGIN CREATEROLE PASSWORD 'known-to-me'",
+            "CREATE EXTENSION pipeline_ext",
+        ],
+    );
+    let attributes: String = one(
+        &mut db,
+        "SELECT format('%s %s %s %s', rolcanlogin, rolcreaterole, rolinherit, rolpassword IS NULL)
+         FROM pg_authid WHERE rolname = 'pipeline_worker'",
+    );
+    assert_eq!(
+        attributes, "f f f t",
+        "no login, CREATEROLE, INHERIT or password"
+    );
+    assert!(cluster.log().contains(
+        "role pipeline_worker existed with LOGIN, a password, CREATEROLE, INHERIT: reset to NOLOGIN"
+    ));
+    let refused = cluster
+        .client("psql", "pipeline_worker")
+        .args(["-X", "-d", "postgres", "-c", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "it cannot log in any more");
+}

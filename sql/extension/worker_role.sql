@@ -10,13 +10,38 @@
 -- every database with the extension; DROP EXTENSION leaves it (drop it by
 -- hand once no database uses the extension).
 
+-- A role of that name made by someone else is not adopted as it is: it is
+-- reset to what this script makes (no login, no password, no attribute),
+-- saying what it had, so that nobody logs in with the worker's rights (the
+-- webhook secrets among them). A superuser is refused (only a superuser
+-- can take that away).
 DO $$
+DECLARE
+    v_role  record;
+    v_had   text[];
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pipeline_worker') THEN
+    SELECT r.* INTO v_role FROM pg_catalog.pg_authid r WHERE r.rolname = 'pipeline_worker';
+    IF NOT FOUND THEN
         CREATE ROLE pipeline_worker NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS;
-    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pipeline_worker' AND rolsuper) THEN
+    ELSIF v_role.rolsuper THEN
         RAISE EXCEPTION 'role pipeline_worker exists and is a superuser'
             USING HINT = 'The delivery worker must not run with superuser rights: ALTER ROLE pipeline_worker NOSUPERUSER.';
+    ELSE
+        v_had := array_remove(ARRAY[
+            CASE WHEN v_role.rolcanlogin THEN 'LOGIN' END,
+            CASE WHEN v_role.rolpassword IS NOT NULL THEN 'a password' END,
+            CASE WHEN v_role.rolcreaterole THEN 'CREATEROLE' END,
+            CASE WHEN v_role.rolcreatedb THEN 'CREATEDB' END,
+            CASE WHEN v_role.rolinherit THEN 'INHERIT' END,
+            CASE WHEN v_role.rolreplication THEN 'REPLICATION' END,
+            CASE WHEN v_role.rolbypassrls THEN 'BYPASSRLS' END], NULL);
+        IF cardinality(v_had) > 0 THEN
+            ALTER ROLE pipeline_worker NOLOGIN PASSWORD NULL NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS;
+            RAISE WARNING 'role pipeline_worker existed with %: reset to NOLOGIN without a password or attributes',
+                array_to_string(v_had, ', ')
+                USING HINT = 'It gets the delivery worker''s rights. Roles granted it keep them: '
+                             'see \du pipeline_worker.';
+        END IF;
     END IF;
 END
 $$;
