@@ -75,13 +75,13 @@ mod tests {
             r#"SELECT pipeline.import_registry('{"webhooks": {"company_created": "ftp://u:hunter22@n8n.example/x"}}')"#,
             r#"SELECT pipeline.import_registry('{"webhooks": {"company_created": "/x"}, "base_url": "https://u:hunter22@n8n.example/?q"}')"#,
         ] {
-            let message = super::error_of(sql).unwrap_or_else(|| panic!("{sql} succeeded"));
+            let message = error_of(sql).unwrap_or_else(|| panic!("{sql} succeeded"));
             assert!(
                 !message.contains("hunter22") && !message.contains("4711223344"),
                 "{sql}\n  repeats the credential: {message}"
             );
         }
-        super::assert_error(
+        assert_error(
             "SELECT pipeline.register_webhook('company_created', 'https://user:hunter22@n8n.example/x')",
             r#"url "https://***@n8n.example/x" must not carry user:password@"#,
         );
