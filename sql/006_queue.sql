@@ -12,6 +12,7 @@
 --   pipeline.backoff_base  delay after the first failed attempt    (default 5s)
 --   pipeline.backoff_cap   longest delay between attempts          (default 1h)
 --   pipeline.lease_time    lease of a claimed event                 (default 30s, at most 1 day)
+--   pipeline.disable_after an endpoint failing every request this long is given up (default 3d; 0 never)
 --
 -- Consumers need exactly these rights (the worker's role has them): SELECT
 -- on marketing.pipeline_events and UPDATE of its delivery columns only, so

@@ -40,6 +40,68 @@ COMMENT ON FUNCTION pipeline.website_problem(text) IS
 CREATE INDEX company_raw_intake_valid_domain_idx ON intake.company_raw_intake (pipeline.website_domain(website))
     WHERE validation_status = 'valid';
 
+-- Which domain is being decided: validate_company takes a row lock here, so
+-- that the rows of one domain are decided one at a time. A table of the
+-- pipeline's and not an advisory lock: any role can take any advisory lock
+-- key, and so hold up the validation of a domain; a row here can be locked
+-- only by roles that may validate (UPDATE on the intake table), as the
+-- policy says. One row per domain ever validated.
+CREATE TABLE pipeline.domain_locks (
+    domain text PRIMARY KEY
+);
+COMMENT ON TABLE pipeline.domain_locks IS
+    'Domains being validated: pipeline.validate_company locks a row here so that one domain is decided at a time.';
+ALTER TABLE pipeline.domain_locks ENABLE ROW LEVEL SECURITY;
+CREATE POLICY domain_locks_validators ON pipeline.domain_locks
+    USING (has_column_privilege('intake.company_raw_intake'::regclass, 'validation_status', 'UPDATE'))
+    WITH CHECK (has_column_privilege('intake.company_raw_intake'::regclass, 'validation_status', 'UPDATE'));
+GRANT SELECT, INSERT, UPDATE ON pipeline.domain_locks TO PUBLIC;
+
+-- A stage's decision is the stage's: a role that may only insert into a
+-- stage table cannot insert a row already decided (an intake row marked
+-- valid would be promoted without validation; a slot marked enriched
+-- would skip enrichment). Deciding takes UPDATE on the column that says
+-- the decision, as the stage functions have it; the owner has it.
+CREATE FUNCTION pipeline._intake_arrives_pending() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT has_column_privilege(TG_RELID, 'validation_status', 'UPDATE')
+       AND EXISTS (SELECT 1 FROM pipeline_new_rows r
+                   WHERE r.validation_status <> 'pending' OR r.validated
+                      OR cardinality(r.validation_errors) > 0 OR r.validated_at IS NOT NULL) THEN
+        RAISE EXCEPTION 'role % may not insert an intake row that is already validated', current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'validated, validation_status, validation_errors and validated_at are set by validation '
+                           '(pipeline.validate_company); a new row is pending.',
+                  HINT = 'Leave those columns out, or grant UPDATE (validation_status) to a role that validates.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER intake_arrives_pending AFTER INSERT ON intake.company_raw_intake
+    REFERENCING NEW TABLE AS pipeline_new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._intake_arrives_pending();
+
+CREATE FUNCTION pipeline._slots_arrive_pending() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT has_column_privilege(TG_RELID, 'enrichment_status', 'UPDATE')
+       AND EXISTS (SELECT 1 FROM pipeline_new_rows r
+                   WHERE r.enrichment_status <> 'pending' OR r.enriched_at IS NOT NULL
+                      OR r.enrichment_source IS NOT NULL) THEN
+        RAISE EXCEPTION 'role % may not insert a slot that is already enriched', current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'enrichment_status, enrichment_source and enriched_at are set by enrichment '
+                           '(pipeline.record_enrichment); a new slot is pending.',
+                  HINT = 'Leave those columns out, or grant UPDATE (enrichment_status) to a role that enriches.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER slots_arrive_pending AFTER INSERT ON marketing.company_slots
+    REFERENCING NEW TABLE AS pipeline_new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._slots_arrive_pending();
+
 -- Stage 2. Decides a pending intake row: valid when its website is usable
 -- and no other company has its domain; invalid otherwise, with every reason.
 -- A row already decided is answered as it is. A duplicate is rejected with
@@ -76,8 +138,9 @@ BEGIN
         v_domain := NULL;
     ELSE
         -- One decision per domain at a time: two rows of one company
-        -- validated at once would otherwise both pass.
-        PERFORM pg_advisory_xact_lock(hashtext('pipeline_ext: company domain'), hashtext(v_domain));
+        -- validated at once would otherwise both pass (see domain_locks).
+        INSERT INTO pipeline.domain_locks AS l (domain) VALUES (v_domain)
+        ON CONFLICT (domain) DO UPDATE SET domain = excluded.domain;
         SELECT m.id INTO v_other FROM marketing.company_master m WHERE m.domain = v_domain;
         IF FOUND THEN
             v_errors := v_errors || format('duplicate: %s is already promoted (company_master id %s)', v_domain, v_other);

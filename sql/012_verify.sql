@@ -55,6 +55,8 @@ WITH expected (kind, name) AS (
            ('function', 'pipeline.revoke_event_type'),
            ('table', 'pipeline.event_type_grants'),
            ('table', 'pipeline.webhook_credentials'),
+           ('table', 'pipeline.endpoint_health'),
+           ('table', 'pipeline.domain_locks'),
            ('view', 'marketing.vw_pipeline_status')
 ),
 objects AS (
@@ -108,12 +110,22 @@ SELECT kind, name, status FROM objects
 UNION ALL
 (SELECT kind, name, status FROM triggers ORDER BY name)
 UNION ALL
--- An endpoint restored from a dump has no credentials until they are imported.
+-- An endpoint restored from a dump has no credentials until they are
+-- imported; a disabled one says why; one that fails every request says
+-- since when, and when it is given up unless it answers.
 (SELECT 'endpoint', w.event_type::text,
         CASE WHEN c.event_type IS NULL THEN 'missing credentials (import them with pipeline.import_registry)'
+             WHEN NOT w.enabled THEN 'disabled: ' || coalesce(w.disabled_reason, 'no reason given')
+             WHEN h.failing_since IS NOT NULL THEN
+                 format('failing since %s (the last: %s)', h.failing_since, coalesce(h.last_failure, 'no answer'))
+                 || CASE WHEN pipeline._setting('disable_after', '3d')::interval > interval '0'
+                         THEN format('; given up at %s unless it answers',
+                                     h.failing_since + pipeline._setting('disable_after', '3d')::interval)
+                         ELSE '' END
              ELSE 'ok' END
  FROM pipeline.webhooks w
  LEFT JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
+ LEFT JOIN pipeline.endpoint_health h ON h.event_type = w.event_type
  ORDER BY 2)
 $$;
 COMMENT ON FUNCTION pipeline.verify() IS

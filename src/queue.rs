@@ -9,8 +9,8 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 
 use pipeline_delivery::queue::{
-    self, Claim, ClaimedRow, Outcomes, Queue, ANY_ENABLED_SQL, CLAIM_SQL, NEXT_DUE_SQL, PURGE_SQL,
-    RECORD_SQL, RECOVERED_SQL, RELEASE_CLAIMS_SQL, RELEASE_SQL,
+    self, Circuit, Claim, ClaimedRow, Outcomes, Queue, ANY_ENABLED_SQL, CIRCUIT_SQL, CLAIM_SQL,
+    NEXT_DUE_SQL, PURGE_SQL, RECORD_SQL, RELEASE_CLAIMS_SQL, RELEASE_SQL,
 };
 use pipeline_delivery::{Attempt, Job};
 
@@ -73,21 +73,25 @@ impl Queue for SpiQueue<'_> {
         &mut self,
         attempts: &[Attempt],
         unsent: &[Job],
-        recovered: &[String],
+        circuits: &[Circuit],
     ) -> Result<Vec<i32>, String> {
         self.run(|| {
             record(attempts)?;
             release(unsent)?;
-            recovered
+            circuits
                 .iter()
-                .map(|event_type| {
-                    Ok(
-                        Spi::get_one_with_args::<i32>(
-                            RECOVERED_SQL,
-                            &[event_type.as_str().into()],
-                        )?
-                        .unwrap_or(0),
-                    )
+                .map(|circuit| {
+                    Ok(Spi::get_one_with_args::<i32>(
+                        CIRCUIT_SQL,
+                        &[
+                            circuit.event_type.as_str().into(),
+                            circuit.state.into(),
+                            circuit.reason.as_deref().into(),
+                            circuit.paused_ms.into(),
+                            CONSUMER.into(),
+                        ],
+                    )?
+                    .unwrap_or(0))
                 })
                 .collect()
         })

@@ -31,6 +31,7 @@ static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 static BACKOFF_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 static BACKOFF_CAP_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
 static LEASE_TIME_S: GucSetting<i32> = GucSetting::<i32>::new(30);
+static DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(3 * 24 * 3600);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -134,6 +135,17 @@ pub fn register(preloading: bool) {
         &LEASE_TIME_S,
         1,
         86_400,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pipeline.disable_after",
+        c"How long an endpoint may fail every request before it is given up.",
+        c"It is then disabled, with the reason, and its waiting events are dead (pipeline.enable_webhook and \
+          pipeline.replay_failed bring them back). 0 never gives up.",
+        &DISABLE_AFTER_S,
+        0,
+        i32::MAX,
         GucContext::Suset,
         GucFlags::UNIT_S,
     );

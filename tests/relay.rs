@@ -178,8 +178,15 @@ fn bad_configuration_is_one_line_and_claims_nothing() {
             "Connection refused",
         ),
     ];
+    // NB: from a file, as the help says a password should come: on the
+    // command line it would be warned about (below).
+    let file = std::env::temp_dir().join(format!("relay-url-{}", std::process::id()));
     for (url, code, says) in cases {
-        let (exit, log) = relay::run(&["--database-url", &url, "--once"], Duration::from_secs(30));
+        std::fs::write(&file, format!("{url}\n")).unwrap();
+        let (exit, log) = relay::run(
+            &["--database-url-file", file.to_str().unwrap(), "--once"],
+            Duration::from_secs(30),
+        );
         let lines: Vec<&str> = log.lines().collect();
         assert_eq!(exit, Some(code), "{url}: {log}");
         assert_eq!(lines.len(), 1, "{url}: one line, not {log}");
@@ -189,6 +196,29 @@ fn bad_configuration_is_one_line_and_claims_nothing() {
             "{url}: the password shows: {log}"
         );
     }
+    // A password on the command line is warned about.
+    let (exit, log) = relay::run(
+        &["--database-url", &good.replace("/neon?", "/nosuchdb?"), "--once"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(exit, Some(2), "{log}");
+    assert!(
+        log.contains("--database-url holds a password on the command line"),
+        "{log}"
+    );
+    assert!(!log.contains("owner pass"), "{log}");
+    // A file that cannot be read, or whose first line is empty: one line, exit 2.
+    for (path, says) in [
+        ("/nonexistent/relay-url".to_string(), "--database-url-file /nonexistent/relay-url"),
+        (file.display().to_string(), "the first line is empty"),
+    ] {
+        std::fs::write(&file, "\n").unwrap();
+        let (exit, log) = relay::run(&["--database-url-file", &path, "--once"], Duration::from_secs(30));
+        assert_eq!(exit, Some(2), "{log}");
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(log.contains(says), "{log}");
+    }
+    std::fs::remove_file(&file).unwrap();
     // A bad flag: clap's own error, exit 2.
     let (exit, log) = relay::run(
         &["--database-url", &good, "--poll", "soon"],

@@ -27,7 +27,7 @@
 use std::time::{Duration, Instant};
 
 use crate::health::PROBE_LONGEST;
-use crate::queue::{jobs_of, Claim, Limits, Queue};
+use crate::queue::{jobs_of, Circuit, Claim, Limits, Queue};
 use crate::{Attempt, Change, Dispatcher, Job, Sender, Verdict};
 
 /// Longest time between two purges of old history.
@@ -295,6 +295,18 @@ impl Engine {
         self.unacknowledged += collected.attempts.len();
         self.unrecorded.extend(collected.attempts);
         self.unreleased.extend(collected.handed_back);
+        for (event_type, change) in &collected.changes {
+            if let Change::Opened(why) = change {
+                host.log(
+                    Level::Info,
+                    &format!(
+                        "the endpoint of {event_type} is down: {why}; probing it with one request at a \
+                         time (every {}s at most) until it answers; its other events wait",
+                        PROBE_LONGEST.as_secs()
+                    ),
+                );
+            }
+        }
         self.changes.extend(collected.changes);
         if self.unrecorded.is_empty() && self.unreleased.is_empty() && self.changes.is_empty() {
             return true;
@@ -317,28 +329,13 @@ impl Engine {
             std::mem::take(&mut self.changes),
         );
         self.unrecorded_since = None;
-        let of_kind = |wanted: fn(&Change) -> bool| -> Vec<String> {
-            changes
-                .iter()
-                .filter(|(_, change)| wanted(change))
-                .map(|(event_type, _)| event_type.clone())
-                .collect()
-        };
-        let recovered = of_kind(|c| *c == Change::Recovered);
-        let gone = of_kind(|c| *c == Change::Gone);
-        let result = queue.record(&attempts, &unsent, &recovered);
-        for (event_type, change) in &changes {
-            if let Change::Opened(why) = change {
-                host.log(
-                    Level::Info,
-                    &format!(
-                        "the endpoint of {event_type} is down: {why}; probing it with one request at a \
-                         time (every {}s at most) until it answers; its other events wait",
-                        PROBE_LONGEST.as_secs()
-                    ),
-                );
-            }
-        }
+        let gone: Vec<String> = changes
+            .iter()
+            .filter(|(_, change)| *change == Change::Gone)
+            .map(|(event_type, _)| event_type.clone())
+            .collect();
+        let circuits = Circuit::of(&changes);
+        let result = queue.record(&attempts, &unsent, &circuits);
         match self.succeeded(host, "recording deliveries", result) {
             Some(due) => {
                 host.recorded(&attempts);
@@ -350,13 +347,16 @@ impl Engine {
                 if !unsent.is_empty() || attempts.iter().any(|a| a.verdict != Verdict::Delivered) {
                     self.claim_wanted = true;
                 }
-                for (event_type, due) in recovered.iter().zip(due) {
-                    host.log(
-                        Level::Info,
-                        &format!(
-                            "the endpoint of {event_type} answers again; {due} waiting events are due now"
-                        ),
-                    );
+                for (circuit, due) in circuits.iter().zip(due) {
+                    if circuit.state == "half_open" {
+                        let event_type = &circuit.event_type;
+                        host.log(
+                            Level::Info,
+                            &format!(
+                                "the endpoint of {event_type} answers again; {due} waiting events are due now"
+                            ),
+                        );
+                    }
                     self.claim_wanted = true;
                 }
                 true
@@ -364,11 +364,9 @@ impl Engine {
             None => {
                 self.unrecorded = attempts;
                 self.unreleased = unsent;
-                // Recoveries are made due again next time (failures are logged).
-                self.changes = changes
-                    .into_iter()
-                    .filter(|(_, change)| matches!(change, Change::Recovered | Change::Gone))
-                    .collect();
+                // Stored next time (openings are logged already, and said
+                // again with the circuit).
+                self.changes = changes;
                 self.unrecorded_since = Some(Instant::now());
                 if self.unrecorded.len() > UNRECORDED_LIMIT {
                     let excess = self.unrecorded.len() - UNRECORDED_LIMIT;

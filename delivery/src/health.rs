@@ -131,6 +131,8 @@ pub enum Change {
     Opened(String),
     /// A probe was answered: the events that waited may come (half-open).
     Recovered,
+    /// Answered enough after recovering: everything goes out again.
+    Closed,
     /// Asked to wait this long by Retry-After.
     Paused(Duration),
     /// Answered 410 Gone: the endpoint is being disabled (said by the
@@ -181,7 +183,12 @@ impl Health {
     pub fn record(&mut self, attempt: &Attempt, cap: usize, now: Instant) -> Change {
         let kind = Kind::of(attempt);
         if kind != Kind::Answered && kind != Kind::Neutral {
-            self.last_error = attempt.error.clone();
+            // NB: the status, not the receiver's words: the reason is
+            // stored where monitoring reads it.
+            self.last_error = match attempt.status_code {
+                Some(status) => Some(format!("HTTP {status}")),
+                None => attempt.error.clone(),
+            };
         }
         match kind {
             Kind::Neutral => Change::None,
@@ -200,13 +207,13 @@ impl Health {
                         Change::Recovered
                     }
                     State::HalfOpen { allowed, delay } => {
-                        self.state = if allowed * 2 >= cap {
-                            State::Closed
-                        } else {
-                            State::HalfOpen {
-                                allowed: allowed * 2,
-                                delay,
-                            }
+                        if allowed * 2 >= cap {
+                            self.state = State::Closed;
+                            return Change::Closed;
+                        }
+                        self.state = State::HalfOpen {
+                            allowed: allowed * 2,
+                            delay,
                         };
                         Change::None
                     }
@@ -381,8 +388,8 @@ mod tests {
         assert_eq!(health.allowed(16, now), 2);
         health.record(&http(200), 16, now);
         assert_eq!(health.allowed(16, now), 4);
-        health.record(&http(200), 16, now);
-        health.record(&http(200), 16, now);
+        assert_eq!(health.record(&http(200), 16, now), Change::None);
+        assert_eq!(health.record(&http(200), 16, now), Change::Closed);
         assert_eq!(health.allowed(16, now), 16, "closed");
         // No answer in half-open opens it again at once.
         let mut health = Health::default();

@@ -28,8 +28,11 @@ pub const RECORD_SQL: &str = "SELECT pg_catalog.count(*) \
 /// Hands back claimed events that were never sent: $1 ids, $2 attempts.
 pub const RELEASE_SQL: &str = "SELECT pipeline._release($1, $2)";
 
-/// An endpoint answers again: its failed events are due now ($1 its type).
-pub const RECOVERED_SQL: &str = "SELECT pipeline._endpoint_recovered($1)";
+/// An endpoint's circuit changed: $1 its type, $2 closed, open, half_open
+/// or paused, $3 why (open), $4 how long a pause lasts in ms, $5 the
+/// deliverer; half_open makes its failed events due now (how many comes
+/// back).
+pub const CIRCUIT_SQL: &str = "SELECT pipeline._circuit_changed($1, $2, $3, $4, $5)";
 
 /// Seconds until the next deliverable event is due ($1 types to skip).
 pub const NEXT_DUE_SQL: &str = "SELECT pipeline._next_due_in($1)";
@@ -42,6 +45,52 @@ pub const RELEASE_CLAIMS_SQL: &str = "SELECT pipeline.release_claims($1)";
 
 /// Deletes old history: $1 rows at most.
 pub const PURGE_SQL: &str = "SELECT pipeline.purge(NULL, $1)";
+
+/// An endpoint's circuit as a deliverer reports it (see health.rs), for
+/// pipeline.status() and the views.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Circuit {
+    pub event_type: String,
+    /// closed, open, half_open, or paused (a Retry-After).
+    pub state: &'static str,
+    /// Why it opened.
+    pub reason: Option<String>,
+    /// How long a pause lasts, in ms.
+    pub paused_ms: Option<i32>,
+}
+
+impl Circuit {
+    /// What to report of the changes since the last record: the last one of
+    /// each endpoint, in the order they came (410 Gone is stored apart, with
+    /// the attempt).
+    pub fn of(changes: &[(String, crate::Change)]) -> Vec<Circuit> {
+        use crate::Change;
+        let mut circuits: Vec<Circuit> = Vec::new();
+        for (event_type, change) in changes {
+            let (state, reason, paused_ms) = match change {
+                Change::Opened(why) => ("open", Some(why.clone()), None),
+                Change::Recovered => ("half_open", None, None),
+                Change::Closed => ("closed", None, None),
+                Change::Paused(wait) => (
+                    "paused",
+                    None,
+                    Some(wait.as_millis().min(i32::MAX as u128) as i32),
+                ),
+                Change::None | Change::Gone => continue,
+            };
+            // NB: a recovery is kept even when the circuit closed after it in
+            // the same round: it is what makes the failed events due.
+            circuits.retain(|c| c.event_type != *event_type || c.state == "half_open");
+            circuits.push(Circuit {
+                event_type: event_type.clone(),
+                state,
+                reason,
+                paused_ms,
+            });
+        }
+        circuits
+    }
+}
 
 /// What to claim.
 #[derive(Debug, Clone, PartialEq)]
@@ -236,14 +285,14 @@ pub trait Queue {
     /// Claims each of `claims`, in one transaction; rows in claim order.
     fn claim(&mut self, claims: &[Claim]) -> Result<Vec<Vec<ClaimedRow>>, String>;
 
-    /// Records `attempts`, hands back `unsent` and makes the failed events
-    /// of the `recovered` types due, in one transaction; returns how many
-    /// events each recovered type had due.
+    /// Records `attempts`, hands back `unsent` and stores the `circuits`
+    /// (a half_open one makes its failed events due), in one transaction;
+    /// returns how many events each circuit made due.
     fn record(
         &mut self,
         attempts: &[Attempt],
         unsent: &[Job],
-        recovered: &[String],
+        circuits: &[Circuit],
     ) -> Result<Vec<i32>, String>;
 
     /// How long until the next deliverable event of a type not in `skip` is

@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use pipeline_delivery::queue::{
-    self, Claim, ClaimedRow, Outcomes, Queue, CLAIM_SQL, NEXT_DUE_SQL, PURGE_SQL, RECORD_SQL,
-    RECOVERED_SQL, RELEASE_CLAIMS_SQL, RELEASE_SQL,
+    self, Circuit, Claim, ClaimedRow, Outcomes, Queue, CIRCUIT_SQL, CLAIM_SQL, NEXT_DUE_SQL,
+    PURGE_SQL, RECORD_SQL, RELEASE_CLAIMS_SQL, RELEASE_SQL,
 };
 use pipeline_delivery::{Attempt, Job};
 use postgres::types::{ToSql, Type};
@@ -243,8 +243,18 @@ impl Store {
         Ok(())
     }
 
-    fn recovered(&mut self, event_type: &str) -> Result<i32, Failure> {
-        let rows = self.run(RECOVERED_SQL, &[(&event_type, Type::TEXT)])?;
+    fn circuit(&mut self, circuit: &Circuit) -> Result<i32, Failure> {
+        let consumer = self.consumer.clone();
+        let rows = self.run(
+            CIRCUIT_SQL,
+            &[
+                (&circuit.event_type, Type::TEXT),
+                (&circuit.state, Type::TEXT),
+                (&circuit.reason, Type::TEXT),
+                (&circuit.paused_ms, Type::INT4),
+                (&consumer, Type::TEXT),
+            ],
+        )?;
         Ok(rows.first().and_then(|r| r.get(0)).unwrap_or(0))
     }
 }
@@ -264,14 +274,14 @@ impl Queue for Store {
         &mut self,
         attempts: &[Attempt],
         unsent: &[Job],
-        recovered: &[String],
+        circuits: &[Circuit],
     ) -> Result<Vec<i32>, String> {
         let statements =
-            usize::from(!attempts.is_empty()) + usize::from(!unsent.is_empty()) + recovered.len();
+            usize::from(!attempts.is_empty()) + usize::from(!unsent.is_empty()) + circuits.len();
         let body = |store: &mut Store| {
             store.record_attempts(attempts)?;
             store.release(unsent)?;
-            recovered.iter().map(|t| store.recovered(t)).collect()
+            circuits.iter().map(|c| store.circuit(c)).collect()
         };
         let result = if statements > 1 {
             self.in_transaction(body)

@@ -82,6 +82,8 @@ GRANT UPDATE (enabled, disabled_reason, updated_at) ON pipeline.webhooks TO pipe
 -- Say when it last claimed events (pipeline.status()).
 GRANT SELECT, INSERT, DELETE ON pipeline.deliverers TO pipeline_worker;
 GRANT UPDATE (last_active_at) ON pipeline.deliverers TO pipeline_worker;
+-- Keep each endpoint's health (and give up on one that never answers).
+GRANT SELECT, INSERT, UPDATE ON pipeline.endpoint_health TO pipeline_worker;
 
 -- The extension's schema. 0.2.0's control file names it (schema =
 -- pipeline), and PostgreSQL makes it before an install script runs, so a
