@@ -1020,6 +1020,7 @@ GRANT SELECT ON pipeline.stages TO PUBLIC;
 --   pipeline.backoff_base  delay after the first failed attempt    (default 5s)
 --   pipeline.backoff_cap   longest delay between attempts          (default 1h)
 --   pipeline.lease_time    lease of a claimed event                 (default 30s, at most 1 day)
+--   pipeline.disable_after an endpoint failing every request this long is given up (default 3d; 0 never)
 --
 -- Consumers need exactly these rights (the worker's role has them): SELECT
 -- on marketing.pipeline_events and UPDATE of its delivery columns only, so
@@ -1746,6 +1747,68 @@ CREATE INDEX company_raw_intake_valid_domain_idx ON intake.company_raw_intake (p
     WHERE validation_status = 'valid';
 
 
+-- Which domain is being decided: validate_company takes a row lock here, so
+-- that the rows of one domain are decided one at a time. A table of the
+-- pipeline's and not an advisory lock: any role can take any advisory lock
+-- key, and so hold up the validation of a domain; a row here can be locked
+-- only by roles that may validate (UPDATE on the intake table), as the
+-- policy says. One row per domain ever validated.
+CREATE TABLE pipeline.domain_locks (
+    domain text PRIMARY KEY
+);
+COMMENT ON TABLE pipeline.domain_locks IS
+    'Domains being validated: pipeline.validate_company locks a row here so that one domain is decided at a time.';
+ALTER TABLE pipeline.domain_locks ENABLE ROW LEVEL SECURITY;
+CREATE POLICY domain_locks_validators ON pipeline.domain_locks
+    USING (has_column_privilege('intake.company_raw_intake'::regclass, 'validation_status', 'UPDATE'))
+    WITH CHECK (has_column_privilege('intake.company_raw_intake'::regclass, 'validation_status', 'UPDATE'));
+GRANT SELECT, INSERT, UPDATE ON pipeline.domain_locks TO PUBLIC;
+
+-- A stage's decision is the stage's: a role that may only insert into a
+-- stage table cannot insert a row already decided (an intake row marked
+-- valid would be promoted without validation; a slot marked enriched
+-- would skip enrichment). Deciding takes UPDATE on the column that says
+-- the decision, as the stage functions have it; the owner has it.
+CREATE FUNCTION pipeline._intake_arrives_pending() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT has_column_privilege(TG_RELID, 'validation_status', 'UPDATE')
+       AND EXISTS (SELECT 1 FROM pipeline_new_rows r
+                   WHERE r.validation_status <> 'pending' OR r.validated
+                      OR cardinality(r.validation_errors) > 0 OR r.validated_at IS NOT NULL) THEN
+        RAISE EXCEPTION 'role % may not insert an intake row that is already validated', current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'validated, validation_status, validation_errors and validated_at are set by validation '
+                           '(pipeline.validate_company); a new row is pending.',
+                  HINT = 'Leave those columns out, or grant UPDATE (validation_status) to a role that validates.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER intake_arrives_pending AFTER INSERT ON intake.company_raw_intake
+    REFERENCING NEW TABLE AS pipeline_new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._intake_arrives_pending();
+
+CREATE FUNCTION pipeline._slots_arrive_pending() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT has_column_privilege(TG_RELID, 'enrichment_status', 'UPDATE')
+       AND EXISTS (SELECT 1 FROM pipeline_new_rows r
+                   WHERE r.enrichment_status <> 'pending' OR r.enriched_at IS NOT NULL
+                      OR r.enrichment_source IS NOT NULL) THEN
+        RAISE EXCEPTION 'role % may not insert a slot that is already enriched', current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'enrichment_status, enrichment_source and enriched_at are set by enrichment '
+                           '(pipeline.record_enrichment); a new slot is pending.',
+                  HINT = 'Leave those columns out, or grant UPDATE (enrichment_status) to a role that enriches.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER slots_arrive_pending AFTER INSERT ON marketing.company_slots
+    REFERENCING NEW TABLE AS pipeline_new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._slots_arrive_pending();
+
 -- Stage 2. Decides a pending intake row: valid when its website is usable
 -- and no other company has its domain; invalid otherwise, with every reason.
 -- A row already decided is answered as it is. A duplicate is rejected with
@@ -1782,8 +1845,9 @@ BEGIN
         v_domain := NULL;
     ELSE
         -- One decision per domain at a time: two rows of one company
-        -- validated at once would otherwise both pass.
-        PERFORM pg_advisory_xact_lock(hashtext('pipeline_ext: company domain'), hashtext(v_domain));
+        -- validated at once would otherwise both pass (see domain_locks).
+        INSERT INTO pipeline.domain_locks AS l (domain) VALUES (v_domain)
+        ON CONFLICT (domain) DO UPDATE SET domain = excluded.domain;
         SELECT m.id INTO v_other FROM marketing.company_master m WHERE m.domain = v_domain;
         IF FOUND THEN
             v_errors := v_errors || format('duplicate: %s is already promoted (company_master id %s)', v_domain, v_other);
@@ -2820,10 +2884,119 @@ END
 $$;
 
 
+-- How each endpoint is doing, as its deliverers see it. _record_deliveries
+-- keeps whether it answers: failing_since is the first failure after its
+-- last answer (NULL while it answers; an answer is a delivery or a refusal
+-- of one event, a failure is no answer, 429 or 5xx), last_failure what
+-- that failure was (a status or the deliverer's own words, never a
+-- receiver's). The deliverers report their circuit (delivery/src/health.rs:
+-- closed; open while the endpoint is down and only probed; half_open while
+-- it comes back) and any pause a Retry-After asked for, when it changes.
+-- An endpoint that failed every request for pipeline.disable_after is
+-- disabled, and its waiting events are dead (see _give_up_endpoint).
+CREATE TABLE pipeline.endpoint_health (
+    event_type      pipeline.event_type PRIMARY KEY
+                    REFERENCES pipeline.webhooks (event_type) ON DELETE CASCADE ON UPDATE CASCADE,
+    failing_since   timestamptz,
+    last_answer_at  timestamptz,
+    last_failure_at timestamptz,
+    last_failure    text,
+    circuit         text NOT NULL DEFAULT 'closed',
+    circuit_since   timestamptz NOT NULL DEFAULT now(),
+    circuit_reason  text,
+    paused_until    timestamptz,
+    reported_by     text,
+    CONSTRAINT circuit_known CHECK (circuit IN ('closed', 'open', 'half_open'))
+);
+COMMENT ON TABLE pipeline.endpoint_health IS
+    'Each endpoint as its deliverers see it: failing since when (NULL while it answers), its circuit '
+    '(closed, open: down and only probed, half_open: coming back) and any Retry-After pause.';
+
+-- A new URL, or an endpoint enabled again, starts with a clean slate: its
+-- old failures would otherwise disable it again at its first failure.
+-- NB: SECURITY DEFINER, so that whoever may change an endpoint need not
+-- also be granted this table; it runs one DELETE by primary key.
+CREATE FUNCTION pipeline._forget_endpoint_health() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM pipeline.endpoint_health h WHERE h.event_type = NEW.event_type;
+    RETURN NULL;
+END
+$$;
+REVOKE ALL ON FUNCTION pipeline._forget_endpoint_health() FROM PUBLIC;
+CREATE TRIGGER forget_endpoint_health AFTER UPDATE OF url, enabled ON pipeline.webhooks
+    FOR EACH ROW WHEN (OLD.url IS DISTINCT FROM NEW.url OR (NEW.enabled AND NOT OLD.enabled))
+    EXECUTE FUNCTION pipeline._forget_endpoint_health();
+
+-- A deliverer reports an endpoint's circuit (state closed, open, half_open)
+-- or a pause (state paused, for paused_ms). half_open also makes the events
+-- that failed meanwhile due now; returns how many.
+CREATE FUNCTION pipeline._circuit_changed(
+    event_type text, state text, reason text, paused_ms integer, consumer text
+) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+BEGIN
+    IF state = 'paused' THEN
+        INSERT INTO pipeline.endpoint_health AS h (event_type, paused_until, reported_by)
+        SELECT w.event_type, now() + make_interval(secs => paused_ms / 1000.0), consumer
+        FROM pipeline.webhooks w WHERE w.event_type = _circuit_changed.event_type
+        ON CONFLICT ON CONSTRAINT endpoint_health_pkey DO UPDATE
+        SET paused_until = excluded.paused_until, reported_by = excluded.reported_by;
+        RETURN 0;
+    END IF;
+    INSERT INTO pipeline.endpoint_health AS h (event_type, circuit, circuit_since, circuit_reason, reported_by)
+    SELECT w.event_type, state, now(), reason, consumer
+    FROM pipeline.webhooks w WHERE w.event_type = _circuit_changed.event_type
+    ON CONFLICT ON CONSTRAINT endpoint_health_pkey DO UPDATE
+    SET circuit = excluded.circuit, circuit_since = excluded.circuit_since,
+        circuit_reason = excluded.circuit_reason, reported_by = excluded.reported_by;
+    IF state = 'half_open' THEN
+        RETURN pipeline._endpoint_recovered(event_type);
+    END IF;
+    RETURN 0;
+END
+$$;
+
+-- Gives up on an endpoint that failed every request for
+-- pipeline.disable_after: it is disabled with the reason, and its waiting
+-- events (pending, failed) are dead with it, each with an error logged;
+-- pipeline.enable_webhook and pipeline.replay_failed bring them back.
+-- Events being delivered right now settle on their own.
+CREATE FUNCTION pipeline._give_up_endpoint(event_type text, reason text) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    v_ended integer;
+BEGIN
+    UPDATE pipeline.webhooks w
+    SET enabled = false, disabled_reason = reason, updated_at = now()
+    WHERE w.event_type = _give_up_endpoint.event_type AND w.enabled;
+    WITH ended AS (
+        UPDATE marketing.pipeline_events e
+        SET status = 'dead', last_error = reason, claimed_by = NULL
+        WHERE e.event_type = _give_up_endpoint.event_type AND e.status IN ('pending', 'failed')
+        RETURNING e.id, e.event_type, e.attempts
+    ), logged AS (
+        INSERT INTO marketing.pipeline_error_log (stage, event_id, error_message, details)
+        SELECT d.event_type, d.id, reason,
+               jsonb_build_object('outcome', 'endpoint_disabled', 'attempt', d.attempts, 'status', 'dead')
+        FROM ended d
+        RETURNING 1
+    )
+    SELECT count(*)::integer INTO v_ended FROM logged;
+    RETURN v_ended;
+END
+$$;
+
 -- Recording a batch of delivery outcomes (parallel arrays, one entry per
 -- attempt, in event id order): every attempt is logged, the events are
--- settled (a refused one is dead at once), and a 410 Gone disables the
--- endpoint that answered it.
+-- settled (a refused one is dead at once), a 410 Gone disables the
+-- endpoint that answered it, each endpoint's health is kept, and an
+-- endpoint that has failed every request for pipeline.disable_after is
+-- given up (_give_up_endpoint).
 CREATE FUNCTION pipeline._record_deliveries(
     event_ids      bigint[],
     attempts       integer[],
@@ -2840,6 +3013,9 @@ CREATE FUNCTION pipeline._record_deliveries(
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    v_bound  interval;
+    v_failed record;
 BEGIN
     INSERT INTO marketing.pipeline_delivery_attempts
         (event_id, attempt, event_type, url, outcome, status_code, duration_ms, error, response_excerpt)
@@ -2860,6 +3036,49 @@ BEGIN
                  AS o(event_id, outcome, url)
         JOIN marketing.pipeline_events e ON e.id = o.event_id
         WHERE o.outcome = 'gone' AND w.event_type = e.event_type AND w.url = o.url AND w.enabled;
+    END IF;
+    -- Whether each endpoint of the batch answers (a delivery, or a refusal
+    -- of one event) or failed every request of it (no answer, 429, 5xx).
+    -- NB: its row is written when that changes, and otherwise at most about
+    -- once a second, not on every call.
+    WITH batch AS (
+        SELECT e.event_type,
+               bool_or(o.outcome IN ('delivered', 'failed')) AS answered,
+               bool_or(o.outcome = 'retry') AS failed,
+               (array_agg(CASE WHEN o.status_code IS NOT NULL THEN 'HTTP ' || o.status_code ELSE o.error END
+                          ORDER BY o.event_id DESC) FILTER (WHERE o.outcome = 'retry'))[1] AS failure
+        FROM unnest(_record_deliveries.event_ids, _record_deliveries.outcomes, _record_deliveries.status_codes,
+                    _record_deliveries.errors) AS o(event_id, outcome, status_code, error)
+        CROSS JOIN LATERAL (SELECT e.event_type FROM marketing.pipeline_events e WHERE e.id = o.event_id OFFSET 0) e
+        GROUP BY e.event_type
+    )
+    INSERT INTO pipeline.endpoint_health AS h (event_type, failing_since, last_answer_at, last_failure_at, last_failure)
+    SELECT b.event_type, CASE WHEN NOT b.answered THEN now() END, CASE WHEN b.answered THEN now() END,
+           CASE WHEN b.failed THEN now() END, b.failure
+    FROM batch b
+    WHERE (b.answered OR b.failed) AND EXISTS (SELECT 1 FROM pipeline.webhooks w WHERE w.event_type = b.event_type)
+    ON CONFLICT ON CONSTRAINT endpoint_health_pkey DO UPDATE
+    SET failing_since = CASE WHEN excluded.last_answer_at IS NOT NULL THEN NULL
+                             ELSE coalesce(h.failing_since, now()) END,
+        last_answer_at = coalesce(excluded.last_answer_at, h.last_answer_at),
+        last_failure_at = coalesce(excluded.last_failure_at, h.last_failure_at),
+        last_failure = coalesce(excluded.last_failure, h.last_failure)
+    WHERE (excluded.last_answer_at IS NOT NULL) = (h.failing_since IS NOT NULL)
+       OR h.last_answer_at IS NULL OR h.last_answer_at < now() - interval '1 second'
+       OR (excluded.last_failure_at IS NOT NULL
+           AND (h.last_failure_at IS NULL OR h.last_failure_at < now() - interval '1 second'));
+    v_bound := pipeline._setting('disable_after', '3d')::interval;
+    IF v_bound > interval '0' AND 'retry' = ANY (_record_deliveries.outcomes) THEN
+        FOR v_failed IN
+            SELECT h.event_type, h.failing_since, h.last_failure
+            FROM pipeline.endpoint_health h
+            JOIN pipeline.webhooks w ON w.event_type = h.event_type AND w.enabled
+            WHERE h.failing_since < now() - v_bound
+        LOOP
+            PERFORM pipeline._give_up_endpoint(v_failed.event_type,
+                format('given up: every request failed since %s (the last: %s), for longer than pipeline.disable_after (%s)',
+                       v_failed.failing_since, coalesce(v_failed.last_failure, 'no answer'), v_bound));
+        END LOOP;
     END IF;
     RETURN QUERY
     SELECT s.event_id, s.status
@@ -2943,15 +3162,26 @@ SELECT w.event_type,
        max(a.created_at) AS last_attempt_at,
        (SELECT a2.status_code FROM marketing.pipeline_delivery_attempts a2
         WHERE a2.event_type = w.event_type AND a2.created_at > now() - interval '1 hour'
-        ORDER BY a2.created_at DESC LIMIT 1) AS last_status_code
+        ORDER BY a2.created_at DESC LIMIT 1) AS last_status_code,
+       coalesce(h.circuit, 'closed') AS circuit,
+       h.circuit_since,
+       h.circuit_reason,
+       CASE WHEN h.paused_until > now() THEN h.paused_until END AS paused_until,
+       h.failing_since,
+       h.last_failure,
+       CASE WHEN w.enabled AND pipeline._setting('disable_after', '3d')::interval > interval '0'
+            THEN h.failing_since + pipeline._setting('disable_after', '3d')::interval END AS give_up_at
 FROM pipeline.webhooks w
+LEFT JOIN pipeline.endpoint_health h ON h.event_type = w.event_type
 LEFT JOIN marketing.pipeline_delivery_attempts a
        ON a.event_type = w.event_type AND a.created_at > now() - interval '1 hour'
-GROUP BY w.event_type, w.url, w.enabled, w.disabled_reason
+GROUP BY w.event_type, w.url, w.enabled, w.disabled_reason, h.event_type
 ORDER BY w.event_type;
 
 COMMENT ON VIEW marketing.vw_endpoint_health IS
-    'Each endpoint: enabled or why not, events waiting for it, and its deliveries, failures and latency in the last hour.';
+    'Each endpoint: enabled or why not, events waiting for it, its deliveries, failures and latency in the last hour, '
+    'its circuit (closed; open: down and only probed; half_open: coming back) and any Retry-After pause, since when '
+    'every request failed, and when it is given up (pipeline.disable_after) unless it answers.';
 
 
 -- The delivery worker's pid when it runs in this database, else NULL. This
@@ -2992,13 +3222,21 @@ SELECT pipeline._worker_pid() IS NOT NULL AS worker_running,
        (SELECT count(*) FROM marketing.pipeline_error_log l WHERE NOT l.resolved) AS unresolved_errors,
        count(*) FILTER (WHERE o.status IN ('pending', 'failed') AND NOT o.deliverable) AS without_endpoint,
        (SELECT d.name FROM pipeline.deliverers d ORDER BY d.last_active_at DESC LIMIT 1) AS last_deliverer,
-       (SELECT max(d.last_active_at) FROM pipeline.deliverers d) AS last_deliverer_active_at
+       (SELECT max(d.last_active_at) FROM pipeline.deliverers d) AS last_deliverer_active_at,
+       (SELECT count(*) FROM pipeline.endpoint_health h
+        JOIN pipeline.webhooks w ON w.event_type = h.event_type AND w.enabled
+        WHERE h.failing_since IS NOT NULL) AS endpoints_failing,
+       (SELECT min(h.failing_since) + pipeline._setting('disable_after', '3d')::interval
+        FROM pipeline.endpoint_health h
+        JOIN pipeline.webhooks w ON w.event_type = h.event_type AND w.enabled
+        WHERE pipeline._setting('disable_after', '3d')::interval > interval '0') AS next_give_up_at
 FROM open_events o;
 
 COMMENT ON VIEW marketing.vw_pipeline_status IS
     'What pipeline.status() returns: the worker, the backlog by status (events with an enabled endpoint), dead '
     'events, the last minute''s deliveries and failures, endpoints, unresolved errors, events waiting for an endpoint, '
-    'and which deliverer (the worker, a pipeline-relay) last claimed events, when.';
+    'which deliverer (the worker, a pipeline-relay) last claimed events, when, how many enabled endpoints fail '
+    'every request, and when the first of them is given up (pipeline.disable_after) unless it answers.';
 
 
 CREATE FUNCTION pipeline.status()
@@ -3017,7 +3255,9 @@ RETURNS TABLE (
     unresolved_errors      bigint,
     without_endpoint       bigint,
     last_deliverer         text,
-    last_deliverer_active_at timestamptz
+    last_deliverer_active_at timestamptz,
+    endpoints_failing      bigint,
+    next_give_up_at        timestamptz
 )
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT * FROM marketing.vw_pipeline_status
@@ -3027,7 +3267,8 @@ COMMENT ON FUNCTION pipeline.status() IS
     'Whether the delivery worker runs in this database, events by open status (with an enabled endpoint), dead '
     'events, the oldest waiting event''s age, deliveries and failures in the last minute, endpoints, unresolved '
     'errors, events waiting for an endpoint, and the deliverer that last claimed events (the worker, a '
-    'pipeline-relay by its name) with when. Reads marketing.vw_pipeline_status: needs no right on the tables.';
+    'pipeline-relay by its name) with when, and enabled endpoints failing every request with when the first is '
+    'given up. Reads marketing.vw_pipeline_status: needs no right on the tables.';
 
 
 -- Monitoring: pg_monitor (and roles granted it) read the views and status()
@@ -3167,6 +3408,8 @@ WITH expected (kind, name) AS (
            ('function', 'pipeline.revoke_event_type'),
            ('table', 'pipeline.event_type_grants'),
            ('table', 'pipeline.webhook_credentials'),
+           ('table', 'pipeline.endpoint_health'),
+           ('table', 'pipeline.domain_locks'),
            ('view', 'marketing.vw_pipeline_status')
 ),
 objects AS (
@@ -3220,12 +3463,22 @@ SELECT kind, name, status FROM objects
 UNION ALL
 (SELECT kind, name, status FROM triggers ORDER BY name)
 UNION ALL
--- An endpoint restored from a dump has no credentials until they are imported.
+-- An endpoint restored from a dump has no credentials until they are
+-- imported; a disabled one says why; one that fails every request says
+-- since when, and when it is given up unless it answers.
 (SELECT 'endpoint', w.event_type::text,
         CASE WHEN c.event_type IS NULL THEN 'missing credentials (import them with pipeline.import_registry)'
+             WHEN NOT w.enabled THEN 'disabled: ' || coalesce(w.disabled_reason, 'no reason given')
+             WHEN h.failing_since IS NOT NULL THEN
+                 format('failing since %s (the last: %s)', h.failing_since, coalesce(h.last_failure, 'no answer'))
+                 || CASE WHEN pipeline._setting('disable_after', '3d')::interval > interval '0'
+                         THEN format('; given up at %s unless it answers',
+                                     h.failing_since + pipeline._setting('disable_after', '3d')::interval)
+                         ELSE '' END
              ELSE 'ok' END
  FROM pipeline.webhooks w
  LEFT JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
+ LEFT JOIN pipeline.endpoint_health h ON h.event_type = w.event_type
  ORDER BY 2)
 $$;
 
@@ -3344,6 +3597,8 @@ GRANT UPDATE (enabled, disabled_reason, updated_at) ON pipeline.webhooks TO pipe
 -- Say when it last claimed events (pipeline.status()).
 GRANT SELECT, INSERT, DELETE ON pipeline.deliverers TO pipeline_worker;
 GRANT UPDATE (last_active_at) ON pipeline.deliverers TO pipeline_worker;
+-- Keep each endpoint's health (and give up on one that never answers).
+GRANT SELECT, INSERT, UPDATE ON pipeline.endpoint_health TO pipeline_worker;
 
 -- The extension's schema. 0.2.0's control file names it (schema =
 -- pipeline), and PostgreSQL makes it before an install script runs, so a

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use pipeline_delivery::queue::{
-    ANY_ENABLED_SQL, CLAIM_SQL, NEXT_DUE_SQL, PURGE_SQL, RECORD_SQL, RECOVERED_SQL,
+    ANY_ENABLED_SQL, CIRCUIT_SQL, CLAIM_SQL, NEXT_DUE_SQL, PURGE_SQL, RECORD_SQL,
     RELEASE_CLAIMS_SQL, RELEASE_SQL,
 };
 use postgres::types::{ToSql, Type};
@@ -252,7 +252,19 @@ fn deliver(db: &mut postgres::Client, plans: &Plans) -> BTreeMap<&'static str, S
     assert_eq!(rows[0].get::<_, i32>(0), BATCH, "every event handed back");
     all.insert("release", seen);
 
-    let (_, seen) = run(db, plans, RECOVERED_SQL, &[(&"ping", Type::TEXT)]);
+    let (rows, seen) = run(
+        db,
+        plans,
+        CIRCUIT_SQL,
+        &[
+            (&"ping", Type::TEXT),
+            (&"half_open", Type::TEXT),
+            (&None::<&str>, Type::TEXT),
+            (&None::<i32>, Type::INT4),
+            (&consumer, Type::TEXT),
+        ],
+    );
+    assert!(rows[0].get::<_, i32>(0) > 0, "the failed events are due");
     all.insert("recovered", seen);
     let (_, seen) = run(db, plans, NEXT_DUE_SQL, &[(&none, Type::TEXT_ARRAY)]);
     all.insert("next due", seen);
@@ -273,7 +285,7 @@ fn deliver(db: &mut postgres::Client, plans: &Plans) -> BTreeMap<&'static str, S
 }
 
 /// The functions a deliverer calls, and the planner settings each runs with.
-const DELIVERER_FUNCTIONS: [&str; 10] = [
+const DELIVERER_FUNCTIONS: [&str; 12] = [
     "claim",
     "release_claims",
     "_settle",
@@ -283,6 +295,8 @@ const DELIVERER_FUNCTIONS: [&str; 10] = [
     "purge",
     "_next_due_in",
     "_endpoint_recovered",
+    "_circuit_changed",
+    "_give_up_endpoint",
     // The purge's deletes run it.
     "_delete_attempts",
 ];

@@ -198,7 +198,11 @@ fn bad_configuration_is_one_line_and_claims_nothing() {
     }
     // A password on the command line is warned about.
     let (exit, log) = relay::run(
-        &["--database-url", &good.replace("/neon?", "/nosuchdb?"), "--once"],
+        &[
+            "--database-url",
+            &good.replace("/neon?", "/nosuchdb?"),
+            "--once",
+        ],
         Duration::from_secs(30),
     );
     assert_eq!(exit, Some(2), "{log}");
@@ -209,11 +213,17 @@ fn bad_configuration_is_one_line_and_claims_nothing() {
     assert!(!log.contains("owner pass"), "{log}");
     // A file that cannot be read, or whose first line is empty: one line, exit 2.
     for (path, says) in [
-        ("/nonexistent/relay-url".to_string(), "--database-url-file /nonexistent/relay-url"),
+        (
+            "/nonexistent/relay-url".to_string(),
+            "--database-url-file /nonexistent/relay-url",
+        ),
         (file.display().to_string(), "the first line is empty"),
     ] {
         std::fs::write(&file, "\n").unwrap();
-        let (exit, log) = relay::run(&["--database-url-file", &path, "--once"], Duration::from_secs(30));
+        let (exit, log) = relay::run(
+            &["--database-url-file", &path, "--once"],
+            Duration::from_secs(30),
+        );
         assert_eq!(exit, Some(2), "{log}");
         assert_eq!(log.lines().count(), 1, "{log}");
         assert!(log.contains(says), "{log}");

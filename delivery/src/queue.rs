@@ -365,6 +365,27 @@ mod tests {
     }
 
     #[test]
+    fn circuits_report_the_last_change_of_each_endpoint_and_every_recovery() {
+        use crate::Change;
+        let changes = vec![
+            ("a".to_string(), Change::Opened("down".into())),
+            ("b".to_string(), Change::Paused(Duration::from_millis(1500))),
+            ("a".to_string(), Change::Recovered),
+            ("c".to_string(), Change::Gone),
+            ("a".to_string(), Change::Closed),
+        ];
+        let circuits = Circuit::of(&changes);
+        let said: Vec<(&str, &str)> = circuits
+            .iter()
+            .map(|c| (c.event_type.as_str(), c.state))
+            .collect();
+        assert_eq!(said, [("b", "paused"), ("a", "half_open"), ("a", "closed")]);
+        assert_eq!(circuits[0].paused_ms, Some(1500));
+        let opened = Circuit::of(&changes[..1]);
+        assert_eq!(opened[0].reason.as_deref(), Some("down"));
+    }
+
+    #[test]
     fn a_lease_shorter_than_the_timeout_leaves_half_of_it() {
         assert_eq!(
             start_within(Duration::from_secs(10), Duration::from_secs(30)),
