@@ -474,9 +474,17 @@ $$;
 --     back from that JSON;
 --   * the NOTIFY text is the id plus a tail that is the same for every
 --     event of the call, built once.
-CREATE FUNCTION pipeline._capture() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+-- The capture function is made twice from this one body:
+--   pipeline._capture()        with the rights of the role whose write
+--                              fired it (see the top of this file), behind
+--                              every watch of a user's table;
+--   pipeline._capture_stage()  SECURITY DEFINER, behind the stage watches
+--                              only (sealed stage events, below).
+DO $install$
+DECLARE
+    v_body text := $body$
 BEGIN
+    -- (pipeline._capture_stage() checks here who called it: see below.)
     -- One event per row, for a whole statement at once (INSERT and DELETE
     -- watches without a condition, see pipeline.watch): the same events as
     -- the row trigger below, but one INSERT for all of them instead of one
@@ -585,7 +593,29 @@ BEGIN
     END;
     RETURN NULL;
 END
-$$;
+$body$;
+    -- The stage twin runs as the pipeline's owner, for any writer of a stage
+    -- table: only the trigger of a stage watch, on that watch's own table,
+    -- may run it (no other trigger can: EXECUTE is not granted, but the
+    -- trigger is checked all the same).
+    v_seal text := $seal$
+    IF NOT EXISTS (SELECT 1 FROM pipeline.watches w
+                   WHERE w.builtin AND w.source_table = TG_RELID AND w.trigger_name = TG_NAME
+                     AND w.event_type = TG_ARGV[0] AND w.operation = TG_OP) THEN
+        RAISE EXCEPTION 'pipeline._capture_stage() runs only as the trigger of a stage watch'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+$seal$;
+BEGIN
+    EXECUTE pg_catalog.format(
+        'CREATE FUNCTION pipeline._capture() RETURNS trigger '
+        'LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS %L', v_body);
+    EXECUTE pg_catalog.format(
+        'CREATE FUNCTION pipeline._capture_stage() RETURNS trigger '
+        'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L',
+        pg_catalog.replace(v_body, '    -- (pipeline._capture_stage() checks here who called it: see below.)' || E'\n', v_seal));
+END
+$install$;
 
 COMMENT ON FUNCTION pipeline._capture() IS
     'Trigger function behind every watch: writes the row change as an event, with the rights of the role that changed the row.';
@@ -593,6 +623,10 @@ COMMENT ON FUNCTION pipeline._capture() IS
 -- Attaching it to a table produces nothing by itself: the policy below
 -- accepts its events only for tables and types of a watch.
 GRANT EXECUTE ON FUNCTION pipeline._capture() TO PUBLIC;
+COMMENT ON FUNCTION pipeline._capture_stage() IS
+    'Trigger function behind the stage watches: writes the row change as an event with the rights of the pipeline''s '
+    'owner, so that no writer of a stage table can insert stage events of its own (only this trigger may run it).';
+REVOKE ALL ON FUNCTION pipeline._capture_stage() FROM PUBLIC;
 
 
 
@@ -672,7 +706,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT EXISTS (
         SELECT 1 FROM pg_trigger t
         WHERE t.tgrelid = source_table AND t.tgname = trigger_name
-          AND t.tgfoid = 'pipeline._capture()'::regprocedure
+          AND t.tgfoid IN ('pipeline._capture()'::regprocedure, 'pipeline._capture_stage()'::regprocedure)
           AND pipeline._trigger_event_type(t.tgargs) = event_type
           AND (t.tgtype::integer & CASE operation WHEN 'INSERT' THEN 4 WHEN 'DELETE' THEN 8
                                                   WHEN 'UPDATE' THEN 16 ELSE 0 END) <> 0)
@@ -717,11 +751,14 @@ CREATE POLICY pipeline_events_produce ON marketing.pipeline_events FOR INSERT
             WHEN 'EMIT' THEN source_table IS NULL AND pipeline._may_produce(event_type)
             ELSE pg_trigger_depth() > 0
                  AND EXISTS (
+                     -- NB: not a stage watch: their events are written by
+                     -- pipeline._capture_stage() as the owner, never by a writer.
                      SELECT 1
                      FROM pipeline.watches w
                      JOIN pg_class c ON c.oid = w.source_table
                      JOIN pg_namespace n ON n.oid = c.relnamespace
-                     WHERE w.event_type = pipeline_events.event_type::text
+                     WHERE NOT w.builtin
+                       AND w.event_type = pipeline_events.event_type::text
                        AND w.operation = pipeline_events.source_op::text
                        AND n.nspname || '.' || c.relname = pipeline_events.source_table
                        AND CASE w.operation
@@ -795,17 +832,20 @@ $$;
 
 
 -- Starting to turn changes of a table into events (replaces an earlier watch
--- of the same table, event type and operation).
-CREATE FUNCTION pipeline.watch(
+-- of the same table, event type and operation). stage: a stage watch (the
+-- install's, the owner's only), whose trigger runs pipeline._capture_stage().
+CREATE FUNCTION pipeline._watch(
     source_table regclass,
     event_type   text,
-    operation    text DEFAULT 'INSERT',
-    condition    text DEFAULT NULL,
-    columns      text[] DEFAULT NULL,
-    group_by     text DEFAULT NULL
+    operation    text,
+    condition    text,
+    columns      text[],
+    group_by     text,
+    stage        boolean
 ) RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    v_capture regprocedure := CASE WHEN stage THEN 'pipeline._capture_stage()' ELSE 'pipeline._capture()' END;
     v_op      text := upper(btrim(operation));
     v_kind    "char";
     v_schema  name;
@@ -889,7 +929,7 @@ BEGIN
     WHERE i.indrelid = source_table AND i.indisprimary;
 
     v_trigger := format('pipeline_%s_%s', event_type, lower(v_op));
-    PERFORM pipeline._drop_watch(source_table, watch.event_type, v_op);
+    PERFORM pipeline._drop_watch(source_table, _watch.event_type, v_op);
 
     -- A statement trigger with a transition table makes all of a statement's
     -- events at once: grouped watches need it, and INSERT and DELETE watches
@@ -902,7 +942,7 @@ BEGIN
     SELECT string_agg(quote_literal(a), ', ') INTO v_args
     FROM unnest(ARRAY[event_type, coalesce(group_by, '')] || coalesce(v_keys, '{}')) AS a;
 
-    v_sql := format('CREATE TRIGGER %I AFTER %s%s ON %s %s FOR EACH %s%s EXECUTE FUNCTION pipeline._capture(%s)',
+    v_sql := format('CREATE TRIGGER %I AFTER %s%s ON %s %s FOR EACH %s%s EXECUTE FUNCTION %s(%s)',
         v_trigger,
         v_op,
         CASE WHEN columns IS NOT NULL THEN
@@ -915,6 +955,7 @@ BEGIN
              ELSE 'REFERENCING NEW TABLE AS pipeline_new_rows' END,
         CASE WHEN v_per_statement THEN 'STATEMENT' ELSE 'ROW' END,
         CASE WHEN condition IS NOT NULL THEN ' WHEN (' || condition || ')' END,
+        v_capture::oid::regproc,
         v_args);
     BEGIN
         EXECUTE v_sql;
@@ -928,15 +969,28 @@ BEGIN
     -- the statement into something else.
     IF NOT EXISTS (SELECT 1 FROM pg_trigger t
                    WHERE t.tgrelid = source_table AND t.tgname = v_trigger
-                     AND t.tgfoid = 'pipeline._capture()'::regprocedure) THEN
+                     AND t.tgfoid = v_capture) THEN
         RAISE EXCEPTION 'pipeline.watch: condition % is not a single boolean expression', quote_literal(condition)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
-    INSERT INTO pipeline.watches (source_table, event_type, operation, condition, columns, group_by, trigger_name)
-    VALUES (source_table, event_type, v_op, condition, columns, group_by, v_trigger);
+    INSERT INTO pipeline.watches (source_table, event_type, operation, condition, columns, group_by, trigger_name,
+                                  builtin)
+    VALUES (source_table, event_type, v_op, condition, columns, group_by, v_trigger, stage);
     RETURN v_trigger;
 END
+$$;
+
+CREATE FUNCTION pipeline.watch(
+    source_table regclass,
+    event_type   text,
+    operation    text DEFAULT 'INSERT',
+    condition    text DEFAULT NULL,
+    columns      text[] DEFAULT NULL,
+    group_by     text DEFAULT NULL
+) RETURNS text
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pipeline._watch(source_table, event_type, operation, condition, columns, group_by, false)
 $$;
 
 COMMENT ON FUNCTION pipeline.watch(regclass, text, text, text, text[], text) IS
@@ -1871,8 +1925,9 @@ BEGIN
     ELSE
         -- One decision per domain at a time: two rows of one company
         -- validated at once would otherwise both pass (see domain_locks).
+        -- NB: by the constraint's name: "domain" is also this function's output.
         INSERT INTO pipeline.domain_locks AS l (domain) VALUES (v_domain)
-        ON CONFLICT (domain) DO UPDATE SET domain = excluded.domain;
+        ON CONFLICT ON CONSTRAINT domain_locks_pkey DO UPDATE SET domain = excluded.domain;
         SELECT m.id INTO v_other FROM marketing.company_master m WHERE m.domain = v_domain;
         IF FOUND THEN
             v_errors := v_errors || format('duplicate: %s is already promoted (company_master id %s)', v_domain, v_other);
@@ -3092,19 +3147,6 @@ BEGIN
        OR h.last_answer_at IS NULL OR h.last_answer_at < now() - interval '1 second'
        OR (excluded.last_failure_at IS NOT NULL
            AND (h.last_failure_at IS NULL OR h.last_failure_at < now() - interval '1 second'));
-    v_bound := pipeline._setting('disable_after', '3d')::interval;
-    IF v_bound > interval '0' AND 'retry' = ANY (_record_deliveries.outcomes) THEN
-        FOR v_failed IN
-            SELECT h.event_type, h.failing_since, h.last_failure
-            FROM pipeline.endpoint_health h
-            JOIN pipeline.webhooks w ON w.event_type = h.event_type AND w.enabled
-            WHERE h.failing_since < now() - v_bound
-        LOOP
-            PERFORM pipeline._give_up_endpoint(v_failed.event_type,
-                format('given up: every request failed since %s (the last: %s), for longer than pipeline.disable_after (%s)',
-                       v_failed.failing_since, coalesce(v_failed.last_failure, 'no answer'), v_bound));
-        END LOOP;
-    END IF;
     RETURN QUERY
     SELECT s.event_id, s.status
     FROM pipeline._settle(
@@ -3123,6 +3165,21 @@ BEGIN
                      END
               FROM unnest(_record_deliveries.urls, _record_deliveries.status_codes, _record_deliveries.outcomes,
                           _record_deliveries.excerpts) AS o(url, status_code, outcome, excerpt))) s;
+    -- NB: after the settling, so that the events it just settled (a probe's)
+    -- are given up with the rest.
+    v_bound := pipeline._setting('disable_after', '3d')::interval;
+    IF v_bound > interval '0' AND 'retry' = ANY (_record_deliveries.outcomes) THEN
+        FOR v_failed IN
+            SELECT h.event_type, h.failing_since, h.last_failure
+            FROM pipeline.endpoint_health h
+            JOIN pipeline.webhooks w ON w.event_type = h.event_type AND w.enabled
+            WHERE h.failing_since < now() - v_bound
+        LOOP
+            PERFORM pipeline._give_up_endpoint(v_failed.event_type,
+                format('given up: every request failed since %s (the last: %s), for longer than pipeline.disable_after (%s)',
+                       v_failed.failing_since, coalesce(v_failed.last_failure, 'no answer'), v_bound));
+        END LOOP;
+    END IF;
 END
 $$;
 
@@ -3463,11 +3520,12 @@ objects AS (
 -- Every stage trigger, and every watch a user added.
 wanted_triggers AS (
     SELECT s.source_table::text AS table_name,
-           format('pipeline_%s_%s', s.event_type, lower(s.operation)) AS trigger_name
+           format('pipeline_%s_%s', s.event_type, lower(s.operation)) AS trigger_name,
+           true AS stage
     FROM pipeline.stages s
     WHERE s.event_type IS NOT NULL
     UNION
-    SELECT w.source_table::text, w.trigger_name::text
+    SELECT w.source_table::text, w.trigger_name::text, w.builtin
     FROM pipeline.watches w
 ),
 triggers AS (
@@ -3477,7 +3535,8 @@ triggers AS (
                WHEN to_regclass(wt.table_name) IS NULL THEN 'missing table'
                WHEN t.oid IS NULL THEN 'missing'
                WHEN t.tgenabled = 'D' THEN 'disabled'
-               WHEN t.tgfoid <> 'pipeline._capture()'::regprocedure THEN 'calls another function'
+               WHEN t.tgfoid <> CASE WHEN wt.stage THEN 'pipeline._capture_stage()'::regprocedure
+                                     ELSE 'pipeline._capture()'::regprocedure END THEN 'calls another function'
                ELSE 'ok'
            END AS status
     FROM wanted_triggers wt
@@ -3526,8 +3585,9 @@ BEGIN
         WHERE w.source_table OPERATOR(pg_catalog.=) v_watch.source_table
           AND w.event_type OPERATOR(pg_catalog.=) v_watch.event_type
           AND w.operation OPERATOR(pg_catalog.=) v_watch.operation;
-        PERFORM pipeline.watch(v_watch.source_table, v_watch.event_type, v_watch.operation,
-                               v_watch.condition, v_watch.columns, v_watch.group_by);
+        -- NB: the stage watches' triggers run pipeline._capture_stage().
+        PERFORM pipeline._watch(v_watch.source_table, v_watch.event_type, v_watch.operation,
+                                v_watch.condition, v_watch.columns, v_watch.group_by, v_watch.builtin);
         UPDATE pipeline.watches w SET builtin = v_watch.builtin, created_at = v_watch.created_at
         WHERE w.source_table OPERATOR(pg_catalog.=) v_watch.source_table
           AND w.event_type OPERATOR(pg_catalog.=) v_watch.event_type

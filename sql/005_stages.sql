@@ -52,9 +52,8 @@ DECLARE
     s pipeline.stages;
 BEGIN
     FOR s IN SELECT * FROM pipeline.stages WHERE event_type IS NOT NULL ORDER BY stage_no LOOP
-        PERFORM pipeline.watch(s.source_table, s.event_type, s.operation, s.condition, s.columns, s.group_by);
-        UPDATE pipeline.watches w SET builtin = true
-        WHERE w.source_table = s.source_table AND w.event_type = s.event_type AND w.operation = s.operation;
+        -- NB: stage watches: their triggers run pipeline._capture_stage().
+        PERFORM pipeline._watch(s.source_table, s.event_type, s.operation, s.condition, s.columns, s.group_by, true);
     END LOOP;
 END
 $$;

@@ -139,8 +139,9 @@ BEGIN
     ELSE
         -- One decision per domain at a time: two rows of one company
         -- validated at once would otherwise both pass (see domain_locks).
+        -- NB: by the constraint's name: "domain" is also this function's output.
         INSERT INTO pipeline.domain_locks AS l (domain) VALUES (v_domain)
-        ON CONFLICT (domain) DO UPDATE SET domain = excluded.domain;
+        ON CONFLICT ON CONSTRAINT domain_locks_pkey DO UPDATE SET domain = excluded.domain;
         SELECT m.id INTO v_other FROM marketing.company_master m WHERE m.domain = v_domain;
         IF FOUND THEN
             v_errors := v_errors || format('duplicate: %s is already promoted (company_master id %s)', v_domain, v_other);

@@ -390,19 +390,6 @@ BEGIN
        OR h.last_answer_at IS NULL OR h.last_answer_at < now() - interval '1 second'
        OR (excluded.last_failure_at IS NOT NULL
            AND (h.last_failure_at IS NULL OR h.last_failure_at < now() - interval '1 second'));
-    v_bound := pipeline._setting('disable_after', '3d')::interval;
-    IF v_bound > interval '0' AND 'retry' = ANY (_record_deliveries.outcomes) THEN
-        FOR v_failed IN
-            SELECT h.event_type, h.failing_since, h.last_failure
-            FROM pipeline.endpoint_health h
-            JOIN pipeline.webhooks w ON w.event_type = h.event_type AND w.enabled
-            WHERE h.failing_since < now() - v_bound
-        LOOP
-            PERFORM pipeline._give_up_endpoint(v_failed.event_type,
-                format('given up: every request failed since %s (the last: %s), for longer than pipeline.disable_after (%s)',
-                       v_failed.failing_since, coalesce(v_failed.last_failure, 'no answer'), v_bound));
-        END LOOP;
-    END IF;
     RETURN QUERY
     SELECT s.event_id, s.status
     FROM pipeline._settle(
@@ -421,6 +408,21 @@ BEGIN
                      END
               FROM unnest(_record_deliveries.urls, _record_deliveries.status_codes, _record_deliveries.outcomes,
                           _record_deliveries.excerpts) AS o(url, status_code, outcome, excerpt))) s;
+    -- NB: after the settling, so that the events it just settled (a probe's)
+    -- are given up with the rest.
+    v_bound := pipeline._setting('disable_after', '3d')::interval;
+    IF v_bound > interval '0' AND 'retry' = ANY (_record_deliveries.outcomes) THEN
+        FOR v_failed IN
+            SELECT h.event_type, h.failing_since, h.last_failure
+            FROM pipeline.endpoint_health h
+            JOIN pipeline.webhooks w ON w.event_type = h.event_type AND w.enabled
+            WHERE h.failing_since < now() - v_bound
+        LOOP
+            PERFORM pipeline._give_up_endpoint(v_failed.event_type,
+                format('given up: every request failed since %s (the last: %s), for longer than pipeline.disable_after (%s)',
+                       v_failed.failing_since, coalesce(v_failed.last_failure, 'no answer'), v_bound));
+        END LOOP;
+    END IF;
 END
 $$;
 

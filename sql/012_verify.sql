@@ -85,11 +85,12 @@ objects AS (
 -- Every stage trigger, and every watch a user added.
 wanted_triggers AS (
     SELECT s.source_table::text AS table_name,
-           format('pipeline_%s_%s', s.event_type, lower(s.operation)) AS trigger_name
+           format('pipeline_%s_%s', s.event_type, lower(s.operation)) AS trigger_name,
+           true AS stage
     FROM pipeline.stages s
     WHERE s.event_type IS NOT NULL
     UNION
-    SELECT w.source_table::text, w.trigger_name::text
+    SELECT w.source_table::text, w.trigger_name::text, w.builtin
     FROM pipeline.watches w
 ),
 triggers AS (
@@ -99,7 +100,8 @@ triggers AS (
                WHEN to_regclass(wt.table_name) IS NULL THEN 'missing table'
                WHEN t.oid IS NULL THEN 'missing'
                WHEN t.tgenabled = 'D' THEN 'disabled'
-               WHEN t.tgfoid <> 'pipeline._capture()'::regprocedure THEN 'calls another function'
+               WHEN t.tgfoid <> CASE WHEN wt.stage THEN 'pipeline._capture_stage()'::regprocedure
+                                     ELSE 'pipeline._capture()'::regprocedure END THEN 'calls another function'
                ELSE 'ok'
            END AS status
     FROM wanted_triggers wt

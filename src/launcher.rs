@@ -16,6 +16,13 @@
 //! Templates are left alone: a worker connected to template1 would make
 //! every CREATE DATABASE fail. When max_worker_processes has no room left,
 //! the launcher says so once and tries again every few seconds.
+//!
+//! Who gets a worker: every database with the extension, but at most
+//! pipeline.workers_per_owner databases of one owner that is not a
+//! superuser (the others are named in the log, and served once one of the
+//! owner's workers ends or the setting is raised). A role that may only
+//! create databases, from a template with the extension, so cannot take
+//! every background worker slot of the server.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -66,6 +73,10 @@ pub extern "C-unwind" fn pipeline_ext_launcher_main(_arg: pg_sys::Datum) {
     let mut waiting = known.clone();
     let mut looked = std::time::Instant::now();
     let mut no_room_logged = false;
+    // Databases refused for their owner's cap, looked at again with the
+    // new databases; and those already named in the log.
+    let mut refused: Vec<pg_sys::Oid> = Vec::new();
+    let mut refusal_said: Vec<pg_sys::Oid> = Vec::new();
     loop {
         if BackgroundWorker::sigterm_received() {
             break;
@@ -97,8 +108,22 @@ pub extern "C-unwind" fn pipeline_ext_launcher_main(_arg: pg_sys::Datum) {
             }
             known = now;
             looked = std::time::Instant::now();
+            for database in refused.drain(..) {
+                if !waiting.contains(&database) {
+                    waiting.push(database);
+                }
+            }
         }
-        waiting.retain(|&database| !start(&all, database, &mut no_room_logged));
+        let mut started = Vec::new();
+        waiting.retain(|&database| {
+            let mut turn = Turn {
+                no_room_logged: &mut no_room_logged,
+                refused: &mut refused,
+                refusal_said: &mut refusal_said,
+                started: &mut started,
+            };
+            !start(&all, database, &mut turn)
+        });
         if waiting.is_empty() {
             no_room_logged = false;
         }
@@ -124,9 +149,19 @@ unsafe extern "C-unwind" fn forget_launcher(_code: i32, _arg: pg_sys::Datum) {
     }
 }
 
+/// What a turn of the launcher keeps while it starts workers.
+struct Turn<'a> {
+    no_room_logged: &'a mut bool,
+    /// Refused for their owner's cap (looked at again later).
+    refused: &'a mut Vec<pg_sys::Oid>,
+    refusal_said: &'a mut Vec<pg_sys::Oid>,
+    /// Workers started in this turn (not in a slot yet).
+    started: &'a mut Vec<pg_sys::Oid>,
+}
+
 /// Starts the worker of a database unless one runs there; false when there
 /// was no room (to be tried again). `all` is pg_database as just read.
-fn start(all: &[Database], database: pg_sys::Oid, no_room_logged: &mut bool) -> bool {
+fn start(all: &[Database], database: pg_sys::Oid, turn: &mut Turn<'_>) -> bool {
     if let Some((_, serving)) = worker_slots::of(database).and_then(|slot| slot.worker_process()) {
         if serving == database {
             return true;
@@ -141,6 +176,34 @@ fn start(all: &[Database], database: pg_sys::Oid, no_room_logged: &mut bool) -> 
     if !found.allows_connections || found.is_template || (!only.is_empty() && found.name != only) {
         return true;
     }
+    worker_slots::exists(database);
+    if !found.owner_is_superuser {
+        let cap = settings::workers_per_owner();
+        let of_owner = |d: &pg_sys::Oid| all.iter().any(|x| x.oid == *d && x.owner == found.owner);
+        // NB: workers in a slot have found the extension; those started in
+        // this turn may still find none, so they only defer the rest.
+        let serving = worker_slots::in_use()
+            .filter(|(d, slot)| *d != database && of_owner(d) && slot.worker_process().is_some())
+            .count();
+        let starting = turn.started.iter().filter(|d| of_owner(d)).count();
+        if serving >= cap {
+            if !turn.refusal_said.contains(&database) {
+                warning!(
+                    "pipeline_ext launcher: database \"{}\" gets no delivery worker: its owner already has {serving} \
+                     databases with one (pipeline.workers_per_owner = {cap}); looked at again every {} s",
+                    found.name,
+                    NEW_DATABASES.as_secs()
+                );
+                turn.refusal_said.push(database);
+            }
+            turn.refused.push(database);
+            return true;
+        }
+        if serving + starting >= cap {
+            return false;
+        }
+    }
+    turn.refusal_said.retain(|&d| d != database);
     let started = BackgroundWorkerBuilder::new("pipeline_ext delivery worker")
         .set_type("pipeline_ext worker")
         .set_library("pipeline_ext")
@@ -151,12 +214,14 @@ fn start(all: &[Database], database: pg_sys::Oid, no_room_logged: &mut bool) -> 
         .set_restart_time(Some(Duration::from_secs(5)))
         .load_dynamic()
         .is_ok();
-    if !started && !*no_room_logged {
+    if started {
+        turn.started.push(database);
+    } else if !*turn.no_room_logged {
         warning!(
             "pipeline_ext launcher: no room for another background worker (max_worker_processes); trying again every {} s",
             RETRY.as_secs()
         );
-        *no_room_logged = true;
+        *turn.no_room_logged = true;
     }
     started
 }
@@ -205,6 +270,9 @@ struct Database {
     name: String,
     allows_connections: bool,
     is_template: bool,
+    owner: pg_sys::Oid,
+    /// Its owner is a superuser: no cap.
+    owner_is_superuser: bool,
 }
 
 /// pg_database, read as autovacuum's launcher reads it: a catalog scan in a
@@ -235,6 +303,8 @@ fn scan_databases() -> Vec<Database> {
                     .into_owned(),
                 allows_connections: (*row).datallowconn,
                 is_template: (*row).datistemplate,
+                owner: (*row).datdba,
+                owner_is_superuser: pg_sys::superuser_arg((*row).datdba),
             });
         }
         pg_sys::table_endscan(scan);

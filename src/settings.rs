@@ -32,6 +32,7 @@ static BACKOFF_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 static BACKOFF_CAP_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
 static LEASE_TIME_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 static DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(3 * 24 * 3600);
+static WORKERS_PER_OWNER: GucSetting<i32> = GucSetting::<i32>::new(4);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -68,6 +69,17 @@ pub fn register(preloading: bool) {
             GucFlags::default(),
         );
     }
+    GucRegistry::define_int_guc(
+        c"pipeline.workers_per_owner",
+        c"Databases of one owner that get a delivery worker, unless the owner is a superuser.",
+        c"Each worker takes one of max_worker_processes: a role that may only create databases (from a \
+          template with the extension) cannot take every one. A refused database is named in the log.",
+        &WORKERS_PER_OWNER,
+        1,
+        crate::worker_slots::MAX_DATABASES as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"pipeline.batch_size",
         c"Events the worker claims per round.",
@@ -420,6 +432,12 @@ fn non_empty(setting: &GucSetting<Option<CString>>) -> Option<String> {
         .get()
         .map(|s| s.to_string_lossy().into_owned())
         .filter(|s| !s.trim().is_empty())
+}
+
+/// pipeline.workers_per_owner: databases of one owner (not a superuser)
+/// with a worker.
+pub fn workers_per_owner() -> usize {
+    WORKERS_PER_OWNER.get().max(1) as usize
 }
 
 /// pipeline.database: the only database served, or "" for all of them.

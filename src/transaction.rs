@@ -7,7 +7,12 @@
 //! bootstrap superuser, and every transaction switches to the worker role
 //! in a security-restricted context (as autovacuum does for index
 //! functions): the SQL it runs has that role's rights only, and cannot SET
-//! ROLE back. A role that is a superuser is refused.
+//! ROLE back. A role that is a superuser is refused. The session becomes
+//! that role too, as SET SESSION AUTHORIZATION makes it: inside the
+//! worker's statements session_user names it and is_superuser is off, as
+//! they would be had it logged in. (PostgreSQL 15 lets a background worker
+//! connect only as a role that may log in, and pipeline_worker must not:
+//! connecting as the bootstrap superuser and switching is the way left.)
 //!
 //! The session's settings that a database owner could otherwise choose for
 //! it (ALTER DATABASE ... SET) and that decide which code runs or whether
@@ -120,8 +125,10 @@ fn become_role(role: &str) -> Result<(), String> {
         ));
     }
     // SAFETY: inside a transaction, which saved the previous user id and
-    // context and restores them if it aborts.
+    // context and restores them if it aborts; the worker authenticated as
+    // the bootstrap superuser, who may take any session authorization.
     unsafe {
+        pg_sys::SetSessionAuthorization(oid, false);
         pg_sys::SetUserIdAndSecContext(
             oid,
             (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,

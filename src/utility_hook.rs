@@ -19,7 +19,6 @@
 //! every 5 s.
 
 use std::ffi::CStr;
-use std::sync::atomic::Ordering;
 
 use pgrx::prelude::*;
 
@@ -83,8 +82,9 @@ unsafe extern "C-unwind" fn process_utility(
             ),
         }
     }
-    if let Some(slot) = dropping.and_then(worker_slots::of) {
-        slot.dropped.store(true, Ordering::SeqCst);
+    if let Some(database) = dropping {
+        // NB: reached only when the drop succeeded (an error does not return).
+        worker_slots::dropped(database);
     }
 }
 

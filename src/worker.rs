@@ -32,7 +32,6 @@
 //! Requests still in flight are abandoned rather than waited for.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,28 +91,47 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     // The launcher passes the database's OID.
     let database_oid = pg_sys::Oid::from(arg.value() as u32);
-    let Some(slot) = worker_slots::take(database_oid) else {
-        log!(
-            "pipeline_ext worker: no slot for database {}: at most {} databases have a worker",
-            database_oid.to_u32(),
-            worker_slots::MAX_DATABASES
-        );
-        // SAFETY: exit code 0 unregisters the worker: it is not started again.
-        unsafe { pg_sys::proc_exit(0) };
-    };
-    if slot.dropped.load(Ordering::SeqCst) {
+    if worker_slots::was_dropped(database_oid) {
         log!("pipeline_ext worker: its database was dropped; this worker ends");
-        slot.free();
-        // SAFETY: as above; connecting to the dropped database would fail.
+        // SAFETY: exit code 0 unregisters the worker: it is not started
+        // again; connecting to the dropped database would fail.
         unsafe { pg_sys::proc_exit(0) };
     }
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database_oid), None);
+    transaction::pin_session_settings();
+    // NB: a database without the extension gets no slot: the launcher starts
+    // a worker in every database at server start (and in every new one),
+    // and only those with the extension keep one. A CREATE EXTENSION that
+    // commits after this look takes a slot and asks the launcher itself.
+    let slot = match worker_slots::of(database_oid) {
+        Some(slot) => slot,
+        None => {
+            if transaction::run(None, || Ok(queue::installed_version()))
+                .ok()
+                .flatten()
+                .is_none()
+            {
+                debug1!("pipeline_ext worker: no extension in this database; this worker ends");
+                // SAFETY: as above.
+                unsafe { pg_sys::proc_exit(0) };
+            }
+            let Some(slot) = worker_slots::take(database_oid) else {
+                log!(
+                    "pipeline_ext worker: no slot for database {}: at most {} databases have a worker",
+                    database_oid.to_u32(),
+                    worker_slots::MAX_DATABASES
+                );
+                // SAFETY: as above.
+                unsafe { pg_sys::proc_exit(0) };
+            };
+            slot
+        }
+    };
     if !wake::publish_worker(slot) {
         // Another worker serves this database.
         // SAFETY: as above.
         unsafe { pg_sys::proc_exit(0) };
     }
-    transaction::pin_session_settings();
     let database = transaction::run(None, || Ok(queue::database_name())).unwrap_or_default();
 
     let settings = settings::worker_settings();

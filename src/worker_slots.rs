@@ -7,9 +7,14 @@
 //! a backend asks (launcher.rs). Everything in a slot is atomic: the commit
 //! path reads it without a lock.
 //!
-//! A slot is taken by the first worker of its database and kept: the
-//! database's wake-up count and flags outlive its workers. It is given back
-//! when the database is dropped.
+//! A slot is taken by the first worker of a database that has the
+//! extension (a worker that finds none ends without one, so databases
+//! without the extension use no slot), or by the commit of CREATE
+//! EXTENSION, and kept: the database's wake-up count and flags outlive its
+//! workers. It is given back when the database is dropped; the database is
+//! then remembered as dropped for a while, so that its worker, started
+//! again after DROP DATABASE stopped it, ends for good instead of failing
+//! to connect every 5 s.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -38,14 +43,19 @@ pub struct Slot {
     /// DROP or ALTER EXTENSION committed here: the worker looks at the
     /// extension again.
     pub recheck: AtomicBool,
-    /// DROP DATABASE succeeded: the worker started again exits for good.
-    pub dropped: AtomicBool,
 }
+
+/// Databases dropped lately, remembered (the oldest forgotten first) until
+/// their worker has seen it.
+const DROPPED_REMEMBERED: usize = 64;
 
 pub struct Slots {
     pub slots: [Slot; MAX_DATABASES],
     /// PGPROC number of the launcher, or NO_WORKER.
     pub launcher: AtomicU32,
+    /// OIDs of databases dropped lately (0: none), a ring.
+    dropped: [AtomicU32; DROPPED_REMEMBERED],
+    next_dropped: AtomicU32,
 }
 
 // SAFETY: only atomics, no pointers: valid in every process at the same
@@ -62,9 +72,10 @@ impl Default for Slots {
                 wakes: AtomicU64::new(0),
                 requested: AtomicBool::new(false),
                 recheck: AtomicBool::new(false),
-                dropped: AtomicBool::new(false),
             }),
             launcher: AtomicU32::new(NO_WORKER),
+            dropped: std::array::from_fn(|_| AtomicU32::new(0)),
+            next_dropped: AtomicU32::new(0),
         }
     }
 }
@@ -132,9 +143,42 @@ impl Slot {
     pub fn free(&self) {
         self.proc.store(NO_WORKER, Ordering::SeqCst);
         self.requested.store(false, Ordering::SeqCst);
-        self.dropped.store(false, Ordering::SeqCst);
         self.wake_wanted.store(true, Ordering::SeqCst);
         self.database.store(0, Ordering::SeqCst);
+    }
+}
+
+/// DROP DATABASE succeeded: the database's slot is free again, and its
+/// worker, if it is started again, ends.
+pub fn dropped(database: pg_sys::Oid) {
+    let Some(all) = all() else {
+        return;
+    };
+    let at = all.next_dropped.fetch_add(1, Ordering::SeqCst) as usize % DROPPED_REMEMBERED;
+    all.dropped[at].store(database.to_u32(), Ordering::SeqCst);
+    if let Some(slot) = of(database) {
+        slot.free();
+    }
+}
+
+/// Whether a database was dropped lately (its worker must not connect).
+pub fn was_dropped(database: pg_sys::Oid) -> bool {
+    let wanted = database.to_u32();
+    all().is_some_and(|all| {
+        all.dropped
+            .iter()
+            .any(|d| d.load(Ordering::SeqCst) == wanted)
+    })
+}
+
+/// The database exists (the launcher read it in pg_database): an OID
+/// used again is not taken for the dropped database's.
+pub fn exists(database: pg_sys::Oid) {
+    let wanted = database.to_u32();
+    if let Some(all) = all() {
+        for dropped in &all.dropped {
+            let _ = dropped.compare_exchange(wanted, 0, Ordering::SeqCst, Ordering::SeqCst);
+        }
     }
 }
 

@@ -56,3 +56,13 @@ fn worker_gone_means_no_new_request() {
 fn relay_gone_means_no_new_request() {
     faults::gone_means_no_new_request(Kind::Relay);
 }
+
+#[test]
+fn worker_a_dead_endpoint_is_given_up_and_says_so_before() {
+    faults::a_dead_endpoint_is_given_up_and_says_so_before(Kind::Worker);
+}
+
+#[test]
+fn relay_a_dead_endpoint_is_given_up_and_says_so_before() {
+    faults::a_dead_endpoint_is_given_up_and_says_so_before(Kind::Relay);
+}

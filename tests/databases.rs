@@ -183,3 +183,117 @@ fn a_misnamed_pipeline_database_is_said() {
             .contains("pipeline.database \"no_such_db\" can be served now")
     });
 }
+
+/// Databases without the extension take no worker slot, and a dropped
+/// database gives its slot back: a role that may only create databases
+/// makes and drops more of them than there are slots, and a database made
+/// afterwards still gets its worker.
+#[test]
+fn databases_without_the_extension_use_no_worker_slot() {
+    let cluster = Cluster::start(
+        "databases-churn",
+        &[
+            ("shared_preload_libraries", "pipeline_ext"),
+            // Room for a worker in each at once, so that every one of them
+            // has started (and, before the fix, taken a slot) by the time
+            // they are dropped.
+            ("max_worker_processes", "90"),
+        ],
+    );
+    let mut admin = cluster.connect("postgres", "postgres");
+    admin
+        .batch_execute("CREATE ROLE maker LOGIN CREATEDB")
+        .unwrap();
+    let mut maker = cluster.connect("postgres", "maker");
+    let many = 66; // more than the 64 slots
+    for i in 0..many {
+        maker
+            .batch_execute(&format!("CREATE DATABASE churn_{i}"))
+            .unwrap();
+    }
+    // The launcher looks for new databases every 10 s and starts a worker
+    // in each, which finds no extension and ends.
+    std::thread::sleep(Duration::from_secs(13));
+    eventually(Duration::from_secs(20), "no worker stays", || {
+        workers(&mut admin).is_empty()
+    });
+    for i in 0..many {
+        maker
+            .batch_execute(&format!("DROP DATABASE churn_{i}"))
+            .unwrap();
+    }
+    admin.batch_execute("CREATE DATABASE after_churn").unwrap();
+    let mut client = cluster.connect("after_churn", "postgres");
+    client
+        .batch_execute("CREATE EXTENSION pipeline_ext")
+        .unwrap();
+    status_pid(&mut client);
+    assert!(!cluster.log().contains("no slot for database"));
+}
+
+/// With the extension in template1, a role that may only create databases
+/// gets workers for pipeline.workers_per_owner of them; the next is named
+/// in the log, and the administrator's databases still get theirs.
+#[test]
+fn one_owner_takes_at_most_its_share_of_workers() {
+    let cluster = Cluster::start(
+        "databases-per-owner",
+        &[
+            ("shared_preload_libraries", "pipeline_ext"),
+            ("pipeline.workers_per_owner", "2"),
+        ],
+    );
+    let mut template = cluster.connect("template1", "postgres");
+    template
+        .batch_execute("CREATE EXTENSION pipeline_ext")
+        .unwrap();
+    drop(template);
+    let mut admin = cluster.connect("postgres", "postgres");
+    admin
+        .batch_execute("CREATE ROLE maker LOGIN CREATEDB")
+        .unwrap();
+    let mut maker = cluster.connect("postgres", "maker");
+    for name in ["mine_a", "mine_b", "mine_c"] {
+        maker
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+    }
+    eventually(Duration::from_secs(40), "two workers for maker", || {
+        running_in(&mut admin)
+            .iter()
+            .filter(|d| d.starts_with("mine_"))
+            .count()
+            == 2
+    });
+    eventually(Duration::from_secs(30), "the refusal named", || {
+        cluster
+            .log()
+            .contains("gets no delivery worker: its owner already has 2 databases with one (pipeline.workers_per_owner = 2)")
+    });
+    // A superuser's database is not capped.
+    for name in ["admin_a", "admin_b", "admin_c"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+    }
+    eventually(
+        Duration::from_secs(40),
+        "the administrator's workers",
+        || {
+            running_in(&mut admin)
+                .iter()
+                .filter(|d| d.starts_with("admin_"))
+                .count()
+                == 3
+        },
+    );
+    std::thread::sleep(Duration::from_secs(11));
+    assert_eq!(
+        running_in(&mut admin)
+            .iter()
+            .filter(|d| d.starts_with("mine_"))
+            .count(),
+        2,
+        "still two for maker"
+    );
+}

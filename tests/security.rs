@@ -593,3 +593,110 @@ fn a_pipeline_worker_role_made_beforehand_is_reset() {
         .unwrap();
     assert!(!refused.status.success(), "it cannot log in any more");
 }
+
+/// The rows of one domain are validated one at a time, under a lock only
+/// roles that may validate can take: an advisory lock any role can take
+/// (the key the validation once used, for one) holds up nothing.
+#[test]
+fn only_validators_can_hold_up_the_validation_of_a_domain() {
+    let cluster = Cluster::with_worker("security-domain-lock", &[]);
+    let mut db = cluster.connect("postgres", "postgres");
+    each(
+        &mut db,
+        &[
+            "CREATE ROLE validator LOGIN",
+            "GRANT USAGE ON SCHEMA intake, marketing TO validator",
+            "GRANT SELECT, UPDATE ON intake.company_raw_intake TO validator",
+            "GRANT SELECT ON marketing.company_master TO validator",
+            "CREATE ROLE squatter LOGIN",
+            "INSERT INTO intake.company_raw_intake (id, company, website) VALUES
+                 (1, 'Lock Co', 'https://lock.example'), (2, 'Lock Co', 'https://lock.example/about'),
+                 (3, 'Lock Co', 'https://www.lock.example')",
+        ],
+    );
+    let mut squatter = cluster.connect("postgres", "squatter");
+    let refused = squatter
+        .batch_execute("INSERT INTO pipeline.domain_locks VALUES ('lock.example')")
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("row-level security"),
+        "{refused}"
+    );
+    squatter
+        .batch_execute(
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtext('pipeline_ext: company domain'), hashtext('lock.example'))",
+        )
+        .unwrap();
+    let mut first = cluster.connect("postgres", "validator");
+    first.batch_execute("SET statement_timeout = '5s'").unwrap();
+    let status: String = one(
+        &mut first,
+        "SELECT validation_status FROM pipeline.validate_company(1)",
+    );
+    assert_eq!(
+        status, "valid",
+        "not held up by the squatter's advisory lock"
+    );
+
+    // Two validators of one domain still take turns.
+    first.batch_execute("BEGIN").unwrap();
+    let status: String = one(
+        &mut first,
+        "SELECT validation_status FROM pipeline.validate_company(2)",
+    );
+    assert_eq!(status, "invalid", "a duplicate of row 1");
+    let mut second = cluster.connect("postgres", "validator");
+    second.batch_execute("SET lock_timeout = '500ms'").unwrap();
+    let waited = second
+        .batch_execute("SELECT * FROM pipeline.validate_company(3)")
+        .unwrap_err();
+    assert_eq!(
+        waited.code(),
+        Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE),
+        "{waited}"
+    );
+    first.batch_execute("COMMIT").unwrap();
+    let status: String = one(
+        &mut second,
+        "SELECT validation_status FROM pipeline.validate_company(3)",
+    );
+    assert_eq!(status, "invalid");
+    squatter.batch_execute("ROLLBACK").unwrap();
+}
+
+/// Inside the worker's statements, session_user and current_user name its
+/// role and is_superuser is off: code that asks who runs it (a trigger on
+/// the attempt log, here) is told the truth.
+#[test]
+fn the_workers_statements_see_its_role_as_the_session() {
+    let receiver = Receiver::ok();
+    let cluster = Cluster::with_worker("security-session-user", &[]);
+    let mut db = cluster.connect("postgres", "postgres");
+    each(
+        &mut db,
+        &[
+            "CREATE TABLE public.seen (is_superuser text, session_user_name name, current_user_name name)",
+            "GRANT INSERT ON public.seen TO PUBLIC",
+            "CREATE FUNCTION public.note_who() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO public.seen VALUES (current_setting('is_superuser'), session_user, current_user);
+                 RETURN NULL;
+             END $$",
+            "CREATE TRIGGER note_who AFTER INSERT ON marketing.pipeline_delivery_attempts
+             FOR EACH STATEMENT EXECUTE FUNCTION public.note_who()",
+            &format!(
+                "SELECT pipeline.register_webhook('audit_note', '{}', allow_unknown_type => true)",
+                receiver.url("/hook")
+            ),
+            "SELECT pipeline.emit('audit_note')",
+        ],
+    );
+    eventually(Duration::from_secs(10), "the attempt recorded", || {
+        one::<i64>(&mut db, "SELECT count(*) FROM public.seen") >= 1
+    });
+    let seen = texts(
+        &mut db,
+        "SELECT DISTINCT format('%s %s %s', is_superuser, session_user_name, current_user_name) FROM public.seen",
+    );
+    assert_eq!(seen, ["off pipeline_worker pipeline_worker"]);
+}

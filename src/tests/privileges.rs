@@ -178,6 +178,75 @@ mod tests {
         run("RESET ROLE");
         assert_eq!(events_of("company_created").len(), 0);
         assert_eq!(events_of("own_row").len(), 1);
+
+        // A writer of intake (the documented INSERT grant) forges no stage
+        // event either: from a trigger of its own, naming another writer's
+        // row and a made-up company, nothing gets in.
+        run("GRANT USAGE ON SCHEMA intake TO pipeline_test_forger");
+        run("GRANT INSERT ON intake.company_raw_intake TO pipeline_test_forger");
+        run("SET LOCAL ROLE pipeline_test_forger");
+        run("DROP TRIGGER capture ON public.decoy");
+        run(
+            "CREATE TRIGGER forge AFTER INSERT ON public.decoy FOR EACH ROW EXECUTE FUNCTION public.forge()",
+        );
+        assert_error("INSERT INTO public.decoy VALUES (2)", "row-level security");
+        run("DROP TRIGGER forge ON public.decoy");
+        // The stage's own trigger function is not for its triggers.
+        assert_error(
+            "CREATE TRIGGER capture AFTER INSERT ON public.decoy FOR EACH ROW
+             EXECUTE FUNCTION pipeline._capture_stage('company_created', '')",
+            "permission denied for function pipeline._capture_stage",
+        );
+        // Its own intake row makes the genuine event.
+        run("INSERT INTO intake.company_raw_intake (company, website) VALUES ('Real Co', 'https://real.example')");
+        run("RESET ROLE");
+        let created = events_of("company_created");
+        assert_eq!(created.len(), 1);
+        assert_eq!(created[0]["payload"]["new"]["company"], "Real Co");
+    }
+
+    #[pg_test]
+    fn a_writer_that_may_only_insert_cannot_insert_a_decided_row() {
+        role("pipeline_test_importer");
+        run("GRANT USAGE ON SCHEMA intake, marketing TO pipeline_test_importer");
+        run("GRANT INSERT ON intake.company_raw_intake, marketing.company_slots TO pipeline_test_importer");
+        let company = promoted_company("Slot Co", "slot.example");
+        run("SET LOCAL ROLE pipeline_test_importer");
+        for decided in [
+            "validated, validation_status) VALUES ('Fake Co', 'https://fake.example', true, 'valid'",
+            "validation_status, validation_errors) VALUES ('Fake Co', 'https://fake.example', 'invalid', '{nope}'",
+            "validated_at) VALUES ('Fake Co', 'https://fake.example', now()",
+        ] {
+            assert_error(
+                &format!("INSERT INTO intake.company_raw_intake (company, website, {decided})"),
+                "may not insert an intake row that is already validated",
+            );
+        }
+        assert_error(
+            &format!(
+                "INSERT INTO marketing.company_slots (company_id, slot_role, full_name, enrichment_status)
+                 VALUES ({company}, 'ceo', 'Fake Person', 'enriched')"
+            ),
+            "may not insert a slot that is already enriched",
+        );
+        // Undecided rows go in.
+        run("INSERT INTO intake.company_raw_intake (company, website) VALUES ('Ok Co', 'https://ok.example')");
+        run(&format!(
+            "INSERT INTO marketing.company_slots (company_id, slot_role) VALUES ({company}, 'cfo')"
+        ));
+        run("RESET ROLE");
+        // Whoever may decide may insert a decided row.
+        run("GRANT UPDATE (validation_status) ON intake.company_raw_intake TO pipeline_test_importer");
+        run("SET LOCAL ROLE pipeline_test_importer");
+        run(
+            "INSERT INTO intake.company_raw_intake (company, website, validated, validation_status)
+             VALUES ('Known Co', 'https://known.example', true, 'valid')",
+        );
+        run("RESET ROLE");
+        assert_eq!(
+            count("SELECT count(*) FROM intake.company_raw_intake WHERE company = 'Fake Co'"),
+            0
+        );
     }
 
     #[pg_test]

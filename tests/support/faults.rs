@@ -193,6 +193,13 @@ pub fn retry_after_paces_the_endpoint(kind: Kind) {
         ", max_in_flight => 1",
     );
     emit(&mut db, "paced", 25);
+    // The pause is visible while it lasts.
+    eventually(Duration::from_millis(1800), "the pause shown", || {
+        one::<bool>(
+            &mut db,
+            "SELECT coalesce(paused_until > now(), false) FROM marketing.vw_endpoint_health WHERE event_type = 'paced'",
+        )
+    });
     let got = receiver.wait_for(Duration::from_secs(30), "three pauses", |r| r.len() >= 21);
     for (i, pair) in got.windows(2).enumerate() {
         let gap = pair[1].at.duration_since(pair[0].at);
@@ -239,4 +246,110 @@ pub fn gone_means_no_new_request(kind: Kind) {
         "SELECT count(*) FROM marketing.pipeline_events WHERE status = 'pending'",
     );
     assert!(waiting >= 496, "{waiting} events wait for the endpoint");
+}
+
+/// An endpoint that fails every request is shown failing, with when it will
+/// be given up, before that happens (pipeline.status(), verify(), the
+/// endpoint view); once pipeline.disable_after has passed it is disabled
+/// with the reason and its waiting events are dead, each with an error; a
+/// new receiver, enable_webhook and replay_failed deliver them.
+pub fn a_dead_endpoint_is_given_up_and_says_so_before(kind: Kind) {
+    let deliverer = Deliverer::start(
+        kind,
+        "given-up",
+        &[
+            ("pipeline.disable_after", "8s"),
+            ("pipeline.backoff_base", "200ms"),
+            ("pipeline.backoff_cap", "1s"),
+            ("pipeline.max_attempts", "1000"),
+        ],
+    );
+    let port = free_port();
+    let mut db = deliverer.connect();
+    register(
+        &mut db,
+        "lost",
+        &format!("http://127.0.0.1:{port}/lost"),
+        "",
+    );
+    let sent: std::collections::BTreeSet<i64> = emit(&mut db, "lost", 20).into_iter().collect();
+    eventually(Duration::from_secs(10), "the endpoint seen failing", || {
+        one::<i64>(&mut db, "SELECT endpoints_failing FROM pipeline.status()") == 1
+    });
+    let (circuit, give_up_in): (String, f64) = {
+        let mut circuit = String::new();
+        eventually(Duration::from_secs(10), "the circuit open", || {
+            circuit = one(&mut db, "SELECT circuit FROM marketing.vw_endpoint_health");
+            circuit == "open"
+        });
+        let give_up_in = one::<f64>(
+            &mut db,
+            "SELECT extract(epoch FROM next_give_up_at - now())::float8 FROM pipeline.status()",
+        );
+        (circuit, give_up_in)
+    };
+    assert_eq!(circuit, "open");
+    assert!(give_up_in > 0.0 && give_up_in <= 8.0, "{give_up_in}");
+    let said: String = one(
+        &mut db,
+        "SELECT status FROM pipeline.verify() WHERE kind = 'endpoint' AND name = 'lost'",
+    );
+    assert!(said.starts_with("failing since "), "{said}");
+    assert!(said.contains("unless it answers"), "{said}");
+    let reason: String = one(
+        &mut db,
+        "SELECT circuit_reason FROM marketing.vw_endpoint_health",
+    );
+    assert!(
+        reason.contains("requests in a row got no answer"),
+        "{reason}"
+    );
+
+    eventually(Duration::from_secs(30), "the endpoint given up", || {
+        !one::<bool>(
+            &mut db,
+            "SELECT enabled FROM pipeline.webhooks WHERE event_type = 'lost'",
+        )
+    });
+    let reason: String = one(
+        &mut db,
+        "SELECT disabled_reason FROM pipeline.webhooks WHERE event_type = 'lost'",
+    );
+    assert!(
+        reason.starts_with("given up: every request failed since"),
+        "{reason}"
+    );
+    eventually(Duration::from_secs(10), "every event dead", || {
+        statuses(&mut db, "lost")
+            .iter()
+            .all(|s| s.starts_with("dead:"))
+    });
+    let logged: i64 = one(
+        &mut db,
+        "SELECT count(DISTINCT event_id) FROM marketing.pipeline_error_log
+         WHERE details ->> 'outcome' = 'endpoint_disabled' AND error_message LIKE 'given up:%'",
+    );
+    assert_eq!(logged, 20, "each dead event says why");
+    let said: String = one(
+        &mut db,
+        "SELECT status FROM pipeline.verify() WHERE kind = 'endpoint' AND name = 'lost'",
+    );
+    assert!(said.starts_with("disabled: given up"), "{said}");
+
+    // Back, enabled again with a clean slate, and replayed: every event arrives.
+    let receiver = Receiver::on_port(port, |_, _| Answer::status(200));
+    db.batch_execute(
+        "SELECT pipeline.enable_webhook('lost'); SELECT pipeline.replay_failed('lost')",
+    )
+    .unwrap();
+    assert_eq!(
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM pipeline.endpoint_health WHERE failing_since IS NOT NULL"
+        ),
+        0
+    );
+    receiver.wait_for(Duration::from_secs(20), "every event", |r| {
+        super::behaviours::ids(r) == sent
+    });
 }
