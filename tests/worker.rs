@@ -259,6 +259,70 @@ fn worker_killed_mid_batch_loses_nothing() {
     );
 }
 
+/// Killed while it delivers a backlog at full speed, with the default
+/// batch of 500: the deliveries made again are at most those in flight
+/// (pipeline.concurrency) plus the answers that may wait to be stored (64),
+/// not the batch.
+#[test]
+fn a_killed_worker_repeats_at_most_what_was_in_flight_or_unstored() {
+    let cluster = Cluster::with_worker("worker-kill-bound", &[("pipeline.lease_time", "2s")]);
+    let receiver = Receiver::ok();
+    let mut db = cluster.connect("postgres", "postgres");
+    register(&mut db, "ping", &receiver.url("/ping"), "");
+    let worker = cluster.worker_pid(&mut db);
+    let sent: BTreeSet<i64> = emit(&mut db, "ping", 5000).into_iter().collect();
+    receiver.wait_for(Duration::from_secs(20), "a fifth delivered", |r| r.len() >= 1000);
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &worker.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (mut db, _) = cluster.new_worker(worker);
+    let got = receiver.wait_for(Duration::from_secs(60), "every event", |r| ids(r) == sent);
+    eventually(Duration::from_secs(20), "all processed", || {
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM marketing.pipeline_events WHERE status = 'processed'",
+        ) == 5000
+    });
+    let again = got.len() - sent.len();
+    eprintln!("5000 events, {again} delivered twice after SIGKILL");
+    assert!(again <= 16 + 64, "{again} deliveries made twice");
+}
+
+/// What a worker held when it was stopped goes first when it is back: the
+/// event whose request hung, then the ones claimed after it, before the
+/// backlog written meanwhile.
+#[test]
+fn taken_back_events_go_before_the_backlog() {
+    let cluster = Cluster::with_worker("worker-first", &[("pipeline.lease_time", "1h")]);
+    let receiver = Receiver::scripted(|_, n| Answer {
+        delay: if n == 0 {
+            Duration::from_secs(60)
+        } else {
+            Duration::ZERO
+        },
+        ..Answer::status(200)
+    });
+    let mut db = cluster.connect("postgres", "postgres");
+    register(
+        &mut db,
+        "ping",
+        &receiver.url("/ping"),
+        ", timeout_ms => 120000, max_in_flight => 1",
+    );
+    let first = emit(&mut db, "ping", 1)[0];
+    receiver.wait_for(Duration::from_secs(5), "the hanging request", |r| r.len() == 1);
+    let later = emit(&mut db, "ping", 50);
+    let pid = cluster.worker_pid(&mut db);
+    db.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    let got = receiver.wait_for(Duration::from_secs(30), "every event", |r| r.len() == 52);
+    let order: Vec<i64> = got[1..].iter().map(|r| r.event_id()).collect();
+    assert_eq!(order[0], first, "the taken-back event goes first: {order:?}");
+    assert_eq!(&order[1..], &later[..], "then the rest in order");
+}
+
 #[test]
 fn worker_is_visible_restarts_and_stops_promptly() {
     let cluster = Cluster::with_worker("worker-life", &[]);

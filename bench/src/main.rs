@@ -5,7 +5,7 @@
 //!       [--smoke] [--out FILE] [--only SCENARIO ...]
 //!
 //! SCENARIO is one of capacity, throughput, arrival, statistics, latency,
-//! write, memory, history, cascade, relay (all of them without --only).
+//! write, memory, history, cascade, faults, relay (all of them without --only).
 //! arrival inserts rows in commits of 100 while the worker delivers;
 //! statistics does the same with the events table analyzed in each of four
 //! states (never, all delivered, all waiting, half). relay needs --relay PATH
@@ -17,6 +17,7 @@
 //! times, once with --smoke), and is printed with median and range. --out
 //! writes the same table as markdown.
 
+mod faults;
 mod receiver;
 mod relay;
 mod scenarios;

@@ -60,6 +60,9 @@ pub fn run(bench: &mut Bench, only: &[String]) {
     if wanted("cascade") {
         cascade(bench);
     }
+    if wanted("faults") {
+        crate::faults::run(bench);
+    }
 }
 
 pub(crate) fn say(what: &str) {
@@ -351,12 +354,14 @@ pub(crate) fn arrival(bench: &mut Bench, deliverer: i32, statistics: Statistics)
 
 /// Commits one event at a time to bench_latency at `rate` for `seconds`
 /// (and, with `hang_every`, one event to bench_hang that often); returns the
-/// commits achieved per second and the commit-to-receipt times in ms, sorted.
-fn commit_latencies(
+/// commits achieved per second and the commit-to-receipt times in ms, sorted,
+/// of the events for which `delivered(id)` holds (all are awaited).
+pub(crate) fn commit_latencies(
     bench: &mut Bench,
     rate: usize,
     seconds: f64,
     hang_every: Option<Duration>,
+    delivered: &dyn Fn(i64) -> bool,
 ) -> (f64, Vec<f64>) {
     let producers = if rate >= 500 { 4 } else { 1 };
     let interval = Duration::from_secs_f64(producers as f64 / rate as f64);
@@ -407,6 +412,8 @@ fn commit_latencies(
             .flat_map(|t| t.join().unwrap())
             .collect()
     });
+    let achieved = commits.len() as f64 / seconds;
+    let commits: Vec<(i64, Instant)> = commits.into_iter().filter(|c| delivered(c.0)).collect();
     assert!(
         bench
             .receiver
@@ -419,11 +426,11 @@ fn commit_latencies(
         .map(|(id, at)| received[id].saturating_duration_since(*at).as_secs_f64() * 1000.0)
         .collect();
     ms.sort_by(|a, b| a.total_cmp(b));
-    (commits.len() as f64 / seconds, ms)
+    (achieved, ms)
 }
 
 /// The p-th percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
@@ -435,7 +442,7 @@ pub(crate) fn latency(bench: &mut Bench, rate: usize) {
     for _ in 0..bench.repetitions {
         reset(bench);
         register(bench, "bench_latency", "/latency", true);
-        let (achieved, ms) = commit_latencies(bench, rate, seconds, None);
+        let (achieved, ms) = commit_latencies(bench, rate, seconds, None, &|_| true);
         bench.record(&scenario, "commits/s achieved", "/s", achieved, None);
         bench.record(
             &scenario,
@@ -479,9 +486,10 @@ fn isolation(bench: &mut Bench) {
     for _ in 0..bench.repetitions {
         reset(bench);
         register(bench, "bench_latency", "/latency", true);
-        let (_, alone) = commit_latencies(bench, 100, seconds, None);
+        let (_, alone) = commit_latencies(bench, 100, seconds, None, &|_| true);
         register(bench, "bench_hang", "/hang", true);
-        let (_, beside) = commit_latencies(bench, 100, seconds, Some(Duration::from_secs(2)));
+        let (_, beside) =
+            commit_latencies(bench, 100, seconds, Some(Duration::from_secs(2)), &|_| true);
         bench.sql("SELECT pipeline.remove_webhook('bench_hang')");
         bench.record(&scenario, "p50 alone", "ms", percentile(&alone, 0.50), None);
         bench.record(&scenario, "p99 alone", "ms", percentile(&alone, 0.99), None);
