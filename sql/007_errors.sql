@@ -89,6 +89,17 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT has_table_privilege('marketing.pipeline_error_log', 'SELECT')
 $$;
 
+-- An endpoint's URL as a role sees it: whole to roles that may read the
+-- endpoints' credentials, else only its origin (a path or a query may be the
+-- secret: Slack's and Discord's webhook URLs carry their token in the path).
+-- NB: the table is named in a string, looked up when it runs (it is made
+-- after this file's views).
+CREATE FUNCTION pipeline._url_seen(url text) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN has_table_privilege('pipeline.webhook_credentials', 'SELECT') THEN url
+                ELSE substring(url FROM '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*') || '/...' END
+$$;
+
 -- An error as monitoring sees it: a delivery failure by its status (the
 -- deliverer's own words when no answer came: a timeout, a refused
 -- connection), a stage's report by nothing but that it was one.
@@ -110,7 +121,7 @@ SELECT l.id,
        CASE WHEN r.full THEN l.error_message
             ELSE pipeline._error_summary(l.error_message, l.details) END AS error_message,
        CASE WHEN r.full THEN l.details
-            ELSE jsonb_strip_nulls(jsonb_build_object('url', l.details -> 'url',
+            ELSE jsonb_strip_nulls(jsonb_build_object('url', pipeline._url_seen(l.details ->> 'url'),
                                                       'status_code', l.details -> 'status_code',
                                                       'outcome', l.details -> 'outcome',
                                                       'attempt', l.details -> 'attempt',

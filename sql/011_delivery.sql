@@ -473,7 +473,7 @@ COMMENT ON FUNCTION pipeline.purge(interval, integer) IS
 -- Per endpoint: state, backlog and the last hour of deliveries.
 CREATE VIEW marketing.vw_endpoint_health AS
 SELECT w.event_type,
-       w.url,
+       pipeline._url_seen(w.url) AS url,
        w.enabled,
        w.disabled_reason,
        (SELECT count(*) FROM marketing.pipeline_events e

@@ -421,8 +421,8 @@ fn proxy_url(settings: &WorkerSettings) -> Result<Option<String>, String> {
     let credentials = text.lines().next().unwrap_or("").trim();
     if !credentials.contains(':') || credentials.contains(['@', '/']) {
         return Err(format!(
-            "pipeline.http_proxy_auth_file: the first line of {path} must be user:password \
-             (percent-encode @, / and : in them)"
+            "pipeline.http_proxy_auth_file: the first line of {path} must be user:password, \
+             neither holding @ or /"
         ));
     }
     Ok(Some(pipeline_delivery::proxy_with_credentials(

@@ -441,6 +441,12 @@ fn an_echoed_request_leaves_no_secret_and_monitoring_reads_no_payload() {
         seen[1].starts_with("company_created: reported by the stage"),
         "{seen:?}"
     );
+    // The endpoint's path may be its secret: monitoring sees the origin.
+    assert!(!seen.join(" ").contains("/hook"), "{seen:?}");
+    let url: String = one(&mut watcher, "SELECT url FROM marketing.vw_endpoint_health");
+    assert_eq!(url, format!("http://127.0.0.1:{}/...", receiver.port));
+    let url: String = one(&mut db, "SELECT url FROM marketing.vw_endpoint_health");
+    assert_eq!(url, receiver.url("/hook"), "the owner sees it whole");
     let refused = watcher
         .batch_execute("SELECT response_excerpt FROM marketing.pipeline_delivery_attempts")
         .unwrap_err();
