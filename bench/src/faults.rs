@@ -114,12 +114,25 @@ fn poison_events(bench: &mut Bench) {
             .iter()
             .filter(|a| a.2 == 500)
             .count();
-        let circuit: String =
-            bench.one("SELECT circuit FROM marketing.vw_endpoint_health WHERE event_type = 'bench_latency'");
+        let circuit: String = bench.one(
+            "SELECT circuit FROM marketing.vw_endpoint_health WHERE event_type = 'bench_latency'",
+        );
         assert_eq!(circuit, "closed", "a poison event opened the circuit");
         let (p99_alone, p99_beside) = (percentile(&alone, 0.99), percentile(&beside, 0.99));
-        bench.record(&scenario, "p99 of the others, no poison", "ms", p99_alone, None);
-        bench.record(&scenario, "p99 of the others, with poison", "ms", p99_beside, None);
+        bench.record(
+            &scenario,
+            "p99 of the others, no poison",
+            "ms",
+            p99_alone,
+            None,
+        );
+        bench.record(
+            &scenario,
+            "p99 of the others, with poison",
+            "ms",
+            p99_beside,
+            None,
+        );
         bench.record(
             &scenario,
             "p99 with poison / without",
@@ -127,7 +140,13 @@ fn poison_events(bench: &mut Bench) {
             p99_beside / p99_alone,
             Some(Target::AtMost(2.0)),
         );
-        bench.record(&scenario, "requests refused with 500", "", refused as f64, None);
+        bench.record(
+            &scenario,
+            "requests refused with 500",
+            "",
+            refused as f64,
+            None,
+        );
     }
 }
 
@@ -137,7 +156,8 @@ fn poison_events(bench: &mut Bench) {
 fn dead_endpoint(bench: &mut Bench) {
     let n = bench.size(1_000, 100);
     let window = if bench.smoke { 10 } else { 60 };
-    let scenario = format!("breaker: {n} events to a receiver that is gone (connection refused), then back");
+    let scenario =
+        format!("breaker: {n} events to a receiver that is gone (connection refused), then back");
     say(&scenario);
     for _ in 0..bench.repetitions {
         reset(bench);
@@ -159,7 +179,10 @@ fn dead_endpoint(bench: &mut Bench) {
             if circuit == "open" {
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "the circuit never opened");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the circuit never opened"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let attempts = |bench: &mut Bench| -> i64 {
@@ -197,7 +220,8 @@ fn dead_endpoint(bench: &mut Bench) {
 /// flight when the 429 came arrive within a few ms, and do not count).
 fn retry_after(bench: &mut Bench) {
     let n = bench.size(3_000, 300);
-    let scenario = format!("breaker: {n} events, every 100th request answered 429 with Retry-After: 1");
+    let scenario =
+        format!("breaker: {n} events, every 100th request answered 429 with Retry-After: 1");
     say(&scenario);
     for _ in 0..bench.repetitions {
         reset(bench);
@@ -221,7 +245,13 @@ fn retry_after(bench: &mut Bench) {
                 })
             })
             .count();
-        bench.record(&scenario, "Retry-After pauses asked for", "", pauses.len() as f64, None);
+        bench.record(
+            &scenario,
+            "Retry-After pauses asked for",
+            "",
+            pauses.len() as f64,
+            None,
+        );
         bench.record(
             &scenario,
             "requests started during a pause",
@@ -270,7 +300,10 @@ fn killed_worker(bench: &mut Bench) {
             if distinct as usize >= n {
                 break bench.receiver.take();
             }
-            assert!(start.elapsed() < limit, "{distinct} of {n} delivered after the crash");
+            assert!(
+                start.elapsed() < limit,
+                "{distinct} of {n} delivered after the crash"
+            );
             std::thread::sleep(Duration::from_millis(50));
         };
         let distinct: std::collections::HashSet<i64> = receipts.iter().map(|r| r.0).collect();

@@ -41,7 +41,7 @@ impl Misbehaviour {
             (if *tries <= 2 { 503 } else { 204 }, None)
         } else if path.starts_with("/poison") {
             (if id % 50 == 0 { 500 } else { 204 }, None)
-        } else if self.requests % 100 == 0 {
+        } else if self.requests.is_multiple_of(100) {
             (429, Some("1"))
         } else {
             (204, None)
@@ -119,9 +119,7 @@ impl Receiver {
                                 if let Some(wait) = retry_after {
                                     response = response.header("retry-after", wait);
                                 }
-                                Ok::<_, Infallible>(
-                                    response.body(Empty::<Bytes>::new()).unwrap(),
-                                )
+                                Ok::<_, Infallible>(response.body(Empty::<Bytes>::new()).unwrap())
                             }
                         });
                     let _ = http1::Builder::new()
