@@ -282,6 +282,52 @@ BEGIN
 END
 $$;
 
+-- While an endpoint is down (its circuit open) its events are not sent, but
+-- their attempts are counted all the same as they come due, each failed
+-- probe standing for them: an event ends as it would have without the
+-- breaker (after pipeline.max_attempts, on pipeline.backoff's schedule),
+-- without a request of its own. It is failed meanwhile (last_error says
+-- why), and dead at the end with an error logged. Returns how many were
+-- counted.
+CREATE FUNCTION pipeline._count_while_down(event_type text, failure text) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    v_max    integer := pipeline._setting('max_attempts', '10')::integer;
+    v_error  text := format('not sent: the endpoint is down (the last failure: %s)', coalesce(failure, 'no answer'));
+    v_count  integer;
+BEGIN
+    WITH due AS MATERIALIZED (
+        SELECT e.id
+        FROM marketing.pipeline_events e
+        WHERE e.event_type = _count_while_down.event_type
+          AND e.status IN ('pending', 'failed') AND e.next_attempt_at <= now()
+        ORDER BY e.next_attempt_at, e.id
+        FOR UPDATE SKIP LOCKED
+    ), counted AS (
+        UPDATE marketing.pipeline_events e
+        SET attempts = e.attempts + 1,
+            status = CASE WHEN e.attempts + 1 >= v_max THEN 'dead' ELSE 'failed' END,
+            next_attempt_at = CASE WHEN e.attempts + 1 >= v_max THEN e.next_attempt_at
+                                   ELSE now() + pipeline.backoff(e.attempts + 1) END,
+            last_error = v_error,
+            claimed_by = NULL
+        FROM due d
+        WHERE e.id = d.id
+        RETURNING e.id, e.event_type, e.status, e.attempts
+    ), logged AS (
+        INSERT INTO marketing.pipeline_error_log (stage, event_id, error_message, details)
+        SELECT c.event_type, c.id, v_error,
+               jsonb_build_object('outcome', 'endpoint_down', 'attempt', c.attempts, 'status', c.status)
+        FROM counted c
+        WHERE c.status = 'dead'
+    )
+    SELECT count(*)::integer INTO v_count FROM counted;
+    RETURN v_count;
+END
+$$;
+
 -- Gives up on an endpoint that failed every request for
 -- pipeline.disable_after: it is disabled with the reason, and its waiting
 -- events (pending, failed) are dead with it, each with an error logged;
@@ -408,8 +454,13 @@ BEGIN
                      END
               FROM unnest(_record_deliveries.urls, _record_deliveries.status_codes, _record_deliveries.outcomes,
                           _record_deliveries.excerpts) AS o(url, status_code, outcome, excerpt))) s;
-    -- NB: after the settling, so that the events it just settled (a probe's)
-    -- are given up with the rest.
+    -- NB: after the settling, so that the event a probe just settled is not
+    -- counted twice, and is given up with the rest.
+    IF 'retry' = ANY (_record_deliveries.outcomes) THEN
+        PERFORM pipeline._count_while_down(h.event_type, h.last_failure)
+        FROM pipeline.endpoint_health h
+        WHERE h.circuit = 'open' AND h.failing_since IS NOT NULL;
+    END IF;
     v_bound := pipeline._setting('disable_after', '3d')::interval;
     IF v_bound > interval '0' AND 'retry' = ANY (_record_deliveries.outcomes) THEN
         FOR v_failed IN

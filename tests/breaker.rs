@@ -66,3 +66,23 @@ fn worker_a_dead_endpoint_is_given_up_and_says_so_before() {
 fn relay_a_dead_endpoint_is_given_up_and_says_so_before() {
     faults::a_dead_endpoint_is_given_up_and_says_so_before(Kind::Relay);
 }
+
+#[test]
+fn worker_events_of_a_dead_endpoint_end_on_their_own_schedule() {
+    faults::events_of_a_dead_endpoint_end_on_their_own_schedule(Kind::Worker);
+}
+
+#[test]
+fn relay_events_of_a_dead_endpoint_end_on_their_own_schedule() {
+    faults::events_of_a_dead_endpoint_end_on_their_own_schedule(Kind::Relay);
+}
+
+#[test]
+fn worker_mixed_answers_settle_every_event() {
+    faults::mixed_answers_settle_every_event(Kind::Worker);
+}
+
+#[test]
+fn relay_mixed_answers_settle_every_event() {
+    faults::mixed_answers_settle_every_event(Kind::Relay);
+}

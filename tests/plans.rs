@@ -285,7 +285,7 @@ fn deliver(db: &mut postgres::Client, plans: &Plans) -> BTreeMap<&'static str, S
 }
 
 /// The functions a deliverer calls, and the planner settings each runs with.
-const DELIVERER_FUNCTIONS: [&str; 12] = [
+const DELIVERER_FUNCTIONS: [&str; 13] = [
     "claim",
     "release_claims",
     "_settle",
@@ -297,6 +297,7 @@ const DELIVERER_FUNCTIONS: [&str; 12] = [
     "_endpoint_recovered",
     "_circuit_changed",
     "_give_up_endpoint",
+    "_count_while_down",
     // The purge's deletes run it.
     "_delete_attempts",
 ];

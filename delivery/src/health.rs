@@ -28,7 +28,9 @@
 //!
 //! Open: one probe at a time, the first PROBE_FIRST after opening, the delay
 //! doubling to PROBE_LONGEST while probes fail. Its other events wait in the
-//! queue meanwhile, burning no attempts.
+//! queue meanwhile, unsent: the recording of a failed probe counts their
+//! attempts as they come due (pipeline._count_while_down), so that they end
+//! when they would have without the breaker, for no request of their own.
 //!
 //! Half-open: a probe was answered. Requests in flight are allowed from one,
 //! doubling with each answer, until the endpoint's own cap: then closed

@@ -353,3 +353,104 @@ pub fn a_dead_endpoint_is_given_up_and_says_so_before(kind: Kind) {
         super::behaviours::ids(r) == sent
     });
 }
+
+/// A receiver that refuses every connection, with short retry settings
+/// (max_attempts 3, backoff_base 1 s): while its circuit is open the events'
+/// attempts are counted all the same, so every event ends (dead, saying
+/// why) about when it would have without the breaker, for a handful of
+/// requests instead of three each.
+pub fn events_of_a_dead_endpoint_end_on_their_own_schedule(kind: Kind) {
+    let deliverer = Deliverer::start(
+        kind,
+        "down-short",
+        &[
+            ("pipeline.max_attempts", "3"),
+            ("pipeline.backoff_base", "1s"),
+            ("pipeline.backoff_cap", "2s"),
+        ],
+    );
+    let port = free_port();
+    let mut db = deliverer.connect();
+    register(
+        &mut db,
+        "short",
+        &format!("http://127.0.0.1:{port}/short"),
+        "",
+    );
+    emit(&mut db, "short", 300);
+    eventually(Duration::from_secs(30), "every event dead", || {
+        statuses(&mut db, "short")
+            .iter()
+            .all(|s| s.starts_with("dead:3:"))
+    });
+    let requests: i64 = one(
+        &mut db,
+        "SELECT count(*) FROM marketing.pipeline_delivery_attempts",
+    );
+    eprintln!("300 events dead after {requests} requests");
+    assert!(
+        requests <= 16 + 5 + 10,
+        "{requests} requests for 300 events"
+    );
+    let why: Vec<String> = super::texts(
+        &mut db,
+        "SELECT DISTINCT split_part(last_error, ' (', 1) FROM marketing.pipeline_events",
+    );
+    assert!(
+        why.iter().any(|w| w == "not sent: the endpoint is down"),
+        "{why:?}"
+    );
+    let logged: i64 = one(
+        &mut db,
+        "SELECT count(DISTINCT event_id) FROM marketing.pipeline_error_log WHERE details ->> 'status' = 'dead'",
+    );
+    assert_eq!(logged, 300, "every death says why");
+}
+
+/// Mixed answers (301, 400, 404, 500, 503, 429, 200) over 600 events, with
+/// max_attempts 3 and backoff_base 1 s: every event settles (delivered or
+/// dead) within seconds; the circuit never opens. (A 429 with Retry-After
+/// holds the whole endpoint instead: retry_after_paces_the_endpoint.)
+pub fn mixed_answers_settle_every_event(kind: Kind) {
+    let deliverer = Deliverer::start(
+        kind,
+        "mixed-answers",
+        &[
+            ("pipeline.max_attempts", "3"),
+            ("pipeline.backoff_base", "1s"),
+            ("pipeline.backoff_cap", "2s"),
+        ],
+    );
+    let receiver = Receiver::scripted(|request, _| match request.event_id() % 8 {
+        0 => Answer::status(301),
+        1 => Answer::status(400),
+        2 => Answer::status(404),
+        3 => Answer::status(500),
+        4 => Answer::status(503),
+        5 => Answer::status(429),
+        _ => Answer::status(200),
+    });
+    let mut db = deliverer.connect();
+    register(&mut db, "mixed", &receiver.url("/mixed"), "");
+    let ids = emit(&mut db, "mixed", 600);
+    let started = Instant::now();
+    eventually(Duration::from_secs(60), "every event settled", || {
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM marketing.pipeline_events WHERE status IN ('processed', 'dead')",
+        ) == 600
+    });
+    eprintln!(
+        "600 events of mixed answers settled in {:?}",
+        started.elapsed()
+    );
+    assert!(!deliverer.log().contains(OPENED), "{}", deliverer.log());
+    assert_eq!(
+        one::<i64>(
+            &mut db,
+            "SELECT count(*) FROM marketing.pipeline_events WHERE status = 'processed'"
+        ),
+        ids.iter().filter(|id| *id % 8 >= 6).count() as i64,
+        "the 200s"
+    );
+}
