@@ -13,6 +13,27 @@ use super::{eventually, free_port, one};
 /// What the deliverers log when a circuit opens.
 const OPENED: &str = "is down:";
 
+/// A deliverer whose endpoint of `event_type` points at a port nobody
+/// listens on (connections refused), with `settings`; the port, for a
+/// receiver that comes back.
+fn with_a_dead_endpoint(
+    kind: Kind,
+    name: &str,
+    settings: &[(&str, &str)],
+    event_type: &str,
+) -> (Deliverer, postgres::Client, u16) {
+    let deliverer = Deliverer::start(kind, name, settings);
+    let port = free_port();
+    let mut db = deliverer.connect();
+    register(
+        &mut db,
+        event_type,
+        &format!("http://127.0.0.1:{port}/{event_type}"),
+        "",
+    );
+    (deliverer, db, port)
+}
+
 /// A receiver that answers 503 to the first two attempts of every event
 /// and 200 to the third (an n8n warming up, a service passing on its
 /// upstream's 429s) settles every event at its own backoff: three attempts
@@ -123,7 +144,7 @@ pub fn a_poison_event_costs_its_neighbours_nothing(kind: Kind) {
 /// A receiver that is gone (connections refused) gets a handful of probes a
 /// minute, and everything that waited within seconds of its return.
 pub fn a_dead_endpoint_is_probed_then_served_within_seconds(kind: Kind) {
-    let deliverer = Deliverer::start(
+    let (deliverer, mut db, port) = with_a_dead_endpoint(
         kind,
         "dead",
         &[
@@ -131,14 +152,7 @@ pub fn a_dead_endpoint_is_probed_then_served_within_seconds(kind: Kind) {
             ("pipeline.backoff_cap", "1s"),
             ("pipeline.max_attempts", "1000"),
         ],
-    );
-    let port = free_port();
-    let mut db = deliverer.connect();
-    register(
-        &mut db,
         "dead",
-        &format!("http://127.0.0.1:{port}/dead"),
-        "",
     );
     let sent: std::collections::BTreeSet<i64> = emit(&mut db, "dead", 200).into_iter().collect();
     eventually(Duration::from_secs(10), "the circuit to open", || {
@@ -254,7 +268,7 @@ pub fn gone_means_no_new_request(kind: Kind) {
 /// with the reason and its waiting events are dead, each with an error; a
 /// new receiver, enable_webhook and replay_failed deliver them.
 pub fn a_dead_endpoint_is_given_up_and_says_so_before(kind: Kind) {
-    let deliverer = Deliverer::start(
+    let (_deliverer, mut db, port) = with_a_dead_endpoint(
         kind,
         "given-up",
         &[
@@ -263,14 +277,7 @@ pub fn a_dead_endpoint_is_given_up_and_says_so_before(kind: Kind) {
             ("pipeline.backoff_cap", "1s"),
             ("pipeline.max_attempts", "1000"),
         ],
-    );
-    let port = free_port();
-    let mut db = deliverer.connect();
-    register(
-        &mut db,
         "lost",
-        &format!("http://127.0.0.1:{port}/lost"),
-        "",
     );
     let sent: std::collections::BTreeSet<i64> = emit(&mut db, "lost", 20).into_iter().collect();
     eventually(Duration::from_secs(10), "the endpoint seen failing", || {
@@ -360,7 +367,7 @@ pub fn a_dead_endpoint_is_given_up_and_says_so_before(kind: Kind) {
 /// why) about when it would have without the breaker, for a handful of
 /// requests instead of three each.
 pub fn events_of_a_dead_endpoint_end_on_their_own_schedule(kind: Kind) {
-    let deliverer = Deliverer::start(
+    let (_deliverer, mut db, _port) = with_a_dead_endpoint(
         kind,
         "down-short",
         &[
@@ -368,14 +375,7 @@ pub fn events_of_a_dead_endpoint_end_on_their_own_schedule(kind: Kind) {
             ("pipeline.backoff_base", "1s"),
             ("pipeline.backoff_cap", "2s"),
         ],
-    );
-    let port = free_port();
-    let mut db = deliverer.connect();
-    register(
-        &mut db,
         "short",
-        &format!("http://127.0.0.1:{port}/short"),
-        "",
     );
     emit(&mut db, "short", 300);
     eventually(Duration::from_secs(30), "every event dead", || {
