@@ -153,7 +153,8 @@ COMMENT ON COLUMN pipeline.webhook_credentials.secret IS 'Signing secret (whsec_
 -- A deliverer that listens (pipeline-relay) hears on the channel
 -- pipeline_wake of what can make waiting events deliverable without a new
 -- event: an endpoint registered, enabled or given its credentials back, a
--- replay (pipeline._requeue). New events are announced on pipeline_event.
+-- replay (pipeline._requeue); and of an endpoint changed or removed, for
+-- which it claims again what it holds (the payload names the table). New events are announced on pipeline_event.
 -- (The extension's worker is woken by its library; this costs it nothing
 -- while no one listens.)
 -- Only statements that changed rows announce (a NOTIFY takes a lock that
@@ -176,6 +177,11 @@ CREATE TRIGGER pipeline_announce_wake_insert AFTER INSERT ON pipeline.webhook_cr
     REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
 CREATE TRIGGER pipeline_announce_wake_update AFTER UPDATE ON pipeline.webhook_credentials
     REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+-- A removed endpoint: a deliverer takes back what it holds for it.
+CREATE TRIGGER pipeline_announce_wake_delete AFTER DELETE ON pipeline.webhooks
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+CREATE TRIGGER pipeline_announce_wake_delete AFTER DELETE ON pipeline.webhook_credentials
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
 
 -- Storing an endpoint's headers and secret.
 CREATE FUNCTION pipeline._store_credentials(event_type text, headers jsonb, secret text) RETURNS void

@@ -31,6 +31,8 @@ static MY_SLOT: OnceLock<&'static Slot> = OnceLock::new();
 
 /// The worker's copy of its slot's wake count when it last looked.
 static WAKES_SEEN: AtomicU64 = AtomicU64::new(0);
+/// ... and the endpoint changes it has seen.
+static ENDPOINT_CHANGES_SEEN: AtomicU64 = AtomicU64::new(0);
 
 /// This backend wrote events in the current transaction.
 static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
@@ -61,6 +63,7 @@ pub fn publish_worker(slot: &'static Slot) -> bool {
     }
     if MY_SLOT.set(slot).is_ok() {
         WAKES_SEEN.store(slot.wakes.load(Ordering::SeqCst), Ordering::Relaxed);
+        ENDPOINT_CHANGES_SEEN.store(slot.endpoint_changes.load(Ordering::SeqCst), Ordering::Relaxed);
         // SAFETY: a static callback with no argument, run when the process exits.
         unsafe { pg_sys::before_shmem_exit(Some(unpublish_at_exit), pg_sys::Datum::from(0)) };
     }
@@ -94,6 +97,16 @@ pub fn commits_since_last_look() -> bool {
     };
     let wakes = slot.wakes.load(Ordering::SeqCst);
     WAKES_SEEN.swap(wakes, Ordering::Relaxed) != wakes
+}
+
+/// The worker: whether an endpoint changed since it last asked (and
+/// forget it).
+pub fn endpoints_changed_since_last_look() -> bool {
+    let Some(slot) = MY_SLOT.get() else {
+        return false;
+    };
+    let changes = slot.endpoint_changes.load(Ordering::SeqCst);
+    ENDPOINT_CHANGES_SEEN.swap(changes, Ordering::Relaxed) != changes
 }
 
 /// The worker, before it sleeps: whether commits woke it since it last
@@ -136,9 +149,12 @@ pub fn start_worker_at_commit() {
     START_AT_COMMIT.store(true, Ordering::Relaxed);
 }
 
-/// Statement trigger on marketing.pipeline_events and pipeline.webhooks
-/// (INSERT, UPDATE): the transaction may have made events deliverable (new,
-/// replayed, or waiting for an endpoint that is now there).
+/// Statement trigger on marketing.pipeline_events (INSERT, UPDATE), and on
+/// pipeline.webhooks and pipeline.webhook_credentials (INSERT, UPDATE,
+/// DELETE): the transaction may have made events deliverable (new,
+/// replayed, or waiting for an endpoint that is now there), or changed an
+/// endpoint the worker holds events for (it claims them again as the
+/// endpoint now is).
 #[pg_trigger(sql = "
     CREATE FUNCTION pipeline._wake_worker() RETURNS trigger
     LANGUAGE c AS 'MODULE_PATHNAME', '_wake_worker_wrapper';
@@ -154,10 +170,12 @@ fn _wake_worker<'a>(
     let table = (trigger.table_schema()?, trigger.table_name()?);
     if !matches!(
         (table.0.as_str(), table.1.as_str()),
-        ("marketing", "pipeline_events") | ("pipeline", "webhooks")
+        ("marketing", "pipeline_events")
+            | ("pipeline", "webhooks")
+            | ("pipeline", "webhook_credentials")
     ) {
         error!(
-            "pipeline._wake_worker() serves only marketing.pipeline_events and pipeline.webhooks, not {}.{}",
+            "pipeline._wake_worker() serves only marketing.pipeline_events and the endpoint tables, not {}.{}",
             table.0, table.1
         );
     }
@@ -180,9 +198,13 @@ pgrx::extension_sql!(
     CREATE TRIGGER pipeline_wake_worker
         AFTER INSERT OR UPDATE ON marketing.pipeline_events
         FOR EACH STATEMENT EXECUTE FUNCTION pipeline._wake_worker();
-    -- A registered or re-enabled endpoint releases the events that waited for it.
+    -- A registered or re-enabled endpoint releases the events that waited
+    -- for it; a changed or removed one takes back what the worker holds.
     CREATE TRIGGER pipeline_wake_worker
-        AFTER INSERT OR UPDATE ON pipeline.webhooks
+        AFTER INSERT OR UPDATE OR DELETE ON pipeline.webhooks
+        FOR EACH STATEMENT EXECUTE FUNCTION pipeline._wake_worker('always');
+    CREATE TRIGGER pipeline_wake_worker
+        AFTER INSERT OR UPDATE OR DELETE ON pipeline.webhook_credentials
         FOR EACH STATEMENT EXECUTE FUNCTION pipeline._wake_worker('always');
     "#,
     name = "wake_trigger",
@@ -236,6 +258,9 @@ fn wake_worker(always: bool) {
         return;
     }
     // NB: counted before the latch is set: a worker that wakes sees it.
+    if always {
+        slot.endpoint_changes.fetch_add(1, Ordering::SeqCst);
+    }
     slot.wakes.fetch_add(1, Ordering::SeqCst);
     worker_slots::set_latch(procno);
 }

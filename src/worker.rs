@@ -173,6 +173,9 @@ pub extern "C-unwind" fn pipeline_ext_worker_main(arg: pg_sys::Datum) {
         if wake::commits_since_last_look() {
             worker.engine.wake();
         }
+        if wake::endpoints_changed_since_last_look() {
+            worker.engine.endpoints_changed();
+        }
         let mut sleep = worker.turn();
         // NB: a job just handed to the senders may not be in flight yet.
         let (in_flight, queued) = worker.engine.dispatcher().load();

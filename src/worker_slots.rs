@@ -38,6 +38,9 @@ pub struct Slot {
     pub wake_wanted: AtomicBool,
     /// Commits that woke the worker, ever: it claims when this changed.
     pub wakes: AtomicU64,
+    /// Of them, those that changed an endpoint: it takes back what it
+    /// holds unsent when this changed.
+    pub endpoint_changes: AtomicU64,
     /// A backend asked for a worker here (CREATE EXTENSION committed).
     pub requested: AtomicBool,
     /// DROP or ALTER EXTENSION committed here: the worker looks at the
@@ -70,6 +73,7 @@ impl Default for Slots {
                 proc: AtomicU32::new(NO_WORKER),
                 wake_wanted: AtomicBool::new(true),
                 wakes: AtomicU64::new(0),
+                endpoint_changes: AtomicU64::new(0),
                 requested: AtomicBool::new(false),
                 recheck: AtomicBool::new(false),
             }),

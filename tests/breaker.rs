@@ -86,3 +86,13 @@ fn worker_mixed_answers_settle_every_event() {
 fn relay_mixed_answers_settle_every_event() {
     faults::mixed_answers_settle_every_event(Kind::Relay);
 }
+
+#[test]
+fn worker_a_changed_endpoint_gets_nothing_claimed_before() {
+    faults::a_changed_endpoint_gets_nothing_claimed_before(Kind::Worker);
+}
+
+#[test]
+fn relay_a_changed_endpoint_gets_nothing_claimed_before() {
+    faults::a_changed_endpoint_gets_nothing_claimed_before(Kind::Relay);
+}

@@ -157,6 +157,28 @@ impl Dispatcher {
         }
     }
 
+    /// Hands back every waiting job: an endpoint changed (disabled,
+    /// removed, moved, its credentials replaced) since they were claimed, so
+    /// they are claimed again as the endpoint is now. Requests in flight
+    /// finish.
+    pub fn hand_back_waiting(&self) -> usize {
+        let mut state = lock(&self.shared.state);
+        let State {
+            lanes,
+            handed_back,
+            held_bytes,
+            ..
+        } = &mut *state;
+        let before = handed_back.len();
+        for lane in lanes.iter_mut() {
+            for job in lane.jobs.drain(..) {
+                *held_bytes -= job.body.len();
+                handed_back.push(job);
+            }
+        }
+        handed_back.len() - before
+    }
+
     /// Requests started from now on use `sender` (a rebuilt HTTP client).
     pub fn set_sender(&self, sender: Sender) {
         *lock(&self.shared.sender) = sender;
@@ -736,6 +758,27 @@ mod tests {
             c.attempts.len() == 1
         });
         assert_eq!(SENT.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn after_an_endpoint_change_nothing_claimed_before_it_starts() {
+        static SENT: AtomicUsize = AtomicUsize::new(0);
+        let slow = endpoint("slow", 1);
+        let dispatcher = Dispatcher::new(Arc::new(|job: &Job| {
+            SENT.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(200));
+            delivered(job)
+        }))
+        .unwrap();
+        dispatcher.submit(jobs(&slow, 0..10));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(dispatcher.hand_back_waiting(), 9, "all but the one in flight");
+        let all = collect_until(&dispatcher, Duration::from_secs(5), |c| {
+            c.attempts.len() == 1 && c.handed_back.len() == 9
+        });
+        assert_eq!(all.attempts[0].event_id, 0);
+        assert_eq!(SENT.load(Ordering::SeqCst), 1);
+        assert_eq!(dispatcher.plan(100, Instant::now()).held_bytes, 0);
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub struct Engine {
     /// Look for due events at the next turn (new events were announced, an
     /// endpoint answers again, a retry was recorded).
     claim_wanted: bool,
+    /// An endpoint changed (disabled, removed, moved): what is held for it
+    /// is looked at before anything more is sent.
+    endpoints_changed: bool,
     /// A claim was held back by a full lane or the byte budget: claim again
     /// once there is room.
     refill_wanted: bool,
@@ -101,6 +104,7 @@ impl Engine {
             limits,
             dispatcher,
             claim_wanted: true,
+            endpoints_changed: false,
             refill_wanted: false,
             next_due_at: None,
             unrecorded: Vec::new(),
@@ -154,6 +158,15 @@ impl Engine {
         self.claim_wanted = true;
     }
 
+    /// An endpoint was changed (the worker's wake-up, the relay's
+    /// pipeline_wake): the jobs held waiting go back to the queue unsent,
+    /// and are claimed again as the endpoints now are (none for one that
+    /// was disabled or removed; a new URL or new credentials else).
+    pub fn endpoints_changed(&mut self) {
+        self.endpoints_changed = true;
+        self.claim_wanted = true;
+    }
+
     /// Outcomes and hand-backs not recorded yet.
     pub fn unrecorded(&self) -> usize {
         self.unrecorded.len() + self.unreleased.len()
@@ -170,6 +183,9 @@ impl Engine {
     /// for; returns how long to wait at most.
     pub fn turn(&mut self, queue: &mut impl Queue, host: &impl Host, deliver: bool) -> Duration {
         let poll = self.limits.poll_interval;
+        if std::mem::take(&mut self.endpoints_changed) {
+            self.dispatcher.hand_back_waiting();
+        }
         if !self.record_finished(queue, host, false) {
             return ERROR_PAUSE;
         }

@@ -1,7 +1,8 @@
 //! LISTEN pipeline_event (new events) and pipeline_wake (an endpoint
-//! registered or enabled, a replay) on a connection of its own (a direct
-//! one: a transaction-mode pooler drops listeners), turning each notification into
-//! a byte on a pipe the relay's loop waits on. After every (re)connection
+//! changed, a replay) on a connection of its own (a direct one: a
+//! transaction-mode pooler drops listeners), turning each notification into
+//! a byte on a pipe the relay's loop waits on: ENDPOINT_CHANGED when an
+//! endpoint changed (what is held for it is looked at again), POKE else. After every (re)connection
 //! it pokes the loop too, since events committed while it was not listening
 //! were announced to no one, and when the connection is lost, so that the
 //! loop polls often until it is back.
@@ -19,6 +20,11 @@ use crate::connection::Target;
 
 /// How often the thread looks at its stop flag while nothing is announced.
 const CHECK_STOP: Duration = Duration::from_millis(500);
+
+/// The byte of a wake-up.
+pub const POKE: u8 = 1;
+/// The byte of a wake-up after an endpoint changed.
+pub const ENDPOINT_CHANGED: u8 = 2;
 
 pub struct Listener {
     stop: Arc<AtomicBool>,
@@ -84,17 +90,21 @@ fn listen(target: &Target, mut poke: UnixStream, stop: &AtomicBool, listening: &
         backoff = Duration::from_millis(250);
         last_error = None;
         listening.store(true, Ordering::SeqCst);
-        let _ = poke.write(&[1]);
+        // NB: endpoints may have changed while it did not listen.
+        let _ = poke.write(&[ENDPOINT_CHANGED]);
         while !stop.load(Ordering::SeqCst) {
             let next = client.notifications().timeout_iter(CHECK_STOP).next();
             match next {
-                Ok(Some(_)) => {
+                Ok(Some(first)) => {
                     // NB: what has arrived already is taken before poking,
                     // so that a burst of commits is one wake-up.
+                    let mut changed = endpoint_changed(&first);
                     let mut buffered = client.notifications();
                     let mut buffered = buffered.iter();
-                    while let Ok(Some(_)) = buffered.next() {}
-                    let _ = poke.write(&[1]);
+                    while let Ok(Some(more)) = buffered.next() {
+                        changed |= endpoint_changed(&more);
+                    }
+                    let _ = poke.write(&[if changed { ENDPOINT_CHANGED } else { POKE }]);
                 }
                 Ok(None) => {}
                 Err(error) => {
@@ -110,8 +120,15 @@ fn listen(target: &Target, mut poke: UnixStream, stop: &AtomicBool, listening: &
         // NB: the loop looks at once, and polls often until LISTEN is back:
         // without this poke it slept out its 30 s safety poll, reporting
         // healthy (and missing commits) meanwhile.
-        let _ = poke.write(&[1]);
+        let _ = poke.write(&[POKE]);
     }
+}
+
+/// pipeline_wake says which table changed (010_webhooks.sql): the endpoints
+/// or their credentials, or events replayed.
+fn endpoint_changed(notification: &postgres::Notification) -> bool {
+    notification.channel() == "pipeline_wake"
+        && matches!(notification.payload(), "webhooks" | "webhook_credentials")
 }
 
 fn sleep_unless(stop: &AtomicBool, total: Duration) {

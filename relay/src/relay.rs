@@ -398,8 +398,14 @@ impl Relay {
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if fds[1].revents != 0 {
             let mut buffer = [0u8; 256];
-            while matches!(self.poke_read.read(&mut buffer), Ok(n) if n > 0) {}
+            let mut changed = false;
+            while let Ok(n @ 1..) = self.poke_read.read(&mut buffer) {
+                changed |= buffer[..n].contains(&crate::listener::ENDPOINT_CHANGED);
+            }
             self.engine.wake();
+            if changed {
+                self.engine.endpoints_changed();
+            }
         }
         self.engine.dispatcher().drain_wake();
     }

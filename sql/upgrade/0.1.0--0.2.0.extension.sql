@@ -8,6 +8,15 @@ CREATE OR REPLACE FUNCTION pipeline._worker_pid() RETURNS integer
 LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'worker_pid_wrapper';
 -- Only its own triggers call the wake-up (0.1.0 left it to PUBLIC).
 REVOKE ALL ON FUNCTION pipeline._wake_worker() FROM PUBLIC;
+-- A changed or removed endpoint, or its credentials, take back what the
+-- worker holds for it (0.1.0 woke it on INSERT and UPDATE of the endpoints).
+DROP TRIGGER pipeline_wake_worker ON pipeline.webhooks;
+CREATE TRIGGER pipeline_wake_worker
+    AFTER INSERT OR UPDATE OR DELETE ON pipeline.webhooks
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._wake_worker('always');
+CREATE TRIGGER pipeline_wake_worker
+    AFTER INSERT OR UPDATE OR DELETE ON pipeline.webhook_credentials
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._wake_worker('always');
 -- Each database with the extension has a worker of its own now, which
 -- the launcher starts; this asks for this database's once the update
 -- commits. NB: the library must be the new one (restart the server

@@ -454,3 +454,37 @@ pub fn mixed_answers_settle_every_event(kind: Kind) {
         "the 200s"
     );
 }
+
+/// An endpoint disabled, then moved to another URL, while the deliverer
+/// holds events claimed for it: nothing more goes to the old receiver than
+/// what was in flight, and the rest reach the new one.
+pub fn a_changed_endpoint_gets_nothing_claimed_before(kind: Kind) {
+    let deliverer = Deliverer::start(kind, "changed", &[]);
+    let old = Receiver::scripted(|_, _| Answer {
+        delay: Duration::from_millis(200),
+        ..Answer::status(200)
+    });
+    let mut db = deliverer.connect();
+    register(&mut db, "moving", &old.url("/old"), ", max_in_flight => 1");
+    let sent: std::collections::BTreeSet<i64> = emit(&mut db, "moving", 50).into_iter().collect();
+    old.wait_for(Duration::from_secs(10), "the first requests", |r| r.len() >= 2);
+    db.batch_execute("SELECT pipeline.disable_webhook('moving')")
+        .unwrap();
+    let at_disable = old.received().len();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = old.received().len();
+    assert!(
+        after <= at_disable + 1,
+        "{} requests after the endpoint was disabled",
+        after - at_disable
+    );
+    let new = Receiver::ok();
+    register(&mut db, "moving", &new.url("/new"), ", max_in_flight => 1");
+    let got = new.wait_for(Duration::from_secs(20), "the rest at the new URL", |r| {
+        super::behaviours::ids(r).len() + after >= sent.len()
+    });
+    assert_eq!(old.received().len(), after, "nothing more to the old URL");
+    let mut all = super::behaviours::ids(&got);
+    all.extend(super::behaviours::ids(&old.received()));
+    assert_eq!(all, sent, "every event, once at least");
+}
