@@ -2350,7 +2350,8 @@ COMMENT ON COLUMN pipeline.webhook_credentials.secret IS 'Signing secret (whsec_
 -- A deliverer that listens (pipeline-relay) hears on the channel
 -- pipeline_wake of what can make waiting events deliverable without a new
 -- event: an endpoint registered, enabled or given its credentials back, a
--- replay (pipeline._requeue). New events are announced on pipeline_event.
+-- replay (pipeline._requeue); and of an endpoint changed or removed, for
+-- which it claims again what it holds (the payload names the table). New events are announced on pipeline_event.
 -- (The extension's worker is woken by its library; this costs it nothing
 -- while no one listens.)
 -- Only statements that changed rows announce (a NOTIFY takes a lock that
@@ -2373,6 +2374,11 @@ CREATE TRIGGER pipeline_announce_wake_insert AFTER INSERT ON pipeline.webhook_cr
     REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
 CREATE TRIGGER pipeline_announce_wake_update AFTER UPDATE ON pipeline.webhook_credentials
     REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+-- A removed endpoint: a deliverer takes back what it holds for it.
+CREATE TRIGGER pipeline_announce_wake_delete AFTER DELETE ON pipeline.webhooks
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
+CREATE TRIGGER pipeline_announce_wake_delete AFTER DELETE ON pipeline.webhook_credentials
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION pipeline._announce_wake();
 
 -- Storing an endpoint's headers and secret.
 CREATE FUNCTION pipeline._store_credentials(event_type text, headers jsonb, secret text) RETURNS void
@@ -2863,7 +2869,10 @@ COMMENT ON TABLE pipeline.deliverers IS
 -- A batch of due events that have an enabled endpoint, claimed as by
 -- pipeline.claim, each with its endpoint and the request body to send.
 --   skip_types       types to leave alone (their endpoint is busy or probed)
---   only_types       claim only these types (a probe)
+--   only_types       claim only these types: a probe of an endpoint that is
+--                    down, whose earliest waiting event is made due first
+--                    (while it is down its events' attempts are counted,
+--                    which pushes them out: the probe must not wait for them)
 --   max_bytes        stop adding events once their size reaches this
 --                    (the first event always comes); the rest go back
 --   max_event_bytes  an event whose body is larger comes with body NULL and
@@ -2913,6 +2922,18 @@ BEGIN
                        AND (only_types IS NULL OR w.event_type::text = ANY (only_types)));
     IF cardinality(v_types) = 0 THEN
         RETURN;
+    END IF;
+    IF only_types IS NOT NULL THEN
+        UPDATE marketing.pipeline_events e
+        SET next_attempt_at = now()
+        FROM unnest(v_types) AS t(event_type)
+        CROSS JOIN LATERAL (
+            SELECT o.id FROM marketing.pipeline_events o
+            WHERE o.event_type = t.event_type AND o.status IN ('pending', 'failed')
+            ORDER BY o.next_attempt_at, o.id
+            LIMIT 1
+        ) first
+        WHERE e.id = first.id AND e.next_attempt_at > now();
     END IF;
     FOR v_row IN
         SELECT c.id, c.attempts, pipeline._payload_bytes(c.payload) AS stored

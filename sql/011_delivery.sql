@@ -97,7 +97,10 @@ COMMENT ON TABLE pipeline.deliverers IS
 -- A batch of due events that have an enabled endpoint, claimed as by
 -- pipeline.claim, each with its endpoint and the request body to send.
 --   skip_types       types to leave alone (their endpoint is busy or probed)
---   only_types       claim only these types (a probe)
+--   only_types       claim only these types: a probe of an endpoint that is
+--                    down, whose earliest waiting event is made due first
+--                    (while it is down its events' attempts are counted,
+--                    which pushes them out: the probe must not wait for them)
 --   max_bytes        stop adding events once their size reaches this
 --                    (the first event always comes); the rest go back
 --   max_event_bytes  an event whose body is larger comes with body NULL and
@@ -147,6 +150,18 @@ BEGIN
                        AND (only_types IS NULL OR w.event_type::text = ANY (only_types)));
     IF cardinality(v_types) = 0 THEN
         RETURN;
+    END IF;
+    IF only_types IS NOT NULL THEN
+        UPDATE marketing.pipeline_events e
+        SET next_attempt_at = now()
+        FROM unnest(v_types) AS t(event_type)
+        CROSS JOIN LATERAL (
+            SELECT o.id FROM marketing.pipeline_events o
+            WHERE o.event_type = t.event_type AND o.status IN ('pending', 'failed')
+            ORDER BY o.next_attempt_at, o.id
+            LIMIT 1
+        ) first
+        WHERE e.id = first.id AND e.next_attempt_at > now();
     END IF;
     FOR v_row IN
         SELECT c.id, c.attempts, pipeline._payload_bytes(c.payload) AS stored

@@ -63,7 +63,10 @@ pub fn publish_worker(slot: &'static Slot) -> bool {
     }
     if MY_SLOT.set(slot).is_ok() {
         WAKES_SEEN.store(slot.wakes.load(Ordering::SeqCst), Ordering::Relaxed);
-        ENDPOINT_CHANGES_SEEN.store(slot.endpoint_changes.load(Ordering::SeqCst), Ordering::Relaxed);
+        ENDPOINT_CHANGES_SEEN.store(
+            slot.endpoint_changes.load(Ordering::SeqCst),
+            Ordering::Relaxed,
+        );
         // SAFETY: a static callback with no argument, run when the process exits.
         unsafe { pg_sys::before_shmem_exit(Some(unpublish_at_exit), pg_sys::Datum::from(0)) };
     }

@@ -772,7 +772,11 @@ mod tests {
         .unwrap();
         dispatcher.submit(jobs(&slow, 0..10));
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(dispatcher.hand_back_waiting(), 9, "all but the one in flight");
+        assert_eq!(
+            dispatcher.hand_back_waiting(),
+            9,
+            "all but the one in flight"
+        );
         let all = collect_until(&dispatcher, Duration::from_secs(5), |c| {
             c.attempts.len() == 1 && c.handed_back.len() == 9
         });

@@ -467,7 +467,9 @@ pub fn a_changed_endpoint_gets_nothing_claimed_before(kind: Kind) {
     let mut db = deliverer.connect();
     register(&mut db, "moving", &old.url("/old"), ", max_in_flight => 1");
     let sent: std::collections::BTreeSet<i64> = emit(&mut db, "moving", 50).into_iter().collect();
-    old.wait_for(Duration::from_secs(10), "the first requests", |r| r.len() >= 2);
+    old.wait_for(Duration::from_secs(10), "the first requests", |r| {
+        r.len() >= 2
+    });
     db.batch_execute("SELECT pipeline.disable_webhook('moving')")
         .unwrap();
     let at_disable = old.received().len();
