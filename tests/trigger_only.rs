@@ -164,6 +164,7 @@ fn trigger_only_install_matches_the_extension() {
         texts(&mut ext, extension_only),
         [
             "pipeline._wake_worker() marketing.pipeline_events.pipeline_wake_worker",
+            "pipeline._wake_worker() pipeline.webhook_credentials.pipeline_wake_worker",
             "pipeline._wake_worker() pipeline.webhooks.pipeline_wake_worker"
         ]
     );
