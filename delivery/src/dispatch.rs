@@ -191,8 +191,6 @@ impl Dispatcher {
 
     /// Empties the wake-up pipe (after a wait on wake_fd).
     pub fn drain_wake(&self) {
-        // NB: cleared before reading, so a finish after the read writes again.
-        self.shared.wake_pending.store(false, Ordering::SeqCst);
         let mut buffer = [0u8; 256];
         // SAFETY: reads into a local buffer from a descriptor we own; the
         // pipe is non-blocking, so the loop ends when it is empty.
@@ -204,6 +202,13 @@ impl Dispatcher {
             )
         } > 0
         {}
+        // NB: cleared after reading. Cleared before, a finish between the
+        // two had its byte read here while the flag stayed set: no later
+        // finish wrote again, and the caller slept out its whole wait with
+        // answers to store (and, once they reached the cap of unstored
+        // answers, every sender idle). A finish before this line is
+        // collected by the caller's next turn; one after it writes.
+        self.shared.wake_pending.store(false, Ordering::SeqCst);
     }
 
     /// Queues jobs behind those of their endpoint and starts what can start.

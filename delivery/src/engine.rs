@@ -221,6 +221,10 @@ impl Engine {
         if self.claim_wanted && self.dispatcher.load().0 == 0 {
             wait = Duration::ZERO;
         }
+        // NB: answers that came in during this turn are stored at once.
+        if self.dispatcher.uncollected() > 0 {
+            wait = wait.min(RECORD_WITHIN);
+        }
         wait
     }
 
@@ -468,4 +472,114 @@ fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
     let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
     // SAFETY: one pollfd on the stack, for a descriptor the dispatcher owns.
     unsafe { libc::poll(&mut poll, 1, ms) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::ClaimedRow;
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    /// A queue in memory: `pending` events of one type, claimed in order.
+    struct MemoryQueue {
+        pending: VecDeque<i64>,
+        delivered: usize,
+    }
+
+    impl Queue for MemoryQueue {
+        fn claim(&mut self, claims: &[Claim]) -> Result<Vec<Vec<ClaimedRow>>, String> {
+            Ok(claims
+                .iter()
+                .map(|claim| {
+                    let n = (claim.limit as usize).min(self.pending.len());
+                    self.pending
+                        .drain(..n)
+                        .map(|id| ClaimedRow {
+                            event_id: id,
+                            attempt: 1,
+                            event_type: "t".into(),
+                            url: "http://127.0.0.1:9/t".into(),
+                            method: "POST".into(),
+                            headers: "{}".into(),
+                            body: Some("{}".into()),
+                            body_bytes: 2,
+                            ..ClaimedRow::default()
+                        })
+                        .collect()
+                })
+                .collect())
+        }
+
+        fn record(
+            &mut self,
+            attempts: &[Attempt],
+            unsent: &[Job],
+            circuits: &[Circuit],
+        ) -> Result<Vec<i32>, String> {
+            self.delivered += attempts.len();
+            self.pending.extend(unsent.iter().map(|j| j.event_id));
+            Ok(vec![0; circuits.len()])
+        }
+
+        fn next_due_in(&mut self, _skip: &[String]) -> Result<Option<Duration>, String> {
+            Ok((!self.pending.is_empty()).then_some(Duration::ZERO))
+        }
+
+        fn purge(&mut self, _max_rows: i32) -> Result<i64, String> {
+            Ok(0)
+        }
+    }
+
+    struct Quiet;
+    impl Host for Quiet {
+        fn interrupted(&self) -> bool {
+            false
+        }
+        fn log(&self, _level: Level, _message: &str) {}
+    }
+
+    /// A backlog far larger than the answers that may wait to be stored
+    /// goes out whole, turn after turn, without waiting for a poll.
+    #[test]
+    fn a_large_backlog_flows_with_answers_stored_as_they_come() {
+        let limits = Limits {
+            batch_size: 500,
+            concurrency: 16,
+            http_timeout: Duration::from_secs(5),
+            lease: Duration::from_secs(30),
+            max_event_bytes: 1 << 20,
+            max_bytes_in_flight: 64 << 20,
+            poll_interval: Duration::from_secs(10),
+            retention: Duration::ZERO,
+        };
+        let sender: Sender = Arc::new(|job: &Job| Attempt {
+            verdict: Verdict::Delivered,
+            status_code: Some(204),
+            ..Attempt::new(job)
+        });
+        let mut engine = Engine::new(limits, sender).unwrap();
+        let mut queue = MemoryQueue {
+            pending: (0..20_000).collect(),
+            delivered: 0,
+        };
+        let started = Instant::now();
+        loop {
+            let wait = engine.turn(&mut queue, &Quiet, true);
+            if queue.delivered == 20_000 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{} of 20000 delivered",
+                queue.delivered
+            );
+            assert!(
+                wait < Duration::from_secs(1) || engine.dispatcher().uncollected() == 0,
+                "answers wait for the poll"
+            );
+            wait_readable(engine.dispatcher().wake_fd(), wait);
+            engine.dispatcher().drain_wake();
+        }
+    }
 }
