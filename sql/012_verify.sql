@@ -100,8 +100,8 @@ triggers AS (
                WHEN to_regclass(wt.table_name) IS NULL THEN 'missing table'
                WHEN t.oid IS NULL THEN 'missing'
                WHEN t.tgenabled = 'D' THEN 'disabled'
-               WHEN t.tgfoid <> CASE WHEN wt.stage THEN 'pipeline._capture_stage()'::regprocedure
-                                     ELSE 'pipeline._capture()'::regprocedure END THEN 'calls another function'
+               WHEN t.tgfoid <> 'pipeline._capture_sealed()'::regprocedure
+                    AND (wt.stage OR t.tgfoid <> 'pipeline._capture()'::regprocedure) THEN 'calls another function'
                ELSE 'ok'
            END AS status
     FROM wanted_triggers wt

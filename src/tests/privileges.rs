@@ -194,8 +194,8 @@ mod tests {
         // The stage's own trigger function is not for its triggers.
         assert_error(
             "CREATE TRIGGER capture AFTER INSERT ON public.decoy FOR EACH ROW
-             EXECUTE FUNCTION pipeline._capture_stage('company_created', '')",
-            "permission denied for function pipeline._capture_stage",
+             EXECUTE FUNCTION pipeline._capture_sealed('company_created', '')",
+            "permission denied for function pipeline._capture_sealed",
         );
         // Its own intake row makes the genuine event.
         run("INSERT INTO intake.company_raw_intake (company, website) VALUES ('Real Co', 'https://real.example')");
@@ -203,6 +203,81 @@ mod tests {
         let created = events_of("company_created");
         assert_eq!(created.len(), 1);
         assert_eq!(created[0]["payload"]["new"]["company"], "Real Co");
+    }
+
+    #[pg_test]
+    fn a_writer_of_a_users_watched_table_forges_no_event_of_it() {
+        role("pipeline_test_shop");
+        role("pipeline_test_clerk");
+        run("SELECT pipeline.grant_event_type('order_made', 'pipeline_test_shop')");
+        run("SET LOCAL ROLE pipeline_test_shop");
+        run("CREATE TABLE public.shop_orders (id int PRIMARY KEY, note text, tags text[])");
+        run("GRANT INSERT ON public.shop_orders TO pipeline_test_clerk");
+        run("SELECT pipeline.watch('public.shop_orders', 'order_made')");
+        run("RESET ROLE");
+        // Plain columns: the watch is sealed.
+        assert_eq!(
+            value::<String>(
+                "SELECT tgfoid::regprocedure::text FROM pg_trigger WHERE tgname = 'pipeline_order_made_insert'"
+            )
+            .as_deref(),
+            Some("pipeline._capture_sealed()")
+        );
+        run("SET LOCAL ROLE pipeline_test_clerk");
+        run(
+            "CREATE FUNCTION public.forge_order() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO marketing.pipeline_events (event_type, payload, source_table, source_op)
+                 VALUES ('order_made', '{\"new\": {\"id\": 99, \"note\": \"made up\"}}', 'public.shop_orders', 'INSERT');
+                 RETURN NULL;
+             END $$",
+        );
+        run("CREATE TABLE public.clerk_scratch (id int)");
+        run("CREATE TRIGGER forge AFTER INSERT ON public.clerk_scratch FOR EACH ROW EXECUTE FUNCTION public.forge_order()");
+        assert_error("INSERT INTO public.clerk_scratch VALUES (1)", "row-level security");
+        // Nor may its own trigger run the sealed function.
+        run("DROP TRIGGER forge ON public.clerk_scratch");
+        run(
+            "CREATE TRIGGER capture AFTER INSERT ON public.clerk_scratch
+             REFERENCING NEW TABLE AS pipeline_rows FOR EACH STATEMENT
+             EXECUTE FUNCTION pipeline._capture_sealed('order_made', '')",
+        );
+        assert_error(
+            "INSERT INTO public.clerk_scratch VALUES (2)",
+            "runs only as the trigger of a watch",
+        );
+        // Its real order is an event, as written.
+        run("INSERT INTO public.shop_orders VALUES (1, 'real', '{a}')");
+        run("RESET ROLE");
+        let made = events_of("order_made");
+        assert_eq!(made.len(), 1);
+        assert_eq!(made[0]["payload"]["new"]["note"], "real");
+    }
+
+    #[pg_test]
+    fn a_sealed_watch_whose_columns_change_refuses_rather_than_runs_their_code() {
+        role("pipeline_test_mallory");
+        run("SELECT pipeline.grant_event_type('mood_logged', 'pipeline_test_mallory')");
+        table_with_hostile_type("pipeline_test_mallory");
+        run("SET LOCAL ROLE pipeline_test_mallory");
+        run("CREATE TABLE public.plain_moods (id int PRIMARY KEY)");
+        run("SELECT pipeline.watch('public.plain_moods', 'mood_logged')");
+        // Sealed while plain; then a column of its own type comes.
+        run("ALTER TABLE public.plain_moods ADD COLUMN mood public.mood");
+        assert_error(
+            "INSERT INTO public.plain_moods VALUES (1, 'calm')",
+            "was made for columns of plain types, and a column is of another type now",
+        );
+        // Watched again, the rows go through the writer's rights.
+        run("SELECT pipeline.watch('public.plain_moods', 'mood_logged')");
+        run("INSERT INTO public.plain_moods VALUES (1, 'calm')");
+        run("RESET ROLE");
+        assert_eq!(
+            json("SELECT jsonb_agg(DISTINCT jsonb_build_array(who, superuser)) FROM public.ran_as"),
+            serde_json::json!([["pipeline_test_mallory", false]]),
+            "the type's code never ran as the owner"
+        );
+        assert_eq!(events_of("mood_logged").len(), 1);
     }
 
     #[pg_test]
