@@ -503,17 +503,55 @@ $$;
 --     back from that JSON;
 --   * the NOTIFY text is the id plus a tail that is the same for every
 --     event of the call, built once.
+-- Whether turning a row of the table into JSON runs code of no one but a
+-- superuser's or the pipeline owner's: every column's type, through
+-- domains, arrays and composite types, ends in types that they own (the
+-- built-in ones, an extension's). A type of anyone else's may have a cast
+-- to json of that role's making, which to_jsonb would run. The watches of
+-- such tables are sealed (pipeline._capture_sealed()).
+CREATE FUNCTION pipeline._plain_columns(source_table regclass) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH RECURSIVE used (type_oid) AS (
+        SELECT a.atttypid FROM pg_attribute a
+        WHERE a.attrelid = source_table AND a.attnum > 0 AND NOT a.attisdropped
+        UNION
+        SELECT part.oid
+        FROM used u
+        JOIN pg_type t ON t.oid = u.type_oid
+        CROSS JOIN LATERAL (
+            SELECT t.typbasetype WHERE t.typtype = 'd'
+            UNION ALL
+            SELECT t.typelem WHERE t.typsubscript = 'pg_catalog.array_subscript_handler'::regproc
+            UNION ALL
+            SELECT a.atttypid FROM pg_attribute a
+            WHERE t.typtype = 'c' AND a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+        ) AS part(oid)
+    )
+    SELECT coalesce(bool_and(t.typtype IN ('d', 'c')
+                             OR t.typsubscript = 'pg_catalog.array_subscript_handler'::regproc
+                             OR r.rolsuper
+                             OR t.typowner = (SELECT c.relowner FROM pg_class c
+                                              WHERE c.oid = 'marketing.pipeline_events'::regclass)), true)
+    FROM used u
+    JOIN pg_type t ON t.oid = u.type_oid
+    JOIN pg_roles r ON r.oid = t.typowner
+$$;
+
 -- The capture function is made twice from this one body:
+--   pipeline._capture_sealed()  SECURITY DEFINER: writes the event as the
+--                              pipeline's owner, so that a writer of the
+--                              table can insert no event of the watch's
+--                              type of its own; behind the stage watches,
+--                              and the watches of tables whose columns are
+--                              plain (pipeline._plain_columns);
 --   pipeline._capture()        with the rights of the role whose write
 --                              fired it (see the top of this file), behind
---                              every watch of a user's table;
---   pipeline._capture_stage()  SECURITY DEFINER, behind the stage watches
---                              only (sealed stage events, below).
+--                              the watches of tables with other types.
 DO $install$
 DECLARE
     v_body text := $body$
 BEGIN
-    -- (pipeline._capture_stage() checks here who called it: see below.)
+    -- (pipeline._capture_sealed() checks here who called it: see below.)
     -- One event per row, for a whole statement at once (INSERT and DELETE
     -- watches without a condition, see pipeline.watch): the same events as
     -- the row trigger below, but one INSERT for all of them instead of one
@@ -623,26 +661,39 @@ BEGIN
     RETURN NULL;
 END
 $body$;
-    -- The stage twin runs as the pipeline's owner, for any writer of a stage
-    -- table: only the trigger of a stage watch, on that watch's own table,
-    -- may run it (no other trigger can: EXECUTE is not granted, but the
-    -- trigger is checked all the same).
+    -- The sealed twin runs as the pipeline's owner, for any writer: only
+    -- the trigger of a watch, on that watch's own table, may run it; and
+    -- for a user's table only while its columns are plain (they may have
+    -- changed since the watch was made): else a type's code would run as
+    -- the owner. Refused then, with what to do.
     v_seal text := $seal$
-    IF NOT EXISTS (SELECT 1 FROM pipeline.watches w
-                   WHERE w.builtin AND w.source_table = TG_RELID AND w.trigger_name = TG_NAME
-                     AND w.event_type = TG_ARGV[0] AND w.operation = TG_OP) THEN
-        RAISE EXCEPTION 'pipeline._capture_stage() runs only as the trigger of a stage watch'
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
+    DECLARE
+        v_builtin boolean;
+    BEGIN
+        SELECT w.builtin INTO v_builtin FROM pipeline.watches w
+        WHERE w.source_table = TG_RELID AND w.trigger_name = TG_NAME
+          AND w.event_type = TG_ARGV[0] AND w.operation = TG_OP;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'pipeline._capture_sealed() runs only as the trigger of a watch'
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
+        IF NOT v_builtin AND NOT pipeline._plain_columns(TG_RELID) THEN
+            RAISE EXCEPTION 'the watch of % for % was made for columns of plain types, and a column is of another type now',
+                TG_RELID::regclass, TG_ARGV[0]
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = format('Call pipeline.watch(%L, %L, %L) again: it chooses again how events are written.',
+                                    TG_RELID::regclass::text, TG_ARGV[0], TG_OP);
+        END IF;
+    END;
 $seal$;
 BEGIN
     EXECUTE pg_catalog.format(
         'CREATE FUNCTION pipeline._capture() RETURNS trigger '
         'LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS %L', v_body);
     EXECUTE pg_catalog.format(
-        'CREATE FUNCTION pipeline._capture_stage() RETURNS trigger '
+        'CREATE FUNCTION pipeline._capture_sealed() RETURNS trigger '
         'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L',
-        pg_catalog.replace(v_body, '    -- (pipeline._capture_stage() checks here who called it: see below.)' || E'\n', v_seal));
+        pg_catalog.replace(v_body, '    -- (pipeline._capture_sealed() checks here who called it: see below.)' || E'\n', v_seal));
 END
 $install$;
 COMMENT ON FUNCTION pipeline._capture() IS
@@ -650,10 +701,13 @@ COMMENT ON FUNCTION pipeline._capture() IS
 -- Attaching it to a table produces nothing by itself: the policy below
 -- accepts its events only for tables and types of a watch.
 GRANT EXECUTE ON FUNCTION pipeline._capture() TO PUBLIC;
-COMMENT ON FUNCTION pipeline._capture_stage() IS
-    'Trigger function behind the stage watches: writes the row change as an event with the rights of the pipeline''s '
-    'owner, so that no writer of a stage table can insert stage events of its own (only this trigger may run it).';
-REVOKE ALL ON FUNCTION pipeline._capture_stage() FROM PUBLIC;
+COMMENT ON FUNCTION pipeline._capture_sealed() IS
+    'Trigger function behind the stage watches and the watches of tables with plain columns: writes the row change '
+    'as an event with the rights of the pipeline''s owner, so that no writer of the table can insert events of its '
+    'own; runs only as the trigger of a watch.';
+-- NB: pipeline.watch() runs as the role that watches, which names it in
+-- CREATE TRIGGER; the function checks who called it.
+GRANT EXECUTE ON FUNCTION pipeline._capture_sealed() TO PUBLIC;
 
 
 -- Emitting an event by hand (for receivers and scripts): as the caller,
@@ -740,7 +794,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT EXISTS (
         SELECT 1 FROM pg_trigger t
         WHERE t.tgrelid = source_table AND t.tgname = trigger_name
-          AND t.tgfoid IN ('pipeline._capture()'::regprocedure, 'pipeline._capture_stage()'::regprocedure)
+          AND t.tgfoid IN ('pipeline._capture()'::regprocedure, 'pipeline._capture_sealed()'::regprocedure)
           AND pipeline._trigger_event_type(t.tgargs) = event_type
           AND (t.tgtype::integer & CASE operation WHEN 'INSERT' THEN 4 WHEN 'DELETE' THEN 8
                                                   WHEN 'UPDATE' THEN 16 ELSE 0 END) <> 0)
@@ -775,13 +829,18 @@ CREATE POLICY pipeline_events_produce ON marketing.pipeline_events FOR INSERT
             WHEN 'EMIT' THEN source_table IS NULL AND pipeline._may_produce(event_type)
             ELSE pg_trigger_depth() > 0
                  AND EXISTS (
-                     -- NB: not a stage watch: their events are written by
-                     -- pipeline._capture_stage() as the owner, never by a writer.
+                     -- NB: a watch whose trigger writes with the writer's
+                     -- rights: a sealed watch's (the stages', and those of
+                     -- tables with plain columns) are written by
+                     -- pipeline._capture_sealed() as the owner, never by a writer.
                      SELECT 1
                      FROM pipeline.watches w
                      JOIN pg_class c ON c.oid = w.source_table
                      JOIN pg_namespace n ON n.oid = c.relnamespace
                      WHERE NOT w.builtin
+                       AND EXISTS (SELECT 1 FROM pg_trigger t
+                                   WHERE t.tgrelid = w.source_table AND t.tgname = w.trigger_name
+                                     AND t.tgfoid = 'pipeline._capture()'::regprocedure)
                        AND w.event_type = pipeline_events.event_type::text
                        AND w.operation = pipeline_events.source_op::text
                        AND n.nspname || '.' || c.relname = pipeline_events.source_table
@@ -853,7 +912,8 @@ $$;
 
 -- Starting to turn changes of a table into events (replaces an earlier watch
 -- of the same table, event type and operation). stage: a stage watch (the
--- install's, the owner's only), whose trigger runs pipeline._capture_stage().
+-- install's, the owner's only). The trigger of a stage watch, and of a
+-- table whose columns are plain, runs pipeline._capture_sealed().
 CREATE FUNCTION pipeline._watch(
     source_table regclass,
     event_type   text,
@@ -865,7 +925,8 @@ CREATE FUNCTION pipeline._watch(
 ) RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_capture regprocedure := CASE WHEN stage THEN 'pipeline._capture_stage()' ELSE 'pipeline._capture()' END;
+    v_capture regprocedure := CASE WHEN stage OR pipeline._plain_columns(source_table)
+                                   THEN 'pipeline._capture_sealed()' ELSE 'pipeline._capture()' END;
     v_op      text := upper(btrim(operation));
     v_kind    "char";
     v_schema  name;
@@ -1145,7 +1206,7 @@ DECLARE
     s pipeline.stages;
 BEGIN
     FOR s IN SELECT * FROM pipeline.stages WHERE event_type IS NOT NULL ORDER BY stage_no LOOP
-        -- NB: stage watches: their triggers run pipeline._capture_stage().
+        -- NB: stage watches: their triggers run pipeline._capture_sealed().
         PERFORM pipeline._watch(s.source_table, s.event_type, s.operation, s.condition, s.columns, s.group_by, true);
     END LOOP;
 END
@@ -3601,8 +3662,8 @@ triggers AS (
                WHEN to_regclass(wt.table_name) IS NULL THEN 'missing table'
                WHEN t.oid IS NULL THEN 'missing'
                WHEN t.tgenabled = 'D' THEN 'disabled'
-               WHEN t.tgfoid <> CASE WHEN wt.stage THEN 'pipeline._capture_stage()'::regprocedure
-                                     ELSE 'pipeline._capture()'::regprocedure END THEN 'calls another function'
+               WHEN t.tgfoid <> 'pipeline._capture_sealed()'::regprocedure
+                    AND (wt.stage OR t.tgfoid <> 'pipeline._capture()'::regprocedure) THEN 'calls another function'
                ELSE 'ok'
            END AS status
     FROM wanted_triggers wt

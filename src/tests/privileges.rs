@@ -191,12 +191,16 @@ mod tests {
         );
         assert_error("INSERT INTO public.decoy VALUES (2)", "row-level security");
         run("DROP TRIGGER forge ON public.decoy");
-        // The stage's own trigger function is not for its triggers.
-        assert_error(
+        // The sealed trigger function writes nothing for its triggers.
+        run(
             "CREATE TRIGGER capture AFTER INSERT ON public.decoy FOR EACH ROW
              EXECUTE FUNCTION pipeline._capture_sealed('company_created', '')",
-            "permission denied for function pipeline._capture_sealed",
         );
+        assert_error(
+            "INSERT INTO public.decoy VALUES (3)",
+            "runs only as the trigger of a watch",
+        );
+        run("DROP TRIGGER capture ON public.decoy");
         // Its own intake row makes the genuine event.
         run("INSERT INTO intake.company_raw_intake (company, website) VALUES ('Real Co', 'https://real.example')");
         run("RESET ROLE");
@@ -234,14 +238,15 @@ mod tests {
         );
         run("CREATE TABLE public.clerk_scratch (id int)");
         run("CREATE TRIGGER forge AFTER INSERT ON public.clerk_scratch FOR EACH ROW EXECUTE FUNCTION public.forge_order()");
-        assert_error("INSERT INTO public.clerk_scratch VALUES (1)", "row-level security");
+        assert_error(
+            "INSERT INTO public.clerk_scratch VALUES (1)",
+            "row-level security",
+        );
         // Nor may its own trigger run the sealed function.
         run("DROP TRIGGER forge ON public.clerk_scratch");
-        run(
-            "CREATE TRIGGER capture AFTER INSERT ON public.clerk_scratch
+        run("CREATE TRIGGER capture AFTER INSERT ON public.clerk_scratch
              REFERENCING NEW TABLE AS pipeline_rows FOR EACH STATEMENT
-             EXECUTE FUNCTION pipeline._capture_sealed('order_made', '')",
-        );
+             EXECUTE FUNCTION pipeline._capture_sealed('order_made', '')");
         assert_error(
             "INSERT INTO public.clerk_scratch VALUES (2)",
             "runs only as the trigger of a watch",
