@@ -99,6 +99,9 @@ impl Bench {
     ) {
         let scenario = &format!("{}{scenario}", self.prefix);
         let target = target.filter(|_| self.targets);
+        // NB: said as it is measured, so that a scenario that fails later
+        // leaves the figures before it.
+        eprintln!("[bench] {scenario} | {metric} | {value:.2} {unit}");
         match self
             .figures
             .iter_mut()
