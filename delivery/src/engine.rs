@@ -75,8 +75,8 @@ pub struct Engine {
     /// Look for due events at the next turn (new events were announced, an
     /// endpoint answers again, a retry was recorded).
     claim_wanted: bool,
-    /// An endpoint changed (disabled, removed, moved): what is held for it
-    /// is looked at before anything more is sent.
+    /// An endpoint changed (disabled, removed, moved, new credentials): the
+    /// jobs held waiting go back to the queue before anything more is sent.
     endpoints_changed: bool,
     /// A claim was held back by a full lane or the byte budget: claim again
     /// once there is room.
