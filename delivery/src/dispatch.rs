@@ -141,6 +141,11 @@ impl Dispatcher {
         self.wake_startable(state);
     }
 
+    /// The cap of unacknowledged answers in force now (see State::effective_cap).
+    pub fn unacknowledged_cap(&self) -> usize {
+        lock(&self.shared.state).effective_cap()
+    }
+
     /// `count` collected attempts are stored: that many more may finish.
     pub fn acknowledge(&self, count: usize) {
         let mut state = lock(&self.shared.state);
@@ -393,10 +398,25 @@ impl State {
         }
     }
 
+    /// The cap of unacknowledged answers in force: the caller's, or the
+    /// requests the busy endpoints may have in flight together when that is
+    /// more (ten endpoints of 16 each record less often than one would).
+    fn effective_cap(&self) -> usize {
+        let in_flight: usize = self
+            .lanes
+            .iter()
+            .filter_map(|lane| {
+                let front = lane.jobs.front().map(|job| job.endpoint.max_in_flight);
+                front.or((lane.in_flight > 0).then_some(lane.in_flight))
+            })
+            .sum();
+        self.unacknowledged_cap.max(in_flight)
+    }
+
     /// The next job that may start, taking lanes in turn.
     fn take(&mut self, now: Instant) -> Option<Job> {
         self.hand_back_expired(now);
-        if self.unacknowledged >= self.unacknowledged_cap {
+        if self.unacknowledged >= self.effective_cap() {
             return None;
         }
         let count = self.lanes.len();

@@ -45,7 +45,9 @@ const UNRECORDED_LIMIT: usize = 100_000;
 const RECORD_WITHIN: Duration = Duration::from_millis(10);
 
 /// Answers that may wait to be stored before no new request starts: four
-/// times the requests in flight an endpoint has by default, at least 64.
+/// times the requests in flight an endpoint has by default, at least 64
+/// (more while several endpoints are busy: the requests they may have in
+/// flight together).
 pub fn unstored_cap(limits: &Limits) -> usize {
     (limits.concurrency * 4).max(64)
 }
@@ -334,7 +336,7 @@ impl Engine {
         let time = now
             || !self.unreleased.is_empty()
             || !self.changes.is_empty()
-            || self.unrecorded.len() >= (unstored_cap(&self.limits) / 2).max(1)
+            || self.unrecorded.len() >= (self.dispatcher.unacknowledged_cap() / 2).max(1)
             || self.dispatcher.load().0 == 0
             || self
                 .unrecorded_since
