@@ -168,20 +168,9 @@ impl Dispatcher {
     /// finish.
     pub fn hand_back_waiting(&self) -> usize {
         let mut state = lock(&self.shared.state);
-        let State {
-            lanes,
-            handed_back,
-            held_bytes,
-            ..
-        } = &mut *state;
-        let before = handed_back.len();
-        for lane in lanes.iter_mut() {
-            for job in lane.jobs.drain(..) {
-                *held_bytes -= job.body.len();
-                handed_back.push(job);
-            }
-        }
-        handed_back.len() - before
+        (0..state.lanes.len())
+            .map(|index| state.hand_back_lane(index))
+            .sum()
     }
 
     /// Requests started from now on use `sender` (a rebuilt HTTP client).
@@ -371,7 +360,24 @@ impl Drop for Dispatcher {
 
 impl State {
     fn lane(&mut self, event_type: &str) -> &mut Lane {
-        let index = match self.lanes.iter().position(|l| l.event_type == event_type) {
+        let index = self.lane_index(event_type);
+        &mut self.lanes[index]
+    }
+
+    /// Hands back every job waiting in a lane; how many.
+    fn hand_back_lane(&mut self, index: usize) -> usize {
+        let waiting: Vec<Job> = self.lanes[index].jobs.drain(..).collect();
+        for job in &waiting {
+            self.held_bytes -= job.body.len();
+        }
+        let count = waiting.len();
+        self.handed_back.extend(waiting);
+        count
+    }
+
+    /// The index of an event type's lane, made if it has none.
+    fn lane_index(&mut self, event_type: &str) -> usize {
+        match self.lanes.iter().position(|l| l.event_type == event_type) {
             Some(index) => index,
             None => {
                 self.lanes.push(Lane {
@@ -383,8 +389,7 @@ impl State {
                 });
                 self.lanes.len() - 1
             }
-        };
-        &mut self.lanes[index]
+        }
     }
 
     /// Hands back the waiting jobs whose deadline has passed.
@@ -469,11 +474,8 @@ impl State {
         if matches!(change, Change::Opened(_) | Change::Paused(_) | Change::Gone) {
             // Only probes go out now, or nothing for a while: the rest
             // waits in the queue.
-            let waiting: Vec<Job> = lane.jobs.drain(..).collect();
-            for job in waiting {
-                self.held_bytes -= job.body.len();
-                self.handed_back.push(job);
-            }
+            let index = self.lane_index(event_type);
+            self.hand_back_lane(index);
         }
         if change != Change::None {
             self.changes.push((event_type.clone(), change));
