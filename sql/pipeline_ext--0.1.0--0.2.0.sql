@@ -3211,14 +3211,6 @@ DECLARE
     v_bound  interval;
     v_failed record;
 BEGIN
-    INSERT INTO marketing.pipeline_delivery_attempts
-        (event_id, attempt, event_type, url, outcome, status_code, duration_ms, error, response_excerpt)
-    SELECT o.event_id, o.attempt, e.event_type, o.url, o.outcome, o.status_code, o.duration_ms, o.error, o.excerpt
-    FROM unnest(_record_deliveries.event_ids, _record_deliveries.attempts, _record_deliveries.outcomes,
-                _record_deliveries.status_codes, _record_deliveries.errors, _record_deliveries.durations_ms,
-                _record_deliveries.excerpts, _record_deliveries.urls)
-             AS o(event_id, attempt, outcome, status_code, error, duration_ms, excerpt, url)
-    CROSS JOIN LATERAL (SELECT e.event_type FROM marketing.pipeline_events e WHERE e.id = o.event_id OFFSET 0) e;
     -- NB: only when some endpoint answered 410: an UPDATE of the endpoints,
     -- even of no row, announces them on pipeline_wake.
     IF 'gone' = ANY (_record_deliveries.outcomes) THEN
@@ -3231,20 +3223,29 @@ BEGIN
         JOIN marketing.pipeline_events e ON e.id = o.event_id
         WHERE o.outcome = 'gone' AND w.event_type = e.event_type AND w.url = o.url AND w.enabled;
     END IF;
-    -- Whether each endpoint of the batch answers (a delivery, or a refusal
-    -- of one event) or failed every request of it (no answer, 429, 5xx).
-    -- NB: its row is written when that changes, and otherwise at most about
-    -- once a second, not on every call.
-    WITH batch AS (
-        SELECT e.event_type,
-               bool_or(o.outcome IN ('delivered', 'failed')) AS answered,
-               bool_or(o.outcome = 'retry') AS failed,
-               (array_agg(CASE WHEN o.status_code IS NOT NULL THEN 'HTTP ' || o.status_code ELSE o.error END
-                          ORDER BY o.event_id DESC) FILTER (WHERE o.outcome = 'retry'))[1] AS failure
-        FROM unnest(_record_deliveries.event_ids, _record_deliveries.outcomes, _record_deliveries.status_codes,
-                    _record_deliveries.errors) AS o(event_id, outcome, status_code, error)
+    -- Every attempt is logged, and from the rows logged, whether each
+    -- endpoint of the batch answers (a delivery, or a refusal of one event)
+    -- or failed every request of it (no answer, 429, 5xx): one statement,
+    -- so that each event's type is looked up once. NB: an endpoint's row is
+    -- written when that changes, and otherwise at most about once a second.
+    WITH logged AS (
+        INSERT INTO marketing.pipeline_delivery_attempts AS l
+            (event_id, attempt, event_type, url, outcome, status_code, duration_ms, error, response_excerpt)
+        SELECT o.event_id, o.attempt, e.event_type, o.url, o.outcome, o.status_code, o.duration_ms, o.error, o.excerpt
+        FROM unnest(_record_deliveries.event_ids, _record_deliveries.attempts, _record_deliveries.outcomes,
+                    _record_deliveries.status_codes, _record_deliveries.errors, _record_deliveries.durations_ms,
+                    _record_deliveries.excerpts, _record_deliveries.urls)
+                 AS o(event_id, attempt, outcome, status_code, error, duration_ms, excerpt, url)
         CROSS JOIN LATERAL (SELECT e.event_type FROM marketing.pipeline_events e WHERE e.id = o.event_id OFFSET 0) e
-        GROUP BY e.event_type
+        RETURNING l.event_id, l.event_type, l.outcome, l.status_code, l.error
+    ), batch AS (
+        SELECT a.event_type,
+               bool_or(a.outcome IN ('delivered', 'failed')) AS answered,
+               bool_or(a.outcome = 'retry') AS failed,
+               (array_agg(CASE WHEN a.status_code IS NOT NULL THEN 'HTTP ' || a.status_code ELSE a.error END
+                          ORDER BY a.event_id DESC) FILTER (WHERE a.outcome = 'retry'))[1] AS failure
+        FROM logged a
+        GROUP BY a.event_type
     )
     INSERT INTO pipeline.endpoint_health AS h (event_type, failing_since, last_answer_at, last_failure_at, last_failure)
     SELECT b.event_type, CASE WHEN NOT b.answered THEN now() END, CASE WHEN b.answered THEN now() END,
