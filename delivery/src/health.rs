@@ -94,6 +94,9 @@ enum State {
     Open {
         next_probe_at: Instant,
         delay: Duration,
+        /// A probe is out: its outcome, not that of a request sent before
+        /// the circuit opened, decides the next delay.
+        probing: bool,
     },
     HalfOpen {
         allowed: usize,
@@ -231,14 +234,19 @@ impl Health {
                 let since = *self.unanswered_since.get_or_insert(now);
                 self.failures_unanswered += 1;
                 match self.state {
-                    State::Open { delay, .. } => {
+                    State::Open {
+                        delay,
+                        probing: true,
+                        ..
+                    } => {
                         let delay = (delay * 2).min(PROBE_LONGEST);
-                        self.state = State::Open {
-                            next_probe_at: now + delay,
-                            delay,
-                        };
+                        self.trip(now, delay);
                         Change::None
                     }
+                    // NB: sent before the circuit opened: counting each of
+                    // the requests then in flight as a failed probe took
+                    // the first real probe to the longest delay at once.
+                    State::Open { probing: false, .. } => Change::None,
                     State::HalfOpen { delay, .. } if kind == Kind::Unreachable => {
                         let delay = (delay * 2).min(PROBE_LONGEST);
                         self.trip(now, delay);
@@ -276,6 +284,7 @@ impl Health {
         self.state = State::Open {
             next_probe_at: now + delay,
             delay,
+            probing: false,
         };
     }
 
@@ -298,8 +307,14 @@ impl Health {
 
     /// A probe was started: the next waits for its outcome.
     pub fn probe_started(&mut self, now: Instant) {
-        if let State::Open { next_probe_at, .. } = &mut self.state {
+        if let State::Open {
+            next_probe_at,
+            probing,
+            ..
+        } = &mut self.state
+        {
             *next_probe_at = now + PROBE_LONGEST * 100;
+            *probing = true;
         }
     }
 }
@@ -380,7 +395,20 @@ mod tests {
         assert_eq!(health.probe_at(), Some(now + PROBE_FIRST));
         assert_eq!(health.allowed(16, now), 0);
         assert_eq!(health.allowed(16, now + PROBE_FIRST), 1);
+        // The requests that were in flight when it opened fail too: the
+        // first probe stays where it was.
+        for _ in 0..11 {
+            assert_eq!(health.record(&refused(), 16, now), Change::None);
+        }
+        assert_eq!(health.probe_at(), Some(now + PROBE_FIRST));
+        // Each failed probe doubles the delay.
         for expected in [2, 4, 8, 10, 10] {
+            health.probe_started(now);
+            assert_eq!(
+                health.allowed(16, now + PROBE_LONGEST),
+                0,
+                "one probe at a time"
+            );
             assert_eq!(health.record(&refused(), 16, now), Change::None);
             assert_eq!(health.probe_at(), Some(now + Duration::from_secs(expected)));
         }
@@ -445,6 +473,7 @@ mod tests {
             matches!(health.record(&http(502), 16, late), Change::Opened(why) if why.contains("no request answered for 60 s"))
         );
         // Only an answer closes it: a probe that gets 502 keeps it open.
+        health.probe_started(late);
         assert_eq!(health.record(&http(502), 16, late), Change::None);
         assert!(health.open());
         assert_eq!(health.record(&http(200), 16, late), Change::Recovered);
