@@ -39,16 +39,159 @@ $$;
 COMMENT ON FUNCTION pipeline._is_http_url(text) IS
     'True when a website is an http(s) URL whose host has a dot, without spaces or user part, at most 2048 characters.';
 
--- The domain a company is known by: the host of its website in lower case,
--- without a leading www. marketing.company_master keeps one company per
--- domain, and validation looks for duplicates by it.
+-- What a website names, read as an http(s) URL: the value without the
+-- spaces around it, and a bare domain (acme.example, www.acme.example/team,
+-- as CSV exports write them) as https://<domain>. Anything else is returned
+-- as it is (trimmed), for pipeline._is_http_url and pipeline.website_problem
+-- to judge. Promotion stores this form in marketing.company_master.
+-- NB: inlined (no SET clause, every name qualified).
+CREATE FUNCTION pipeline.website_url(website text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN pg_catalog.btrim(website, E' \t\r\n') OPERATOR(pg_catalog.~*) '^https?://'::pg_catalog.text
+            THEN pg_catalog.btrim(website, E' \t\r\n')
+        WHEN pg_catalog.btrim(website, E' \t\r\n') OPERATOR(pg_catalog.~)
+                 '^[^\s/?#@:]+\.[^\s/?#@:]+(:[0-9]{1,5})?([/?#]\S*)?$'::pg_catalog.text
+            THEN 'https://'::pg_catalog.text OPERATOR(pg_catalog.||) pg_catalog.btrim(website, E' \t\r\n')
+        ELSE pg_catalog.btrim(website, E' \t\r\n')
+    END
+$$;
+COMMENT ON FUNCTION pipeline.website_url(text) IS
+    'A website as an http(s) URL: trimmed, and a bare domain (acme.example) read as https://acme.example.';
+
+-- One spelling per host name: lower case, no trailing dot, and an
+-- internationalised name in its ASCII form (punycode, RFC 3492: the form
+-- DNS, TLS certificates and the services use), so that münchen.example and
+-- xn--mnchen-3ya.example are one company. Non-ASCII labels are put in
+-- Unicode NFC and lower-cased by code point (Latin-1, Latin Extended-A,
+-- Greek and Cyrillic capitals), not by the database's locale: the result
+-- is a unique key and must not depend on lc_ctype. NULL for an empty host.
+CREATE FUNCTION pipeline._canonical_host(host text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_host   text := rtrim(lower(host COLLATE "C"), '.');
+    v_labels text[];
+    v_out    text[] := '{}';
+    v_label  text;
+    v_cps    integer[];
+    v_cp     integer;
+    v_basic  text;
+    v_enc    text;
+    v_n      integer;
+    v_delta  bigint;
+    v_bias   integer;
+    v_h      integer;
+    v_b      integer;
+    v_m      integer;
+    v_q      bigint;
+    v_k      integer;
+    v_t      integer;
+    v_d      integer;
+BEGIN
+    IF v_host IS NULL OR v_host = '' THEN
+        RETURN NULL;
+    END IF;
+    IF v_host ~ '^[\x01-\x7f]*$' THEN
+        RETURN v_host;
+    END IF;
+    IF getdatabaseencoding() = 'UTF8' THEN
+        v_host := normalize(v_host, NFC);
+    END IF;
+    -- Full stops of other scripts (ideographic, fullwidth, halfwidth) separate labels too.
+    v_labels := string_to_array(translate(v_host, U&'\3002\FF0E\FF61', '...'), '.');
+    FOREACH v_label IN ARRAY v_labels LOOP
+        IF v_label ~ '^[\x01-\x7f]*$' THEN
+            v_out := v_out || v_label;
+            CONTINUE;
+        END IF;
+        -- Code points, lower-cased.
+        v_cps := '{}';
+        FOR v_d IN 1 .. char_length(v_label) LOOP
+            v_cp := ascii(substr(v_label, v_d, 1));
+            v_cp := CASE
+                WHEN v_cp BETWEEN 65 AND 90 THEN v_cp + 32
+                WHEN v_cp BETWEEN 192 AND 222 AND v_cp <> 215 THEN v_cp + 32
+                WHEN v_cp BETWEEN 256 AND 311 AND v_cp % 2 = 0 THEN v_cp + 1
+                WHEN v_cp BETWEEN 313 AND 328 AND v_cp % 2 = 1 THEN v_cp + 1
+                WHEN v_cp BETWEEN 330 AND 375 AND v_cp % 2 = 0 THEN v_cp + 1
+                WHEN v_cp = 376 THEN 255
+                WHEN v_cp BETWEEN 377 AND 382 AND v_cp % 2 = 1 THEN v_cp + 1
+                WHEN v_cp BETWEEN 913 AND 939 AND v_cp <> 930 THEN v_cp + 32
+                WHEN v_cp BETWEEN 1040 AND 1071 THEN v_cp + 32
+                WHEN v_cp BETWEEN 1024 AND 1039 THEN v_cp + 80
+                ELSE v_cp
+            END;
+            v_cps := v_cps || v_cp;
+        END LOOP;
+        -- RFC 3492, 6.3: the basic code points, a delimiter, then the deltas.
+        v_basic := (SELECT coalesce(string_agg(chr(c), '' ORDER BY i), '')
+                    FROM unnest(v_cps) WITH ORDINALITY AS u(c, i) WHERE c < 128);
+        v_b := char_length(v_basic);
+        v_h := v_b;
+        v_enc := v_basic || CASE WHEN v_b > 0 THEN '-' ELSE '' END;
+        v_n := 128;
+        v_delta := 0;
+        v_bias := 72;
+        WHILE v_h < cardinality(v_cps) LOOP
+            SELECT min(c) INTO v_m FROM unnest(v_cps) AS u(c) WHERE c >= v_n;
+            v_delta := v_delta + (v_m - v_n)::bigint * (v_h + 1);
+            v_n := v_m;
+            FOREACH v_cp IN ARRAY v_cps LOOP
+                IF v_cp < v_n THEN
+                    v_delta := v_delta + 1;
+                END IF;
+                IF v_cp = v_n THEN
+                    v_q := v_delta;
+                    v_k := 36;
+                    LOOP
+                        v_t := CASE WHEN v_k <= v_bias THEN 1 WHEN v_k >= v_bias + 26 THEN 26 ELSE v_k - v_bias END;
+                        EXIT WHEN v_q < v_t;
+                        v_d := v_t + ((v_q - v_t) % (36 - v_t))::integer;
+                        v_enc := v_enc || chr(CASE WHEN v_d < 26 THEN 97 + v_d ELSE 22 + v_d END);
+                        v_q := (v_q - v_t) / (36 - v_t);
+                        v_k := v_k + 36;
+                    END LOOP;
+                    v_enc := v_enc || chr(CASE WHEN v_q < 26 THEN 97 + v_q::integer ELSE 22 + v_q::integer END);
+                    -- Bias adaptation (RFC 3492, 6.1).
+                    v_delta := CASE WHEN v_h = v_b THEN v_delta / 700 ELSE v_delta / 2 END;
+                    v_delta := v_delta + v_delta / (v_h + 1);
+                    v_k := 0;
+                    WHILE v_delta > 455 LOOP
+                        v_delta := v_delta / 35;
+                        v_k := v_k + 36;
+                    END LOOP;
+                    v_bias := v_k + (36 * v_delta / (v_delta + 38))::integer;
+                    v_delta := 0;
+                    v_h := v_h + 1;
+                END IF;
+            END LOOP;
+            v_delta := v_delta + 1;
+            v_n := v_n + 1;
+        END LOOP;
+        v_out := v_out || ('xn--' || v_enc);
+    END LOOP;
+    RETURN array_to_string(v_out, '.');
+END
+$$;
+COMMENT ON FUNCTION pipeline._canonical_host(text) IS
+    'A host name in one spelling: lower case, no trailing dot, internationalised labels as punycode (xn--...).';
+
+-- The domain a company is known by: the host of its website (read as
+-- pipeline.website_url does) in pipeline._canonical_host's spelling, without
+-- a leading www. marketing.company_master keeps one company per domain, and
+-- validation looks for duplicates by it: Acme.example, www.acme.example.,
+-- https://ACME.example/team and acme.example are one company.
 -- NB: inlined (no SET clause, every name qualified).
 CREATE FUNCTION pipeline.website_domain(website text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT pg_catalog.substring(pg_catalog.lower(website), '^[a-z]+://(?:www\.)?([^/:?#]+)'::pg_catalog.text)
+    SELECT pg_catalog.regexp_replace(
+               pipeline._canonical_host(pg_catalog.substring(pipeline.website_url(website),
+                                                             '^[hH][tT][tT][pP][sS]?://([^/:?#@]+)'::pg_catalog.text)),
+               '^www\.'::pg_catalog.text, ''::pg_catalog.text)
 $$;
 COMMENT ON FUNCTION pipeline.website_domain(text) IS
-    'The host of a website URL in lower case without a leading www. (NULL when it is not a URL).';
+    'The host of a website (a URL or a bare domain) in one spelling: lower case, no trailing dot, no leading www., '
+    'internationalised names as punycode (NULL when it names no host).';
 
 -- An email address the pipeline can use: something@host.with.dot, no spaces,
 -- at most 320 characters. The CHECKs of marketing.company_slots and
@@ -129,7 +272,8 @@ COMMENT ON TABLE marketing.company_master IS
     'Stage 3. Validated companies, one per domain. INSERT emits company_promoted.';
 COMMENT ON COLUMN marketing.company_master.intake_id IS 'The intake row this company was promoted from (NULL if entered by hand).';
 COMMENT ON COLUMN marketing.company_master.website IS 'Normalised http(s) URL of the company website.';
-COMMENT ON COLUMN marketing.company_master.domain IS 'Host of the website without www., lower case; unique, so a company is promoted once.';
+COMMENT ON COLUMN marketing.company_master.domain IS 'Host of the website in one spelling (pipeline.website_domain: lower case, no www., no trailing dot, punycode); '
+    'unique, so a company is promoted once.';
 
 CREATE TABLE marketing.company_slots (
     id                bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,

@@ -22,7 +22,7 @@
 --   GRANT SELECT, INSERT, UPDATE (resolved, resolved_at, resolution_note)
 --       ON marketing.pipeline_error_log TO consumer;    -- failures; resolved once delivered
 --
--- Plans: the functions a deliverer calls (here and in 011_delivery.sql) are
+-- Plans: the functions a deliverer calls (here and in 013_delivery.sql) are
 -- written for the indexes of 003_events.sql and must not depend on the
 -- table's statistics, which are usually stale (analyzed when everything was
 -- delivered, or never), nor on the values of the call: after five calls a
@@ -47,7 +47,7 @@ $$;
 -- still processing too (their consumer is gone): those keep their attempt
 -- count, so that a late outcome of the old claim cannot settle the new one.
 -- A listening deliverer (pipeline-relay) hears of it on pipeline_wake (see
--- 010_webhooks.sql).
+-- 011_webhooks.sql).
 CREATE FUNCTION pipeline._requeue(event_ids bigint[], force boolean DEFAULT false) RETURNS SETOF bigint
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_notify('pipeline_wake', 'replay');

@@ -17,24 +17,28 @@
 -- receiver's role needs the table rights the work takes (docs/security.md).
 
 -- What is wrong with a website, in words, or NULL when the pipeline can use
--- it. NULL here if and only if pipeline._is_http_url is true, the rule of
--- marketing.company_master's CHECK: the reasons only name what failed.
+-- it: when pipeline.website_url reads it as a URL the rule of
+-- marketing.company_master's CHECK (pipeline._is_http_url) accepts, and its
+-- host has a dot and no empty label. The reasons only name what failed.
 CREATE FUNCTION pipeline.website_problem(website text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE
-        WHEN pipeline._is_http_url(website) THEN NULL
+        WHEN pipeline._is_http_url(pipeline.website_url(website))
+             AND pipeline.website_domain(website) ~ '^[^.]+(\.[^.]+)+$' THEN NULL
         WHEN website IS NULL OR pipeline._is_blank(website) THEN 'website is missing'
         WHEN char_length(website) > 2048 THEN 'website is longer than 2048 characters'
-        WHEN website !~* '^https?://' THEN 'website is not an http(s) URL'
-        WHEN website ~ '\s' THEN 'website contains spaces'
-        WHEN website ~* '^https?://[^/?#]*@' THEN 'website has a user name or password in it'
+        WHEN pipeline.website_url(website) ~ '\s' THEN 'website contains spaces'
+        WHEN pipeline.website_url(website) !~* '^https?://' THEN 'website is not an http(s) URL or a domain name'
+        WHEN pipeline.website_url(website) ~* '^https?://[^/?#]*@' THEN 'website has a user name or password in it'
         WHEN pipeline.website_domain(website) IS NULL THEN 'website has no host'
         WHEN pipeline.website_domain(website) !~ '\.' THEN 'website host has no dot'
+        WHEN pipeline.website_domain(website) ~ '(^|\.)(\.|$)' THEN 'website host has an empty label'
         ELSE 'website is not a valid http(s) URL'
     END
 $$;
 COMMENT ON FUNCTION pipeline.website_problem(text) IS
-    'Why a website cannot be used (missing, not http(s), host without a dot, ...), or NULL when it can.';
+    'Why a website cannot be used (missing, not http(s) or a domain, host without a dot, ...), or NULL when it can. '
+    'A bare domain is read as https://<domain> (pipeline.website_url).';
 
 -- Looking for an earlier valid row of the same company stays an index scan.
 CREATE INDEX company_raw_intake_valid_domain_idx ON intake.company_raw_intake (pipeline.website_domain(website))
@@ -194,7 +198,7 @@ BEGIN
     END IF;
     INSERT INTO marketing.company_master AS m (intake_id, company_name, website, industry, employee_count,
                                                city, state, country, linkedin_url)
-    VALUES (v_row.id, v_row.company, v_row.website, v_row.industry, v_row.employee_count,
+    VALUES (v_row.id, v_row.company, pipeline.website_url(v_row.website), v_row.industry, v_row.employee_count,
             v_row.city, v_row.state, v_row.country, v_row.linkedin_url)
     ON CONFLICT (domain) DO NOTHING
     RETURNING m.id INTO v_id;
@@ -241,19 +245,34 @@ $$;
 COMMENT ON FUNCTION pipeline.create_slots(bigint, text[]) IS
     'Stage 4: creates the role slots (default ceo, cfo) of a company that lack; returns how many were created.';
 
+-- The first non-empty field of an item among names (a JSON array of field
+-- names, in order of preference), trimmed.
+CREATE FUNCTION pipeline._first_field(item jsonb, names jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT v FROM jsonb_array_elements_text(CASE jsonb_typeof(names) WHEN 'array' THEN names ELSE '[]' END)
+                  WITH ORDINALITY AS k(name, n)
+    CROSS JOIN LATERAL (SELECT nullif(btrim(CASE jsonb_typeof(item -> k.name)
+                                                WHEN 'string' THEN item ->> k.name
+                                                WHEN 'number' THEN item ->> k.name END), '') AS v) f
+    WHERE v IS NOT NULL
+    ORDER BY n LIMIT 1
+$$;
+
 -- Stage 5. Fills a slot from what a people-finder returned: `items` is the
 -- JSON array of dataset items of an Apify actor run
--- (run-sync-get-dataset-items), one person per item, with fullName (or
--- name), jobTitle (or title, position), email, linkedinUrl (or linkedin)
--- and phone. The first item with a name or a usable email fills the slot
--- (enriched, source `source`); an email the table would refuse is left out.
--- No such item: the slot is not_found. A slot already decided is left as it
--- is; returns the slot's enrichment_status.
+-- (run-sync-get-dataset-items), one person per item. Which item field fills
+-- which column is pipeline.services.fields (the apify row: the one place
+-- to change when another actor is used). The first item with a name or a
+-- usable email fills the slot (enriched, source `source`); an email the
+-- table would refuse is left out. No such item: the slot is not_found. A
+-- slot already decided is left as it is; returns the slot's
+-- enrichment_status. Recording ends the slot's call (pipeline.service_calls).
 CREATE FUNCTION pipeline.record_enrichment(slot_id bigint, items jsonb, source text DEFAULT 'apify')
 RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_slot   marketing.company_slots;
+    v_fields jsonb;
     v_person jsonb;
     v_name   text;
     v_email  text;
@@ -268,13 +287,21 @@ BEGIN
                         coalesce(jsonb_typeof(items), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    SELECT s.fields INTO v_fields FROM pipeline.services s WHERE s.service = 'apify';
+    IF v_fields IS NULL THEN
+        RAISE EXCEPTION 'pipeline.record_enrichment: pipeline.services has no apify row to map the items with'
+            USING ERRCODE = 'no_data_found';
+    END IF;
     IF v_slot.enrichment_status IN ('enriched', 'not_found') THEN
+        UPDATE pipeline.service_calls c SET leased_until = NULL, done_at = coalesce(c.done_at, now())
+        WHERE c.stage = 'enrichment' AND c.slot_id = v_slot.id;
         RETURN v_slot.enrichment_status;
     END IF;
     SELECT p.person, p.name, p.email INTO v_person, v_name, v_email
     FROM (SELECT i.item AS person, i.n,
-                 nullif(btrim(coalesce(i.item ->> 'fullName', i.item ->> 'name')), '') AS name,
-                 CASE WHEN pipeline._is_email(lower(btrim(i.item ->> 'email'))) THEN lower(btrim(i.item ->> 'email')) END AS email
+                 pipeline._first_field(i.item, v_fields -> 'full_name') AS name,
+                 CASE WHEN pipeline._is_email(lower(pipeline._first_field(i.item, v_fields -> 'email')))
+                      THEN lower(pipeline._first_field(i.item, v_fields -> 'email')) END AS email
           FROM jsonb_array_elements(items) WITH ORDINALITY AS i(item, n)
           WHERE jsonb_typeof(i.item) = 'object') p
     WHERE p.name IS NOT NULL OR p.email IS NOT NULL
@@ -284,22 +311,25 @@ BEGIN
         UPDATE marketing.company_slots s
         SET enrichment_status = 'not_found', enrichment_source = record_enrichment.source, enriched_at = now()
         WHERE s.id = v_slot.id;
-        RETURN 'not_found';
+    ELSE
+        UPDATE marketing.company_slots s
+        SET enrichment_status = 'enriched', enrichment_source = record_enrichment.source, enriched_at = now(),
+            full_name = left(v_name, 200),
+            title = left(pipeline._first_field(v_person, v_fields -> 'title'), 200),
+            email = v_email,
+            linkedin_url = left(pipeline._first_field(v_person, v_fields -> 'linkedin_url'), 2048),
+            phone = left(pipeline._first_field(v_person, v_fields -> 'phone'), 50)
+        WHERE s.id = v_slot.id;
     END IF;
-    UPDATE marketing.company_slots s
-    SET enrichment_status = 'enriched', enrichment_source = record_enrichment.source, enriched_at = now(),
-        full_name = left(v_name, 200),
-        title = left(nullif(btrim(coalesce(v_person ->> 'jobTitle', v_person ->> 'title', v_person ->> 'position')), ''), 200),
-        email = v_email,
-        linkedin_url = left(nullif(btrim(coalesce(v_person ->> 'linkedinUrl', v_person ->> 'linkedin')), ''), 2048),
-        phone = left(nullif(btrim(v_person ->> 'phone'), ''), 50)
-    WHERE s.id = v_slot.id;
-    RETURN 'enriched';
+    UPDATE pipeline.service_calls c SET leased_until = NULL, done_at = now()
+    WHERE c.stage = 'enrichment' AND c.slot_id = v_slot.id;
+    RETURN CASE WHEN v_person IS NULL THEN 'not_found' ELSE 'enriched' END;
 END
 $$;
 COMMENT ON FUNCTION pipeline.record_enrichment(bigint, jsonb, text) IS
-    'Stage 5: fills a slot from an Apify actor''s dataset items (the first person with a name or email), '
-    'or marks it not_found; a slot already decided is left as it is. Returns the enrichment_status.';
+    'Stage 5: fills a slot from an Apify actor''s dataset items (the first person with a name or email, fields '
+    'mapped by pipeline.services), or marks it not_found; a slot already decided is left as it is. Returns the '
+    'enrichment_status.';
 
 -- Stage 6. Stores a MillionVerifier answer (GET /api/v3/?api=...&email=...)
 -- for a slot's email: result ok → valid, catch_all → catch_all, unknown →
@@ -307,7 +337,8 @@ COMMENT ON FUNCTION pipeline.record_enrichment(bigint, jsonb, text) IS
 -- risky 50, bad 10); the whole answer in details. MillionVerifier answers a
 -- bad key or an empty balance with HTTP 200 and result "error": that is
 -- raised with its message, so the event is retried and the error log says
--- why. The same answer twice stores it once; returns the verification's id.
+-- why. The same verdict twice (credits and executiontime aside) is stored
+-- once; returns the verification's id.
 CREATE FUNCTION pipeline.record_verification(slot_id bigint, answer jsonb, provider text DEFAULT 'millionverifier')
 RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -353,18 +384,21 @@ BEGIN
                         coalesce(answer -> 'result', 'null'::jsonb)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- The same verdict again (a retried delivery, a late receiver) is the
+    -- same verification, whatever its credits or execution time say.
     SELECT v.id INTO v_id FROM marketing.email_verification v
     WHERE v.slot_id = v_slot.id AND v.email = v_slot.email AND v.provider = record_verification.provider
-      AND v.details = answer
+      AND v.details - '{credits,executiontime}'::text[] = answer - '{credits,executiontime}'::text[]
     ORDER BY v.id DESC LIMIT 1;
-    IF FOUND THEN
-        RETURN v_id;
+    IF NOT FOUND THEN
+        INSERT INTO marketing.email_verification AS v (slot_id, email, result, provider, score, details)
+        VALUES (v_slot.id, v_slot.email, v_result, record_verification.provider,
+                CASE answer ->> 'quality' WHEN 'good' THEN 90 WHEN 'risky' THEN 50 WHEN 'bad' THEN 10 END,
+                answer)
+        RETURNING v.id INTO v_id;
     END IF;
-    INSERT INTO marketing.email_verification AS v (slot_id, email, result, provider, score, details)
-    VALUES (v_slot.id, v_slot.email, v_result, record_verification.provider,
-            CASE answer ->> 'quality' WHEN 'good' THEN 90 WHEN 'risky' THEN 50 WHEN 'bad' THEN 10 END,
-            answer)
-    RETURNING v.id INTO v_id;
+    UPDATE pipeline.service_calls c SET leased_until = NULL, done_at = now()
+    WHERE c.stage = 'verification' AND c.slot_id = v_slot.id;
     RETURN v_id;
 END
 $$;

@@ -91,17 +91,27 @@ pub extern "C-unwind" fn _PG_init() {
     requires = ["views"]
 );
 ::pgrx::extension_sql_file!(
-    "../sql/010_webhooks.sql",
-    name = "webhooks",
+    "../sql/010_service_calls.sql",
+    name = "service_calls",
     requires = ["stage_work"]
 );
 ::pgrx::extension_sql_file!(
-    "../sql/011_delivery.sql",
-    name = "delivery",
+    "../sql/011_webhooks.sql",
+    name = "webhooks",
+    requires = ["service_calls"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/012_progress.sql",
+    name = "progress",
     requires = ["webhooks"]
 );
 ::pgrx::extension_sql_file!(
-    "../sql/012_verify.sql",
+    "../sql/013_delivery.sql",
+    name = "delivery",
+    requires = ["progress"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/014_verify.sql",
     name = "verify",
     requires = ["delivery"]
 );

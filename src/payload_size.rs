@@ -1,5 +1,5 @@
 //! The size of an event's payload without reading it, for the claim's
-//! byte budget and pipeline.max_event_size (sql/011_delivery.sql).
+//! byte budget and pipeline.max_event_size (sql/013_delivery.sql).
 //!
 //! A large payload is stored compressed, out of line: its stored size can
 //! be a small fraction of what the worker would hold once it is expanded

@@ -32,6 +32,7 @@ static BACKOFF_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 static BACKOFF_CAP_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
 static LEASE_TIME_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 static DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(3 * 24 * 3600);
+static STUCK_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 static WORKERS_PER_OWNER: GucSetting<i32> = GucSetting::<i32>::new(4);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
@@ -159,6 +160,17 @@ pub fn register(preloading: bool) {
         0,
         i32::MAX,
         GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pipeline.stuck_after",
+        c"How long a company or slot may stay at a stage without an event for it before it counts as stuck.",
+        c"marketing.vw_stuck_work lists them, pipeline.status() counts them, pipeline.verify() warns, and \
+          pipeline.resume_company sets one moving again.",
+        &STUCK_AFTER_S,
+        1,
+        i32::MAX,
+        GucContext::Userset,
         GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(

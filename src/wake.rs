@@ -288,7 +288,7 @@ fn ask_launcher() {
 }
 
 /// The worker's pid when it runs in this database, for pipeline.status():
-/// replaces the SQL stand-in of sql/011_delivery.sql (which trigger-only
+/// replaces the SQL stand-in of sql/013_delivery.sql (which trigger-only
 /// installs keep, and which always says NULL).
 #[pg_extern(
     sql = "

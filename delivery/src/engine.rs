@@ -422,9 +422,14 @@ impl Engine {
 
     fn purge_if_due(&mut self, queue: &mut impl Queue, host: &impl Host) {
         // A tenth of the retention, between a second and a minute, apart.
-        let every = (self.limits.retention / 10).clamp(Duration::from_secs(1), PURGE_EVERY);
-        if self.limits.retention.is_zero() || self.last_purge.is_some_and(|at| at.elapsed() < every)
-        {
+        // NB: with retention 0 (keep everything) too: the purge also
+        // settles the events of types recorded without delivery.
+        let every = if self.limits.retention.is_zero() {
+            PURGE_EVERY
+        } else {
+            (self.limits.retention / 10).clamp(Duration::from_secs(1), PURGE_EVERY)
+        };
+        if self.last_purge.is_some_and(|at| at.elapsed() < every) {
             return;
         }
         self.last_purge = Some(Instant::now());

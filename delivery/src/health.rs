@@ -79,6 +79,10 @@ impl Kind {
         match attempt.verdict {
             Verdict::Delivered | Verdict::Failed => Kind::Answered,
             Verdict::Gone | Verdict::Refused => Kind::Neutral,
+            // The receiver answers, but none of its work can be done until
+            // a person fixes what its service refuses: the endpoint is
+            // failing (its health says so, and a long run opens the circuit).
+            Verdict::Rejected => Kind::Failed,
             Verdict::Retry => match (attempt.status_code, attempt.retry_after) {
                 (None, _) => Kind::Unreachable,
                 (Some(429 | 503), Some(wait)) if !wait.is_zero() => Kind::Throttled(wait),

@@ -2,11 +2,15 @@
 //!
 //! 2xx is delivered. Timeouts, connection errors, 429 and 5xx are passing
 //! troubles: retried with backoff, sooner or later as Retry-After says. 410
-//! Gone means the endpoint is gone: it is disabled and its events wait. Any
-//! other status (3xx included: webhooks do not follow redirects) is a
-//! rejection, retried up to the attempt limit like the rest. Refused is an
-//! event never sent (too large, or an address that must not be reached): it
-//! would fail the same way every time, so it is not retried.
+//! Gone means the endpoint is gone: it is disabled and its events wait. 402
+//! Payment Required and 424 Failed Dependency are the receiver saying that a
+//! service its work needs refuses it (a bad key, no credits): rejected, not
+//! retried, since only a person can fix that (the event is dead with the
+//! receiver's reason; pipeline.replay sends it again). Any other status (3xx
+//! included: webhooks do not follow redirects) is a failure, retried up to
+//! the attempt limit like the rest. Refused is an event never sent (too
+//! large, or an address that must not be reached): it would fail the same
+//! way every time, so it is not retried.
 
 use std::time::{Duration, SystemTime};
 
@@ -16,6 +20,7 @@ pub enum Verdict {
     Retry,
     Failed,
     Gone,
+    Rejected,
     Refused,
 }
 
@@ -24,6 +29,7 @@ impl Verdict {
         match status {
             200..=299 => Verdict::Delivered,
             410 => Verdict::Gone,
+            402 | 424 => Verdict::Rejected,
             429 | 500..=599 => Verdict::Retry,
             _ => Verdict::Failed,
         }
@@ -36,6 +42,7 @@ impl Verdict {
             Verdict::Retry => "retry",
             Verdict::Failed => "failed",
             Verdict::Gone => "gone",
+            Verdict::Rejected => "rejected",
             Verdict::Refused => "refused",
         }
     }
@@ -69,7 +76,10 @@ mod tests {
             (301, Verdict::Failed),
             (400, Verdict::Failed),
             (401, Verdict::Failed),
+            (402, Verdict::Rejected),
             (404, Verdict::Failed),
+            (422, Verdict::Failed),
+            (424, Verdict::Rejected),
             (410, Verdict::Gone),
             (429, Verdict::Retry),
             (500, Verdict::Retry),

@@ -124,7 +124,7 @@ fn listen(target: &Target, mut poke: UnixStream, stop: &AtomicBool, listening: &
     }
 }
 
-/// pipeline_wake says which table changed (010_webhooks.sql): the endpoints
+/// pipeline_wake says which table changed (011_webhooks.sql): the endpoints
 /// or their credentials, or events replayed.
 fn endpoint_changed(notification: &postgres::Notification) -> bool {
     notification.channel() == "pipeline_wake"

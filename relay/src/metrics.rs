@@ -65,7 +65,7 @@ impl Metrics {
         let connected = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "delivery_attempts",
-            "Delivery attempts recorded, by event type and outcome (delivered, retry, failed, gone, refused)",
+            "Delivery attempts recorded, by event type and outcome (delivered, retry, failed, gone, rejected, refused)",
             attempts.clone(),
         );
         registry.register(

@@ -171,18 +171,159 @@ COMMENT ON FUNCTION pipeline._is_http_url(text) IS
     'True when a website is an http(s) URL whose host has a dot, without spaces or user part, at most 2048 characters.';
 
 
--- The domain a company is known by: the host of its website in lower case,
--- without a leading www. marketing.company_master keeps one company per
--- domain, and validation looks for duplicates by it.
+-- What a website names, read as an http(s) URL: the value without the
+-- spaces around it, and a bare domain (acme.example, www.acme.example/team,
+-- as CSV exports write them) as https://<domain>. Anything else is returned
+-- as it is (trimmed), for pipeline._is_http_url and pipeline.website_problem
+-- to judge. Promotion stores this form in marketing.company_master.
+-- NB: inlined (no SET clause, every name qualified).
+CREATE FUNCTION pipeline.website_url(website text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN pg_catalog.btrim(website, E' \t\r\n') OPERATOR(pg_catalog.~*) '^https?://'::pg_catalog.text
+            THEN pg_catalog.btrim(website, E' \t\r\n')
+        WHEN pg_catalog.btrim(website, E' \t\r\n') OPERATOR(pg_catalog.~)
+                 '^[^\s/?#@:]+\.[^\s/?#@:]+(:[0-9]{1,5})?([/?#]\S*)?$'::pg_catalog.text
+            THEN 'https://'::pg_catalog.text OPERATOR(pg_catalog.||) pg_catalog.btrim(website, E' \t\r\n')
+        ELSE pg_catalog.btrim(website, E' \t\r\n')
+    END
+$$;
+COMMENT ON FUNCTION pipeline.website_url(text) IS
+    'A website as an http(s) URL: trimmed, and a bare domain (acme.example) read as https://acme.example.';
+
+-- One spelling per host name: lower case, no trailing dot, and an
+-- internationalised name in its ASCII form (punycode, RFC 3492: the form
+-- DNS, TLS certificates and the services use), so that münchen.example and
+-- xn--mnchen-3ya.example are one company. Non-ASCII labels are put in
+-- Unicode NFC and lower-cased by code point (Latin-1, Latin Extended-A,
+-- Greek and Cyrillic capitals), not by the database's locale: the result
+-- is a unique key and must not depend on lc_ctype. NULL for an empty host.
+CREATE FUNCTION pipeline._canonical_host(host text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_host   text := rtrim(lower(host COLLATE "C"), '.');
+    v_labels text[];
+    v_out    text[] := '{}';
+    v_label  text;
+    v_cps    integer[];
+    v_cp     integer;
+    v_basic  text;
+    v_enc    text;
+    v_n      integer;
+    v_delta  bigint;
+    v_bias   integer;
+    v_h      integer;
+    v_b      integer;
+    v_m      integer;
+    v_q      bigint;
+    v_k      integer;
+    v_t      integer;
+    v_d      integer;
+BEGIN
+    IF v_host IS NULL OR v_host = '' THEN
+        RETURN NULL;
+    END IF;
+    IF v_host ~ '^[\x01-\x7f]*$' THEN
+        RETURN v_host;
+    END IF;
+    IF getdatabaseencoding() = 'UTF8' THEN
+        v_host := normalize(v_host, NFC);
+    END IF;
+    -- Full stops of other scripts (ideographic, fullwidth, halfwidth) separate labels too.
+    v_labels := string_to_array(translate(v_host, U&'\3002\FF0E\FF61', '...'), '.');
+    FOREACH v_label IN ARRAY v_labels LOOP
+        IF v_label ~ '^[\x01-\x7f]*$' THEN
+            v_out := v_out || v_label;
+            CONTINUE;
+        END IF;
+        -- Code points, lower-cased.
+        v_cps := '{}';
+        FOR v_d IN 1 .. char_length(v_label) LOOP
+            v_cp := ascii(substr(v_label, v_d, 1));
+            v_cp := CASE
+                WHEN v_cp BETWEEN 65 AND 90 THEN v_cp + 32
+                WHEN v_cp BETWEEN 192 AND 222 AND v_cp <> 215 THEN v_cp + 32
+                WHEN v_cp BETWEEN 256 AND 311 AND v_cp % 2 = 0 THEN v_cp + 1
+                WHEN v_cp BETWEEN 313 AND 328 AND v_cp % 2 = 1 THEN v_cp + 1
+                WHEN v_cp BETWEEN 330 AND 375 AND v_cp % 2 = 0 THEN v_cp + 1
+                WHEN v_cp = 376 THEN 255
+                WHEN v_cp BETWEEN 377 AND 382 AND v_cp % 2 = 1 THEN v_cp + 1
+                WHEN v_cp BETWEEN 913 AND 939 AND v_cp <> 930 THEN v_cp + 32
+                WHEN v_cp BETWEEN 1040 AND 1071 THEN v_cp + 32
+                WHEN v_cp BETWEEN 1024 AND 1039 THEN v_cp + 80
+                ELSE v_cp
+            END;
+            v_cps := v_cps || v_cp;
+        END LOOP;
+        -- RFC 3492, 6.3: the basic code points, a delimiter, then the deltas.
+        v_basic := (SELECT coalesce(string_agg(chr(c), '' ORDER BY i), '')
+                    FROM unnest(v_cps) WITH ORDINALITY AS u(c, i) WHERE c < 128);
+        v_b := char_length(v_basic);
+        v_h := v_b;
+        v_enc := v_basic || CASE WHEN v_b > 0 THEN '-' ELSE '' END;
+        v_n := 128;
+        v_delta := 0;
+        v_bias := 72;
+        WHILE v_h < cardinality(v_cps) LOOP
+            SELECT min(c) INTO v_m FROM unnest(v_cps) AS u(c) WHERE c >= v_n;
+            v_delta := v_delta + (v_m - v_n)::bigint * (v_h + 1);
+            v_n := v_m;
+            FOREACH v_cp IN ARRAY v_cps LOOP
+                IF v_cp < v_n THEN
+                    v_delta := v_delta + 1;
+                END IF;
+                IF v_cp = v_n THEN
+                    v_q := v_delta;
+                    v_k := 36;
+                    LOOP
+                        v_t := CASE WHEN v_k <= v_bias THEN 1 WHEN v_k >= v_bias + 26 THEN 26 ELSE v_k - v_bias END;
+                        EXIT WHEN v_q < v_t;
+                        v_d := v_t + ((v_q - v_t) % (36 - v_t))::integer;
+                        v_enc := v_enc || chr(CASE WHEN v_d < 26 THEN 97 + v_d ELSE 22 + v_d END);
+                        v_q := (v_q - v_t) / (36 - v_t);
+                        v_k := v_k + 36;
+                    END LOOP;
+                    v_enc := v_enc || chr(CASE WHEN v_q < 26 THEN 97 + v_q::integer ELSE 22 + v_q::integer END);
+                    -- Bias adaptation (RFC 3492, 6.1).
+                    v_delta := CASE WHEN v_h = v_b THEN v_delta / 700 ELSE v_delta / 2 END;
+                    v_delta := v_delta + v_delta / (v_h + 1);
+                    v_k := 0;
+                    WHILE v_delta > 455 LOOP
+                        v_delta := v_delta / 35;
+                        v_k := v_k + 36;
+                    END LOOP;
+                    v_bias := v_k + (36 * v_delta / (v_delta + 38))::integer;
+                    v_delta := 0;
+                    v_h := v_h + 1;
+                END IF;
+            END LOOP;
+            v_delta := v_delta + 1;
+            v_n := v_n + 1;
+        END LOOP;
+        v_out := v_out || ('xn--' || v_enc);
+    END LOOP;
+    RETURN array_to_string(v_out, '.');
+END
+$$;
+COMMENT ON FUNCTION pipeline._canonical_host(text) IS
+    'A host name in one spelling: lower case, no trailing dot, internationalised labels as punycode (xn--...).';
+
+-- The domain a company is known by: the host of its website (read as
+-- pipeline.website_url does) in pipeline._canonical_host's spelling, without
+-- a leading www. marketing.company_master keeps one company per domain, and
+-- validation looks for duplicates by it: Acme.example, www.acme.example.,
+-- https://ACME.example/team and acme.example are one company.
 -- NB: inlined (no SET clause, every name qualified).
 CREATE FUNCTION pipeline.website_domain(website text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT pg_catalog.substring(pg_catalog.lower(website), '^[a-z]+://(?:www\.)?([^/:?#]+)'::pg_catalog.text)
+    SELECT pg_catalog.regexp_replace(
+               pipeline._canonical_host(pg_catalog.substring(pipeline.website_url(website),
+                                                             '^[hH][tT][tT][pP][sS]?://([^/:?#@]+)'::pg_catalog.text)),
+               '^www\.'::pg_catalog.text, ''::pg_catalog.text)
 $$;
-
 COMMENT ON FUNCTION pipeline.website_domain(text) IS
-    'The host of a website URL in lower case without a leading www. (NULL when it is not a URL).';
-
+    'The host of a website (a URL or a bare domain) in one spelling: lower case, no trailing dot, no leading www., '
+    'internationalised names as punycode (NULL when it names no host).';
 
 -- An email address the pipeline can use: something@host.with.dot, no spaces,
 -- at most 320 characters. The CHECKs of marketing.company_slots and
@@ -244,7 +385,8 @@ COMMENT ON COLUMN marketing.company_master.intake_id IS 'The intake row this com
 
 COMMENT ON COLUMN marketing.company_master.website IS 'Normalised http(s) URL of the company website.';
 
-COMMENT ON COLUMN marketing.company_master.domain IS 'Host of the website without www., lower case; unique, so a company is promoted once.';
+COMMENT ON COLUMN marketing.company_master.domain IS 'Host of the website in one spelling (pipeline.website_domain: lower case, no www., no trailing dot, punycode); '
+    'unique, so a company is promoted once.';
 
 ALTER TABLE marketing.company_slots
     DROP CONSTRAINT email_format,
@@ -1138,7 +1280,7 @@ GRANT SELECT ON pipeline.stages TO PUBLIC;
 --   GRANT SELECT, INSERT, UPDATE (resolved, resolved_at, resolution_note)
 --       ON marketing.pipeline_error_log TO consumer;    -- failures; resolved once delivered
 --
--- Plans: the functions a deliverer calls (here and in 011_delivery.sql) are
+-- Plans: the functions a deliverer calls (here and in 013_delivery.sql) are
 -- written for the indexes of 003_events.sql and must not depend on the
 -- table's statistics, which are usually stale (analyzed when everything was
 -- delivered, or never), nor on the values of the call: after five calls a
@@ -1164,7 +1306,7 @@ $$;
 -- still processing too (their consumer is gone): those keep their attempt
 -- count, so that a late outcome of the old claim cannot settle the new one.
 -- A listening deliverer (pipeline-relay) hears of it on pipeline_wake (see
--- 010_webhooks.sql).
+-- 011_webhooks.sql).
 CREATE FUNCTION pipeline._requeue(event_ids bigint[], force boolean DEFAULT false) RETURNS SETOF bigint
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_notify('pipeline_wake', 'replay');
@@ -1754,35 +1896,6 @@ COMMENT ON VIEW marketing.vw_outreach_ready IS
     'Stage 7: contacts whose newest email verification is valid, with their company: ready for outreach.';
 
 
--- How many companies reached each stage (and, from stage 4 on, how many contacts).
-CREATE VIEW marketing.vw_pipeline_funnel AS
-WITH counts (stage_no, companies, contacts) AS (
-    SELECT 1, (SELECT count(*) FROM intake.company_raw_intake), NULL::bigint
-    UNION ALL
-    SELECT 2, (SELECT count(*) FROM intake.company_raw_intake WHERE validated), NULL
-    UNION ALL
-    SELECT 3, (SELECT count(*) FROM marketing.company_master), NULL
-    UNION ALL
-    SELECT 4, count(DISTINCT company_id), count(*) FROM marketing.company_slots
-    UNION ALL
-    SELECT 5, count(DISTINCT company_id), count(*)
-    FROM marketing.company_slots WHERE enrichment_status = 'enriched'
-    UNION ALL
-    SELECT 6, count(DISTINCT s.company_id), count(DISTINCT s.id)
-    FROM marketing.company_slots s
-    WHERE EXISTS (SELECT 1 FROM marketing.email_verification v WHERE v.slot_id = s.id)
-    UNION ALL
-    SELECT 7, count(DISTINCT company_id), count(*) FROM marketing.vw_outreach_ready
-)
-SELECT st.stage_no, st.stage, st.event_type, c.companies, c.contacts
-FROM pipeline.stages st
-JOIN counts c USING (stage_no)
-ORDER BY st.stage_no;
-
-COMMENT ON VIEW marketing.vw_pipeline_funnel IS
-    'The seven stages with the number of companies that reached each (and of contacts, from slots on).';
-
-
 -- Events waiting for delivery, by type.
 CREATE VIEW marketing.vw_pending_events AS
 SELECT e.event_type,
@@ -1811,7 +1924,9 @@ SELECT e.event_type,
        round(max(ms)::numeric, 1) AS max_ms
 FROM marketing.pipeline_events e
 CROSS JOIN LATERAL (SELECT extract(epoch FROM e.processed_at - e.created_at) * 1000 AS ms) AS l
-WHERE e.status = 'processed' AND e.processed_at > now() - interval '24 hours'
+-- NB: attempts > 0: an event of a type recorded without delivery is
+-- settled as processed without an attempt (pipeline.undelivered_types).
+WHERE e.status = 'processed' AND e.processed_at > now() - interval '24 hours' AND e.attempts > 0
 GROUP BY e.event_type
 ORDER BY e.event_type;
 
@@ -1840,26 +1955,28 @@ COMMENT ON VIEW marketing.vw_processing_latency IS
 -- receiver's role needs the table rights the work takes (docs/security.md).
 
 -- What is wrong with a website, in words, or NULL when the pipeline can use
--- it. NULL here if and only if pipeline._is_http_url is true, the rule of
--- marketing.company_master's CHECK: the reasons only name what failed.
+-- it: when pipeline.website_url reads it as a URL the rule of
+-- marketing.company_master's CHECK (pipeline._is_http_url) accepts, and its
+-- host has a dot and no empty label. The reasons only name what failed.
 CREATE FUNCTION pipeline.website_problem(website text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE
-        WHEN pipeline._is_http_url(website) THEN NULL
+        WHEN pipeline._is_http_url(pipeline.website_url(website))
+             AND pipeline.website_domain(website) ~ '^[^.]+(\.[^.]+)+$' THEN NULL
         WHEN website IS NULL OR pipeline._is_blank(website) THEN 'website is missing'
         WHEN char_length(website) > 2048 THEN 'website is longer than 2048 characters'
-        WHEN website !~* '^https?://' THEN 'website is not an http(s) URL'
-        WHEN website ~ '\s' THEN 'website contains spaces'
-        WHEN website ~* '^https?://[^/?#]*@' THEN 'website has a user name or password in it'
+        WHEN pipeline.website_url(website) ~ '\s' THEN 'website contains spaces'
+        WHEN pipeline.website_url(website) !~* '^https?://' THEN 'website is not an http(s) URL or a domain name'
+        WHEN pipeline.website_url(website) ~* '^https?://[^/?#]*@' THEN 'website has a user name or password in it'
         WHEN pipeline.website_domain(website) IS NULL THEN 'website has no host'
         WHEN pipeline.website_domain(website) !~ '\.' THEN 'website host has no dot'
+        WHEN pipeline.website_domain(website) ~ '(^|\.)(\.|$)' THEN 'website host has an empty label'
         ELSE 'website is not a valid http(s) URL'
     END
 $$;
-
 COMMENT ON FUNCTION pipeline.website_problem(text) IS
-    'Why a website cannot be used (missing, not http(s), host without a dot, ...), or NULL when it can.';
-
+    'Why a website cannot be used (missing, not http(s) or a domain, host without a dot, ...), or NULL when it can. '
+    'A bare domain is read as https://<domain> (pipeline.website_url).';
 
 -- Looking for an earlier valid row of the same company stays an index scan.
 CREATE INDEX company_raw_intake_valid_domain_idx ON intake.company_raw_intake (pipeline.website_domain(website))
@@ -2022,7 +2139,7 @@ BEGIN
     END IF;
     INSERT INTO marketing.company_master AS m (intake_id, company_name, website, industry, employee_count,
                                                city, state, country, linkedin_url)
-    VALUES (v_row.id, v_row.company, v_row.website, v_row.industry, v_row.employee_count,
+    VALUES (v_row.id, v_row.company, pipeline.website_url(v_row.website), v_row.industry, v_row.employee_count,
             v_row.city, v_row.state, v_row.country, v_row.linkedin_url)
     ON CONFLICT (domain) DO NOTHING
     RETURNING m.id INTO v_id;
@@ -2073,19 +2190,34 @@ COMMENT ON FUNCTION pipeline.create_slots(bigint, text[]) IS
     'Stage 4: creates the role slots (default ceo, cfo) of a company that lack; returns how many were created.';
 
 
+-- The first non-empty field of an item among names (a JSON array of field
+-- names, in order of preference), trimmed.
+CREATE FUNCTION pipeline._first_field(item jsonb, names jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT v FROM jsonb_array_elements_text(CASE jsonb_typeof(names) WHEN 'array' THEN names ELSE '[]' END)
+                  WITH ORDINALITY AS k(name, n)
+    CROSS JOIN LATERAL (SELECT nullif(btrim(CASE jsonb_typeof(item -> k.name)
+                                                WHEN 'string' THEN item ->> k.name
+                                                WHEN 'number' THEN item ->> k.name END), '') AS v) f
+    WHERE v IS NOT NULL
+    ORDER BY n LIMIT 1
+$$;
+
 -- Stage 5. Fills a slot from what a people-finder returned: `items` is the
 -- JSON array of dataset items of an Apify actor run
--- (run-sync-get-dataset-items), one person per item, with fullName (or
--- name), jobTitle (or title, position), email, linkedinUrl (or linkedin)
--- and phone. The first item with a name or a usable email fills the slot
--- (enriched, source `source`); an email the table would refuse is left out.
--- No such item: the slot is not_found. A slot already decided is left as it
--- is; returns the slot's enrichment_status.
+-- (run-sync-get-dataset-items), one person per item. Which item field fills
+-- which column is pipeline.services.fields (the apify row: the one place
+-- to change when another actor is used). The first item with a name or a
+-- usable email fills the slot (enriched, source `source`); an email the
+-- table would refuse is left out. No such item: the slot is not_found. A
+-- slot already decided is left as it is; returns the slot's
+-- enrichment_status. Recording ends the slot's call (pipeline.service_calls).
 CREATE FUNCTION pipeline.record_enrichment(slot_id bigint, items jsonb, source text DEFAULT 'apify')
 RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_slot   marketing.company_slots;
+    v_fields jsonb;
     v_person jsonb;
     v_name   text;
     v_email  text;
@@ -2100,13 +2232,21 @@ BEGIN
                         coalesce(jsonb_typeof(items), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    SELECT s.fields INTO v_fields FROM pipeline.services s WHERE s.service = 'apify';
+    IF v_fields IS NULL THEN
+        RAISE EXCEPTION 'pipeline.record_enrichment: pipeline.services has no apify row to map the items with'
+            USING ERRCODE = 'no_data_found';
+    END IF;
     IF v_slot.enrichment_status IN ('enriched', 'not_found') THEN
+        UPDATE pipeline.service_calls c SET leased_until = NULL, done_at = coalesce(c.done_at, now())
+        WHERE c.stage = 'enrichment' AND c.slot_id = v_slot.id;
         RETURN v_slot.enrichment_status;
     END IF;
     SELECT p.person, p.name, p.email INTO v_person, v_name, v_email
     FROM (SELECT i.item AS person, i.n,
-                 nullif(btrim(coalesce(i.item ->> 'fullName', i.item ->> 'name')), '') AS name,
-                 CASE WHEN pipeline._is_email(lower(btrim(i.item ->> 'email'))) THEN lower(btrim(i.item ->> 'email')) END AS email
+                 pipeline._first_field(i.item, v_fields -> 'full_name') AS name,
+                 CASE WHEN pipeline._is_email(lower(pipeline._first_field(i.item, v_fields -> 'email')))
+                      THEN lower(pipeline._first_field(i.item, v_fields -> 'email')) END AS email
           FROM jsonb_array_elements(items) WITH ORDINALITY AS i(item, n)
           WHERE jsonb_typeof(i.item) = 'object') p
     WHERE p.name IS NOT NULL OR p.email IS NOT NULL
@@ -2116,24 +2256,25 @@ BEGIN
         UPDATE marketing.company_slots s
         SET enrichment_status = 'not_found', enrichment_source = record_enrichment.source, enriched_at = now()
         WHERE s.id = v_slot.id;
-        RETURN 'not_found';
+    ELSE
+        UPDATE marketing.company_slots s
+        SET enrichment_status = 'enriched', enrichment_source = record_enrichment.source, enriched_at = now(),
+            full_name = left(v_name, 200),
+            title = left(pipeline._first_field(v_person, v_fields -> 'title'), 200),
+            email = v_email,
+            linkedin_url = left(pipeline._first_field(v_person, v_fields -> 'linkedin_url'), 2048),
+            phone = left(pipeline._first_field(v_person, v_fields -> 'phone'), 50)
+        WHERE s.id = v_slot.id;
     END IF;
-    UPDATE marketing.company_slots s
-    SET enrichment_status = 'enriched', enrichment_source = record_enrichment.source, enriched_at = now(),
-        full_name = left(v_name, 200),
-        title = left(nullif(btrim(coalesce(v_person ->> 'jobTitle', v_person ->> 'title', v_person ->> 'position')), ''), 200),
-        email = v_email,
-        linkedin_url = left(nullif(btrim(coalesce(v_person ->> 'linkedinUrl', v_person ->> 'linkedin')), ''), 2048),
-        phone = left(nullif(btrim(v_person ->> 'phone'), ''), 50)
-    WHERE s.id = v_slot.id;
-    RETURN 'enriched';
+    UPDATE pipeline.service_calls c SET leased_until = NULL, done_at = now()
+    WHERE c.stage = 'enrichment' AND c.slot_id = v_slot.id;
+    RETURN CASE WHEN v_person IS NULL THEN 'not_found' ELSE 'enriched' END;
 END
 $$;
-
 COMMENT ON FUNCTION pipeline.record_enrichment(bigint, jsonb, text) IS
-    'Stage 5: fills a slot from an Apify actor''s dataset items (the first person with a name or email), '
-    'or marks it not_found; a slot already decided is left as it is. Returns the enrichment_status.';
-
+    'Stage 5: fills a slot from an Apify actor''s dataset items (the first person with a name or email, fields '
+    'mapped by pipeline.services), or marks it not_found; a slot already decided is left as it is. Returns the '
+    'enrichment_status.';
 
 -- Stage 6. Stores a MillionVerifier answer (GET /api/v3/?api=...&email=...)
 -- for a slot's email: result ok → valid, catch_all → catch_all, unknown →
@@ -2141,7 +2282,8 @@ COMMENT ON FUNCTION pipeline.record_enrichment(bigint, jsonb, text) IS
 -- risky 50, bad 10); the whole answer in details. MillionVerifier answers a
 -- bad key or an empty balance with HTTP 200 and result "error": that is
 -- raised with its message, so the event is retried and the error log says
--- why. The same answer twice stores it once; returns the verification's id.
+-- why. The same verdict twice (credits and executiontime aside) is stored
+-- once; returns the verification's id.
 CREATE FUNCTION pipeline.record_verification(slot_id bigint, answer jsonb, provider text DEFAULT 'millionverifier')
 RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -2187,18 +2329,21 @@ BEGIN
                         coalesce(answer -> 'result', 'null'::jsonb)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- The same verdict again (a retried delivery, a late receiver) is the
+    -- same verification, whatever its credits or execution time say.
     SELECT v.id INTO v_id FROM marketing.email_verification v
     WHERE v.slot_id = v_slot.id AND v.email = v_slot.email AND v.provider = record_verification.provider
-      AND v.details = answer
+      AND v.details - '{credits,executiontime}'::text[] = answer - '{credits,executiontime}'::text[]
     ORDER BY v.id DESC LIMIT 1;
-    IF FOUND THEN
-        RETURN v_id;
+    IF NOT FOUND THEN
+        INSERT INTO marketing.email_verification AS v (slot_id, email, result, provider, score, details)
+        VALUES (v_slot.id, v_slot.email, v_result, record_verification.provider,
+                CASE answer ->> 'quality' WHEN 'good' THEN 90 WHEN 'risky' THEN 50 WHEN 'bad' THEN 10 END,
+                answer)
+        RETURNING v.id INTO v_id;
     END IF;
-    INSERT INTO marketing.email_verification AS v (slot_id, email, result, provider, score, details)
-    VALUES (v_slot.id, v_slot.email, v_result, record_verification.provider,
-            CASE answer ->> 'quality' WHEN 'good' THEN 90 WHEN 'risky' THEN 50 WHEN 'bad' THEN 10 END,
-            answer)
-    RETURNING v.id INTO v_id;
+    UPDATE pipeline.service_calls c SET leased_until = NULL, done_at = now()
+    WHERE c.stage = 'verification' AND c.slot_id = v_slot.id;
     RETURN v_id;
 END
 $$;
@@ -2208,9 +2353,412 @@ COMMENT ON FUNCTION pipeline.record_verification(bigint, jsonb, text) IS
     'raises the provider''s error (bad key, no credits) so the event is retried. Returns the verification id.';
 
 
--- ==== from sql/010_webhooks.sql ====
+-- ==== from sql/010_service_calls.sql (new in 0.2.0) ====
 
--- 010_webhooks.sql: where each event type is delivered.
+-- 010_service_calls.sql: the calls the stage work makes to outside services
+-- (Apify for enrichment, MillionVerifier for verification), so that a
+-- delivery answers 2xx only when all of its work is recorded, and a retry
+-- redoes only what is undone, without paying twice.
+--
+-- A receiver (an n8n workflow, examples/stage_runner.rs) does, for the slots
+-- of one event:
+--
+--   SELECT * FROM pipeline.enrichment_calls(slot_ids)     -- or verification_calls
+--       each slot: 'call' (with the request to send), 'done', 'busy', 'missing'
+--   ... sends each 'call' request, with its own key ...
+--   SELECT * FROM pipeline.finish_call(stage, slot, http_status, body, retry_after_header, error)
+--       records what the service answered: the slot filled, or the failure
+--       with the HTTP status the delivery should answer
+--   SELECT * FROM pipeline.stage_answer(parts)
+--       the one answer for the delivery: 200 when every part is recorded,
+--       else the failing service's meaning (429 with Retry-After, 503/504,
+--       424 for a key or credits the service refuses, 409 while another
+--       delivery calls, 422 for input no retry can fix)
+--
+-- Which service, actor, input and field mapping is configuration, in one
+-- place: pipeline.services (the keys are not: they stay with the receiver,
+-- n8n credentials or environment variables).
+
+-- Where the services are and how they are called. Only the pipeline's owner
+-- may change it: a receiver sends its key to the base_url written here.
+CREATE TABLE pipeline.services (
+    service        text PRIMARY KEY,
+    base_url       text NOT NULL,
+    actor          text,
+    input          jsonb,
+    role_titles    jsonb,
+    fields         jsonb,
+    max_items      integer,
+    call_timeout_s integer NOT NULL,
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT service_known CHECK (service IN ('apify', 'millionverifier')),
+    CONSTRAINT base_url_is_http_url CHECK (base_url ~ '^https?://[^\s/?#@]+$'),
+    CONSTRAINT actor_is_username_tilde_name CHECK (
+        (service = 'apify') = (actor IS NOT NULL) AND (actor IS NULL OR actor ~ '^[A-Za-z0-9._-]+~[A-Za-z0-9._-]+$')),
+    CONSTRAINT input_is_object_with_domain CHECK (
+        (service = 'apify') = (input IS NOT NULL)
+        AND (input IS NULL OR (jsonb_typeof(input) = 'object' AND strpos(input::text, '"{domain}"') > 0))),
+    CONSTRAINT role_titles_is_object_of_arrays CHECK (
+        (service = 'apify') = (role_titles IS NOT NULL)
+        AND (role_titles IS NULL OR jsonb_typeof(role_titles) = 'object')),
+    CONSTRAINT fields_names_slot_columns CHECK (
+        (service = 'apify') = (fields IS NOT NULL)
+        AND (fields IS NULL OR (jsonb_typeof(fields) = 'object'
+                                AND fields ?& ARRAY['full_name', 'email']
+                                AND NOT fields ?| ARRAY['id', 'company_id', 'slot_role', 'enrichment_status',
+                                                        'enrichment_source', 'enriched_at', 'created_at']))),
+    CONSTRAINT max_items_between_1_and_100 CHECK (max_items BETWEEN 1 AND 100),
+    CONSTRAINT call_timeout_s_range CHECK (
+        call_timeout_s BETWEEN 2 AND CASE service WHEN 'millionverifier' THEN 60 ELSE 3600 END)
+);
+COMMENT ON TABLE pipeline.services IS
+    'The outside services the stage work calls: base URL, and for Apify the actor, its input (with "{domain}", '
+    '"{role}" and "{titles}" placeholders), the job titles searched per slot role, and which item fields fill '
+    'which slot column. Keys are not here: they stay with the receiver.';
+COMMENT ON COLUMN pipeline.services.call_timeout_s IS
+    'Apify: the actor run''s own timeout (?timeout=, below run-sync''s 300 s); MillionVerifier: its timeout '
+    'parameter (2-60 s).';
+COMMENT ON COLUMN pipeline.services.fields IS
+    'Slot column -> the dataset item fields that fill it, the first non-empty one wins '
+    '(full_name, title, email, linkedin_url, phone).';
+
+-- The actor: Leads Finder (apify.com/code_crafter/leads-finder), a public
+-- Apify Store actor that finds the people of a company by its domain and
+-- their job title (its documented input: company_domain, contact_job_title,
+-- fetch_count; each dataset item is a person with full_name, first_name,
+-- last_name, job_title, email, linkedin, mobile_number, company_domain, ...).
+-- n8n/README.md says how to use another actor.
+INSERT INTO pipeline.services (service, base_url, actor, input, role_titles, fields, max_items, call_timeout_s)
+VALUES ('apify', 'https://api.apify.com', 'code_crafter~leads-finder',
+        '{"company_domain": ["{domain}"], "contact_job_title": "{titles}", "fetch_count": 1}',
+        '{"ceo": ["CEO", "Chief Executive Officer", "Founder"], "cfo": ["CFO", "Chief Financial Officer"]}',
+        '{"full_name": ["full_name", "fullName", "name"], "title": ["job_title", "jobTitle", "title"],
+          "email": ["email"], "linkedin_url": ["linkedin", "linkedinUrl", "linkedin_url"],
+          "phone": ["mobile_number", "phone"]}',
+        1, 240),
+       ('millionverifier', 'https://api.millionverifier.com', NULL, NULL, NULL, NULL, NULL, 20);
+GRANT SELECT ON pipeline.services TO PUBLIC;
+
+-- One row per slot and stage that a service was called for: the calls
+-- started (each may be paid), the lease of the call in flight, and the last
+-- failure, so that every part's failure stays visible (pipeline.stuck_work)
+-- after the delivery that saw it.
+CREATE TABLE pipeline.service_calls (
+    stage        text NOT NULL,
+    slot_id      bigint NOT NULL REFERENCES marketing.company_slots (id) ON DELETE CASCADE,
+    subject      text NOT NULL,
+    calls        integer NOT NULL DEFAULT 0,
+    leased_until timestamptz,
+    last_status  integer,
+    last_error   text,
+    failed_at    timestamptz,
+    done_at      timestamptz,
+    PRIMARY KEY (stage, slot_id),
+    CONSTRAINT stage_known CHECK (stage IN ('enrichment', 'verification'))
+);
+COMMENT ON TABLE pipeline.service_calls IS
+    'Per slot and stage: the service calls started, the one in flight (leased_until), the last failure '
+    '(the service''s status and words, keys masked) and when the work was recorded.';
+-- Who may do a stage's work may call for it: enrichment takes UPDATE on
+-- the slots' enrichment_status, verification INSERT on email_verification.
+ALTER TABLE pipeline.service_calls ENABLE ROW LEVEL SECURITY;
+CREATE POLICY service_calls_stage_workers ON pipeline.service_calls
+    USING (CASE stage
+               WHEN 'enrichment' THEN has_column_privilege('marketing.company_slots'::regclass, 'enrichment_status', 'UPDATE')
+               ELSE has_table_privilege('marketing.email_verification'::regclass, 'INSERT')
+           END)
+    WITH CHECK (CASE stage
+                    WHEN 'enrichment' THEN has_column_privilege('marketing.company_slots'::regclass, 'enrichment_status', 'UPDATE')
+                    ELSE has_table_privilege('marketing.email_verification'::regclass, 'INSERT')
+                END);
+GRANT SELECT, INSERT, UPDATE ON pipeline.service_calls TO PUBLIC;
+
+-- A service's words with what could be a key masked: query parameters
+-- (api=, token=, key=), bearer tokens. A receiver may pass a client's error
+-- message that repeats the URL it called.
+CREATE FUNCTION pipeline._mask_keys(message text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT left(regexp_replace(regexp_replace(message,
+                   '((?:api|apikey|api_key|token|key|access_token)=)[^&\s"'']+', '\1***', 'gi'),
+               '(bearer\s+)[A-Za-z0-9._~+/=-]+', '\1***', 'gi'), 1000)
+$$;
+
+-- The slots' calls to make, and the lease of each: a slot that another
+-- delivery is calling for is 'busy' until its lease ends (the call's
+-- timeout and a margin), so concurrent or late deliveries of one event
+-- never pay twice; a slot already recorded is 'done'.
+CREATE FUNCTION pipeline._begin_call(stage text, slot_id bigint, subject text, lease interval)
+RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_call pipeline.service_calls;
+BEGIN
+    INSERT INTO pipeline.service_calls AS c (stage, slot_id, subject)
+    VALUES (_begin_call.stage, _begin_call.slot_id, _begin_call.subject)
+    ON CONFLICT ON CONSTRAINT service_calls_pkey DO NOTHING;
+    SELECT * INTO v_call FROM pipeline.service_calls c
+    WHERE c.stage = _begin_call.stage AND c.slot_id = _begin_call.slot_id
+    FOR UPDATE;
+    IF v_call.leased_until > now() AND v_call.subject = _begin_call.subject THEN
+        RETURN format('another delivery is calling for slot %s until %s', slot_id, v_call.leased_until);
+    END IF;
+    UPDATE pipeline.service_calls c
+    SET calls = c.calls + 1, leased_until = now() + lease, subject = _begin_call.subject
+    WHERE c.stage = _begin_call.stage AND c.slot_id = _begin_call.slot_id;
+    RETURN NULL;
+END
+$$;
+
+-- Stage 5's calls: for each slot of a slots_created event, the Apify
+-- run-sync-get-dataset-items request to send (url, query, body), or why not.
+CREATE FUNCTION pipeline.enrichment_calls(slot_ids bigint[])
+RETURNS TABLE (slot_id bigint, action text, method text, url text, query jsonb, body jsonb, detail text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_service pipeline.services;
+    v_id      bigint;
+    v_slot    marketing.company_slots;
+    v_domain  text;
+    v_titles  jsonb;
+    v_busy    text;
+BEGIN
+    SELECT * INTO v_service FROM pipeline.services s WHERE s.service = 'apify';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pipeline.enrichment_calls: pipeline.services has no apify row' USING ERRCODE = 'no_data_found';
+    END IF;
+    FOR v_id IN SELECT DISTINCT u.id FROM unnest(slot_ids) AS u(id) WHERE u.id IS NOT NULL ORDER BY u.id LOOP
+        SELECT * INTO v_slot FROM marketing.company_slots s WHERE s.id = v_id FOR UPDATE;
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT v_id, 'missing', NULL::text, NULL::text, NULL::jsonb, NULL::jsonb,
+                                format('slot %s does not exist', v_id);
+            CONTINUE;
+        END IF;
+        IF v_slot.enrichment_status IN ('enriched', 'not_found') THEN
+            RETURN QUERY SELECT v_id, 'done', NULL::text, NULL::text, NULL::jsonb, NULL::jsonb,
+                                format('slot %s is %s already', v_id, v_slot.enrichment_status);
+            CONTINUE;
+        END IF;
+        SELECT c.domain INTO v_domain FROM marketing.company_master c WHERE c.id = v_slot.company_id;
+        v_titles := coalesce(v_service.role_titles -> v_slot.slot_role, jsonb_build_array(upper(v_slot.slot_role)));
+        v_busy := pipeline._begin_call('enrichment', v_id, v_domain || ' ' || v_slot.slot_role,
+                                       make_interval(secs => least(v_service.call_timeout_s, 300) + 60));
+        IF v_busy IS NOT NULL THEN
+            RETURN QUERY SELECT v_id, 'busy', NULL::text, NULL::text, NULL::jsonb, NULL::jsonb, v_busy;
+            CONTINUE;
+        END IF;
+        RETURN QUERY SELECT v_id, 'call', 'POST',
+            format('%s/v2/acts/%s/run-sync-get-dataset-items', v_service.base_url, v_service.actor),
+            jsonb_build_object('timeout', v_service.call_timeout_s::text, 'maxItems', v_service.max_items::text),
+            replace(replace(replace(v_service.input::text,
+                                    '"{domain}"', to_jsonb(v_domain)::text),
+                            '"{role}"', to_jsonb(v_slot.slot_role)::text),
+                    '"{titles}"', v_titles::text)::jsonb,
+            format('slot %s: %s at %s', v_id, v_slot.slot_role, v_domain);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pipeline.enrichment_calls(bigint[]) IS
+    'Stage 5: for each slot, the Apify request to send (action call, leased to the caller), or done, busy '
+    '(another delivery calls) or missing. Built from pipeline.services.';
+
+-- Stage 6's calls: the MillionVerifier request for each slot's email
+-- (without the key: the receiver adds it), or why not: an address verified
+-- already is 'done' and not paid for again.
+CREATE FUNCTION pipeline.verification_calls(slot_ids bigint[])
+RETURNS TABLE (slot_id bigint, action text, method text, url text, query jsonb, body jsonb, detail text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_service pipeline.services;
+    v_id      bigint;
+    v_slot    marketing.company_slots;
+    v_busy    text;
+BEGIN
+    SELECT * INTO v_service FROM pipeline.services s WHERE s.service = 'millionverifier';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pipeline.verification_calls: pipeline.services has no millionverifier row'
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    FOR v_id IN SELECT DISTINCT u.id FROM unnest(slot_ids) AS u(id) WHERE u.id IS NOT NULL ORDER BY u.id LOOP
+        SELECT * INTO v_slot FROM marketing.company_slots s WHERE s.id = v_id FOR UPDATE;
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT v_id, 'missing', NULL::text, NULL::text, NULL::jsonb, NULL::jsonb,
+                                format('slot %s does not exist', v_id);
+            CONTINUE;
+        END IF;
+        IF v_slot.email IS NULL THEN
+            RETURN QUERY SELECT v_id, 'done', NULL::text, NULL::text, NULL::jsonb, NULL::jsonb,
+                                format('slot %s has no email to verify', v_id);
+            CONTINUE;
+        END IF;
+        IF EXISTS (SELECT 1 FROM marketing.email_verification v WHERE v.slot_id = v_id AND v.email = v_slot.email) THEN
+            RETURN QUERY SELECT v_id, 'done', NULL::text, NULL::text, NULL::jsonb, NULL::jsonb,
+                                format('%s is verified already', v_slot.email);
+            CONTINUE;
+        END IF;
+        v_busy := pipeline._begin_call('verification', v_id, v_slot.email,
+                                       make_interval(secs => v_service.call_timeout_s + 30));
+        IF v_busy IS NOT NULL THEN
+            RETURN QUERY SELECT v_id, 'busy', NULL::text, NULL::text, NULL::jsonb, NULL::jsonb, v_busy;
+            CONTINUE;
+        END IF;
+        RETURN QUERY SELECT v_id, 'call', 'GET', v_service.base_url || '/api/v3/',
+            jsonb_build_object('email', v_slot.email, 'timeout', v_service.call_timeout_s::text),
+            NULL::jsonb, format('slot %s: %s', v_id, v_slot.email);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pipeline.verification_calls(bigint[]) IS
+    'Stage 6: for each slot, the MillionVerifier request to send (without the key), or done (no email, or the '
+    'address is verified already), busy or missing.';
+
+-- What a service's failure means for the delivery: the HTTP status the
+-- receiver answers, so the deliverer retries the right way.
+--   no answer: 504 after a timeout, else 503       429: 429 (with Retry-After)
+--   408 (Apify's run outlived run-sync): 504       5xx: 503
+--   401, 402, 403 (key, credits), 400 and 404 (the actor's input or id):
+--     424, not retried: a person must fix the configuration
+--   anything else: 502
+CREATE FUNCTION pipeline._failure_status(http_status integer, error text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN http_status IS NULL THEN CASE WHEN error ~* 'time[ds]?[ -]?out' THEN 504 ELSE 503 END
+        WHEN http_status = 429 THEN 429
+        WHEN http_status = 408 THEN 504
+        WHEN http_status IN (400, 401, 402, 403, 404) THEN 424
+        WHEN http_status >= 500 THEN 503
+        ELSE 502
+    END
+$$;
+
+-- Records what the service answered for one slot's call and says what it
+-- means: 200 with the outcome when the work is recorded (the slot filled,
+-- or the verification stored), else the status the delivery should answer
+-- (pipeline._failure_status), the Retry-After to pass on (seconds), and the
+-- failure in words, kept in pipeline.service_calls. http_status is NULL
+-- when no answer came (error says why). MillionVerifier's failures that
+-- come as HTTP 200 ("result": "error": a bad key, no credits) are read from
+-- the body.
+CREATE FUNCTION pipeline.finish_call(stage text, slot bigint, http_status integer, body text,
+                                     retry_after_header text DEFAULT NULL, error text DEFAULT NULL)
+RETURNS TABLE (slot_id bigint, status integer, retry_after integer, outcome text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_service text := CASE stage WHEN 'enrichment' THEN 'apify' ELSE 'millionverifier' END;
+    v_json    jsonb;
+    v_status  integer;
+    v_wait    integer;
+    v_error   text;
+    v_outcome text;
+BEGIN
+    IF stage IS NULL OR stage NOT IN ('enrichment', 'verification') THEN
+        RAISE EXCEPTION 'pipeline.finish_call: stage must be enrichment or verification, not %',
+                        coalesce(quote_literal(stage), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF http_status BETWEEN 200 AND 299 THEN
+        BEGIN
+            v_json := body::jsonb;
+        EXCEPTION WHEN invalid_text_representation THEN
+            v_json := NULL;
+        END;
+        IF v_json IS NULL THEN
+            v_status := 502;
+            v_error := format('%s answered HTTP %s with a body that is not JSON', v_service, http_status);
+        ELSIF stage = 'verification' AND (v_json ->> 'result' = 'error' OR coalesce(v_json ->> 'error', '') <> '') THEN
+            v_error := format('%s: %s', v_service, coalesce(nullif(v_json ->> 'error', ''), 'error without a message'));
+            -- A key it does not know, or no credits left: a person must act.
+            v_status := CASE WHEN v_json ->> 'error' ~* 'api ?key|credit|balance|unauthori[sz]ed|suspended'
+                             THEN 424 ELSE 502 END;
+        ELSIF stage = 'enrichment' THEN
+            IF jsonb_typeof(v_json) <> 'array' THEN
+                v_status := 502;
+                v_error := format('%s answered HTTP %s with JSON that is not the array of dataset items',
+                                  v_service, http_status);
+            ELSE
+                v_outcome := pipeline.record_enrichment(finish_call.slot, v_json);
+            END IF;
+        ELSE
+            PERFORM pipeline.record_verification(finish_call.slot, v_json);
+            v_outcome := 'verified ' || (v_json ->> 'result');
+        END IF;
+    ELSE
+        v_status := pipeline._failure_status(http_status, error);
+        v_error := format('%s: %s%s', v_service,
+                          CASE WHEN http_status IS NULL THEN 'no answer' ELSE 'HTTP ' || http_status END,
+                          coalesce(': ' || nullif(left(regexp_replace(coalesce(error, body, ''), '\s+', ' ', 'g'), 300), ''), ''));
+    END IF;
+    IF v_status IS NULL THEN
+        UPDATE pipeline.service_calls c
+        SET leased_until = NULL, done_at = now()
+        WHERE c.stage = finish_call.stage AND c.slot_id = finish_call.slot;
+        RETURN QUERY SELECT finish_call.slot, 200, NULL::integer, v_outcome;
+        RETURN;
+    END IF;
+    -- The service's own wait, else 30 s for a rate limit, so that the
+    -- deliverer holds back from the service.
+    IF v_status = 429 THEN
+        v_wait := CASE WHEN finish_call.retry_after_header ~ '^\s*[0-9]{1,6}\s*$' THEN btrim(finish_call.retry_after_header)::integer
+                       ELSE 30 END;
+    END IF;
+    v_error := pipeline._mask_keys(v_error);
+    INSERT INTO pipeline.service_calls AS c (stage, slot_id, subject, leased_until, last_status, last_error, failed_at)
+    VALUES (finish_call.stage, finish_call.slot, '', NULL, coalesce(http_status, 0), v_error, now())
+    ON CONFLICT ON CONSTRAINT service_calls_pkey DO UPDATE
+    SET leased_until = NULL, last_status = excluded.last_status, last_error = excluded.last_error, failed_at = now();
+    RETURN QUERY SELECT finish_call.slot, v_status, v_wait, v_error;
+END
+$$;
+COMMENT ON FUNCTION pipeline.finish_call(text, bigint, integer, text, text, text) IS
+    'Records a service''s answer to one slot''s call (enrichment: Apify''s dataset items; verification: '
+    'MillionVerifier''s answer) and returns 200 with the outcome, or the status the delivery should answer '
+    '(429, 503, 504, 502, 424), the Retry-After in seconds, and the failure in words.';
+
+-- The one answer of a delivery whose work has several parts: 200 when
+-- every part is recorded; else the most urgent failure, so that the
+-- deliverer retries the undone parts the right way (the parts done are not
+-- redone): 429 (the longest Retry-After), then 503/504/502, then 409 (a
+-- part another delivery is calling for), then 424 (a person must act),
+-- then 422. parts is a JSON array of {slot_id, status, retry_after,
+-- outcome} as finish_call returns them, or of the 'done', 'busy' and
+-- 'missing' rows of enrichment_calls / verification_calls ({slot_id,
+-- action, detail}). The body names every part.
+CREATE FUNCTION pipeline.stage_answer(parts jsonb)
+RETURNS TABLE (status integer, retry_after integer, body jsonb)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH p AS (
+        SELECT (x ->> 'slot_id')::bigint AS slot_id,
+               CASE x ->> 'action' WHEN 'done' THEN 200 WHEN 'busy' THEN 409 WHEN 'missing' THEN 422
+                    ELSE coalesce((x ->> 'status')::integer, 502) END AS status,
+               (x ->> 'retry_after')::integer AS retry_after,
+               coalesce(x ->> 'outcome', x ->> 'detail') AS outcome
+        FROM jsonb_array_elements(CASE jsonb_typeof(parts) WHEN 'array' THEN parts ELSE '[]' END) AS x
+    ), worst AS (
+        SELECT p.status FROM p WHERE p.status NOT BETWEEN 200 AND 299
+        ORDER BY CASE WHEN p.status = 429 THEN 0 WHEN p.status >= 500 THEN 1 WHEN p.status = 409 THEN 2
+                      WHEN p.status = 424 THEN 3 ELSE 4 END, p.status DESC
+        LIMIT 1
+    )
+    SELECT coalesce(w.status, 200),
+           (SELECT max(p.retry_after) FROM p WHERE p.status = w.status),
+           CASE WHEN w.status IS NULL
+                THEN jsonb_build_object('parts', coalesce((SELECT jsonb_agg(jsonb_build_object('slot_id', p.slot_id, 'outcome', p.outcome)
+                                                                            ORDER BY p.slot_id) FROM p), '[]'))
+                ELSE jsonb_build_object(
+                    'error', (SELECT string_agg(format('slot %s: %s', p.slot_id, p.outcome), '; ' ORDER BY p.slot_id)
+                              FROM p WHERE p.status NOT BETWEEN 200 AND 299),
+                    'parts', (SELECT jsonb_agg(jsonb_build_object('slot_id', p.slot_id, 'status', p.status,
+                                                                  'outcome', p.outcome) ORDER BY p.slot_id) FROM p))
+           END
+    FROM (SELECT NULL) one LEFT JOIN worst w ON true
+$$;
+COMMENT ON FUNCTION pipeline.stage_answer(jsonb) IS
+    'The answer of a delivery made of parts: 200 when all are recorded, else the most urgent failure '
+    '(429 with the longest Retry-After, 5xx, 409, 424, 422) with every part named in the body.';
+
+
+-- ==== from sql/011_webhooks.sql ====
+
+-- 011_webhooks.sql: where each event type is delivered.
 --
 -- One endpoint per event type. Events whose type has no enabled endpoint stay
 -- pending: they are not lost, dropped or counted as failed, and go out once an
@@ -2326,17 +2874,74 @@ $$;
 
 -- Endpoints: headers and secrets move to pipeline.webhook_credentials below.
 ALTER TABLE pipeline.webhooks
-    ADD CONSTRAINT url_valid CHECK (pipeline._url_problem(url) IS NULL);
+    ADD CONSTRAINT url_valid CHECK (pipeline._url_problem(url) IS NULL),
+    DROP CONSTRAINT timeout_ms_range,
+    ADD CONSTRAINT timeout_ms_range CHECK (timeout_ms BETWEEN 1 AND 900000);
 
 COMMENT ON TABLE pipeline.webhooks IS
     'Where events are delivered: one endpoint per event type (its headers and secret are in pipeline.webhook_credentials).';
 
-COMMENT ON COLUMN pipeline.webhooks.timeout_ms IS 'Request timeout; NULL uses pipeline.http_timeout.';
+COMMENT ON COLUMN pipeline.webhooks.timeout_ms IS
+    'Request timeout (at most 15 minutes: a receiver that calls slow services); NULL uses pipeline.http_timeout.';
 
 COMMENT ON COLUMN pipeline.webhooks.max_in_flight IS 'At most this many deliveries to the endpoint at once; NULL: pipeline.concurrency.';
 
 COMMENT ON COLUMN pipeline.webhooks.disabled_reason IS 'Why the endpoint is disabled (by hand, or 410 Gone from the receiver).';
 
+
+-- Event types that are recorded and never delivered, by design: the last
+-- stage's email_verified (stage 7 is a view, nothing receives it), or a
+-- user's audit-only events. They are not waiting work: the deliverers settle
+-- them as processed (pipeline.purge), retention removes them like delivered
+-- ones, pipeline.status() and the backlog views leave them out, and the
+-- funnel still counts the rows they are about. An endpoint cannot be
+-- registered for such a type (and a type with an endpoint cannot be marked).
+CREATE TABLE pipeline.undelivered_types (
+    event_type pipeline.event_type PRIMARY KEY,
+    reason     text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT reason_not_blank CHECK (NOT pipeline._is_blank(reason))
+);
+COMMENT ON TABLE pipeline.undelivered_types IS
+    'Event types recorded without delivery by design (email_verified): settled as processed, never waiting work.';
+INSERT INTO pipeline.undelivered_types (event_type, reason)
+VALUES ('email_verified', 'the last stage''s event: stage 7 (outreach ready) is the view marketing.vw_outreach_ready, '
+                          'nothing receives it');
+GRANT SELECT ON pipeline.undelivered_types TO PUBLIC;
+
+-- Marks an event type as recorded without delivery (reason says why).
+CREATE FUNCTION pipeline.undeliver_type(event_type text, reason text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pipeline._check_event_type(event_type);
+    IF reason IS NULL OR pipeline._is_blank(reason) THEN
+        RAISE EXCEPTION 'pipeline.undeliver_type: reason must say why % is not delivered', quote_literal(event_type)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pipeline.webhooks w WHERE w.event_type = undeliver_type.event_type) THEN
+        RAISE EXCEPTION 'pipeline.undeliver_type: event_type % has an endpoint', quote_literal(event_type)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Remove it first (pipeline.remove_webhook).';
+    END IF;
+    INSERT INTO pipeline.undelivered_types AS u (event_type, reason)
+    VALUES (undeliver_type.event_type, undeliver_type.reason)
+    ON CONFLICT ON CONSTRAINT undelivered_types_pkey DO UPDATE SET reason = excluded.reason;
+END
+$$;
+COMMENT ON FUNCTION pipeline.undeliver_type(text, text) IS
+    'Marks an event type as recorded without delivery: its events end as processed and are not waiting work.';
+
+-- Lets an event type be delivered again (register its endpoint next);
+-- events settled meanwhile stay settled (pipeline.replay sends them).
+CREATE FUNCTION pipeline.deliver_type(event_type text) RETURNS boolean
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH gone AS (
+        DELETE FROM pipeline.undelivered_types u WHERE u.event_type = deliver_type.event_type RETURNING 1
+    )
+    SELECT EXISTS (SELECT 1 FROM gone)
+$$;
+COMMENT ON FUNCTION pipeline.deliver_type(text) IS
+    'Lets an event type marked with pipeline.undeliver_type be delivered again; true when it was marked.';
 
 -- What an endpoint sends that nobody else should see: its headers (an
 -- Authorization header, for one) and its signing secret. A table of its own
@@ -2423,6 +3028,12 @@ DECLARE
     v_problem text;
 BEGIN
     PERFORM pipeline._check_event_type(event_type);
+    IF EXISTS (SELECT 1 FROM pipeline.undelivered_types u WHERE u.event_type = _check_webhook.event_type) THEN
+        RAISE EXCEPTION '%event_type % is recorded without delivery: %', context, quote_literal(event_type),
+                        (SELECT u.reason FROM pipeline.undelivered_types u WHERE u.event_type = _check_webhook.event_type)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'pipeline.deliver_type(event_type) lets its events be delivered again; then register the endpoint.';
+    END IF;
     IF NOT coalesce(allow_unknown_type, false)
        AND NOT EXISTS (SELECT 1 FROM pipeline.stages s WHERE s.event_type = _check_webhook.event_type)
        AND NOT EXISTS (SELECT 1 FROM pipeline.watches w WHERE w.event_type = _check_webhook.event_type) THEN
@@ -2437,8 +3048,8 @@ BEGIN
              THEN format('method must be POST, PUT or PATCH, not %s', coalesce(to_json(method)::text, 'NULL')) END,
         pipeline._header_problem(headers),
         pipeline._secret_problem(secret),
-        CASE WHEN timeout_ms NOT BETWEEN 1 AND 300000
-             THEN format('timeout_ms must be between 1 and 300000, not %s', timeout_ms) END,
+        CASE WHEN timeout_ms NOT BETWEEN 1 AND 900000
+             THEN format('timeout_ms must be between 1 and 900000 (15 minutes), not %s', timeout_ms) END,
         CASE WHEN max_in_flight NOT BETWEEN 1 AND 1000
              THEN format('max_in_flight must be between 1 and 1000, not %s', max_in_flight) END);
     IF v_problem IS NOT NULL THEN
@@ -2809,18 +3420,307 @@ $$;
 COMMENT ON FUNCTION pipeline.export_registry() IS
     'The webhook registry in the shape of n8n_webhook_registry.json; import_registry of it changes nothing.';
 
+-- ==== from sql/012_progress.sql (new in 0.2.0; the funnel moved here from 008_views.sql) ====
+
+-- 012_progress.sql: where every company stands, so that none ends silently.
+--
+--   marketing.vw_work_progress   one row per company (before it has slots) or
+--                                slot: the stage it is at, its state and why
+--   marketing.vw_stuck_work      the rows that are stuck: not at an end state,
+--                                no event waiting or failing for them, and not
+--                                moved for pipeline.stuck_after (default 1h), or
+--                                whose last event is dead
+--   marketing.vw_pipeline_funnel per stage: arrived, in progress, done,
+--                                failed (with reasons), stuck
+--   pipeline.resume_company(..)  sets a company moving again from where it
+--                                stopped (pipeline.resume_stuck(): all of them)
+--
+-- Stages of the work items: 2 validation (pending or invalid intake rows),
+-- 3 promotion, 4 slots (companies without slots), 5 enrichment (slots not
+-- enriched; not_found ends here), 6 verification (enriched slots without a
+-- verification of their email; no email ends here), 7 outreach ready
+-- (verified: valid is done, any other result ends here).
+-- States: in_progress (an event waits or fails for it, a service call is out,
+-- or it moved less than pipeline.stuck_after ago), done (outreach ready),
+-- failed (ended at a stage with a reason), stuck.
+
+-- Each stage's work item: the event type that carries it, and the row id
+-- that the event names (data.new.id; slots_created: data.key.company_id).
+CREATE FUNCTION pipeline._event_row_id(event_type text, payload jsonb) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN event_type = 'slots_created' THEN payload -> 'key' ->> 'company_id'
+                ELSE payload -> 'new' ->> 'id' END::bigint
+$$;
+
+CREATE VIEW marketing.vw_work_progress AS
+WITH stage_events AS MATERIALIZED (
+    -- The events of the stage types that are not delivered yet, and the
+    -- last dead one of each row: one pass over the open and dead events.
+    SELECT e.event_type::text AS event_type, pipeline._event_row_id(e.event_type, e.payload) AS row_id,
+           bool_or(e.status IN ('pending', 'processing', 'failed')) AS open,
+           (array_agg(e.id ORDER BY e.id DESC) FILTER (WHERE e.status = 'dead'))[1] AS dead_id,
+           (array_agg(e.last_error ORDER BY e.id DESC) FILTER (WHERE e.status = 'dead'))[1] AS dead_error,
+           max(e.created_at) FILTER (WHERE e.status = 'dead') AS dead_at,
+           max(e.id) FILTER (WHERE e.status IN ('pending', 'processing', 'failed')) AS open_id,
+           (array_agg(e.last_error ORDER BY e.id DESC) FILTER (WHERE e.status = 'failed'))[1] AS failing_error
+    FROM marketing.pipeline_events e
+    WHERE e.status IN ('pending', 'processing', 'failed', 'dead')
+      AND e.event_type IN ('company_created', 'company_validated', 'company_promoted', 'slots_created',
+                           'contact_enriched')
+    GROUP BY 1, 2
+), items AS (
+    -- Companies that have no slots yet: at validation, promotion or slots.
+    SELECT r.id AS intake_id, m.id AS company_id, NULL::bigint AS slot_id, coalesce(m.company_name, r.company) AS company,
+           coalesce(m.domain, pipeline.website_domain(r.website)) AS domain, NULL::text AS slot_role,
+           CASE WHEN r.validation_status <> 'valid' THEN 2 WHEN m.id IS NULL THEN 3 ELSE 4 END AS stage_no,
+           CASE WHEN r.validation_status = 'invalid'
+                THEN 'invalid: ' || array_to_string(r.validation_errors, '; ') END AS ended,
+           CASE WHEN r.validation_status = 'pending' THEN 'company_created'
+                WHEN m.id IS NULL THEN 'company_validated' ELSE 'company_promoted' END AS event_type,
+           CASE WHEN m.id IS NULL THEN r.id ELSE m.id END AS event_row_id,
+           coalesce(m.created_at, r.validated_at, r.created_at) AS since,
+           NULL::timestamptz AS leased_until, NULL::text AS call_error
+    FROM intake.company_raw_intake r
+    LEFT JOIN marketing.company_master m ON m.intake_id = r.id
+    WHERE m.id IS NULL OR NOT EXISTS (SELECT 1 FROM marketing.company_slots s WHERE s.company_id = m.id)
+    UNION ALL
+    -- Companies entered by hand (no intake row) without slots.
+    SELECT NULL, m.id, NULL, m.company_name, m.domain, NULL, 4, NULL, 'company_promoted', m.id, m.created_at, NULL, NULL
+    FROM marketing.company_master m
+    WHERE m.intake_id IS NULL AND NOT EXISTS (SELECT 1 FROM marketing.company_slots s WHERE s.company_id = m.id)
+    UNION ALL
+    -- Slots: at enrichment, verification, or outreach ready.
+    SELECT m.intake_id, m.id, s.id, m.company_name, m.domain, s.slot_role,
+           CASE WHEN s.enrichment_status <> 'enriched' THEN 5
+                WHEN s.email IS NULL OR v.result IS NULL THEN 6
+                ELSE 7 END,
+           CASE WHEN s.enrichment_status = 'not_found' THEN format('nobody found for %s', s.slot_role)
+                WHEN s.enrichment_status = 'enriched' AND s.email IS NULL
+                    THEN format('%s found for %s, without an email to verify', coalesce(s.full_name, 'someone'), s.slot_role)
+                WHEN v.result IS NOT NULL AND v.result <> 'valid' THEN format('%s: %s', s.email, v.result) END,
+           CASE WHEN s.enrichment_status NOT IN ('enriched', 'not_found') THEN 'slots_created' ELSE 'contact_enriched' END,
+           CASE WHEN s.enrichment_status NOT IN ('enriched', 'not_found') THEN m.id ELSE s.id END,
+           greatest(s.created_at, s.enriched_at, v.verified_at, c.failed_at),
+           c.leased_until, c.last_error
+    FROM marketing.company_slots s
+    JOIN marketing.company_master m ON m.id = s.company_id
+    LEFT JOIN LATERAL (
+        SELECT ev.result, ev.verified_at FROM marketing.email_verification ev
+        WHERE ev.slot_id = s.id AND ev.email = s.email
+        ORDER BY ev.verified_at DESC, ev.id DESC LIMIT 1
+    ) v ON true
+    LEFT JOIN pipeline.service_calls c
+        ON c.slot_id = s.id
+       AND c.stage = CASE WHEN s.enrichment_status NOT IN ('enriched', 'not_found') THEN 'enrichment' ELSE 'verification' END
+)
+SELECT i.intake_id, i.company_id, i.slot_id, i.company, i.domain, i.slot_role, i.stage_no, st.stage,
+       CASE WHEN i.ended IS NOT NULL THEN 'failed'
+            WHEN i.stage_no = 7 THEN 'done'
+            WHEN e.open OR i.leased_until > now() THEN 'in_progress'
+            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.since THEN 'stuck'
+            WHEN i.since < now() - pipeline._setting('stuck_after', '1h')::interval THEN 'stuck'
+            ELSE 'in_progress' END AS state,
+       CASE WHEN i.ended IS NOT NULL THEN i.ended
+            WHEN i.stage_no = 7 THEN NULL
+            WHEN e.open OR i.leased_until > now() THEN coalesce(i.call_error, e.failing_error)
+            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.since
+                THEN format('%s event %s is dead: %s', i.event_type, e.dead_id, coalesce(i.call_error, e.dead_error))
+            WHEN i.call_error IS NOT NULL THEN i.call_error
+            WHEN w.event_type IS NULL THEN format('no endpoint is registered for %s', i.event_type)
+            WHEN NOT w.enabled THEN format('the endpoint of %s is disabled: %s', i.event_type,
+                                           coalesce(w.disabled_reason, 'no reason given'))
+            ELSE format('no %s event waits or fails for it, and it has not moved since %s', i.event_type, i.since)
+       END AS reason,
+       i.event_type AS waiting_for,
+       coalesce(e.open_id, e.dead_id) AS event_id,
+       i.since
+FROM items i
+JOIN pipeline.stages st ON st.stage_no = i.stage_no
+LEFT JOIN stage_events e ON e.event_type = i.event_type AND e.row_id = i.event_row_id
+LEFT JOIN pipeline.webhooks w ON w.event_type = i.event_type;
+COMMENT ON VIEW marketing.vw_work_progress IS
+    'Every company without slots and every slot: the stage it is at, its state (in_progress, done, failed, stuck), '
+    'why (the reason it ended or is stuck), the event it waits for and since when it has not moved.';
+
+CREATE VIEW marketing.vw_stuck_work AS
+SELECT p.intake_id, p.company_id, p.slot_id, p.company, p.domain, p.slot_role, p.stage_no, p.stage, p.reason,
+       p.waiting_for, p.event_id, p.since, now() - p.since AS stuck_for
+FROM marketing.vw_work_progress p
+WHERE p.state = 'stuck';
+COMMENT ON VIEW marketing.vw_stuck_work IS
+    'Companies and slots that are not at an end state, have no event waiting or failing for them and have not '
+    'moved for pipeline.stuck_after (or whose last event is dead), with why. pipeline.resume_company sets one '
+    'moving again.';
+
+-- How many companies reached each stage (and, from stage 4 on, how many
+-- contacts), and the work of each stage (companies up to stage 4, contacts
+-- from 5 on): arrived, in progress, done (the stage's work is recorded:
+-- companies or contacts), failed (ended there; the reasons, numbers made N,
+-- and how often each) and stuck. arrived = done + in_progress + failed + stuck.
+CREATE VIEW marketing.vw_pipeline_funnel AS
+WITH counts (stage_no, companies, contacts) AS (
+    SELECT 1, (SELECT count(*) FROM intake.company_raw_intake), NULL::bigint
+    UNION ALL
+    SELECT 2, (SELECT count(*) FROM intake.company_raw_intake WHERE validated), NULL
+    UNION ALL
+    SELECT 3, (SELECT count(*) FROM marketing.company_master), NULL
+    UNION ALL
+    SELECT 4, count(DISTINCT company_id), count(*) FROM marketing.company_slots
+    UNION ALL
+    SELECT 5, count(DISTINCT company_id), count(*)
+    FROM marketing.company_slots WHERE enrichment_status = 'enriched'
+    UNION ALL
+    SELECT 6, count(DISTINCT s.company_id), count(DISTINCT s.id)
+    FROM marketing.company_slots s
+    WHERE EXISTS (SELECT 1 FROM marketing.email_verification v WHERE v.slot_id = s.id)
+    UNION ALL
+    SELECT 7, count(DISTINCT company_id), count(*) FROM marketing.vw_outreach_ready
+), progress AS MATERIALIZED (
+    SELECT p.stage_no, p.state, p.reason FROM marketing.vw_work_progress p
+), states AS (
+    SELECT p.stage_no,
+           count(*) FILTER (WHERE p.state = 'in_progress') AS in_progress,
+           count(*) FILTER (WHERE p.state = 'failed') AS failed,
+           count(*) FILTER (WHERE p.state = 'stuck') AS stuck
+    FROM progress p
+    GROUP BY p.stage_no
+), reasons AS (
+    SELECT r.stage_no, jsonb_object_agg(r.reason, r.n) AS failure_reasons
+    FROM (SELECT p.stage_no, regexp_replace(p.reason, '[0-9]+', 'N', 'g') AS reason, count(*) AS n
+          FROM progress p WHERE p.state IN ('failed', 'stuck') GROUP BY 1, 2) r
+    GROUP BY r.stage_no
+)
+SELECT st.stage_no, st.stage, st.event_type, c.companies, c.contacts,
+       CASE WHEN st.stage_no <= 4 THEN c.companies ELSE c.contacts END
+           + coalesce(s.in_progress, 0) + coalesce(s.failed, 0) + coalesce(s.stuck, 0) AS arrived,
+       coalesce(s.in_progress, 0) AS in_progress,
+       CASE WHEN st.stage_no <= 4 THEN c.companies ELSE c.contacts END AS done,
+       coalesce(s.failed, 0) AS failed,
+       coalesce(s.stuck, 0) AS stuck,
+       coalesce(r.failure_reasons, '{}') AS failure_reasons
+FROM pipeline.stages st
+JOIN counts c USING (stage_no)
+LEFT JOIN states s USING (stage_no)
+LEFT JOIN reasons r USING (stage_no)
+ORDER BY st.stage_no;
+COMMENT ON VIEW marketing.vw_pipeline_funnel IS
+    'The seven stages with the number of companies that reached each (and of contacts, from slots on), and the '
+    'work at each: in progress, done, failed (ended there; failure_reasons counts each reason) and stuck.';
+
+-- Sets a company moving again from where it stopped: for each of its work
+-- items that is neither done nor ended and has no event waiting or failing,
+-- the event of the stage it is at is written again (pipeline.emit, so the
+-- caller needs the right to produce it), shaped as the stage's trigger
+-- writes it. Finished and paid work is not redone: the stage functions skip
+-- what is recorded (pipeline.enrichment_calls and verification_calls do
+-- not call a service for a slot that is filled or an address verified).
+-- Replaying the company's dead events (pipeline.replay) is the other way.
+-- Give the intake row or, for a company entered by hand, the company id.
+CREATE FUNCTION pipeline.resume_company(intake_id bigint DEFAULT NULL, company_id bigint DEFAULT NULL)
+RETURNS TABLE (stage text, event_type text, event_id bigint, detail text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_item    record;
+    v_payload jsonb;
+    v_done    boolean := false;
+BEGIN
+    IF (resume_company.intake_id IS NULL) = (resume_company.company_id IS NULL) THEN
+        RAISE EXCEPTION 'pipeline.resume_company: give intake_id or company_id (one of them)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR v_item IN
+        SELECT p.* FROM marketing.vw_work_progress p
+        WHERE (p.intake_id = resume_company.intake_id OR p.company_id = resume_company.company_id)
+        ORDER BY p.stage_no, p.slot_id
+    LOOP
+        v_done := true;
+        IF v_item.state IN ('done', 'failed') THEN
+            RETURN QUERY SELECT v_item.stage, NULL::text, NULL::bigint,
+                                format('%s: %s', v_item.state, coalesce(v_item.reason, 'outreach ready'));
+            CONTINUE;
+        END IF;
+        IF EXISTS (SELECT 1 FROM marketing.pipeline_events e
+                   WHERE e.event_type = v_item.waiting_for AND e.status IN ('pending', 'processing', 'failed')
+                     AND pipeline._event_row_id(e.event_type, e.payload)
+                         = CASE WHEN v_item.waiting_for IN ('company_created', 'company_validated') THEN v_item.intake_id
+                                WHEN v_item.waiting_for IN ('company_promoted', 'slots_created') THEN v_item.company_id
+                                ELSE v_item.slot_id END) THEN
+            RETURN QUERY SELECT v_item.stage, v_item.waiting_for, NULL::bigint,
+                                'moving already: an event waits or is being delivered';
+            CONTINUE;
+        END IF;
+        -- slots_created carries all the company's slots that wait for
+        -- enrichment at once: written for the first of them only.
+        IF v_item.waiting_for = 'slots_created' AND EXISTS (
+               SELECT 1 FROM marketing.company_slots s
+               WHERE s.company_id = v_item.company_id AND s.id < v_item.slot_id
+                 AND s.enrichment_status NOT IN ('enriched', 'not_found')) THEN
+            CONTINUE;
+        END IF;
+        v_payload := CASE v_item.waiting_for
+            WHEN 'company_created' THEN
+                (SELECT jsonb_build_object('new', to_jsonb(r)) FROM intake.company_raw_intake r WHERE r.id = v_item.intake_id)
+            WHEN 'company_validated' THEN
+                (SELECT jsonb_build_object('new', to_jsonb(r), 'old', to_jsonb(r))
+                 FROM intake.company_raw_intake r WHERE r.id = v_item.intake_id)
+            WHEN 'company_promoted' THEN
+                (SELECT jsonb_build_object('new', to_jsonb(m)) FROM marketing.company_master m WHERE m.id = v_item.company_id)
+            WHEN 'slots_created' THEN
+                (SELECT jsonb_build_object('key', jsonb_build_object('company_id', v_item.company_id), 'count', count(*),
+                                           'new', jsonb_agg(to_jsonb(s) ORDER BY s.id))
+                 FROM marketing.company_slots s
+                 WHERE s.company_id = v_item.company_id AND s.enrichment_status NOT IN ('enriched', 'not_found'))
+            ELSE
+                (SELECT jsonb_build_object('new', to_jsonb(s), 'old', to_jsonb(s))
+                 FROM marketing.company_slots s WHERE s.id = v_item.slot_id)
+        END;
+        RETURN QUERY SELECT v_item.stage, v_item.waiting_for, pipeline.emit(v_item.waiting_for, v_payload),
+                            format('written again (%s)', coalesce(v_item.reason, 'in progress, not moving'));
+    END LOOP;
+    IF NOT v_done THEN
+        RAISE EXCEPTION 'pipeline.resume_company: no company with %', CASE WHEN intake_id IS NOT NULL
+            THEN format('intake_id %s', intake_id) ELSE format('company_id %s', company_id) END
+            USING ERRCODE = 'no_data_found';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pipeline.resume_company(bigint, bigint) IS
+    'Sets a company (by intake_id, or company_id for one entered by hand) moving again from the stage where it '
+    'stopped: writes that stage''s event again for each of its work items that is not done, not ended and not '
+    'moving. Finished and paid work is not redone. Returns what it did per item.';
+
+-- Resumes every stuck company (at most max_companies); returns what was done.
+CREATE FUNCTION pipeline.resume_stuck(max_companies integer DEFAULT 100)
+RETURNS TABLE (intake_id bigint, company_id bigint, stage text, event_type text, event_id bigint, detail text)
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT s.intake_id, s.company_id, r.stage, r.event_type, r.event_id, r.detail
+    FROM (SELECT DISTINCT w.intake_id, CASE WHEN w.intake_id IS NULL THEN w.company_id END AS company_id
+          FROM marketing.vw_stuck_work w
+          ORDER BY 1, 2
+          LIMIT max_companies) s
+    CROSS JOIN LATERAL pipeline.resume_company(s.intake_id, s.company_id) r
+$$;
+COMMENT ON FUNCTION pipeline.resume_stuck(integer) IS
+    'pipeline.resume_company for every stuck company (marketing.vw_stuck_work), at most max_companies.';
+
+GRANT SELECT ON marketing.vw_work_progress, marketing.vw_stuck_work TO pg_monitor;
+
+
+-- ==== from sql/013_delivery.sql ====
+
 -- The attempt log: no foreign key (attempts go with their events through
 -- the triggers below), and refused deliveries.
 ALTER TABLE marketing.pipeline_delivery_attempts
     DROP CONSTRAINT pipeline_delivery_attempts_event_id_fkey,
     DROP CONSTRAINT outcome_known,
-    ADD CONSTRAINT outcome_known CHECK (outcome IN ('delivered', 'retry', 'failed', 'gone', 'refused'));
+    ADD CONSTRAINT outcome_known CHECK (outcome IN ('delivered', 'retry', 'failed', 'gone', 'rejected', 'refused'));
 
 COMMENT ON TABLE marketing.pipeline_delivery_attempts IS
     'Every delivery attempt: endpoint, HTTP status (NULL when no response came), duration, and the error or the start of the response body.';
 
 COMMENT ON COLUMN marketing.pipeline_delivery_attempts.outcome IS
     'delivered (2xx); retry (timeout, connection error, 429, 5xx); failed (other status); gone (410: endpoint disabled); '
+    'rejected (402, 424: a service the receiver needs refuses it, a bad key or no credits; the event is dead); '
     'refused (never sent: larger than pipeline.max_event_size, or an address pipeline.blocked_networks denies; the event is dead).';
 
 
@@ -2941,6 +3841,9 @@ DECLARE
     v_back_attempts integer[] := '{}';
     v_bytes         bigint := 0;
     v_row           record;
+    v_lease         interval;
+    v_timeout       text;
+    v_default_ms    integer;
 BEGIN
     -- NB: an endpoint without its credentials row (restored from a dump
     -- that leaves them out) is not claimed for: it would go out without its
@@ -2980,6 +3883,30 @@ BEGIN
     END LOOP;
     IF cardinality(v_back_ids) > 0 THEN
         PERFORM pipeline._release(v_back_ids, v_back_attempts);
+    END IF;
+    -- A request may outlast the lease (an endpoint whose timeout_ms is
+    -- longer: a receiver that waits for a slow service): its events are held
+    -- for the timeout and a lease more, or they could be claimed again, and
+    -- sent twice, while the request is out.
+    v_lease := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
+    -- NB: the setting reads as '5s' where the extension defines it, and may
+    -- be a bare number of milliseconds where it is only a placeholder.
+    v_timeout := pipeline._setting('http_timeout', '5000');
+    v_default_ms := CASE WHEN v_timeout ~ '^\s*[0-9]+\s*$' THEN v_timeout::integer
+                         ELSE (extract(epoch FROM v_timeout::interval) * 1000)::integer END;
+    IF cardinality(v_kept) > 0
+       AND EXISTS (SELECT 1 FROM pipeline.webhooks w
+                   WHERE w.event_type::text = ANY (v_types)
+                     AND make_interval(secs => coalesce(w.timeout_ms, v_default_ms)
+                                               / 1000.0) >= v_lease / 2) THEN
+        UPDATE marketing.pipeline_events e
+        SET next_attempt_at = now() + v_lease
+                              + make_interval(secs => coalesce(w.timeout_ms, v_default_ms)
+                                                      / 1000.0)
+        FROM pipeline.webhooks w
+        WHERE e.id = ANY (v_kept) AND e.status = 'processing' AND w.event_type = e.event_type
+          AND make_interval(secs => coalesce(w.timeout_ms, v_default_ms) / 1000.0)
+              >= v_lease / 2;
     END IF;
     IF cardinality(v_kept) > 0 AND consumer IS NOT NULL THEN
         INSERT INTO pipeline.deliverers AS d (name, last_active_at) VALUES (consumer, now())
@@ -3180,7 +4107,7 @@ $$;
 
 -- Recording a batch of delivery outcomes (parallel arrays, one entry per
 -- attempt, in event id order): every attempt is logged, the events are
--- settled (a refused one is dead at once), a 410 Gone disables the
+-- settled (a refused or rejected one is dead at once), a 410 Gone disables the
 -- endpoint that answered it, each endpoint's health is kept, and an
 -- endpoint that has failed every request for pipeline.disable_after is
 -- given up (_give_up_endpoint).
@@ -3234,9 +4161,9 @@ BEGIN
     ), batch AS (
         SELECT a.event_type,
                bool_or(a.outcome IN ('delivered', 'failed')) AS answered,
-               bool_or(a.outcome = 'retry') AS failed,
+               bool_or(a.outcome IN ('retry', 'rejected')) AS failed,
                (array_agg(CASE WHEN a.status_code IS NOT NULL THEN 'HTTP ' || a.status_code ELSE a.error END
-                          ORDER BY a.event_id DESC) FILTER (WHERE a.outcome = 'retry'))[1] AS failure
+                          ORDER BY a.event_id DESC) FILTER (WHERE a.outcome IN ('retry', 'rejected')))[1] AS failure
         FROM logged a
         GROUP BY a.event_type
     )
@@ -3264,7 +4191,7 @@ BEGIN
         ARRAY(SELECT coalesce(o.error, 'HTTP ' || o.status_code)
               FROM unnest(_record_deliveries.errors, _record_deliveries.status_codes) AS o(error, status_code)),
         ARRAY(SELECT now() + make_interval(secs => o / 1000.0) FROM unnest(_record_deliveries.retry_after_ms) o),
-        ARRAY(SELECT o = 'refused' FROM unnest(_record_deliveries.outcomes) o),
+        ARRAY(SELECT o IN ('refused', 'rejected') FROM unnest(_record_deliveries.outcomes) o),
         -- What the error log keeps of a failure (nothing for a delivery).
         ARRAY(SELECT CASE WHEN o.outcome <> 'delivered'
                           THEN jsonb_strip_nulls(jsonb_build_object('url', o.url, 'status_code', o.status_code,
@@ -3281,7 +4208,7 @@ BEGIN
         WHERE h.circuit = 'open' AND h.failing_since IS NOT NULL;
     END IF;
     v_bound := pipeline._setting('disable_after', '3d')::interval;
-    IF v_bound > interval '0' AND 'retry' = ANY (_record_deliveries.outcomes) THEN
+    IF v_bound > interval '0' AND _record_deliveries.outcomes && ARRAY['retry', 'rejected'] THEN
         FOR v_failed IN
             SELECT h.event_type, h.failing_since, h.last_failure
             FROM pipeline.endpoint_health h
@@ -3300,7 +4227,8 @@ $$;
 -- Deleting old history in small batches (the worker calls it every round
 -- until it returns less than max_rows): delivered events older than
 -- older_than (their attempts go with them) and attempts older than it.
--- Failed and dead events stay until someone replays or deletes them.
+-- Failed and dead events stay until someone replays or deletes them. First,
+-- events of types recorded without delivery are settled as processed.
 CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
 RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -3308,14 +4236,26 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
+    v_settled bigint;
     v_events  bigint;
     v_attempts bigint;
 BEGIN
-    IF v_age <= interval '0' THEN
-        RETURN 0;  -- retention 0 keeps everything
-    END IF;
     IF max_rows IS NULL OR max_rows < 1 THEN
         RAISE EXCEPTION 'pipeline.purge: max_rows must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Events of the types recorded without delivery (pipeline.undelivered_types)
+    -- end as processed, at their creation: no deliverer waits for them.
+    UPDATE marketing.pipeline_events e
+    SET status = 'processed', processed_at = e.created_at, claimed_by = NULL
+    WHERE e.id = ANY (ARRAY(
+        SELECT o.id FROM pipeline.undelivered_types u
+        CROSS JOIN LATERAL (SELECT o.id FROM marketing.pipeline_events o
+                            WHERE o.event_type = u.event_type AND o.status IN ('pending', 'failed')
+                            LIMIT max_rows FOR UPDATE SKIP LOCKED) o
+        LIMIT max_rows));
+    GET DIAGNOSTICS v_settled = ROW_COUNT;
+    IF v_age <= interval '0' THEN
+        RETURN v_settled;  -- retention 0 keeps everything
     END IF;
     DELETE FROM marketing.pipeline_events e
     WHERE e.id = ANY (ARRAY(
@@ -3334,13 +4274,14 @@ BEGIN
     DELETE FROM marketing.pipeline_delivery_attempts a USING old WHERE a.id = old.id;
     GET DIAGNOSTICS v_attempts = ROW_COUNT;
     DELETE FROM pipeline.deliverers d WHERE d.last_active_at < now() - v_age;
-    RETURN v_events + v_attempts;
+    RETURN v_settled + v_events + v_attempts;
 END
 $$;
 
 COMMENT ON FUNCTION pipeline.purge(interval, integer) IS
-    'Deletes up to max_rows delivered events older than older_than (default pipeline.retention) and up to '
-    'max_rows old delivery attempts; returns how many rows went. Retention 0 keeps everything.';
+    'Settles up to max_rows events of pipeline.undelivered_types as processed, deletes up to max_rows delivered '
+    'events older than older_than (default pipeline.retention) and up to max_rows old delivery attempts; returns '
+    'how many rows it settled or deleted. Retention 0 keeps everything.';
 
 
 -- Per endpoint: state, backlog and the last hour of deliveries.
@@ -3392,12 +4333,15 @@ $$;
 
 -- One row to see whether the pipeline is moving. Events of a type without
 -- an enabled endpoint are not backlog: they wait for an endpoint, and are
--- counted apart (without_endpoint).
+-- counted apart (without_endpoint), unless the type is recorded without
+-- delivery by design (pipeline.undelivered_types): those are no one's work.
+-- stuck_work counts marketing.vw_stuck_work.
 CREATE VIEW marketing.vw_pipeline_status AS
 WITH open_events AS (
-    SELECT e.status, e.created_at, w.event_type IS NOT NULL AS deliverable
+    SELECT e.status, e.created_at, w.event_type IS NOT NULL AS deliverable, u.event_type IS NOT NULL AS undelivered
     FROM marketing.pipeline_events e
     LEFT JOIN pipeline.webhooks w ON w.event_type = e.event_type AND w.enabled
+    LEFT JOIN pipeline.undelivered_types u ON u.event_type = e.event_type
     WHERE e.status IN ('pending', 'processing', 'failed')
 )
 SELECT pipeline._worker_pid() IS NOT NULL AS worker_running,
@@ -3415,7 +4359,8 @@ SELECT pipeline._worker_pid() IS NOT NULL AS worker_running,
        (SELECT count(*) FROM pipeline.webhooks w WHERE w.enabled) AS endpoints_enabled,
        (SELECT count(*) FROM pipeline.webhooks w WHERE NOT w.enabled) AS endpoints_disabled,
        (SELECT count(*) FROM marketing.pipeline_error_log l WHERE NOT l.resolved) AS unresolved_errors,
-       count(*) FILTER (WHERE o.status IN ('pending', 'failed') AND NOT o.deliverable) AS without_endpoint,
+       count(*) FILTER (WHERE o.status IN ('pending', 'failed') AND NOT o.deliverable AND NOT o.undelivered)
+           AS without_endpoint,
        (SELECT d.name FROM pipeline.deliverers d ORDER BY d.last_active_at DESC LIMIT 1) AS last_deliverer,
        (SELECT max(d.last_active_at) FROM pipeline.deliverers d) AS last_deliverer_active_at,
        (SELECT count(*) FROM pipeline.endpoint_health h
@@ -3424,14 +4369,16 @@ SELECT pipeline._worker_pid() IS NOT NULL AS worker_running,
        (SELECT min(h.failing_since) + pipeline._setting('disable_after', '3d')::interval
         FROM pipeline.endpoint_health h
         JOIN pipeline.webhooks w ON w.event_type = h.event_type AND w.enabled
-        WHERE pipeline._setting('disable_after', '3d')::interval > interval '0') AS next_give_up_at
+        WHERE pipeline._setting('disable_after', '3d')::interval > interval '0') AS next_give_up_at,
+       (SELECT count(*) FROM marketing.vw_stuck_work) AS stuck_work
 FROM open_events o;
 
 COMMENT ON VIEW marketing.vw_pipeline_status IS
     'What pipeline.status() returns: the worker, the backlog by status (events with an enabled endpoint), dead '
     'events, the last minute''s deliveries and failures, endpoints, unresolved errors, events waiting for an endpoint, '
     'which deliverer (the worker, a pipeline-relay) last claimed events, when, how many enabled endpoints fail '
-    'every request, and when the first of them is given up (pipeline.disable_after) unless it answers.';
+    'every request, when the first of them is given up (pipeline.disable_after) unless it answers, and the '
+    'companies and slots that are stuck (marketing.vw_stuck_work).';
 
 
 CREATE FUNCTION pipeline.status()
@@ -3452,7 +4399,8 @@ RETURNS TABLE (
     last_deliverer         text,
     last_deliverer_active_at timestamptz,
     endpoints_failing      bigint,
-    next_give_up_at        timestamptz
+    next_give_up_at        timestamptz,
+    stuck_work             bigint
 )
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT * FROM marketing.vw_pipeline_status
@@ -3462,8 +4410,9 @@ COMMENT ON FUNCTION pipeline.status() IS
     'Whether the delivery worker runs in this database, events by open status (with an enabled endpoint), dead '
     'events, the oldest waiting event''s age, deliveries and failures in the last minute, endpoints, unresolved '
     'errors, events waiting for an endpoint, and the deliverer that last claimed events (the worker, a '
-    'pipeline-relay by its name) with when, and enabled endpoints failing every request with when the first is '
-    'given up. Reads marketing.vw_pipeline_status: needs no right on the tables.';
+    'pipeline-relay by its name) with when, enabled endpoints failing every request with when the first is '
+    'given up, and the companies and slots that are stuck. Reads marketing.vw_pipeline_status: needs no right '
+    'on the tables.';
 
 
 -- Monitoring: pg_monitor (and roles granted it) read the views and status()
@@ -3544,9 +4493,9 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp
 $$;
 
 
--- ==== from sql/012_verify.sql ====
+-- ==== from sql/014_verify.sql ====
 
--- 012_verify.sql: a self-check of the installation (last, so that it can
+-- 014_verify.sql: a self-check of the installation (last, so that it can
 -- look at every object).
 --
 -- SELECT * FROM pipeline.verify() lists every object the pipeline needs with
@@ -3605,7 +4554,18 @@ WITH expected (kind, name) AS (
            ('table', 'pipeline.webhook_credentials'),
            ('table', 'pipeline.endpoint_health'),
            ('table', 'pipeline.domain_locks'),
-           ('view', 'marketing.vw_pipeline_status')
+           ('view', 'marketing.vw_pipeline_status'),
+           ('table', 'pipeline.services'),
+           ('table', 'pipeline.service_calls'),
+           ('table', 'pipeline.undelivered_types'),
+           ('view', 'marketing.vw_work_progress'),
+           ('view', 'marketing.vw_stuck_work'),
+           ('function', 'pipeline.enrichment_calls'),
+           ('function', 'pipeline.verification_calls'),
+           ('function', 'pipeline.finish_call'),
+           ('function', 'pipeline.stage_answer'),
+           ('function', 'pipeline.resume_company'),
+           ('function', 'pipeline.resume_stuck')
 ),
 objects AS (
     SELECT x.kind, x.name,
@@ -3677,10 +4637,18 @@ UNION ALL
  LEFT JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
  LEFT JOIN pipeline.endpoint_health h ON h.event_type = w.event_type
  ORDER BY 2)
+UNION ALL
+-- Work that stopped where nobody will pick it up again by itself.
+SELECT 'work', 'stuck companies and slots',
+       CASE WHEN count(*) = 0 THEN 'ok'
+            ELSE format('%s stuck (marketing.vw_stuck_work; pipeline.resume_stuck() sets them moving), the oldest since %s: %s',
+                        count(*), min(s.since), (array_agg(s.reason ORDER BY s.since))[1]) END
+FROM marketing.vw_stuck_work s
 $$;
 
 COMMENT ON FUNCTION pipeline.verify() IS
-    'Lists every schema, table, view, function and stage trigger the pipeline needs, with ok or what is wrong.';
+    'Lists every schema, table, view, function and stage trigger the pipeline needs, each endpoint, and whether '
+    'work is stuck, with ok or what is wrong.';
 
 -- ==== the watches' triggers ====
 --

@@ -1,4 +1,4 @@
--- 010_webhooks.sql: where each event type is delivered.
+-- 011_webhooks.sql: where each event type is delivered.
 --
 -- One endpoint per event type. Events whose type has no enabled endpoint stay
 -- pending: they are not lost, dropped or counted as failed, and go out once an
@@ -122,15 +122,70 @@ CREATE TABLE pipeline.webhooks (
     updated_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT url_valid CHECK (pipeline._url_problem(url) IS NULL),
     CONSTRAINT method_known CHECK (method IN ('POST', 'PUT', 'PATCH')),
-    CONSTRAINT timeout_ms_range CHECK (timeout_ms BETWEEN 1 AND 300000),
+    CONSTRAINT timeout_ms_range CHECK (timeout_ms BETWEEN 1 AND 900000),
     CONSTRAINT max_in_flight_range CHECK (max_in_flight BETWEEN 1 AND 1000),
     CONSTRAINT disabled_has_reason CHECK (enabled OR disabled_reason IS NOT NULL)
 );
 COMMENT ON TABLE pipeline.webhooks IS
     'Where events are delivered: one endpoint per event type (its headers and secret are in pipeline.webhook_credentials).';
-COMMENT ON COLUMN pipeline.webhooks.timeout_ms IS 'Request timeout; NULL uses pipeline.http_timeout.';
+COMMENT ON COLUMN pipeline.webhooks.timeout_ms IS
+    'Request timeout (at most 15 minutes: a receiver that calls slow services); NULL uses pipeline.http_timeout.';
 COMMENT ON COLUMN pipeline.webhooks.max_in_flight IS 'At most this many deliveries to the endpoint at once; NULL: pipeline.concurrency.';
 COMMENT ON COLUMN pipeline.webhooks.disabled_reason IS 'Why the endpoint is disabled (by hand, or 410 Gone from the receiver).';
+
+-- Event types that are recorded and never delivered, by design: the last
+-- stage's email_verified (stage 7 is a view, nothing receives it), or a
+-- user's audit-only events. They are not waiting work: the deliverers settle
+-- them as processed (pipeline.purge), retention removes them like delivered
+-- ones, pipeline.status() and the backlog views leave them out, and the
+-- funnel still counts the rows they are about. An endpoint cannot be
+-- registered for such a type (and a type with an endpoint cannot be marked).
+CREATE TABLE pipeline.undelivered_types (
+    event_type pipeline.event_type PRIMARY KEY,
+    reason     text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT reason_not_blank CHECK (NOT pipeline._is_blank(reason))
+);
+COMMENT ON TABLE pipeline.undelivered_types IS
+    'Event types recorded without delivery by design (email_verified): settled as processed, never waiting work.';
+INSERT INTO pipeline.undelivered_types (event_type, reason)
+VALUES ('email_verified', 'the last stage''s event: stage 7 (outreach ready) is the view marketing.vw_outreach_ready, '
+                          'nothing receives it');
+GRANT SELECT ON pipeline.undelivered_types TO PUBLIC;
+
+-- Marks an event type as recorded without delivery (reason says why).
+CREATE FUNCTION pipeline.undeliver_type(event_type text, reason text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pipeline._check_event_type(event_type);
+    IF reason IS NULL OR pipeline._is_blank(reason) THEN
+        RAISE EXCEPTION 'pipeline.undeliver_type: reason must say why % is not delivered', quote_literal(event_type)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pipeline.webhooks w WHERE w.event_type = undeliver_type.event_type) THEN
+        RAISE EXCEPTION 'pipeline.undeliver_type: event_type % has an endpoint', quote_literal(event_type)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Remove it first (pipeline.remove_webhook).';
+    END IF;
+    INSERT INTO pipeline.undelivered_types AS u (event_type, reason)
+    VALUES (undeliver_type.event_type, undeliver_type.reason)
+    ON CONFLICT ON CONSTRAINT undelivered_types_pkey DO UPDATE SET reason = excluded.reason;
+END
+$$;
+COMMENT ON FUNCTION pipeline.undeliver_type(text, text) IS
+    'Marks an event type as recorded without delivery: its events end as processed and are not waiting work.';
+
+-- Lets an event type be delivered again (register its endpoint next);
+-- events settled meanwhile stay settled (pipeline.replay sends them).
+CREATE FUNCTION pipeline.deliver_type(event_type text) RETURNS boolean
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH gone AS (
+        DELETE FROM pipeline.undelivered_types u WHERE u.event_type = deliver_type.event_type RETURNING 1
+    )
+    SELECT EXISTS (SELECT 1 FROM gone)
+$$;
+COMMENT ON FUNCTION pipeline.deliver_type(text) IS
+    'Lets an event type marked with pipeline.undeliver_type be delivered again; true when it was marked.';
 
 -- What an endpoint sends that nobody else should see: its headers (an
 -- Authorization header, for one) and its signing secret. A table of its own
@@ -202,6 +257,12 @@ DECLARE
     v_problem text;
 BEGIN
     PERFORM pipeline._check_event_type(event_type);
+    IF EXISTS (SELECT 1 FROM pipeline.undelivered_types u WHERE u.event_type = _check_webhook.event_type) THEN
+        RAISE EXCEPTION '%event_type % is recorded without delivery: %', context, quote_literal(event_type),
+                        (SELECT u.reason FROM pipeline.undelivered_types u WHERE u.event_type = _check_webhook.event_type)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'pipeline.deliver_type(event_type) lets its events be delivered again; then register the endpoint.';
+    END IF;
     IF NOT coalesce(allow_unknown_type, false)
        AND NOT EXISTS (SELECT 1 FROM pipeline.stages s WHERE s.event_type = _check_webhook.event_type)
        AND NOT EXISTS (SELECT 1 FROM pipeline.watches w WHERE w.event_type = _check_webhook.event_type) THEN
@@ -216,8 +277,8 @@ BEGIN
              THEN format('method must be POST, PUT or PATCH, not %s', coalesce(to_json(method)::text, 'NULL')) END,
         pipeline._header_problem(headers),
         pipeline._secret_problem(secret),
-        CASE WHEN timeout_ms NOT BETWEEN 1 AND 300000
-             THEN format('timeout_ms must be between 1 and 300000, not %s', timeout_ms) END,
+        CASE WHEN timeout_ms NOT BETWEEN 1 AND 900000
+             THEN format('timeout_ms must be between 1 and 900000 (15 minutes), not %s', timeout_ms) END,
         CASE WHEN max_in_flight NOT BETWEEN 1 AND 1000
              THEN format('max_in_flight must be between 1 and 1000, not %s', max_in_flight) END);
     IF v_problem IS NOT NULL THEN

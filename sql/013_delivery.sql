@@ -1,4 +1,4 @@
--- 011_delivery.sql: what the delivery worker reads and writes.
+-- 013_delivery.sql: what the delivery worker reads and writes.
 --
 -- The worker (src/worker.rs) claims a batch with pipeline._claim_deliveries,
 -- commits, sends the requests, then records every outcome with
@@ -18,7 +18,7 @@ CREATE TABLE marketing.pipeline_delivery_attempts (
     error            text,
     response_excerpt text,
     created_at       timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT outcome_known CHECK (outcome IN ('delivered', 'retry', 'failed', 'gone', 'refused'))
+    CONSTRAINT outcome_known CHECK (outcome IN ('delivered', 'retry', 'failed', 'gone', 'rejected', 'refused'))
 );
 CREATE INDEX pipeline_delivery_attempts_event_idx ON marketing.pipeline_delivery_attempts (event_id, attempt);
 CREATE INDEX pipeline_delivery_attempts_created_idx ON marketing.pipeline_delivery_attempts (created_at);
@@ -26,6 +26,7 @@ COMMENT ON TABLE marketing.pipeline_delivery_attempts IS
     'Every delivery attempt: endpoint, HTTP status (NULL when no response came), duration, and the error or the start of the response body.';
 COMMENT ON COLUMN marketing.pipeline_delivery_attempts.outcome IS
     'delivered (2xx); retry (timeout, connection error, 429, 5xx); failed (other status); gone (410: endpoint disabled); '
+    'rejected (402, 424: a service the receiver needs refuses it, a bad key or no credits; the event is dead); '
     'refused (never sent: larger than pipeline.max_event_size, or an address pipeline.blocked_networks denies; the event is dead).';
 
 -- An event's attempts go with it: deleting events (pipeline.purge, or by
@@ -139,6 +140,9 @@ DECLARE
     v_back_attempts integer[] := '{}';
     v_bytes         bigint := 0;
     v_row           record;
+    v_lease         interval;
+    v_timeout       text;
+    v_default_ms    integer;
 BEGIN
     -- NB: an endpoint without its credentials row (restored from a dump
     -- that leaves them out) is not claimed for: it would go out without its
@@ -178,6 +182,30 @@ BEGIN
     END LOOP;
     IF cardinality(v_back_ids) > 0 THEN
         PERFORM pipeline._release(v_back_ids, v_back_attempts);
+    END IF;
+    -- A request may outlast the lease (an endpoint whose timeout_ms is
+    -- longer: a receiver that waits for a slow service): its events are held
+    -- for the timeout and a lease more, or they could be claimed again, and
+    -- sent twice, while the request is out.
+    v_lease := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
+    -- NB: the setting reads as '5s' where the extension defines it, and may
+    -- be a bare number of milliseconds where it is only a placeholder.
+    v_timeout := pipeline._setting('http_timeout', '5000');
+    v_default_ms := CASE WHEN v_timeout ~ '^\s*[0-9]+\s*$' THEN v_timeout::integer
+                         ELSE (extract(epoch FROM v_timeout::interval) * 1000)::integer END;
+    IF cardinality(v_kept) > 0
+       AND EXISTS (SELECT 1 FROM pipeline.webhooks w
+                   WHERE w.event_type::text = ANY (v_types)
+                     AND make_interval(secs => coalesce(w.timeout_ms, v_default_ms)
+                                               / 1000.0) >= v_lease / 2) THEN
+        UPDATE marketing.pipeline_events e
+        SET next_attempt_at = now() + v_lease
+                              + make_interval(secs => coalesce(w.timeout_ms, v_default_ms)
+                                                      / 1000.0)
+        FROM pipeline.webhooks w
+        WHERE e.id = ANY (v_kept) AND e.status = 'processing' AND w.event_type = e.event_type
+          AND make_interval(secs => coalesce(w.timeout_ms, v_default_ms) / 1000.0)
+              >= v_lease / 2;
     END IF;
     IF cardinality(v_kept) > 0 AND consumer IS NOT NULL THEN
         INSERT INTO pipeline.deliverers AS d (name, last_active_at) VALUES (consumer, now())
@@ -377,7 +405,7 @@ $$;
 
 -- Recording a batch of delivery outcomes (parallel arrays, one entry per
 -- attempt, in event id order): every attempt is logged, the events are
--- settled (a refused one is dead at once), a 410 Gone disables the
+-- settled (a refused or rejected one is dead at once), a 410 Gone disables the
 -- endpoint that answered it, each endpoint's health is kept, and an
 -- endpoint that has failed every request for pipeline.disable_after is
 -- given up (_give_up_endpoint).
@@ -431,9 +459,9 @@ BEGIN
     ), batch AS (
         SELECT a.event_type,
                bool_or(a.outcome IN ('delivered', 'failed')) AS answered,
-               bool_or(a.outcome = 'retry') AS failed,
+               bool_or(a.outcome IN ('retry', 'rejected')) AS failed,
                (array_agg(CASE WHEN a.status_code IS NOT NULL THEN 'HTTP ' || a.status_code ELSE a.error END
-                          ORDER BY a.event_id DESC) FILTER (WHERE a.outcome = 'retry'))[1] AS failure
+                          ORDER BY a.event_id DESC) FILTER (WHERE a.outcome IN ('retry', 'rejected')))[1] AS failure
         FROM logged a
         GROUP BY a.event_type
     )
@@ -461,7 +489,7 @@ BEGIN
         ARRAY(SELECT coalesce(o.error, 'HTTP ' || o.status_code)
               FROM unnest(_record_deliveries.errors, _record_deliveries.status_codes) AS o(error, status_code)),
         ARRAY(SELECT now() + make_interval(secs => o / 1000.0) FROM unnest(_record_deliveries.retry_after_ms) o),
-        ARRAY(SELECT o = 'refused' FROM unnest(_record_deliveries.outcomes) o),
+        ARRAY(SELECT o IN ('refused', 'rejected') FROM unnest(_record_deliveries.outcomes) o),
         -- What the error log keeps of a failure (nothing for a delivery).
         ARRAY(SELECT CASE WHEN o.outcome <> 'delivered'
                           THEN jsonb_strip_nulls(jsonb_build_object('url', o.url, 'status_code', o.status_code,
@@ -478,7 +506,7 @@ BEGIN
         WHERE h.circuit = 'open' AND h.failing_since IS NOT NULL;
     END IF;
     v_bound := pipeline._setting('disable_after', '3d')::interval;
-    IF v_bound > interval '0' AND 'retry' = ANY (_record_deliveries.outcomes) THEN
+    IF v_bound > interval '0' AND _record_deliveries.outcomes && ARRAY['retry', 'rejected'] THEN
         FOR v_failed IN
             SELECT h.event_type, h.failing_since, h.last_failure
             FROM pipeline.endpoint_health h
@@ -496,7 +524,8 @@ $$;
 -- Deleting old history in small batches (the worker calls it every round
 -- until it returns less than max_rows): delivered events older than
 -- older_than (their attempts go with them) and attempts older than it.
--- Failed and dead events stay until someone replays or deletes them.
+-- Failed and dead events stay until someone replays or deletes them. First,
+-- events of types recorded without delivery are settled as processed.
 CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
 RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -504,14 +533,26 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
+    v_settled bigint;
     v_events  bigint;
     v_attempts bigint;
 BEGIN
-    IF v_age <= interval '0' THEN
-        RETURN 0;  -- retention 0 keeps everything
-    END IF;
     IF max_rows IS NULL OR max_rows < 1 THEN
         RAISE EXCEPTION 'pipeline.purge: max_rows must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Events of the types recorded without delivery (pipeline.undelivered_types)
+    -- end as processed, at their creation: no deliverer waits for them.
+    UPDATE marketing.pipeline_events e
+    SET status = 'processed', processed_at = e.created_at, claimed_by = NULL
+    WHERE e.id = ANY (ARRAY(
+        SELECT o.id FROM pipeline.undelivered_types u
+        CROSS JOIN LATERAL (SELECT o.id FROM marketing.pipeline_events o
+                            WHERE o.event_type = u.event_type AND o.status IN ('pending', 'failed')
+                            LIMIT max_rows FOR UPDATE SKIP LOCKED) o
+        LIMIT max_rows));
+    GET DIAGNOSTICS v_settled = ROW_COUNT;
+    IF v_age <= interval '0' THEN
+        RETURN v_settled;  -- retention 0 keeps everything
     END IF;
     DELETE FROM marketing.pipeline_events e
     WHERE e.id = ANY (ARRAY(
@@ -530,12 +571,13 @@ BEGIN
     DELETE FROM marketing.pipeline_delivery_attempts a USING old WHERE a.id = old.id;
     GET DIAGNOSTICS v_attempts = ROW_COUNT;
     DELETE FROM pipeline.deliverers d WHERE d.last_active_at < now() - v_age;
-    RETURN v_events + v_attempts;
+    RETURN v_settled + v_events + v_attempts;
 END
 $$;
 COMMENT ON FUNCTION pipeline.purge(interval, integer) IS
-    'Deletes up to max_rows delivered events older than older_than (default pipeline.retention) and up to '
-    'max_rows old delivery attempts; returns how many rows went. Retention 0 keeps everything.';
+    'Settles up to max_rows events of pipeline.undelivered_types as processed, deletes up to max_rows delivered '
+    'events older than older_than (default pipeline.retention) and up to max_rows old delivery attempts; returns '
+    'how many rows it settled or deleted. Retention 0 keeps everything.';
 
 -- Per endpoint: state, backlog and the last hour of deliveries.
 CREATE VIEW marketing.vw_endpoint_health AS
@@ -583,12 +625,15 @@ $$;
 
 -- One row to see whether the pipeline is moving. Events of a type without
 -- an enabled endpoint are not backlog: they wait for an endpoint, and are
--- counted apart (without_endpoint).
+-- counted apart (without_endpoint), unless the type is recorded without
+-- delivery by design (pipeline.undelivered_types): those are no one's work.
+-- stuck_work counts marketing.vw_stuck_work.
 CREATE VIEW marketing.vw_pipeline_status AS
 WITH open_events AS (
-    SELECT e.status, e.created_at, w.event_type IS NOT NULL AS deliverable
+    SELECT e.status, e.created_at, w.event_type IS NOT NULL AS deliverable, u.event_type IS NOT NULL AS undelivered
     FROM marketing.pipeline_events e
     LEFT JOIN pipeline.webhooks w ON w.event_type = e.event_type AND w.enabled
+    LEFT JOIN pipeline.undelivered_types u ON u.event_type = e.event_type
     WHERE e.status IN ('pending', 'processing', 'failed')
 )
 SELECT pipeline._worker_pid() IS NOT NULL AS worker_running,
@@ -606,7 +651,8 @@ SELECT pipeline._worker_pid() IS NOT NULL AS worker_running,
        (SELECT count(*) FROM pipeline.webhooks w WHERE w.enabled) AS endpoints_enabled,
        (SELECT count(*) FROM pipeline.webhooks w WHERE NOT w.enabled) AS endpoints_disabled,
        (SELECT count(*) FROM marketing.pipeline_error_log l WHERE NOT l.resolved) AS unresolved_errors,
-       count(*) FILTER (WHERE o.status IN ('pending', 'failed') AND NOT o.deliverable) AS without_endpoint,
+       count(*) FILTER (WHERE o.status IN ('pending', 'failed') AND NOT o.deliverable AND NOT o.undelivered)
+           AS without_endpoint,
        (SELECT d.name FROM pipeline.deliverers d ORDER BY d.last_active_at DESC LIMIT 1) AS last_deliverer,
        (SELECT max(d.last_active_at) FROM pipeline.deliverers d) AS last_deliverer_active_at,
        (SELECT count(*) FROM pipeline.endpoint_health h
@@ -615,13 +661,15 @@ SELECT pipeline._worker_pid() IS NOT NULL AS worker_running,
        (SELECT min(h.failing_since) + pipeline._setting('disable_after', '3d')::interval
         FROM pipeline.endpoint_health h
         JOIN pipeline.webhooks w ON w.event_type = h.event_type AND w.enabled
-        WHERE pipeline._setting('disable_after', '3d')::interval > interval '0') AS next_give_up_at
+        WHERE pipeline._setting('disable_after', '3d')::interval > interval '0') AS next_give_up_at,
+       (SELECT count(*) FROM marketing.vw_stuck_work) AS stuck_work
 FROM open_events o;
 COMMENT ON VIEW marketing.vw_pipeline_status IS
     'What pipeline.status() returns: the worker, the backlog by status (events with an enabled endpoint), dead '
     'events, the last minute''s deliveries and failures, endpoints, unresolved errors, events waiting for an endpoint, '
     'which deliverer (the worker, a pipeline-relay) last claimed events, when, how many enabled endpoints fail '
-    'every request, and when the first of them is given up (pipeline.disable_after) unless it answers.';
+    'every request, when the first of them is given up (pipeline.disable_after) unless it answers, and the '
+    'companies and slots that are stuck (marketing.vw_stuck_work).';
 
 CREATE FUNCTION pipeline.status()
 RETURNS TABLE (
@@ -641,7 +689,8 @@ RETURNS TABLE (
     last_deliverer         text,
     last_deliverer_active_at timestamptz,
     endpoints_failing      bigint,
-    next_give_up_at        timestamptz
+    next_give_up_at        timestamptz,
+    stuck_work             bigint
 )
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT * FROM marketing.vw_pipeline_status
@@ -650,8 +699,9 @@ COMMENT ON FUNCTION pipeline.status() IS
     'Whether the delivery worker runs in this database, events by open status (with an enabled endpoint), dead '
     'events, the oldest waiting event''s age, deliveries and failures in the last minute, endpoints, unresolved '
     'errors, events waiting for an endpoint, and the deliverer that last claimed events (the worker, a '
-    'pipeline-relay by its name) with when, and enabled endpoints failing every request with when the first is '
-    'given up. Reads marketing.vw_pipeline_status: needs no right on the tables.';
+    'pipeline-relay by its name) with when, enabled endpoints failing every request with when the first is '
+    'given up, and the companies and slots that are stuck. Reads marketing.vw_pipeline_status: needs no right '
+    'on the tables.';
 
 -- Monitoring: pg_monitor (and roles granted it) read the views and status()
 -- without any right on the tables, so without seeing secrets or payloads.

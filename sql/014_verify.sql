@@ -1,4 +1,4 @@
--- 012_verify.sql: a self-check of the installation (last, so that it can
+-- 014_verify.sql: a self-check of the installation (last, so that it can
 -- look at every object).
 --
 -- SELECT * FROM pipeline.verify() lists every object the pipeline needs with
@@ -57,7 +57,18 @@ WITH expected (kind, name) AS (
            ('table', 'pipeline.webhook_credentials'),
            ('table', 'pipeline.endpoint_health'),
            ('table', 'pipeline.domain_locks'),
-           ('view', 'marketing.vw_pipeline_status')
+           ('view', 'marketing.vw_pipeline_status'),
+           ('table', 'pipeline.services'),
+           ('table', 'pipeline.service_calls'),
+           ('table', 'pipeline.undelivered_types'),
+           ('view', 'marketing.vw_work_progress'),
+           ('view', 'marketing.vw_stuck_work'),
+           ('function', 'pipeline.enrichment_calls'),
+           ('function', 'pipeline.verification_calls'),
+           ('function', 'pipeline.finish_call'),
+           ('function', 'pipeline.stage_answer'),
+           ('function', 'pipeline.resume_company'),
+           ('function', 'pipeline.resume_stuck')
 ),
 objects AS (
     SELECT x.kind, x.name,
@@ -129,6 +140,14 @@ UNION ALL
  LEFT JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
  LEFT JOIN pipeline.endpoint_health h ON h.event_type = w.event_type
  ORDER BY 2)
+UNION ALL
+-- Work that stopped where nobody will pick it up again by itself.
+SELECT 'work', 'stuck companies and slots',
+       CASE WHEN count(*) = 0 THEN 'ok'
+            ELSE format('%s stuck (marketing.vw_stuck_work; pipeline.resume_stuck() sets them moving), the oldest since %s: %s',
+                        count(*), min(s.since), (array_agg(s.reason ORDER BY s.since))[1]) END
+FROM marketing.vw_stuck_work s
 $$;
 COMMENT ON FUNCTION pipeline.verify() IS
-    'Lists every schema, table, view, function and stage trigger the pipeline needs, with ok or what is wrong.';
+    'Lists every schema, table, view, function and stage trigger the pipeline needs, each endpoint, and whether '
+    'work is stuck, with ok or what is wrong.';
