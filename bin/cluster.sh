@@ -7,6 +7,7 @@
 #   cluster_psql PORT [psql args...]      psql as the postgres superuser
 #   random_token                          32 hex digits from /dev/urandom
 #   load_registry BASE TOKEN PSQL...      imports n8n/n8n_webhook_registry.json
+#   point_services BASE PSQL...           sends the stage work's calls to BASE (pipeline.services)
 #                                         pointed at BASE, its auth header
 #                                         set to TOKEN, with the psql command
 
@@ -60,5 +61,16 @@ load_registry() {
 SELECT event_type, url, action
 FROM pipeline.import_registry(jsonb_set(jsonb_set(:'registry'::jsonb, '{base_url}', to_jsonb(:'base'::text)),
                                         '{headers,X-Pipeline-Auth}', to_jsonb(:'token'::text)));
+SQL
+}
+
+# Where the stage work calls Apify and MillionVerifier (the stand-ins of
+# examples/outreach_standins.rs here): pipeline.services, which only the
+# pipeline's owner may change.
+point_services() {
+    local base=$1
+    shift
+    "$@" -v base="$base" <<'SQL'
+UPDATE pipeline.services SET base_url = :'base', updated_at = now();
 SQL
 }

@@ -8,10 +8,11 @@
 \pset footer off
 
 \echo
-\echo '== 1. intake: 25 companies arrive (3 with a website that is not a URL) =='
+\echo '== 1. intake: 25 companies arrive (3 with a website that is not a URL, 5 as bare domains) =='
 INSERT INTO intake.company_raw_intake (company, website, import_batch_id, industry, city, state)
 SELECT b.name || ' ' || (n + 4) / 5,
        CASE WHEN n % 8 = 0 THEN 'see linkedin'
+            WHEN n % 5 = 3 THEN lower(replace(b.name, ' ', '-')) || '-' || (n + 4) / 5 || '.example'
             ELSE 'https://www.' || lower(replace(b.name, ' ', '-')) || '-' || (n + 4) / 5 || '.example' END,
        'demo', b.industry, b.city, b.state
 FROM generate_series(1, 25) AS n
@@ -45,8 +46,12 @@ BEGIN
 END
 $$;
 
-\echo '== how many reached each of the seven stages =='
-SELECT stage_no, stage, event_type, companies, contacts FROM marketing.vw_pipeline_funnel;
+\echo '== each of the seven stages: reached, and the work that arrived there (in progress, done, failed, stuck) =='
+SELECT stage_no, stage, companies, contacts, arrived, in_progress, done, failed, stuck, failure_reasons
+FROM marketing.vw_pipeline_funnel;
+
+\echo '== stuck work (none, when every company ended where it should) =='
+SELECT intake_id, company, stage, reason FROM marketing.vw_stuck_work;
 
 \echo '== stage 7: some of the outreach-ready contacts =='
 SELECT company_name, slot_role, full_name, email FROM marketing.vw_outreach_ready ORDER BY company_id, slot_role LIMIT 6;
@@ -57,12 +62,13 @@ SELECT event_type, delivered, avg_ms, p50_ms, p95_ms, max_ms FROM marketing.vw_p
 \echo '== endpoints =='
 SELECT event_type, url, enabled, waiting, delivered_1h, failed_1h, avg_ms_1h FROM marketing.vw_endpoint_health;
 
-\echo '== events by type and status (email_verified has no workflow: it waits) =='
+\echo '== events by type and status (email_verified is recorded without delivery: the deliverer settles it) =='
+SELECT pipeline.purge() IS NOT NULL AS settled;
 SELECT event_type, status, count(*) FROM marketing.pipeline_events GROUP BY 1, 2 ORDER BY 1, 2;
 
 \echo '== pipeline.status() =='
 SELECT worker_running, last_deliverer, pending, processing, failed, dead, delivered_last_minute,
-       failed_last_minute, endpoints_enabled, unresolved_errors, without_endpoint
+       failed_last_minute, endpoints_enabled, unresolved_errors, without_endpoint, stuck_work
 FROM pipeline.status();
 
 \echo '== self-check: anything not ok? =='

@@ -14,16 +14,26 @@
 //! (sql/009_stage_work.sql), as in the n8n workflows; the services are the
 //! real ones or their stand-ins (examples/outreach_standins.rs), by URL.
 //!
-//! Every write is idempotent (deliveries are at least once). It answers 200
-//! when the write committed and 500 with the database's reason when it
-//! failed, so the worker retries and the error log says why.
+//! Every write is idempotent (deliveries are at least once), and a delivery
+//! answers 2xx only when all of its work is recorded. Enrichment and
+//! verification go through the database's service calls
+//! (sql/010_service_calls.sql): a slot filled or an address verified is not
+//! sent to the service again, a slot another delivery is calling for waits,
+//! and a failed part answers with the service's meaning (429 with its
+//! Retry-After, 503/504, 424 for a key or credits it refuses) so that the
+//! deliverer retries the right way. The first three stages answer 422 with
+//! the database's reason when the input cannot be used, and 503 when the
+//! database could not be reached.
 //!
 //! Like the workflows (n8n Header Auth), it answers only requests that carry
 //! the header X-Pipeline-Auth with the token of the environment variable
 //! PIPELINE_N8N_WEBHOOK_TOKEN (the one n8n/n8n_webhook_registry.json names);
-//! others get 403.
+//! others get 403. The services' keys come from APIFY_TOKEN and
+//! MILLIONVERIFIER_API_KEY; where the services are, and which actor, is the
+//! database's pipeline.services.
 //!
-//!   PIPELINE_N8N_WEBHOOK_TOKEN=... cargo run --example stage_runner -- \
+//!   PIPELINE_N8N_WEBHOOK_TOKEN=... APIFY_TOKEN=... MILLIONVERIFIER_API_KEY=... \
+//!       cargo run --example stage_runner -- \
 //!       --listen 127.0.0.1:28901 --database "host=127.0.0.1 port=28815 user=postgres dbname=postgres"
 
 use std::sync::Mutex;
@@ -38,8 +48,7 @@ use serde_json::Value;
 mod http_server;
 
 const USAGE: &str = "usage: stage_runner --listen HOST:PORT --database CONNINFO [--connections N] \
-                     (with PIPELINE_N8N_WEBHOOK_TOKEN, APIFY_TOKEN and MILLIONVERIFIER_API_KEY set; \
-                     APIFY_BASE_URL, APIFY_ACTOR and MILLIONVERIFIER_BASE_URL for other places than the services')";
+                     (with PIPELINE_N8N_WEBHOOK_TOKEN, APIFY_TOKEN and MILLIONVERIFIER_API_KEY set)";
 
 /// The header the workflows' Header Auth checks, as the registry sends it.
 pub const AUTH_HEADER: &str = "X-Pipeline-Auth";
@@ -78,6 +87,29 @@ fn main() {
     }
 }
 
+/// A pool of database connections, each used for one statement at a time
+/// (never held across a call to a service).
+struct Pool {
+    database: String,
+    clients: Vec<Mutex<Client>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Pool {
+    /// Runs `work` on the next connection, connecting again if it was lost.
+    fn with<R>(&self, work: impl FnOnce(&mut Client) -> R) -> R {
+        let slot =
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.clients.len();
+        let mut client = self.clients[slot].lock().unwrap_or_else(|e| e.into_inner());
+        if client.is_closed() {
+            if let Ok(fresh) = Client::connect(&self.database, NoTls) {
+                *client = fresh;
+            }
+        }
+        work(&mut client)
+    }
+}
+
 /// Serves the five workflows on `listen`, writing through `connections`
 /// database connections, to requests whose AUTH_HEADER is `token`, until
 /// the returned server is dropped.
@@ -88,20 +120,19 @@ pub fn serve(
     token: &str,
     services: Services,
 ) -> http_server::Server {
-    // Each connection serves one request at a time. NB: the pool lives as
-    // long as the process: a postgres::Client dropped inside the server's
-    // tokio runtime (when the server stops) would panic.
-    let pool: &'static Vec<Mutex<Client>> = Box::leak(Box::new(
-        (0..connections.max(1))
+    // NB: the pool lives as long as the process: a postgres::Client dropped
+    // inside the server's tokio runtime (when the server stops) would panic.
+    let pool: &'static Pool = Box::leak(Box::new(Pool {
+        database: database.to_string(),
+        clients: (0..connections.max(1))
             .map(|_| {
                 Mutex::new(
                     Client::connect(database, NoTls).unwrap_or_else(|e| panic!("connect: {e}")),
                 )
             })
             .collect(),
-    ));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let database = database.to_string();
+        next: Default::default(),
+    }));
     let token = token.to_string();
     http_server::Server::start(listen, None, move |request| {
         let authorized = request
@@ -110,116 +141,222 @@ pub fn serve(
             .any(|(name, value)| name.eq_ignore_ascii_case(AUTH_HEADER) && *value == token);
         if !authorized {
             // As n8n answers a Header Auth webhook without the right header.
-            return http_server::Response {
-                status: 403,
-                headers: vec![("content-type", "application/json".into())],
-                body: serde_json::json!({ "message": "Authorization data is wrong!" }).to_string(),
-                delay: Duration::ZERO,
-            };
+            return json_response(
+                403,
+                None,
+                serde_json::json!({ "message": "Authorization data is wrong!" }),
+            );
         }
-        let slot = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % pool.len();
-        let mut db = pool[slot].lock().unwrap();
-        if db.is_closed() {
-            if let Ok(fresh) = Client::connect(&database, NoTls) {
-                *db = fresh;
-            }
+        let answer = handle(pool, &services, &request.path, &request.body);
+        if !(200..300).contains(&answer.status) {
+            eprintln!(
+                "stage runner: {} answered {}: {}",
+                request.path, answer.status, answer.body
+            );
         }
-        let (status, message) = match handle(&mut db, &services, &request.path, &request.body) {
-            Ok(done) => (200, done),
-            Err(error) => {
-                eprintln!("stage runner: {} failed: {error}", request.path);
-                (500, error)
-            }
-        };
-        http_server::Response {
-            status,
-            headers: vec![("content-type", "application/json".into())],
-            body: serde_json::json!({ "message": message }).to_string(),
-            delay: Duration::ZERO,
-        }
+        json_response(answer.status, answer.retry_after, answer.body)
     })
     .unwrap_or_else(|e| panic!("listen on {listen}: {e}"))
 }
 
-/// Does one stage's work for one event; returns what it did.
-fn handle(db: &mut Client, services: &Services, path: &str, body: &str) -> Result<String, String> {
-    let event: Value = serde_json::from_str(body).map_err(|e| format!("body is not JSON: {e}"))?;
-    let data = &event["data"];
-    let new = &data["new"];
-    let done = match path {
-        // The rules of these three live in the database (sql/009_stage_work.sql),
-        // as the n8n workflows call them too.
-        "/webhook/validate-company" => {
-            let row = db
-                .query_one(
-                    "SELECT validation_status, validation_errors FROM pipeline.validate_company($1)",
-                    &[&id(new)?],
-                )
-                .map_err(reason)?;
-            let (status, errors): (String, Vec<String>) = (row.get(0), row.get(1));
-            return Ok(format!("{path}: {status} {errors:?}"));
-        }
-        "/webhook/promote-company" => db
-            .query_one("SELECT pipeline.promote_company($1)", &[&id(new)?])
-            .map(|row| row.get::<_, i64>(0) as u64),
-        "/webhook/create-slots" => db
-            .query_one("SELECT pipeline.create_slots($1)", &[&id(new)?])
-            .map(|row| row.get::<_, i32>(0) as u64),
-        "/webhook/enrich-contact" => {
-            // slots_created carries every new slot of the company in data.new;
-            // each is looked up at Apify (run-sync-get-dataset-items).
-            let slots = new.as_array().ok_or("slots_created without slots")?;
-            let mut done = 0;
-            for slot in slots {
-                let domain: String = db
-                    .query_one(
-                        "SELECT c.domain FROM marketing.company_master c WHERE c.id = $1",
-                        &[&slot["company_id"]
-                            .as_i64()
-                            .ok_or("slot without company_id")?],
-                    )
-                    .map_err(reason)?
-                    .get(0);
-                let role = slot["slot_role"].as_str().ok_or("slot without slot_role")?;
-                let items = services.find_people(&domain, role)?;
-                db.query_one(
-                    "SELECT pipeline.record_enrichment($1, $2::text::jsonb)",
-                    &[&id(slot)?, &items],
-                )
-                .map_err(reason)?;
-                done += 1;
-            }
-            Ok(done)
-        }
-        "/webhook/verify-email" => match new["email"].as_str() {
-            // A contact found by name only: nothing to verify.
-            None => return Ok(format!("{path}: slot {} has no email", id(new)?)),
-            Some(email) => {
-                let answer = services.verify(email)?;
-                db.query_one(
-                    "SELECT pipeline.record_verification($1, $2::text::jsonb)",
-                    &[&id(new)?, &answer],
-                )
-                .map(|_| 1)
-            }
-        },
-        other => return Err(format!("no workflow at {other}")),
-    };
-    done.map(|rows| format!("{path}: {rows} row(s)"))
-        .map_err(reason)
+/// What a delivery is answered.
+struct Answer {
+    status: u16,
+    retry_after: Option<i32>,
+    body: Value,
 }
 
-/// Where the enrichment and verification steps send their requests: Apify
-/// and MillionVerifier, or their stand-ins (examples/outreach_standins.rs).
+impl Answer {
+    fn ok(message: String) -> Answer {
+        Answer {
+            status: 200,
+            retry_after: None,
+            body: serde_json::json!({ "message": message }),
+        }
+    }
+
+    fn error(status: u16, error: String) -> Answer {
+        Answer {
+            status,
+            retry_after: None,
+            body: serde_json::json!({ "error": error }),
+        }
+    }
+
+    /// A database error: 422 when the input cannot be used (the database
+    /// refused it: no such row, a rule, a constraint), else 503.
+    fn of_database(error: postgres::Error) -> Answer {
+        let input = error.code().is_some_and(|code| {
+            let code = code.code();
+            code.starts_with("22") || code.starts_with("23") || code == "P0002" || code == "42501"
+        });
+        Answer::error(if input { 422 } else { 503 }, reason(error))
+    }
+}
+
+fn json_response(status: u16, retry_after: Option<i32>, body: Value) -> http_server::Response {
+    let mut headers = vec![("content-type", "application/json".to_string())];
+    if let Some(wait) = retry_after {
+        headers.push(("retry-after", wait.to_string()));
+    }
+    http_server::Response {
+        status,
+        headers,
+        body: body.to_string(),
+        delay: Duration::ZERO,
+    }
+}
+
+/// Does one stage's work for one event.
+fn handle(pool: &Pool, services: &Services, path: &str, body: &str) -> Answer {
+    let event: Value = match serde_json::from_str(body) {
+        Ok(event) => event,
+        Err(e) => return Answer::error(422, format!("body is not JSON: {e}")),
+    };
+    let new = &event["data"]["new"];
+    let outcome = match path {
+        // The rules of these three live in the database (sql/009_stage_work.sql),
+        // as the n8n workflows call them too.
+        "/webhook/validate-company" => id(new).map(|id| {
+            pool.with(|db| {
+                db.query_one(
+                    "SELECT validation_status, validation_errors FROM pipeline.validate_company($1)",
+                    &[&id],
+                )
+            })
+            .map(|row| {
+                let (status, errors): (String, Vec<String>) = (row.get(0), row.get(1));
+                format!("{path}: {status} {errors:?}")
+            })
+        }),
+        "/webhook/promote-company" => id(new).map(|id| {
+            pool.with(|db| db.query_one("SELECT pipeline.promote_company($1)", &[&id]))
+                .map(|row| format!("{path}: company {}", row.get::<_, i64>(0)))
+        }),
+        "/webhook/create-slots" => id(new).map(|id| {
+            pool.with(|db| db.query_one("SELECT pipeline.create_slots($1)", &[&id]))
+                .map(|row| format!("{path}: {} slot(s) created", row.get::<_, i32>(0)))
+        }),
+        // slots_created carries every new slot of the company in data.new.
+        "/webhook/enrich-contact" => match new.as_array() {
+            Some(slots) => {
+                let ids: Vec<i64> = slots.iter().filter_map(|slot| slot["id"].as_i64()).collect();
+                return calls(pool, services, "enrichment", &ids);
+            }
+            None => Err("slots_created without slots in data.new".to_string()),
+        },
+        "/webhook/verify-email" => match id(new) {
+            Ok(slot) => return calls(pool, services, "verification", &[slot]),
+            Err(e) => Err(e),
+        },
+        other => Err(format!("no workflow at {other}")),
+    };
+    match outcome {
+        Ok(Ok(done)) => Answer::ok(done),
+        Ok(Err(error)) => Answer::of_database(error),
+        Err(input) => Answer::error(422, input),
+    }
+}
+
+/// A stage whose work calls a service for each slot: the calls to make
+/// (the database leases them, and says which slots are done or busy), each
+/// sent at once, each answer recorded, and the one answer of them all.
+fn calls(pool: &Pool, services: &Services, stage: &str, slots: &[i64]) -> Answer {
+    let list = if stage == "enrichment" {
+        "SELECT slot_id, action, method, url, query::text AS query, body::text AS body, detail
+         FROM pipeline.enrichment_calls($1)"
+    } else {
+        "SELECT slot_id, action, method, url, query::text AS query, body::text AS body, detail
+         FROM pipeline.verification_calls($1)"
+    };
+    let rows = match pool.with(|db| db.query(list, &[&slots])) {
+        Ok(rows) => rows,
+        Err(error) => return Answer::of_database(error),
+    };
+    let to_call: Vec<Call> = rows
+        .iter()
+        .filter(|row| row.get::<_, String>("action") == "call")
+        .map(|row| Call {
+            slot: row.get("slot_id"),
+            method: row.get("method"),
+            url: row.get("url"),
+            query: json_of(row.get("query")),
+            body: row
+                .get::<_, Option<String>>("body")
+                .map(|b| json_of(Some(b))),
+        })
+        .collect();
+    // The calls of one delivery overlap: a company's slots wait for one
+    // service run, not for one after the other.
+    let answers: Vec<(i64, Sent)> = std::thread::scope(|scope| {
+        let running: Vec<_> = to_call
+            .iter()
+            .map(|call| scope.spawn(move || (call.slot, services.send(stage, call))))
+            .collect();
+        running
+            .into_iter()
+            .map(|done| done.join().expect("service call"))
+            .collect()
+    });
+    for (slot, sent) in answers {
+        let recorded = pool.with(|db| {
+            db.execute(
+                "SELECT pipeline.finish_call($1, $2, $3, $4, $5, $6)",
+                &[
+                    &stage,
+                    &slot,
+                    &sent.status,
+                    &sent.body,
+                    &sent.retry_after,
+                    &sent.error,
+                ],
+            )
+        });
+        if let Err(error) = recorded {
+            // The answer below names the slot as not recorded.
+            eprintln!("stage runner: recording slot {slot}: {}", reason(error));
+        }
+    }
+    // The one answer, from what the database holds for every slot of the
+    // event (the ones done before, or being called by another delivery, too).
+    let answer = pool.with(|db| {
+        db.query_one(
+            "SELECT status, retry_after, body::text FROM pipeline.stage_answer($1, $2)",
+            &[&stage, &slots],
+        )
+    });
+    match answer {
+        Ok(row) => Answer {
+            status: row.get::<_, i32>(0) as u16,
+            retry_after: row.get(1),
+            body: json_of(row.get(2)),
+        },
+        Err(error) => Answer::of_database(error),
+    }
+}
+
+/// One request the database asked for.
+struct Call {
+    slot: i64,
+    method: String,
+    url: String,
+    query: Value,
+    body: Option<Value>,
+}
+
+/// What a service answered (status and body), or why nothing came.
+struct Sent {
+    status: Option<i32>,
+    body: Option<String>,
+    retry_after: Option<String>,
+    error: Option<String>,
+}
+
+/// The keys of the services the enrichment and verification steps call
+/// (where they are is the database's: pipeline.services).
 #[derive(Clone, Debug, Default)]
 pub struct Services {
-    /// Apify's API origin (https://api.apify.com).
-    pub apify_url: String,
     pub apify_token: String,
-    /// The people-finder actor, username~actor-name.
-    pub apify_actor: String,
-    /// MillionVerifier's API origin (https://api.millionverifier.com).
-    pub verifier_url: String,
     pub verifier_key: String,
     /// Keeps connections to the services open between calls.
     pub agent: Agent,
@@ -235,100 +372,113 @@ impl Default for Agent {
     }
 }
 
+/// Longest wait for Apify: its run-sync endpoint answers within 300 s.
+const APIFY_TIMEOUT: Duration = Duration::from_secs(320);
+/// Longest wait for MillionVerifier: its own timeout is at most 60 s.
+const VERIFIER_TIMEOUT: Duration = Duration::from_secs(75);
+
 impl Services {
-    /// From APIFY_BASE_URL, APIFY_TOKEN, APIFY_ACTOR, MILLIONVERIFIER_BASE_URL
-    /// and MILLIONVERIFIER_API_KEY (the same names as the n8n variables).
+    /// From APIFY_TOKEN and MILLIONVERIFIER_API_KEY.
     pub fn from_env() -> Services {
-        let var = |name: &str, default: Option<&str>| {
+        let var = |name: &str| {
             std::env::var(name)
                 .ok()
-                .or(default.map(String::from))
+                .filter(|v| !v.trim().is_empty())
                 .unwrap_or_else(|| panic!("{name} is not set: {USAGE}"))
         };
         Services {
-            apify_url: var("APIFY_BASE_URL", Some("https://api.apify.com")),
-            apify_token: var("APIFY_TOKEN", None),
-            apify_actor: var("APIFY_ACTOR", Some(DEFAULT_ACTOR)),
-            verifier_url: var(
-                "MILLIONVERIFIER_BASE_URL",
-                Some("https://api.millionverifier.com"),
-            ),
-            verifier_key: var("MILLIONVERIFIER_API_KEY", None),
+            apify_token: var("APIFY_TOKEN"),
+            verifier_key: var("MILLIONVERIFIER_API_KEY"),
             agent: Agent::default(),
         }
     }
 
-    /// Runs the actor for one slot and returns its dataset items (JSON text).
-    fn find_people(&self, domain: &str, role: &str) -> Result<String, String> {
-        let url = format!(
-            "{}/v2/acts/{}/run-sync-get-dataset-items?timeout=60",
-            self.apify_url.trim_end_matches('/'),
-            self.apify_actor
-        );
-        let input = serde_json::json!({ "domain": domain, "role": role }).to_string();
-        let request = self
-            .agent
-            .0
-            .post(&url)
-            .config()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(90)))
-            .build()
-            .header("authorization", &format!("Bearer {}", self.apify_token))
-            .header("content-type", "application/json");
-        answer_of("apify", request.send(input.as_bytes()))
-    }
-
-    /// Asks about one address and returns MillionVerifier's answer (JSON text).
-    fn verify(&self, email: &str) -> Result<String, String> {
-        let url = format!("{}/api/v3/", self.verifier_url.trim_end_matches('/'));
-        let request = self
-            .agent
-            .0
-            .get(&url)
-            .query("api", &self.verifier_key)
-            .query("email", email)
-            .query("timeout", "20")
-            .config()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build();
-        answer_of("millionverifier", request.call())
-    }
-}
-
-/// The actor the workflows and the runner call unless told otherwise.
-pub const DEFAULT_ACTOR: &str = "pipeline~people-finder";
-
-/// A 2xx answer's body, or why there is none.
-fn answer_of(
-    service: &str,
-    sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-) -> Result<String, String> {
-    let mut response = sent.map_err(|e| format!("{service}: {e}"))?;
-    let status = response.status().as_u16();
-    let body = response
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| format!("{service}: {e}"))?;
-    if (200..300).contains(&status) {
-        Ok(body)
-    } else {
-        let body: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
-        Err(format!(
-            "{service} answered HTTP {status}: {}",
-            body.chars().take(300).collect::<String>()
-        ))
+    /// Sends one call with the stage's key: Apify's token as a bearer
+    /// header, MillionVerifier's key as its api query parameter.
+    fn send(&self, stage: &str, call: &Call) -> Sent {
+        let mut query: Vec<(String, String)> = call
+            .query
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            v.as_str().map_or_else(|| v.to_string(), String::from),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let sent = if stage == "enrichment" {
+            let mut request = self.agent.0.post(&call.url);
+            for (name, value) in &query {
+                request = request.query(name, value);
+            }
+            request
+                .config()
+                .http_status_as_error(false)
+                .timeout_global(Some(APIFY_TIMEOUT))
+                .build()
+                .header("authorization", &format!("Bearer {}", self.apify_token))
+                .header("content-type", "application/json")
+                .send(
+                    call.body
+                        .clone()
+                        .unwrap_or(Value::Null)
+                        .to_string()
+                        .as_bytes(),
+                )
+        } else {
+            query.push(("api".into(), self.verifier_key.clone()));
+            let mut request = self.agent.0.get(&call.url);
+            for (name, value) in &query {
+                request = request.query(name, value);
+            }
+            debug_assert_eq!(call.method, "GET");
+            request
+                .config()
+                .http_status_as_error(false)
+                .timeout_global(Some(VERIFIER_TIMEOUT))
+                .build()
+                .call()
+        };
+        match sent {
+            Ok(mut response) => Sent {
+                status: Some(response.status().as_u16() as i32),
+                retry_after: response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from),
+                body: response.body_mut().read_to_string().ok(),
+                error: None,
+            },
+            // NB: ureq's words about a failed call name no query string, so
+            // the key does not reach the database (which masks it anyway).
+            Err(error) => Sent {
+                status: None,
+                body: None,
+                retry_after: None,
+                error: Some(error.to_string()),
+            },
+        }
     }
 }
 
 /// What went wrong, as the database said it (its message, without the
-/// client library's prefix), for the 500 answer that the error log keeps.
+/// client library's prefix), for the answer that the error log keeps.
 fn reason(error: postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => db.message().to_string(),
         None => error.to_string(),
     }
+}
+
+/// JSON text from the database as a value (NULL as null).
+fn json_of(text: Option<String>) -> Value {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
 }
 
 fn id(row: &Value) -> Result<i64, String> {

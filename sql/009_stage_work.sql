@@ -27,8 +27,8 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
              AND pipeline.website_domain(website) ~ '^[^.]+(\.[^.]+)+$' THEN NULL
         WHEN website IS NULL OR pipeline._is_blank(website) THEN 'website is missing'
         WHEN char_length(website) > 2048 THEN 'website is longer than 2048 characters'
-        WHEN pipeline.website_url(website) ~ '\s' THEN 'website contains spaces'
         WHEN pipeline.website_url(website) !~* '^https?://' THEN 'website is not an http(s) URL or a domain name'
+        WHEN pipeline.website_url(website) ~ '\s' THEN 'website contains spaces'
         WHEN pipeline.website_url(website) ~* '^https?://[^/?#]*@' THEN 'website has a user name or password in it'
         WHEN pipeline.website_domain(website) IS NULL THEN 'website has no host'
         WHEN pipeline.website_domain(website) !~ '\.' THEN 'website host has no dot'

@@ -36,6 +36,8 @@ WITH stage_events AS MATERIALIZED (
            bool_or(e.status IN ('pending', 'processing', 'failed')) AS open,
            (array_agg(e.id ORDER BY e.id DESC) FILTER (WHERE e.status = 'dead'))[1] AS dead_id,
            (array_agg(e.last_error ORDER BY e.id DESC) FILTER (WHERE e.status = 'dead'))[1] AS dead_error,
+           -- NB: when the dead event was written: it is about the stage the
+           -- row is at when it was written at or after the row got there.
            max(e.created_at) FILTER (WHERE e.status = 'dead') AS dead_at,
            max(e.id) FILTER (WHERE e.status IN ('pending', 'processing', 'failed')) AS open_id,
            (array_agg(e.last_error ORDER BY e.id DESC) FILTER (WHERE e.status = 'failed'))[1] AS failing_error
@@ -55,13 +57,15 @@ WITH stage_events AS MATERIALIZED (
                 WHEN m.id IS NULL THEN 'company_validated' ELSE 'company_promoted' END AS event_type,
            CASE WHEN m.id IS NULL THEN r.id ELSE m.id END AS event_row_id,
            coalesce(m.created_at, r.validated_at, r.created_at) AS since,
+           coalesce(m.created_at, r.validated_at, r.created_at) AS entered,
            NULL::timestamptz AS leased_until, NULL::text AS call_error
     FROM intake.company_raw_intake r
     LEFT JOIN marketing.company_master m ON m.intake_id = r.id
     WHERE m.id IS NULL OR NOT EXISTS (SELECT 1 FROM marketing.company_slots s WHERE s.company_id = m.id)
     UNION ALL
     -- Companies entered by hand (no intake row) without slots.
-    SELECT NULL, m.id, NULL, m.company_name, m.domain, NULL, 4, NULL, 'company_promoted', m.id, m.created_at, NULL, NULL
+    SELECT NULL, m.id, NULL, m.company_name, m.domain, NULL, 4, NULL, 'company_promoted', m.id, m.created_at, m.created_at,
+           NULL, NULL
     FROM marketing.company_master m
     WHERE m.intake_id IS NULL AND NOT EXISTS (SELECT 1 FROM marketing.company_slots s WHERE s.company_id = m.id)
     UNION ALL
@@ -77,6 +81,7 @@ WITH stage_events AS MATERIALIZED (
            CASE WHEN s.enrichment_status NOT IN ('enriched', 'not_found') THEN 'slots_created' ELSE 'contact_enriched' END,
            CASE WHEN s.enrichment_status NOT IN ('enriched', 'not_found') THEN m.id ELSE s.id END,
            greatest(s.created_at, s.enriched_at, v.verified_at, c.failed_at),
+           coalesce(s.enriched_at, s.created_at),
            c.leased_until, c.last_error
     FROM marketing.company_slots s
     JOIN marketing.company_master m ON m.id = s.company_id
@@ -93,13 +98,13 @@ SELECT i.intake_id, i.company_id, i.slot_id, i.company, i.domain, i.slot_role, i
        CASE WHEN i.ended IS NOT NULL THEN 'failed'
             WHEN i.stage_no = 7 THEN 'done'
             WHEN e.open OR i.leased_until > now() THEN 'in_progress'
-            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.since THEN 'stuck'
+            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.entered THEN 'stuck'
             WHEN i.since < now() - pipeline._setting('stuck_after', '1h')::interval THEN 'stuck'
             ELSE 'in_progress' END AS state,
        CASE WHEN i.ended IS NOT NULL THEN i.ended
             WHEN i.stage_no = 7 THEN NULL
             WHEN e.open OR i.leased_until > now() THEN coalesce(i.call_error, e.failing_error)
-            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.since
+            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.entered
                 THEN format('%s event %s is dead: %s', i.event_type, e.dead_id, coalesce(i.call_error, e.dead_error))
             WHEN i.call_error IS NOT NULL THEN i.call_error
             WHEN w.event_type IS NULL THEN format('no endpoint is registered for %s', i.event_type)

@@ -630,7 +630,7 @@ fn write_path(bench: &mut Bench) {
                 );
             }
             bench.sql(
-                "TRUNCATE intake.company_raw_intake, marketing.company_master, marketing.company_slots,
+                "TRUNCATE intake.company_raw_intake, marketing.company_master, marketing.company_slots, pipeline.service_calls,
                           marketing.email_verification, bench.plain_intake;",
             );
             reset(bench);
@@ -849,16 +849,16 @@ fn cascade(bench: &mut Bench) {
     // The outside services' stand-ins, on a port of their own.
     let services = outreach_standins::serve("127.0.0.1:0", "bench-apify", "bench-mv");
     let services_url = format!("http://{}", services.addr);
+    bench.sql(&format!(
+        "UPDATE pipeline.services SET base_url = '{services_url}'"
+    ));
     let _runner = stage_runner::serve(
         &format!("127.0.0.1:{port}"),
         &bench.conninfo,
         8,
         token,
         stage_runner::Services {
-            apify_url: services_url.clone(),
             apify_token: "bench-apify".into(),
-            apify_actor: stage_runner::DEFAULT_ACTOR.into(),
-            verifier_url: services_url,
             verifier_key: "bench-mv".into(),
             ..Default::default()
         },
@@ -871,7 +871,7 @@ fn cascade(bench: &mut Bench) {
     for _ in 0..bench.repetitions {
         reset(bench);
         bench.sql(
-            "TRUNCATE intake.company_raw_intake, marketing.company_master, marketing.company_slots,
+            "TRUNCATE intake.company_raw_intake, marketing.company_master, marketing.company_slots, pipeline.service_calls,
                       marketing.email_verification",
         );
         bench.sql(&format!(
@@ -930,7 +930,7 @@ fn cascade(bench: &mut Bench) {
     }
     reset(bench);
     bench.sql(
-        "TRUNCATE intake.company_raw_intake, marketing.company_master, marketing.company_slots,
+        "TRUNCATE intake.company_raw_intake, marketing.company_master, marketing.company_slots, pipeline.service_calls,
                   marketing.email_verification",
     );
 }

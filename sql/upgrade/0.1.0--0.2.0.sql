@@ -1965,8 +1965,8 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
              AND pipeline.website_domain(website) ~ '^[^.]+(\.[^.]+)+$' THEN NULL
         WHEN website IS NULL OR pipeline._is_blank(website) THEN 'website is missing'
         WHEN char_length(website) > 2048 THEN 'website is longer than 2048 characters'
-        WHEN pipeline.website_url(website) ~ '\s' THEN 'website contains spaces'
         WHEN pipeline.website_url(website) !~* '^https?://' THEN 'website is not an http(s) URL or a domain name'
+        WHEN pipeline.website_url(website) ~ '\s' THEN 'website contains spaces'
         WHEN pipeline.website_url(website) ~* '^https?://[^/?#]*@' THEN 'website has a user name or password in it'
         WHEN pipeline.website_domain(website) IS NULL THEN 'website has no host'
         WHEN pipeline.website_domain(website) !~ '\.' THEN 'website host has no dot'
@@ -2369,8 +2369,8 @@ COMMENT ON FUNCTION pipeline.record_verification(bigint, jsonb, text) IS
 --   SELECT * FROM pipeline.finish_call(stage, slot, http_status, body, retry_after_header, error)
 --       records what the service answered: the slot filled, or the failure
 --       with the HTTP status the delivery should answer
---   SELECT * FROM pipeline.stage_answer(parts)
---       the one answer for the delivery: 200 when every part is recorded,
+--   SELECT * FROM pipeline.stage_answer(stage, slot_ids)
+--       the one answer for the delivery, from what is recorded: 200 when every part is,
 --       else the failing service's meaning (429 with Retry-After, 503/504,
 --       424 for a key or credits the service refuses, 409 while another
 --       delivery calls, 422 for input no retry can fix)
@@ -2432,7 +2432,7 @@ INSERT INTO pipeline.services (service, base_url, actor, input, role_titles, fie
 VALUES ('apify', 'https://api.apify.com', 'code_crafter~leads-finder',
         '{"company_domain": ["{domain}"], "contact_job_title": "{titles}", "fetch_count": 1}',
         '{"ceo": ["CEO", "Chief Executive Officer", "Founder"], "cfo": ["CFO", "Chief Financial Officer"]}',
-        '{"full_name": ["full_name", "fullName", "name"], "title": ["job_title", "jobTitle", "title"],
+        '{"full_name": ["full_name", "fullName", "name"], "title": ["job_title", "jobTitle", "title", "position"],
           "email": ["email"], "linkedin_url": ["linkedin", "linkedinUrl", "linkedin_url"],
           "phone": ["mobile_number", "phone"]}',
         1, 240),
@@ -2452,13 +2452,16 @@ CREATE TABLE pipeline.service_calls (
     last_status  integer,
     last_error   text,
     failed_at    timestamptz,
+    answer_status integer,
+    retry_after_s integer,
     done_at      timestamptz,
     PRIMARY KEY (stage, slot_id),
     CONSTRAINT stage_known CHECK (stage IN ('enrichment', 'verification'))
 );
 COMMENT ON TABLE pipeline.service_calls IS
     'Per slot and stage: the service calls started, the one in flight (leased_until), the last failure '
-    '(the service''s status and words, keys masked) and when the work was recorded.';
+    '(the service''s status and words, keys masked; what the delivery answers for it: answer_status, '
+    'retry_after_s) and when the work was recorded.';
 -- Who may do a stage's work may call for it: enrichment takes UPDATE on
 -- the slots' enrichment_status, verification INSERT on email_verification.
 ALTER TABLE pipeline.service_calls ENABLE ROW LEVEL SECURITY;
@@ -2669,17 +2672,25 @@ BEGIN
             -- A key it does not know, or no credits left: a person must act.
             v_status := CASE WHEN v_json ->> 'error' ~* 'api ?key|credit|balance|unauthori[sz]ed|suspended'
                              THEN 424 ELSE 502 END;
-        ELSIF stage = 'enrichment' THEN
-            IF jsonb_typeof(v_json) <> 'array' THEN
-                v_status := 502;
-                v_error := format('%s answered HTTP %s with JSON that is not the array of dataset items',
-                                  v_service, http_status);
-            ELSE
-                v_outcome := pipeline.record_enrichment(finish_call.slot, v_json);
-            END IF;
+        ELSIF stage = 'enrichment' AND jsonb_typeof(v_json) <> 'array' THEN
+            v_status := 502;
+            v_error := format('%s answered HTTP %s with JSON that is not the array of dataset items',
+                              v_service, http_status);
         ELSE
-            PERFORM pipeline.record_verification(finish_call.slot, v_json);
-            v_outcome := 'verified ' || (v_json ->> 'result');
+            -- NB: what the database refuses to record (an answer about
+            -- another address, a slot gone) is that part's failure too.
+            BEGIN
+                IF stage = 'enrichment' THEN
+                    v_outcome := pipeline.record_enrichment(finish_call.slot, v_json);
+                ELSE
+                    PERFORM pipeline.record_verification(finish_call.slot, v_json);
+                    v_outcome := 'verified ' || (v_json ->> 'result');
+                END IF;
+            EXCEPTION WHEN data_exception OR integrity_constraint_violation OR no_data_found
+                           OR invalid_parameter_value OR external_routine_exception THEN
+                v_status := 422;
+                v_error := SQLERRM;
+            END;
         END IF;
     ELSE
         v_status := pipeline._failure_status(http_status, error);
@@ -2701,10 +2712,13 @@ BEGIN
                        ELSE 30 END;
     END IF;
     v_error := pipeline._mask_keys(v_error);
-    INSERT INTO pipeline.service_calls AS c (stage, slot_id, subject, leased_until, last_status, last_error, failed_at)
-    VALUES (finish_call.stage, finish_call.slot, '', NULL, coalesce(http_status, 0), v_error, now())
+    INSERT INTO pipeline.service_calls AS c (stage, slot_id, subject, leased_until, last_status, last_error, failed_at,
+                                             answer_status, retry_after_s)
+    SELECT finish_call.stage, finish_call.slot, '', NULL, coalesce(http_status, 0), v_error, now(), v_status, v_wait
+    WHERE EXISTS (SELECT 1 FROM marketing.company_slots s WHERE s.id = finish_call.slot)
     ON CONFLICT ON CONSTRAINT service_calls_pkey DO UPDATE
-    SET leased_until = NULL, last_status = excluded.last_status, last_error = excluded.last_error, failed_at = now();
+    SET leased_until = NULL, last_status = excluded.last_status, last_error = excluded.last_error, failed_at = now(),
+        answer_status = excluded.answer_status, retry_after_s = excluded.retry_after_s;
     RETURN QUERY SELECT finish_call.slot, v_status, v_wait, v_error;
 END
 $$;
@@ -2713,25 +2727,39 @@ COMMENT ON FUNCTION pipeline.finish_call(text, bigint, integer, text, text, text
     'MillionVerifier''s answer) and returns 200 with the outcome, or the status the delivery should answer '
     '(429, 503, 504, 502, 424), the Retry-After in seconds, and the failure in words.';
 
--- The one answer of a delivery whose work has several parts: 200 when
--- every part is recorded; else the most urgent failure, so that the
--- deliverer retries the undone parts the right way (the parts done are not
--- redone): 429 (the longest Retry-After), then 503/504/502, then 409 (a
--- part another delivery is calling for), then 424 (a person must act),
--- then 422. parts is a JSON array of {slot_id, status, retry_after,
--- outcome} as finish_call returns them, or of the 'done', 'busy' and
--- 'missing' rows of enrichment_calls / verification_calls ({slot_id,
--- action, detail}). The body names every part.
-CREATE FUNCTION pipeline.stage_answer(parts jsonb)
+-- The one answer of a delivery whose work has several parts (the slots of
+-- the event), read from what is recorded, so that it holds whichever
+-- receiver did the work, and however it went: 200 when every slot's work
+-- is recorded; else the most urgent failure, so that the deliverer retries
+-- the undone parts the right way (the parts done are not redone): 429 (the
+-- longest Retry-After), then 503/504/502, then 409 (a part another delivery
+-- is calling for), then 424 (a person must act), then 422. The body names
+-- every part.
+CREATE FUNCTION pipeline.stage_answer(stage text, slot_ids bigint[])
 RETURNS TABLE (status integer, retry_after integer, body jsonb)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     WITH p AS (
-        SELECT (x ->> 'slot_id')::bigint AS slot_id,
-               CASE x ->> 'action' WHEN 'done' THEN 200 WHEN 'busy' THEN 409 WHEN 'missing' THEN 422
-                    ELSE coalesce((x ->> 'status')::integer, 502) END AS status,
-               (x ->> 'retry_after')::integer AS retry_after,
-               coalesce(x ->> 'outcome', x ->> 'detail') AS outcome
-        FROM jsonb_array_elements(CASE jsonb_typeof(parts) WHEN 'array' THEN parts ELSE '[]' END) AS x
+        SELECT u.id AS slot_id,
+               CASE WHEN s.id IS NULL THEN 422
+                    WHEN stage_answer.stage = 'enrichment' AND s.enrichment_status IN ('enriched', 'not_found') THEN 200
+                    WHEN stage_answer.stage = 'verification'
+                         AND (s.email IS NULL OR EXISTS (SELECT 1 FROM marketing.email_verification v
+                                                         WHERE v.slot_id = s.id AND v.email = s.email)) THEN 200
+                    WHEN c.leased_until > now() THEN 409
+                    ELSE coalesce(c.answer_status, 503) END AS status,
+               CASE WHEN c.leased_until IS NULL OR c.leased_until <= now() THEN c.retry_after_s END AS retry_after,
+               CASE WHEN s.id IS NULL THEN format('slot %s does not exist', u.id)
+                    WHEN stage_answer.stage = 'enrichment' AND s.enrichment_status IN ('enriched', 'not_found')
+                        THEN s.enrichment_status
+                    WHEN stage_answer.stage = 'verification' AND s.email IS NULL THEN 'no email to verify'
+                    WHEN stage_answer.stage = 'verification'
+                         AND EXISTS (SELECT 1 FROM marketing.email_verification v WHERE v.slot_id = s.id AND v.email = s.email)
+                        THEN 'verified'
+                    WHEN c.leased_until > now() THEN format('another delivery is calling for it until %s', c.leased_until)
+                    ELSE coalesce(c.last_error, 'not called: the receiver recorded no answer for it') END AS outcome
+        FROM (SELECT DISTINCT x.id FROM unnest(slot_ids) AS x(id) WHERE x.id IS NOT NULL) u
+        LEFT JOIN marketing.company_slots s ON s.id = u.id
+        LEFT JOIN pipeline.service_calls c ON c.stage = stage_answer.stage AND c.slot_id = u.id
     ), worst AS (
         SELECT p.status FROM p WHERE p.status NOT BETWEEN 200 AND 299
         ORDER BY CASE WHEN p.status = 429 THEN 0 WHEN p.status >= 500 THEN 1 WHEN p.status = 409 THEN 2
@@ -2751,9 +2779,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
            END
     FROM (SELECT NULL) one LEFT JOIN worst w ON true
 $$;
-COMMENT ON FUNCTION pipeline.stage_answer(jsonb) IS
-    'The answer of a delivery made of parts: 200 when all are recorded, else the most urgent failure '
-    '(429 with the longest Retry-After, 5xx, 409, 424, 422) with every part named in the body.';
+COMMENT ON FUNCTION pipeline.stage_answer(text, bigint[]) IS
+    'The answer of a delivery of enrichment or verification work for slot_ids, from what is recorded: 200 when '
+    'every slot''s work is, else the most urgent failure (429 with the longest Retry-After, 5xx, 409, 424, 422) '
+    'with every part named in the body.';
 
 
 -- ==== from sql/011_webhooks.sql ====
@@ -3460,6 +3489,8 @@ WITH stage_events AS MATERIALIZED (
            bool_or(e.status IN ('pending', 'processing', 'failed')) AS open,
            (array_agg(e.id ORDER BY e.id DESC) FILTER (WHERE e.status = 'dead'))[1] AS dead_id,
            (array_agg(e.last_error ORDER BY e.id DESC) FILTER (WHERE e.status = 'dead'))[1] AS dead_error,
+           -- NB: when the dead event was written: it is about the stage the
+           -- row is at when it was written at or after the row got there.
            max(e.created_at) FILTER (WHERE e.status = 'dead') AS dead_at,
            max(e.id) FILTER (WHERE e.status IN ('pending', 'processing', 'failed')) AS open_id,
            (array_agg(e.last_error ORDER BY e.id DESC) FILTER (WHERE e.status = 'failed'))[1] AS failing_error
@@ -3479,13 +3510,15 @@ WITH stage_events AS MATERIALIZED (
                 WHEN m.id IS NULL THEN 'company_validated' ELSE 'company_promoted' END AS event_type,
            CASE WHEN m.id IS NULL THEN r.id ELSE m.id END AS event_row_id,
            coalesce(m.created_at, r.validated_at, r.created_at) AS since,
+           coalesce(m.created_at, r.validated_at, r.created_at) AS entered,
            NULL::timestamptz AS leased_until, NULL::text AS call_error
     FROM intake.company_raw_intake r
     LEFT JOIN marketing.company_master m ON m.intake_id = r.id
     WHERE m.id IS NULL OR NOT EXISTS (SELECT 1 FROM marketing.company_slots s WHERE s.company_id = m.id)
     UNION ALL
     -- Companies entered by hand (no intake row) without slots.
-    SELECT NULL, m.id, NULL, m.company_name, m.domain, NULL, 4, NULL, 'company_promoted', m.id, m.created_at, NULL, NULL
+    SELECT NULL, m.id, NULL, m.company_name, m.domain, NULL, 4, NULL, 'company_promoted', m.id, m.created_at, m.created_at,
+           NULL, NULL
     FROM marketing.company_master m
     WHERE m.intake_id IS NULL AND NOT EXISTS (SELECT 1 FROM marketing.company_slots s WHERE s.company_id = m.id)
     UNION ALL
@@ -3501,6 +3534,7 @@ WITH stage_events AS MATERIALIZED (
            CASE WHEN s.enrichment_status NOT IN ('enriched', 'not_found') THEN 'slots_created' ELSE 'contact_enriched' END,
            CASE WHEN s.enrichment_status NOT IN ('enriched', 'not_found') THEN m.id ELSE s.id END,
            greatest(s.created_at, s.enriched_at, v.verified_at, c.failed_at),
+           coalesce(s.enriched_at, s.created_at),
            c.leased_until, c.last_error
     FROM marketing.company_slots s
     JOIN marketing.company_master m ON m.id = s.company_id
@@ -3517,13 +3551,13 @@ SELECT i.intake_id, i.company_id, i.slot_id, i.company, i.domain, i.slot_role, i
        CASE WHEN i.ended IS NOT NULL THEN 'failed'
             WHEN i.stage_no = 7 THEN 'done'
             WHEN e.open OR i.leased_until > now() THEN 'in_progress'
-            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.since THEN 'stuck'
+            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.entered THEN 'stuck'
             WHEN i.since < now() - pipeline._setting('stuck_after', '1h')::interval THEN 'stuck'
             ELSE 'in_progress' END AS state,
        CASE WHEN i.ended IS NOT NULL THEN i.ended
             WHEN i.stage_no = 7 THEN NULL
             WHEN e.open OR i.leased_until > now() THEN coalesce(i.call_error, e.failing_error)
-            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.since
+            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.entered
                 THEN format('%s event %s is dead: %s', i.event_type, e.dead_id, coalesce(i.call_error, e.dead_error))
             WHEN i.call_error IS NOT NULL THEN i.call_error
             WHEN w.event_type IS NULL THEN format('no endpoint is registered for %s', i.event_type)

@@ -8,9 +8,63 @@ use std::time::Duration;
 
 use super::{eventually, one, outreach_standins, repo_root, stage_runner, texts, Running};
 
-/// Starts the stand-ins for Apify and MillionVerifier, and the stage runner
-/// calling them and writing to the database of `conninfo`; the runner's port.
-pub fn start_runner(conninfo: &str) -> (Vec<Running>, u16) {
+/// The stage runner and the services' stand-ins it calls.
+pub struct Runner {
+    runner: Option<Running>,
+    _services: Running,
+    /// The runner's port.
+    pub port: u16,
+    /// The stand-ins' port.
+    pub services_port: u16,
+    conninfo: String,
+}
+
+impl Runner {
+    /// Stops the runner (deliveries find nobody listening until start).
+    pub fn stop(&mut self) {
+        self.runner = None;
+    }
+
+    /// Starts the runner again, on the same port.
+    pub fn start(&mut self) {
+        self.runner = Some(Running(
+            Command::new(stage_runner())
+                .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+                .args(["--database", &self.conninfo])
+                .env("PIPELINE_N8N_WEBHOOK_TOKEN", TOKEN)
+                .env("APIFY_TOKEN", "apify-test-token")
+                .env("MILLIONVERIFIER_API_KEY", "mv-test-key")
+                .spawn()
+                .expect("start the stage runner"),
+        ));
+        eventually(
+            Duration::from_secs(10),
+            "the stage runner to listen",
+            || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+        );
+    }
+
+    /// What the stand-ins were asked: {"apify": {"domain title": [runs, runs
+    /// with items]}, "millionverifier": {address: [verdicts, calls]}}.
+    pub fn stats(&self) -> serde_json::Value {
+        let (status, body) = super::http_request(self.services_port, "GET", "/stats", &[], "");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+/// Starts the stand-ins for Apify and MillionVerifier, points the database
+/// of `conninfo` at them (pipeline.services), and starts the stage runner
+/// calling them and writing to that database; the runner's port.
+pub fn start_runner(conninfo: &str) -> (Runner, u16) {
+    let runner = start_runner_with(conninfo, 0);
+    let port = runner.port;
+    (runner, port)
+}
+
+/// start_runner, with the stand-ins turning away every other call with 429
+/// for `chaos_seconds` from the first call.
+pub fn start_runner_with(conninfo: &str, chaos_seconds: u64) -> Runner {
     let services_port = super::free_port();
     let services = Running(
         Command::new(outreach_standins())
@@ -20,33 +74,30 @@ pub fn start_runner(conninfo: &str) -> (Vec<Running>, u16) {
                 "apify-test-token",
                 "--millionverifier-key",
                 "mv-test-key",
+                "--chaos-seconds",
+                &chaos_seconds.to_string(),
             ])
             .spawn()
             .expect("start the outreach stand-ins"),
     );
-    let runner = stage_runner();
-    let port = super::free_port();
-    let services_url = format!("http://127.0.0.1:{services_port}");
-    let running = Running(
-        Command::new(runner)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--database", conninfo])
-            .env("PIPELINE_N8N_WEBHOOK_TOKEN", TOKEN)
-            .env("APIFY_BASE_URL", &services_url)
-            .env("APIFY_TOKEN", "apify-test-token")
-            .env("MILLIONVERIFIER_BASE_URL", &services_url)
-            .env("MILLIONVERIFIER_API_KEY", "mv-test-key")
-            .spawn()
-            .expect("start the stage runner"),
-    );
-    for listening in [port, services_port] {
-        eventually(
-            Duration::from_secs(10),
-            "the stage runner and the stand-ins to listen",
-            || std::net::TcpStream::connect(("127.0.0.1", listening)).is_ok(),
-        );
-    }
-    (vec![running, services], port)
+    eventually(Duration::from_secs(10), "the stand-ins to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", services_port)).is_ok()
+    });
+    let mut db = postgres::Client::connect(conninfo, postgres::NoTls).expect("connect");
+    db.execute(
+        "UPDATE pipeline.services SET base_url = $1",
+        &[&format!("http://127.0.0.1:{services_port}")],
+    )
+    .unwrap();
+    let mut runner = Runner {
+        runner: None,
+        _services: services,
+        port: super::free_port(),
+        services_port,
+        conninfo: conninfo.to_string(),
+    };
+    runner.start();
+    runner
 }
 
 /// The token of the runner's Header Auth in these tests.
@@ -66,6 +117,13 @@ pub fn import_registry(db: &mut postgres::Client, port: u16) {
         ),
     );
     assert_eq!(imported, ["created"; 5]);
+    // The registry's timeouts fit the services: enrichment waits longer
+    // than Apify's 300 s run-sync limit, verification longer than
+    // MillionVerifier's own timeout.
+    assert_eq!(
+        texts(db, "SELECT format('%s %s', event_type, timeout_ms) FROM pipeline.webhooks WHERE timeout_ms IS NOT NULL ORDER BY 1"),
+        ["contact_enriched 90000", "slots_created 660000"]
+    );
 }
 
 /// Imports the registry pointed at the runner, feeds 20 companies and
@@ -131,13 +189,15 @@ pub fn feed_and_check(db: &mut postgres::Client, port: u16) {
         ["millionverifier valid 36"]
     );
 
-    // Every routed event was delivered once; email_verified has no workflow, so it waits.
+    // Every routed event was delivered once; email_verified has no workflow
+    // by design: the deliverer's purge settles it (called here, not waited for).
     eventually(Duration::from_secs(10), "the last outcomes", || {
         one::<i64>(
             db,
             "SELECT count(*) FROM marketing.pipeline_events WHERE status = 'processing'",
         ) == 0
     });
+    one::<i64>(db, "SELECT pipeline.purge()");
     let by_status = texts(
         db,
         "SELECT format('%s %s %s', event_type, status, count(*)) FROM marketing.pipeline_events
@@ -150,7 +210,7 @@ pub fn feed_and_check(db: &mut postgres::Client, port: u16) {
             "company_promoted processed 18",
             "company_validated processed 18",
             "contact_enriched processed 36",
-            "email_verified pending 36",
+            "email_verified processed 36",
             "slots_created processed 18"
         ]
     );
@@ -171,12 +231,26 @@ pub fn feed_and_check(db: &mut postgres::Client, port: u16) {
 /// Feeds tests/fixtures/messy_companies.json wave by wave, waiting for each
 /// to settle, and compares where every company ended with the fixture.
 pub fn feed_messy_and_check(db: &mut postgres::Client) {
+    feed_messy_and_check_with(db, Duration::from_secs(90), |_| {});
+}
+
+/// feed_messy_and_check, calling `around_wave_2` before wave 2 is fed (with
+/// false) and right after (with true), and waiting up to `settle` for each
+/// wave.
+pub fn feed_messy_and_check_with(
+    db: &mut postgres::Client,
+    settle: Duration,
+    mut around_wave_2: impl FnMut(bool),
+) {
     let fixture: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo_root().join("tests/fixtures/messy_companies.json")).unwrap(),
     )
     .unwrap();
     let companies = fixture["companies"].as_array().unwrap();
     for wave in [1, 2] {
+        if wave == 2 {
+            around_wave_2(false);
+        }
         for company in companies.iter().filter(|c| c["wave"] == wave) {
             db.execute(
                 "INSERT INTO intake.company_raw_intake (company, website, import_batch_id) VALUES ($1, $2, 'messy')",
@@ -184,17 +258,16 @@ pub fn feed_messy_and_check(db: &mut postgres::Client) {
             )
             .unwrap();
         }
-        eventually(
-            Duration::from_secs(90),
-            &format!("wave {wave} to settle"),
-            || {
-                one::<i64>(
+        if wave == 2 {
+            around_wave_2(true);
+        }
+        eventually(settle, &format!("wave {wave} to settle"), || {
+            one::<i64>(
                     db,
                     "SELECT count(*) FROM marketing.pipeline_events
                      WHERE status IN ('pending', 'processing', 'failed') AND event_type <> 'email_verified'",
                 ) == 0
-            },
-        );
+        });
     }
     let state =
         std::fs::read_to_string(repo_root().join("tests/fixtures/messy_state.sql")).unwrap();
@@ -218,6 +291,46 @@ pub fn feed_messy_and_check(db: &mut postgres::Client) {
         })
         .collect();
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+
+    // None ended silently: a company whose work did not finish is listed by
+    // the view of stuck work, with the reason; the others are not.
+    let stuck: serde_json::Value = serde_json::from_str(
+        &db.query_one(
+            "SELECT coalesce(jsonb_object_agg(company, reasons), '{}')::text
+             FROM (SELECT company, jsonb_agg(reason ORDER BY slot_id) AS reasons
+                   FROM marketing.vw_stuck_work GROUP BY company) s",
+            &[],
+        )
+        .unwrap()
+        .get::<_, String>(0),
+    )
+    .unwrap();
+    for company in companies {
+        let name = company["company"].as_str().unwrap();
+        let unfinished = company["expect"].get("unfinished").is_some();
+        match (&stuck[name], unfinished) {
+            (serde_json::Value::Array(reasons), true) => {
+                let want = company["expect"]["unfinished"][0]["error"]
+                    .as_str()
+                    .unwrap();
+                assert!(
+                    reasons
+                        .iter()
+                        .all(|r| r.as_str().unwrap_or_default().contains(want)),
+                    "{name}: stuck, but the reasons do not say {want}: {reasons:?}"
+                );
+            }
+            (serde_json::Value::Null, false) => {}
+            (found, _) => {
+                panic!("{name}: expected stuck: {unfinished}, found in vw_stuck_work: {found}")
+            }
+        }
+    }
+    let counted: i64 = one(db, "SELECT stuck_work FROM pipeline.status()");
+    assert_eq!(
+        counted,
+        one::<i64>(db, "SELECT count(*) FROM marketing.vw_stuck_work")
+    );
 }
 
 /// Why `found` is not what `expected` says (the fixture's rules), if it is not.
@@ -271,4 +384,59 @@ fn messy_mismatch(expected: &serde_json::Value, found: &serde_json::Value) -> Op
         return Some("unfinished events".into());
     }
     None
+}
+
+/// The stand-ins' counts (Runner::stats) of the messy data set's domains:
+/// each slot enriched by exactly one actor run, whatever was retried or
+/// turned away (429 and 402 start no run), and no address verified twice.
+/// Runs that outlive their request (overtime.*: 408) go on, paid, and are
+/// started again by each attempt.
+pub fn check_paid_calls(stats: &serde_json::Value) {
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/messy_companies.json")).unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for (key, runs) in stats["apify"].as_object().unwrap() {
+        let domain = key.split(' ').next().unwrap();
+        let messy = fixture["companies"].as_array().unwrap().iter().any(|c| {
+            c["expect"]["validation"] == "valid"
+                && c["website"].as_str().is_some_and(|w| w.contains(domain))
+        });
+        if !messy || domain.starts_with("overtime.") {
+            continue;
+        }
+        checked += 1;
+        let (started, with_items) = (runs[0].as_u64().unwrap(), runs[1].as_u64().unwrap());
+        assert_eq!(
+            started, 1,
+            "{key}: one actor run per slot, whatever was retried: {runs}"
+        );
+        assert_eq!(
+            with_items,
+            u64::from(!domain.starts_with("nobody.")),
+            "{key}: {runs}"
+        );
+    }
+    assert!(checked >= 20, "only {checked} slots' runs counted: {stats}");
+    for domain in [
+        "slow.example",
+        "flaky.example",
+        "second.example",
+        "bare.example",
+    ] {
+        for title in ["CEO", "CFO"] {
+            assert_eq!(
+                stats["apify"][format!("{domain} {title}")][1],
+                1,
+                "{domain} {title}: {stats}"
+            );
+        }
+    }
+    for (address, calls) in stats["millionverifier"].as_object().unwrap() {
+        assert!(
+            calls[0].as_u64().unwrap() <= 1,
+            "{address} verified more than once: {calls}"
+        );
+    }
 }
