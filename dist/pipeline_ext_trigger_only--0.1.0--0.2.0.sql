@@ -1956,9 +1956,9 @@ SELECT e.event_type,
        round(max(ms)::numeric, 1) AS max_ms
 FROM marketing.pipeline_events e
 CROSS JOIN LATERAL (SELECT extract(epoch FROM e.processed_at - e.created_at) * 1000 AS ms) AS l
--- NB: attempts > 0: an event of a type recorded without delivery is
--- settled as processed without an attempt (pipeline.undelivered_types).
-WHERE e.status = 'processed' AND e.processed_at > now() - interval '24 hours' AND e.attempts > 0
+-- NB: an event of a type recorded without delivery is settled as processed
+-- at its creation (pipeline.undelivered_types): it was not delivered.
+WHERE e.status = 'processed' AND e.processed_at > now() - interval '24 hours' AND e.processed_at > e.created_at
 GROUP BY e.event_type
 ORDER BY e.event_type;
 

@@ -72,6 +72,99 @@ fn messy_companies_end_where_the_fixture_says() {
     assert_eq!(twice, 0);
 }
 
+/// Deliveries are at least once: each stage's delivery sent twice at once,
+/// then once more, does its work once. Two deliveries of one slots_created
+/// event while Apify's run takes 8 s: one runs the actor, the other is told
+/// to come back (409); the third finds the work done. No paid call twice.
+#[test]
+fn each_delivery_twice_and_at_once_does_its_work_once() {
+    let cluster = Cluster::with_worker("twice", &[]);
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        cluster.port
+    );
+    let runner = support::cascade::start_runner_with(&conninfo, 0);
+    let mut db = cluster.connect("postgres", "postgres");
+    db.batch_execute(
+        "INSERT INTO intake.company_raw_intake (company, website) VALUES ('Twice Slow', 'slow.example')",
+    )
+    .unwrap();
+    let deliver = |db: &mut postgres::Client, event_type: &str, path: &str| -> Vec<u16> {
+        let bodies = support::texts(
+            db,
+            &format!(
+                "SELECT jsonb_build_object('id', id, 'type', event_type, 'data', payload)::text
+                 FROM marketing.pipeline_events WHERE event_type = '{event_type}' ORDER BY id"
+            ),
+        );
+        assert!(!bodies.is_empty(), "no {event_type} event");
+        let mut statuses = Vec::new();
+        for body in bodies {
+            let send = |body: &str| {
+                support::http_request(
+                    runner.port,
+                    "POST",
+                    path,
+                    &[
+                        ("Content-Type", "application/json"),
+                        ("X-Pipeline-Auth", support::cascade::TOKEN),
+                    ],
+                    body,
+                )
+            };
+            let at_once: Vec<(u16, String)> = std::thread::scope(|scope| {
+                let two: Vec<_> = (0..2).map(|_| scope.spawn(|| send(&body))).collect();
+                two.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            let later = send(&body);
+            for (status, answer) in at_once.iter().chain([&later]) {
+                assert!([200, 409].contains(status), "{path}: {status} {answer}");
+                statuses.push(*status);
+            }
+            assert_eq!(later.0, 200, "{path}: {}", later.1);
+        }
+        statuses
+    };
+    deliver(&mut db, "company_created", "/webhook/validate-company");
+    deliver(&mut db, "company_validated", "/webhook/promote-company");
+    deliver(&mut db, "company_promoted", "/webhook/create-slots");
+    let enrich = deliver(&mut db, "slots_created", "/webhook/enrich-contact");
+    assert!(
+        enrich.contains(&409),
+        "the second delivery during the 8 s run waits: {enrich:?}"
+    );
+    deliver(&mut db, "contact_enriched", "/webhook/verify-email");
+    assert_eq!(
+        support::texts(
+            &mut db,
+            "SELECT format('%s %s', event_type, count(*)) FROM marketing.pipeline_events GROUP BY 1 ORDER BY 1"
+        ),
+        [
+            "company_created 1",
+            "company_promoted 1",
+            "company_validated 1",
+            "contact_enriched 2",
+            "email_verified 2",
+            "slots_created 1"
+        ]
+    );
+    assert_eq!(
+        support::one::<i64>(&mut db, "SELECT count(*) FROM marketing.email_verification"),
+        2
+    );
+    let stats = runner.stats();
+    for title in ["CEO", "CFO"] {
+        assert_eq!(
+            stats["apify"][format!("slow.example {title}")],
+            serde_json::json!([1, 1]),
+            "{stats}"
+        );
+    }
+    for (address, calls) in stats["millionverifier"].as_object().unwrap() {
+        assert_eq!(calls[0], 1, "{address}: {stats}");
+    }
+}
+
 /// The same data set through a pipeline someone else started: bin/check-n8n
 /// runs it against real n8n (PIPELINE_CHECK_DATABASE names the database;
 /// its registry must point at the workflows already).

@@ -521,10 +521,14 @@ mod tests {
         run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/x', secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')");
         run("SELECT pipeline.emit('company_created')");
         run("SELECT pipeline.emit('email_verified')");
+        run("SELECT pipeline.emit('company_promoted')");
         run("SET LOCAL ROLE pipeline_test_monitor");
         let status = json("SELECT to_jsonb(s) FROM pipeline.status() s");
         assert_eq!(status["pending"], 1, "{status}");
+        // company_promoted waits for an endpoint; email_verified is
+        // recorded without delivery: no one's work.
         assert_eq!(status["without_endpoint"], 1, "{status}");
+        assert_eq!(status["stuck_work"], 0, "{status}");
         for view in [
             "vw_pipeline_status",
             "vw_endpoint_health",

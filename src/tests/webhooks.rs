@@ -138,7 +138,7 @@ mod tests {
             ("'company_created', 'https://n8n.example', headers => '{\"webhook-signature\": \"v1,x\"}'", "set by the worker"),
             ("'company_created', 'https://n8n.example', secret => 'whsec_!!'", "must continue with base64"),
             ("'company_created', 'https://n8n.example', secret => ' '", "secret is blank"),
-            ("'company_created', 'https://n8n.example', timeout_ms => 0", "timeout_ms must be between 1 and 300000"),
+            ("'company_created', 'https://n8n.example', timeout_ms => 0", "timeout_ms must be between 1 and 900000 (15 minutes)"),
             ("'company_created', 'https://n8n.example', max_in_flight => -1", "max_in_flight must be between 1 and 1000"),
             ("'no_such_event', 'https://n8n.example'", "unknown event type 'no_such_event'"),
             ("'Bad Type', 'https://n8n.example'", "invalid event type 'Bad Type'"),
@@ -202,14 +202,14 @@ mod tests {
                  "company_created": {"url": "/webhook/validate-company", "headers": {"Authorization": "Basic dTpw"},
                                      "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "timeout_ms": 2500,
                                      "max_in_flight": 4, "method": "PUT"},
-                 "email_verified": {"url": "http://127.0.0.1:9000/done", "enabled": false}}}')"#,
+                 "company_promoted": {"url": "http://127.0.0.1:9000/done", "enabled": false}}}')"#,
         );
         assert_eq!(
             webhook("company_created")["url"],
             "https://example.app.n8n.cloud/webhook/validate-company"
         );
         assert_eq!(webhook("company_created")["timeout_ms"], 2500);
-        assert_eq!(webhook("email_verified")["enabled"], false);
+        assert_eq!(webhook("company_promoted")["enabled"], false);
         let exported = text("SELECT pipeline.export_registry()::text");
         let actions = json(&format!(
             "SELECT jsonb_agg(DISTINCT action) FROM pipeline.import_registry('{exported}')"
