@@ -138,7 +138,7 @@ pub fn serve_with(
         }
         // Under load, every other call is turned away for a while.
         let started = *first_call.lock().unwrap().get_or_insert_with(Instant::now);
-        if started.elapsed() < chaos && counter.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+        if started.elapsed() < chaos && counter.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
             return Response {
                 headers: vec![("content-type", "application/json".into()), ("retry-after", "2".into())],
                 ..answer(
