@@ -137,7 +137,7 @@ fn each_delivery_twice_and_at_once_does_its_work_once() {
     assert_eq!(
         support::texts(
             &mut db,
-            "SELECT format('%s %s', event_type, count(*)) FROM marketing.pipeline_events GROUP BY 1 ORDER BY 1"
+            "SELECT format('%s %s', event_type, count(*)) FROM marketing.pipeline_events GROUP BY event_type ORDER BY 1"
         ),
         [
             "company_created 1",
