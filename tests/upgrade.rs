@@ -158,11 +158,29 @@ fn assert_rows_kept(before: &BTreeMap<String, Vec<Value>>, after: &BTreeMap<Stri
                     without(&after["pipeline.webhook_credentials"], &[])
                 );
             }
-            // A new column, empty for what 0.1.0 claimed.
+            // A new column, empty for what 0.1.0 claimed. An event of a type
+            // now recorded without delivery (email_verified) may have been
+            // settled by the worker's first purge: processed at its creation,
+            // without an attempt; it is compared as it was.
             "marketing.pipeline_events" => {
+                let kept: Vec<Value> = kept
+                    .iter()
+                    .map(|e| {
+                        let mut e = e.clone();
+                        if e["event_type"] == "email_verified"
+                            && e["status"] == "processed"
+                            && e["attempts"] == 0
+                            && e["processed_at"] == e["created_at"]
+                        {
+                            e["status"] = "pending".into();
+                            e["processed_at"] = Value::Null;
+                        }
+                        e
+                    })
+                    .collect();
                 assert_eq!(
                     without(rows, &[]),
-                    without(kept, &["claimed_by"]),
+                    without(&kept, &["claimed_by"]),
                     "{table}"
                 );
             }
