@@ -3483,7 +3483,8 @@ COMMENT ON FUNCTION pipeline.export_registry() IS
 --   marketing.vw_stuck_work      the rows that are stuck: not at an end state,
 --                                no event waiting or failing for them, and not
 --                                moved for pipeline.stuck_after (default 1h), or
---                                whose last event is dead
+--                                whose last event is dead, or was answered 2xx
+--                                by a receiver that recorded nothing
 --   marketing.vw_pipeline_funnel per stage: arrived, in progress, done,
 --                                failed (with reasons), stuck
 --   pipeline.resume_company(..)  sets a company moving again from where it
@@ -3577,6 +3578,7 @@ SELECT i.intake_id, i.company_id, i.slot_id, i.company, i.domain, i.slot_role, i
             WHEN i.stage_no = 7 THEN 'done'
             WHEN e.open OR i.leased_until > now() THEN 'in_progress'
             WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.entered THEN 'stuck'
+            WHEN answered.id IS NOT NULL THEN 'stuck'
             WHEN i.since < now() - pipeline._setting('stuck_after', '1h')::interval THEN 'stuck'
             ELSE 'in_progress' END AS state,
        CASE WHEN i.ended IS NOT NULL THEN i.ended
@@ -3584,6 +3586,9 @@ SELECT i.intake_id, i.company_id, i.slot_id, i.company, i.domain, i.slot_role, i
             WHEN e.open OR i.leased_until > now() THEN coalesce(i.call_error, e.failing_error)
             WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.entered
                 THEN format('%s event %s is dead: %s', i.event_type, e.dead_id, coalesce(i.call_error, e.dead_error))
+            WHEN answered.id IS NOT NULL
+                THEN format('%s event %s was answered 2xx, but its work is not recorded%s', i.event_type, answered.id,
+                            coalesce(' (the last failure: ' || i.call_error || ')', ''))
             WHEN i.call_error IS NOT NULL THEN i.call_error
             WHEN w.event_type IS NULL THEN format('no endpoint is registered for %s', i.event_type)
             WHEN NOT w.enabled THEN format('the endpoint of %s is disabled: %s', i.event_type,
@@ -3591,11 +3596,25 @@ SELECT i.intake_id, i.company_id, i.slot_id, i.company, i.domain, i.slot_role, i
             ELSE format('no %s event waits or fails for it, and it has not moved since %s', i.event_type, i.since)
        END AS reason,
        i.event_type AS waiting_for,
-       coalesce(e.open_id, e.dead_id) AS event_id,
+       coalesce(e.open_id, e.dead_id, answered.id) AS event_id,
        i.since
 FROM items i
 JOIN pipeline.stages st ON st.stage_no = i.stage_no
 LEFT JOIN stage_events e ON e.event_type = i.event_type AND e.row_id = i.event_row_id
+-- A receiver answered 2xx for the row's stage event but recorded nothing
+-- (n8n answers 200 while it starts up): stuck at once, not after
+-- pipeline.stuck_after. Looked for only while the row is recent (older
+-- ones are stuck anyway), among the events written since it got there.
+LEFT JOIN LATERAL (
+    SELECT pe.id FROM marketing.pipeline_events pe
+    WHERE i.stage_no < 7 AND i.ended IS NULL AND e.open IS NOT TRUE AND e.dead_id IS NULL
+      AND (i.leased_until IS NULL OR i.leased_until <= now())
+      AND i.since >= now() - pipeline._setting('stuck_after', '1h')::interval
+      AND pe.created_at >= i.entered AND pe.event_type = i.event_type AND pe.status = 'processed'
+      AND pipeline._event_row_id(pe.event_type, pe.payload) = i.event_row_id
+    ORDER BY pe.id DESC
+    LIMIT 1
+) answered ON true
 LEFT JOIN pipeline.webhooks w ON w.event_type = i.event_type;
 COMMENT ON VIEW marketing.vw_work_progress IS
     'Every company without slots and every slot: the stage it is at, its state (in_progress, done, failed, stuck), '

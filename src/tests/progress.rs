@@ -123,6 +123,41 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_2xx_that_recorded_nothing_is_stuck_at_once() {
+        run("INSERT INTO intake.company_raw_intake (company, website) VALUES ('Lied To', 'https://lied.example')");
+        assert_eq!(count("SELECT count(*) FROM marketing.vw_stuck_work"), 0);
+        // The receiver answered 200 (n8n while it starts up) and did nothing.
+        let event =
+            count("SELECT id FROM marketing.pipeline_events WHERE event_type = 'company_created'");
+        run(&format!(
+            "UPDATE marketing.pipeline_events SET status = 'processed', processed_at = now(), attempts = 1
+             WHERE id = {event}"
+        ));
+        let stuck = json("SELECT jsonb_agg(jsonb_build_array(company, stage, reason, event_id)) FROM marketing.vw_stuck_work");
+        assert_eq!(
+            stuck,
+            json!([[
+                "Lied To",
+                "validation",
+                format!(
+                    "company_created event {event} was answered 2xx, but its work is not recorded"
+                ),
+                event
+            ]])
+        );
+        // Resumed, it waits again; done, it is no longer stuck.
+        run("SELECT pipeline.resume_stuck()");
+        assert_eq!(count("SELECT count(*) FROM marketing.vw_stuck_work"), 0);
+        run("SELECT pipeline.validate_company(id) FROM intake.company_raw_intake");
+        run("UPDATE marketing.pipeline_events SET status = 'processed', processed_at = now(), attempts = 1
+             WHERE event_type = 'company_created'");
+        assert_eq!(
+            text("SELECT state FROM marketing.vw_work_progress WHERE company = 'Lied To'"),
+            "in_progress"
+        );
+    }
+
+    #[pg_test]
     fn event_types_without_delivery_end_and_are_not_waiting_work() {
         assert_error(
             "SELECT pipeline.register_webhook('email_verified', 'https://receiver.example/verified')",
