@@ -194,8 +194,16 @@ impl Answer {
     }
 }
 
+/// The header every answer carries, as the workflows' Respond nodes set it:
+/// the registry's confirm_header, so a 2xx from anything else (n8n starting
+/// up, a proxy) is not taken as the stage's work done.
+pub const CONFIRM_HEADER: &str = "X-Pipeline-Done";
+
 fn json_response(status: u16, retry_after: Option<i32>, body: Value) -> http_server::Response {
-    let mut headers = vec![("content-type", "application/json".to_string())];
+    let mut headers = vec![
+        ("content-type", "application/json".to_string()),
+        (CONFIRM_HEADER, "true".to_string()),
+    ];
     if let Some(wait) = retry_after {
         headers.push(("retry-after", wait.to_string()));
     }

@@ -128,7 +128,8 @@ RETURNS TABLE (
     timeout_ms    integer,
     max_in_flight integer,
     body          text,
-    body_bytes    bigint
+    body_bytes    bigint,
+    confirm_header text
 )
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
@@ -216,7 +217,8 @@ BEGIN
     SELECT b.id, b.attempts, b.event_type::text, w.url, w.method, coalesce(c.headers, '{}')::text, c.secret,
            w.timeout_ms, w.max_in_flight,
            CASE WHEN max_event_bytes IS NULL OR octet_length(b.body) <= max_event_bytes THEN b.body END,
-           coalesce(octet_length(b.body)::bigint, b.stored::bigint)
+           coalesce(octet_length(b.body)::bigint, b.stored::bigint),
+           w.confirm_header
     FROM (
         SELECT e.id, e.attempts, e.event_type, pipeline._payload_bytes(e.payload) AS stored,
                -- NB: byte for byte the text that

@@ -2912,13 +2912,19 @@ $$;
 ALTER TABLE pipeline.webhooks
     ADD CONSTRAINT url_valid CHECK (pipeline._url_problem(url) IS NULL),
     DROP CONSTRAINT timeout_ms_range,
-    ADD CONSTRAINT timeout_ms_range CHECK (timeout_ms BETWEEN 1 AND 900000);
+    ADD CONSTRAINT timeout_ms_range CHECK (timeout_ms BETWEEN 1 AND 900000),
+    ADD COLUMN confirm_header text,
+    ADD CONSTRAINT confirm_header_is_a_header_name CHECK (confirm_header ~ '^[A-Za-z0-9!#$%&''*+.^_`|~-]{1,100}$');
 
 COMMENT ON TABLE pipeline.webhooks IS
     'Where events are delivered: one endpoint per event type (its headers and secret are in pipeline.webhook_credentials).';
 
 COMMENT ON COLUMN pipeline.webhooks.timeout_ms IS
     'Request timeout (at most 15 minutes: a receiver that calls slow services); NULL uses pipeline.http_timeout.';
+
+COMMENT ON COLUMN pipeline.webhooks.confirm_header IS
+    'A response header the receiver sets when its work is done: a 2xx without it (a proxy''s page, n8n answering '
+    '200 while it starts up) is not taken as delivered, but retried. NULL: any 2xx is delivered.';
 
 COMMENT ON COLUMN pipeline.webhooks.max_in_flight IS 'At most this many deliveries to the endpoint at once; NULL: pipeline.concurrency.';
 
@@ -3057,7 +3063,8 @@ $$;
 -- Raises the first problem of an endpoint's fields, naming the field.
 CREATE FUNCTION pipeline._check_webhook(
     event_type text, url text, method text, headers jsonb, secret text,
-    timeout_ms integer, max_in_flight integer, allow_unknown_type boolean, context text
+    timeout_ms integer, max_in_flight integer, allow_unknown_type boolean, context text,
+    confirm_header text DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -3087,7 +3094,10 @@ BEGIN
         CASE WHEN timeout_ms NOT BETWEEN 1 AND 900000
              THEN format('timeout_ms must be between 1 and 900000 (15 minutes), not %s', timeout_ms) END,
         CASE WHEN max_in_flight NOT BETWEEN 1 AND 1000
-             THEN format('max_in_flight must be between 1 and 1000, not %s', max_in_flight) END);
+             THEN format('max_in_flight must be between 1 and 1000, not %s', max_in_flight) END,
+        CASE WHEN confirm_header !~ '^[A-Za-z0-9!#$%&''*+.^_`|~-]{1,100}$'
+             THEN format('confirm_header must be a header name (letters, digits and !#$%%&''*+.^_`|~-, at most 100), not %s',
+                         to_json(confirm_header)) END);
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION '%', context || v_problem USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -3105,36 +3115,37 @@ CREATE FUNCTION pipeline.register_webhook(
     timeout_ms         integer DEFAULT NULL,
     max_in_flight      integer DEFAULT NULL,
     enabled            boolean DEFAULT true,
-    allow_unknown_type boolean DEFAULT false
+    allow_unknown_type boolean DEFAULT false,
+    confirm_header     text DEFAULT NULL
 ) RETURNS pipeline.webhooks
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_row pipeline.webhooks;
 BEGIN
     PERFORM pipeline._check_webhook(event_type, url, method, headers, secret, timeout_ms, max_in_flight,
-                                    allow_unknown_type, 'pipeline.register_webhook: ');
+                                    allow_unknown_type, 'pipeline.register_webhook: ', confirm_header);
     INSERT INTO pipeline.webhooks AS w
-        (event_type, url, method, timeout_ms, max_in_flight, enabled, disabled_reason)
+        (event_type, url, method, timeout_ms, max_in_flight, enabled, disabled_reason, confirm_header)
     VALUES (event_type, url, upper(method), timeout_ms, max_in_flight, coalesce(enabled, true),
-            CASE WHEN NOT coalesce(enabled, true) THEN 'registered disabled' END)
+            CASE WHEN NOT coalesce(enabled, true) THEN 'registered disabled' END, confirm_header)
     ON CONFLICT ON CONSTRAINT webhooks_pkey DO UPDATE
     SET url = excluded.url, method = excluded.method,
         timeout_ms = excluded.timeout_ms, max_in_flight = excluded.max_in_flight, enabled = excluded.enabled,
-        disabled_reason = excluded.disabled_reason, updated_at = now()
+        disabled_reason = excluded.disabled_reason, confirm_header = excluded.confirm_header, updated_at = now()
     RETURNING * INTO v_row;
     PERFORM pipeline._store_credentials(register_webhook.event_type, register_webhook.headers, register_webhook.secret);
     RETURN v_row;
 END
 $$;
 
-COMMENT ON FUNCTION pipeline.register_webhook(text, text, text, jsonb, text, integer, integer, boolean, boolean) IS
+COMMENT ON FUNCTION pipeline.register_webhook(text, text, text, jsonb, text, integer, integer, boolean, boolean, text) IS
     'Registers the endpoint for an event type, replacing any earlier one; returns it (its headers and secret '
     'go to pipeline.webhook_credentials).';
 
 
 -- Changing some fields of an endpoint; NULL leaves a field as it is.
--- secret => '' removes the secret; timeout_ms => 0 and max_in_flight => 0
--- go back to the global settings.
+-- secret => '' and confirm_header => '' remove them; timeout_ms => 0 and
+-- max_in_flight => 0 go back to the global settings.
 CREATE FUNCTION pipeline.update_webhook(
     event_type    text,
     url           text DEFAULT NULL,
@@ -3142,7 +3153,8 @@ CREATE FUNCTION pipeline.update_webhook(
     headers       jsonb DEFAULT NULL,
     secret        text DEFAULT NULL,
     timeout_ms    integer DEFAULT NULL,
-    max_in_flight integer DEFAULT NULL
+    max_in_flight integer DEFAULT NULL,
+    confirm_header text DEFAULT NULL
 ) RETURNS pipeline.webhooks
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -3161,11 +3173,14 @@ BEGIN
     v_secret := CASE WHEN secret = '' THEN NULL ELSE coalesce(secret, v_secret) END;
     v_new.timeout_ms := CASE WHEN timeout_ms = 0 THEN NULL ELSE coalesce(timeout_ms, v_old.timeout_ms) END;
     v_new.max_in_flight := CASE WHEN max_in_flight = 0 THEN NULL ELSE coalesce(max_in_flight, v_old.max_in_flight) END;
+    v_new.confirm_header := CASE WHEN confirm_header = '' THEN NULL ELSE coalesce(confirm_header, v_old.confirm_header) END;
     PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_headers, v_secret,
-                                    v_new.timeout_ms, v_new.max_in_flight, true, 'pipeline.update_webhook: ');
+                                    v_new.timeout_ms, v_new.max_in_flight, true, 'pipeline.update_webhook: ',
+                                    v_new.confirm_header);
     UPDATE pipeline.webhooks w
     SET url = v_new.url, method = v_new.method,
-        timeout_ms = v_new.timeout_ms, max_in_flight = v_new.max_in_flight, updated_at = now()
+        timeout_ms = v_new.timeout_ms, max_in_flight = v_new.max_in_flight, confirm_header = v_new.confirm_header,
+        updated_at = now()
     WHERE w.event_type = v_old.event_type
     RETURNING * INTO v_new;
     PERFORM pipeline._store_credentials(v_new.event_type, v_headers, v_secret);
@@ -3173,9 +3188,10 @@ BEGIN
 END
 $$;
 
-COMMENT ON FUNCTION pipeline.update_webhook(text, text, text, jsonb, text, integer, integer) IS
+COMMENT ON FUNCTION pipeline.update_webhook(text, text, text, jsonb, text, integer, integer, text) IS
     'Changes the given fields of an endpoint (NULL keeps a field; secret => '''' removes the secret, '
-    'timeout_ms => 0 and max_in_flight => 0 restore the global settings); returns it.';
+    'confirm_header => '''' removes it, timeout_ms => 0 and max_in_flight => 0 restore the global settings); '
+    'returns it.';
 
 
 CREATE FUNCTION pipeline._set_enabled(event_type text, enabled boolean, reason text) RETURNS pipeline.webhooks
@@ -3273,8 +3289,8 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     FOR v_key IN SELECT jsonb_object_keys(registry) LOOP
-        IF v_key NOT IN ('base_url', 'headers', 'webhooks') THEN
-            RAISE EXCEPTION 'registry: unknown key % (expected base_url, headers and webhooks)', to_json(v_key)
+        IF v_key NOT IN ('base_url', 'headers', 'confirm_header', 'webhooks') THEN
+            RAISE EXCEPTION 'registry: unknown key % (expected base_url, headers, confirm_header and webhooks)', to_json(v_key)
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
     END LOOP;
@@ -3283,6 +3299,9 @@ BEGIN
     -- the loader (an environment variable or a file, n8n/README.md), never
     -- from the committed file: a reference left unresolved is refused.
     PERFORM pipeline._check_json_type('registry: ', registry, 'headers', 'object');
+    -- The response header every endpoint of the file confirms its work with
+    -- (an endpoint's own wins).
+    PERFORM pipeline._check_json_type('registry: ', registry, 'confirm_header', 'string');
     FOR v_entry IN SELECT h.key, h.value FROM jsonb_each(registry -> 'headers') h LOOP
         IF jsonb_typeof(v_entry.value) <> 'string' THEN
             -- NB: the value itself is not repeated: it may be the secret.
@@ -3320,8 +3339,8 @@ BEGIN
         END IF;
         FOR v_key IN SELECT jsonb_object_keys(v_spec) LOOP
             IF v_key NOT IN ('url', 'method', 'headers', 'secret', 'timeout_ms', 'max_in_flight', 'enabled',
-                             'allow_unknown_type') THEN
-                RAISE EXCEPTION '%unknown key % (expected url, method, headers, secret, timeout_ms, max_in_flight, enabled, allow_unknown_type)',
+                             'allow_unknown_type', 'confirm_header') THEN
+                RAISE EXCEPTION '%unknown key % (expected url, method, headers, secret, timeout_ms, max_in_flight, enabled, allow_unknown_type, confirm_header)',
                     v_where, to_json(v_key)
                     USING ERRCODE = 'invalid_parameter_value';
             END IF;
@@ -3333,6 +3352,7 @@ BEGIN
         PERFORM pipeline._check_json_type(v_where, v_spec, 'max_in_flight', 'number');
         PERFORM pipeline._check_json_type(v_where, v_spec, 'enabled', 'boolean');
         PERFORM pipeline._check_json_type(v_where, v_spec, 'allow_unknown_type', 'boolean');
+        PERFORM pipeline._check_json_type(v_where, v_spec, 'confirm_header', 'string');
         IF NOT v_spec ? 'url' THEN
             RAISE EXCEPTION '%url is missing', v_where USING ERRCODE = 'invalid_parameter_value';
         END IF;
@@ -3364,27 +3384,30 @@ BEGIN
         v_new.timeout_ms := (v_spec ->> 'timeout_ms')::numeric::integer;
         v_new.max_in_flight := (v_spec ->> 'max_in_flight')::numeric::integer;
         v_new.enabled := coalesce((v_spec ->> 'enabled')::boolean, v_old.enabled, true);
+        v_new.confirm_header := coalesce(v_spec ->> 'confirm_header', registry ->> 'confirm_header');
         PERFORM pipeline._check_webhook(v_new.event_type, v_new.url, v_new.method, v_headers, v_secret,
                                         v_new.timeout_ms, v_new.max_in_flight,
-                                        coalesce((v_spec ->> 'allow_unknown_type')::boolean, false), v_where);
+                                        coalesce((v_spec ->> 'allow_unknown_type')::boolean, false), v_where,
+                                        v_new.confirm_header);
 
         event_type := v_new.event_type;
         url := v_new.url;
         IF v_old.event_type IS NULL THEN
             PERFORM pipeline.register_webhook(v_new.event_type, v_new.url, v_new.method, v_headers,
                                               v_secret, v_new.timeout_ms, v_new.max_in_flight, v_new.enabled,
-                                              allow_unknown_type => true);
+                                              allow_unknown_type => true, confirm_header => v_new.confirm_header);
             action := 'created';
         ELSIF (v_old.url, v_old.method, coalesce(v_old_headers, '{}'), v_old_secret, v_old.timeout_ms, v_old.max_in_flight,
-               v_old.enabled)
+               v_old.enabled, v_old.confirm_header)
               IS NOT DISTINCT FROM
               (v_new.url, v_new.method, v_headers, v_secret, v_new.timeout_ms, v_new.max_in_flight,
-               v_new.enabled) THEN
+               v_new.enabled, v_new.confirm_header) THEN
             action := 'unchanged';
         ELSE
             UPDATE pipeline.webhooks w
             SET url = v_new.url, method = v_new.method,
                 timeout_ms = v_new.timeout_ms, max_in_flight = v_new.max_in_flight, enabled = v_new.enabled,
+                confirm_header = v_new.confirm_header,
                 disabled_reason = CASE WHEN v_new.enabled THEN NULL
                                        ELSE coalesce(w.disabled_reason, 'disabled in the registry') END,
                 updated_at = now()
@@ -3433,6 +3456,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                    'secret', c.secret,
                    'timeout_ms', w.timeout_ms,
                    'max_in_flight', w.max_in_flight,
+                   'confirm_header', w.confirm_header,
                    'enabled', CASE WHEN NOT w.enabled THEN false END,
                    -- Types sent with pipeline.emit: no stage or watch produces them.
                    'allow_unknown_type',
@@ -3889,7 +3913,8 @@ RETURNS TABLE (
     timeout_ms    integer,
     max_in_flight integer,
     body          text,
-    body_bytes    bigint
+    body_bytes    bigint,
+    confirm_header text
 )
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
@@ -3977,7 +4002,8 @@ BEGIN
     SELECT b.id, b.attempts, b.event_type::text, w.url, w.method, coalesce(c.headers, '{}')::text, c.secret,
            w.timeout_ms, w.max_in_flight,
            CASE WHEN max_event_bytes IS NULL OR octet_length(b.body) <= max_event_bytes THEN b.body END,
-           coalesce(octet_length(b.body)::bigint, b.stored::bigint)
+           coalesce(octet_length(b.body)::bigint, b.stored::bigint),
+           w.confirm_header
     FROM (
         SELECT e.id, e.attempts, e.event_type, pipeline._payload_bytes(e.payload) AS stored,
                -- NB: byte for byte the text that

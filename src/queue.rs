@@ -140,6 +140,7 @@ fn claim_one(want: &Claim, max_event_bytes: i64) -> SpiResult<Vec<ClaimedRow>> {
                 max_in_flight: row.get(9)?,
                 body: row.get(10)?,
                 body_bytes: row.get(11)?.unwrap_or_default(),
+                confirm_header: row.get(12)?,
             })
         })
         .collect()

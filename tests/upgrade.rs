@@ -138,11 +138,16 @@ fn assert_rows_kept(before: &BTreeMap<String, Vec<Value>>, after: &BTreeMap<Stri
     for (table, rows) in before {
         let kept = &after[table];
         match table.as_str() {
-            // Headers and secrets moved to their own table.
+            // Headers and secrets moved to their own table; confirm_header
+            // is new, and empty for 0.1.0's endpoints.
             "pipeline.webhooks" => {
+                assert!(
+                    kept.iter().all(|w| w["confirm_header"].is_null()),
+                    "{kept:?}"
+                );
                 assert_eq!(
                     without(rows, &["headers", "secret"]),
-                    without(kept, &[]),
+                    without(kept, &["confirm_header"]),
                     "{table}"
                 );
                 let credentials: Vec<Value> = rows

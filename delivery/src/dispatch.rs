@@ -591,6 +591,7 @@ mod tests {
             signing_key: None,
             timeout: Duration::from_secs(1),
             max_in_flight: cap,
+            confirm_header: None,
             redactor: Default::default(),
         })
     }

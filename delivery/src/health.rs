@@ -341,6 +341,7 @@ mod tests {
                 signing_key: None,
                 timeout: Duration::from_secs(1),
                 max_in_flight: 16,
+                confirm_header: None,
                 redactor: Default::default(),
             }),
             body: "{}".into(),

@@ -139,6 +139,18 @@ impl HttpClient {
                 let status = response.status().as_u16();
                 attempt.status_code = Some(status);
                 attempt.verdict = Verdict::of_status(status);
+                // A 2xx without the header the receiver confirms with did
+                // not come from the receiver's work: retried.
+                let unconfirmed = attempt.verdict == Verdict::Delivered
+                    && job
+                        .endpoint
+                        .confirm_header
+                        .as_ref()
+                        // NB: header names are looked up whatever their case.
+                        .is_some_and(|name| response.headers().get(name.as_str()).is_none());
+                if unconfirmed {
+                    attempt.verdict = Verdict::Retry;
+                }
                 attempt.retry_after = response
                     .headers()
                     .get("retry-after")
@@ -155,7 +167,12 @@ impl HttpClient {
                 // is kept (a cut could split a secret otherwise).
                 let body = redactor.apply(&String::from_utf8_lossy(&body));
                 attempt.excerpt = excerpt(body.as_bytes());
-                if attempt.verdict != Verdict::Delivered {
+                if unconfirmed {
+                    attempt.error = Some(format!(
+                        "HTTP {status} without the {} header the endpoint confirms its work with: not taken as delivered",
+                        job.endpoint.confirm_header.as_deref().unwrap_or_default()
+                    ));
+                } else if attempt.verdict != Verdict::Delivered {
                     attempt.error = Some(match reason(body.as_bytes()) {
                         Some(reason) => format!("HTTP {status}: {reason}"),
                         None => format!("HTTP {status}"),

@@ -43,6 +43,10 @@ pub struct Endpoint {
     pub signing_key: Option<Vec<u8>>,
     pub timeout: Duration,
     pub max_in_flight: usize,
+    /// A response header the receiver sets when its work is done: a 2xx
+    /// without it (a proxy's page, n8n answering 200 while it starts up) is
+    /// not taken as delivered.
+    pub confirm_header: Option<String>,
     /// Masks its header values and secret in what is stored of answers.
     pub redactor: Redactor,
 }
@@ -59,6 +63,7 @@ impl Endpoint {
         secret: Option<&str>,
         timeout_ms: Option<i32>,
         max_in_flight: Option<i32>,
+        confirm_header: Option<&str>,
         default_timeout: Duration,
         default_in_flight: usize,
     ) -> Result<Endpoint, String> {
@@ -87,6 +92,7 @@ impl Endpoint {
                 Duration::from_millis(ms.max(1) as u64)
             }),
             max_in_flight: max_in_flight.map_or(default_in_flight, |n| n.max(1) as usize),
+            confirm_header: confirm_header.map(String::from),
         })
     }
 }
@@ -182,10 +188,12 @@ mod tests {
             Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
             None,
             Some(4),
+            Some("X-Pipeline-Done"),
             Duration::from_secs(5),
             16,
         )
         .unwrap();
+        assert_eq!(endpoint.confirm_header.as_deref(), Some("X-Pipeline-Done"));
         assert_eq!(endpoint.method, "POST");
         assert_eq!(endpoint.headers.len(), 2);
         assert_eq!(endpoint.timeout, Duration::from_secs(5));
@@ -197,6 +205,7 @@ mod tests {
             "http://a",
             "POST",
             r#"{"A": 918273645}"#,
+            None,
             None,
             None,
             None,
@@ -215,6 +224,7 @@ mod tests {
             "POST",
             "{}",
             Some("whsec_!!"),
+            None,
             None,
             None,
             Duration::ZERO,

@@ -18,7 +18,7 @@ use crate::{Attempt, Endpoint, Job, Verdict};
 /// $4 only these types, $5 byte budget, $6 largest event to send.
 pub const CLAIM_SQL: &str =
     "SELECT event_id, attempt, event_type, url, method, headers, secret, timeout_ms, \
-     max_in_flight, body, body_bytes \
+     max_in_flight, body, body_bytes, confirm_header \
      FROM pipeline._claim_deliveries($1, NULL, $2, $3, $4, $5, $6)";
 
 /// Logs attempts and settles their events (parallel arrays, see [`Outcomes`]).
@@ -119,6 +119,7 @@ pub struct ClaimedRow {
     /// None when the event is larger than the claim's largest event.
     pub body: Option<String>,
     pub body_bytes: i64,
+    pub confirm_header: Option<String>,
 }
 
 /// The limits a deliverer works within (the worker's settings, the relay's
@@ -165,6 +166,7 @@ pub fn jobs_of(
                     row.secret.as_deref(),
                     row.timeout_ms,
                     row.max_in_flight,
+                    row.confirm_header.as_deref(),
                     limits.http_timeout,
                     limits.concurrency,
                 )

@@ -205,6 +205,7 @@ impl Store {
                 max_in_flight: row.get(8),
                 body: row.get(9),
                 body_bytes: row.get(10),
+                confirm_header: row.get(11),
             })
             .collect())
     }

@@ -21,6 +21,43 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_registry_names_the_header_its_receivers_confirm_with() {
+        let actions = json(
+            r#"SELECT jsonb_agg(action) FROM pipeline.import_registry('{"base_url": "https://n.example",
+                   "confirm_header": "X-Pipeline-Done",
+                   "webhooks": {"company_created": "/a", "company_validated": {"url": "/b", "confirm_header": "X-Other"}}}')"#,
+        );
+        assert_eq!(actions, json!(["created", "created"]));
+        assert_eq!(
+            webhook("company_created")["confirm_header"],
+            "X-Pipeline-Done"
+        );
+        assert_eq!(webhook("company_validated")["confirm_header"], "X-Other");
+        // The export gives it back, per endpoint; importing that changes nothing.
+        let exported = json("SELECT pipeline.export_registry()");
+        assert_eq!(
+            exported["webhooks"]["company_created"]["confirm_header"],
+            "X-Pipeline-Done"
+        );
+        assert_eq!(
+            json(&format!(
+                "SELECT jsonb_agg(DISTINCT action) FROM pipeline.import_registry('{exported}')"
+            )),
+            json!(["unchanged"])
+        );
+        assert_error(
+            r#"SELECT * FROM pipeline.import_registry('{"base_url": "https://n.example", "confirm_header": 7, "webhooks": {}}')"#,
+            "confirm_header",
+        );
+        assert_error(
+            r#"SELECT * FROM pipeline.import_registry('{"base_url": "https://n.example", "webhooks": {"company_created": {"url": "/a", "confirm_header": "a b"}}}')"#,
+            "registry: webhooks.company_created: confirm_header must be a header name",
+        );
+        run("SELECT pipeline.update_webhook('company_created', confirm_header => '')");
+        assert!(webhook("company_created")["confirm_header"].is_null());
+    }
+
+    #[pg_test]
     fn webhooks_register_change_disable_remove() {
         run("SELECT pipeline.register_webhook('company_created', 'https://n8n.example/webhook/validate-company',
                  headers => '{\"Authorization\": \"Basic dTpw\"}', secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw',
@@ -139,6 +176,8 @@ mod tests {
             ("'company_created', 'https://n8n.example', secret => 'whsec_!!'", "must continue with base64"),
             ("'company_created', 'https://n8n.example', secret => ' '", "secret is blank"),
             ("'company_created', 'https://n8n.example', timeout_ms => 0", "timeout_ms must be between 1 and 900000 (15 minutes)"),
+            ("'company_created', 'https://n8n.example', confirm_header => 'X Done'", "confirm_header must be a header name"),
+            ("'company_created', 'https://n8n.example', confirm_header => ''", "confirm_header must be a header name"),
             ("'company_created', 'https://n8n.example', max_in_flight => -1", "max_in_flight must be between 1 and 1000"),
             ("'no_such_event', 'https://n8n.example'", "unknown event type 'no_such_event'"),
             ("'Bad Type', 'https://n8n.example'", "invalid event type 'Bad Type'"),

@@ -390,12 +390,42 @@ pub fn answers_decide_retry_backoff_gone_and_death(kind: Kind) {
             ..Answer::status(200)
         },
         ("/gone", 0) => Answer::status(410),
+        // A service the receiver needs refuses it (no credits): not retried.
+        ("/unpaid", _) => Answer {
+            body: Some(r#"{"error": "slot 3: apify: HTTP 402: not enough credits"}"#.into()),
+            ..Answer::status(424)
+        },
+        // n8n answers 200 while it starts up; the workflow's own answer
+        // carries the header the endpoint confirms with.
+        ("/confirmed", 0) => Answer {
+            body: Some("n8n is starting up. Please wait".into()),
+            ..Answer::status(200)
+        },
+        ("/confirmed", _) => Answer {
+            headers: vec![("X-Pipeline-Done", "true".into())],
+            ..Answer::status(200)
+        },
         _ => Answer::status(200),
     });
     let mut db = deliverer.connect();
-    for name in ["flaky", "throttled", "rejected", "redirect", "gone"] {
+    for name in [
+        "flaky",
+        "throttled",
+        "rejected",
+        "redirect",
+        "gone",
+        "unpaid",
+    ] {
         register(&mut db, name, &receiver.url(&format!("/{name}")), "");
     }
+    register(
+        &mut db,
+        "confirmed",
+        &receiver.url("/confirmed"),
+        ", confirm_header => 'X-Pipeline-Done'",
+    );
+    emit(&mut db, "unpaid", 1);
+    emit(&mut db, "confirmed", 1);
     register(
         &mut db,
         "slow",
@@ -437,6 +467,19 @@ pub fn answers_decide_retry_backoff_gone_and_death(kind: Kind) {
         ["failed 422 HTTP 422: pipeline.promote_company: intake row 5 is not valid"; 3]
     );
     assert_eq!(outcomes("redirect"), ["failed 302 HTTP 302"; 3]);
+    wait_for_status(&mut db, "unpaid", &["dead:1:0"]);
+    assert_eq!(
+        outcomes("unpaid"),
+        ["rejected 424 HTTP 424: slot 3: apify: HTTP 402: not enough credits"]
+    );
+    wait_for_status(&mut db, "confirmed", &["processed:2:0"]);
+    assert_eq!(
+        outcomes("confirmed"),
+        [
+            "retry 200 HTTP 200 without the X-Pipeline-Done header the endpoint confirms its work with: not taken as delivered",
+            "delivered 200 -"
+        ]
+    );
     let slow = outcomes("slow");
     assert!(slow[0].starts_with("retry - timed out"), "{slow:?}");
     assert_eq!(
