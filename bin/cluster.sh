@@ -65,12 +65,13 @@ SQL
 }
 
 # Where the stage work calls Apify and MillionVerifier (the stand-ins of
-# examples/outreach_standins.rs here): pipeline.services, which only the
+# examples/outreach_standins.rs here): pipeline.set_service, which only the
 # pipeline's owner may change.
 point_services() {
     local base=$1
     shift
     "$@" -v base="$base" <<'SQL'
-UPDATE pipeline.services SET base_url = :'base', updated_at = now();
+SELECT service, base_url FROM pipeline.set_service('apify', base_url => :'base');
+SELECT service, base_url FROM pipeline.set_service('millionverifier', base_url => :'base');
 SQL
 }

@@ -2262,8 +2262,9 @@ $$;
 -- Stage 5. Fills a slot from what a people-finder returned: `items` is the
 -- JSON array of dataset items of an Apify actor run
 -- (run-sync-get-dataset-items), one person per item. Which item field fills
--- which column is pipeline.services.fields (the apify row: the one place
--- to change when another actor is used). The first item with a name or a
+-- which column is pipeline.services_in_effect.fields (the apify row: the
+-- one place to change, with pipeline.set_service, when another actor is
+-- used). The first item with a name or a
 -- usable email fills the slot (enriched, source `source`); an email the
 -- table would refuse is left out. No such item: the slot is not_found. A
 -- slot already decided is left as it is; returns the slot's
@@ -2288,11 +2289,7 @@ BEGIN
                         coalesce(jsonb_typeof(items), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT s.fields INTO v_fields FROM pipeline.services s WHERE s.service = 'apify';
-    IF v_fields IS NULL THEN
-        RAISE EXCEPTION 'pipeline.record_enrichment: pipeline.services has no apify row to map the items with'
-            USING ERRCODE = 'no_data_found';
-    END IF;
+    SELECT s.fields INTO v_fields FROM pipeline.services_in_effect s WHERE s.service = 'apify';
     IF v_slot.enrichment_status IN ('enriched', 'not_found') THEN
         UPDATE pipeline.service_calls c SET leased_until = NULL, done_at = coalesce(c.done_at, now())
         WHERE c.stage = 'enrichment' AND c.slot_id = v_slot.id;
@@ -2329,7 +2326,7 @@ END
 $$;
 COMMENT ON FUNCTION pipeline.record_enrichment(bigint, jsonb, text) IS
     'Stage 5: fills a slot from an Apify actor''s dataset items (the first person with a name or email, fields '
-    'mapped by pipeline.services), or marks it not_found; a slot already decided is left as it is. Returns the '
+    'mapped by pipeline.services_in_effect), or marks it not_found; a slot already decided is left as it is. Returns the '
     'enrichment_status.';
 
 -- Stage 6. Stores a MillionVerifier answer (GET /api/v3/?api=...&email=...)
@@ -2430,68 +2427,127 @@ COMMENT ON FUNCTION pipeline.record_verification(bigint, jsonb, text) IS
 --       delivery calls, 422 for input no retry can fix)
 --
 -- Which service, actor, input and field mapping is configuration, in one
--- place: pipeline.services (the keys are not: they stay with the receiver,
--- n8n credentials or environment variables).
+-- place: pipeline.services_in_effect, the defaults with what
+-- pipeline.set_service changed (the keys are not: they stay with the
+-- receiver, n8n credentials or environment variables).
 
--- Where the services are and how they are called. Only the pipeline's owner
--- may change it: a receiver sends its key to the base_url written here.
+-- Where the services are and how they are called: the defaults below,
+-- changed by a row here (pipeline.set_service), whose non-NULL columns win.
+-- Only the pipeline's owner may change it: a receiver sends its key to the
+-- base_url it says. Empty at install, so that pg_dump carries exactly what
+-- was changed and a restore, after CREATE EXTENSION, adds it without a
+-- conflict.
 CREATE TABLE pipeline.services (
     service        text PRIMARY KEY,
-    base_url       text NOT NULL,
+    base_url       text,
     actor          text,
     input          jsonb,
     role_titles    jsonb,
     fields         jsonb,
     max_items      integer,
-    call_timeout_s integer NOT NULL,
+    call_timeout_s integer,
     updated_at     timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT service_known CHECK (service IN ('apify', 'millionverifier')),
     CONSTRAINT base_url_is_http_url CHECK (base_url ~ '^https?://[^\s/?#@]+$'),
     CONSTRAINT actor_is_username_tilde_name CHECK (
-        (service = 'apify') = (actor IS NOT NULL) AND (actor IS NULL OR actor ~ '^[A-Za-z0-9._-]+~[A-Za-z0-9._-]+$')),
+        actor IS NULL OR (service = 'apify' AND actor ~ '^[A-Za-z0-9._-]+~[A-Za-z0-9._-]+$')),
     CONSTRAINT input_is_object_with_domain CHECK (
-        (service = 'apify') = (input IS NOT NULL)
-        AND (input IS NULL OR (jsonb_typeof(input) = 'object' AND strpos(input::text, '"{domain}"') > 0))),
+        input IS NULL OR (service = 'apify' AND jsonb_typeof(input) = 'object' AND strpos(input::text, '"{domain}"') > 0)),
     CONSTRAINT role_titles_is_object_of_arrays CHECK (
-        (service = 'apify') = (role_titles IS NOT NULL)
-        AND (role_titles IS NULL OR jsonb_typeof(role_titles) = 'object')),
+        role_titles IS NULL OR (service = 'apify' AND jsonb_typeof(role_titles) = 'object'
+                                AND NOT jsonb_path_exists(role_titles, '$.* ? (@.type() != "array")'))),
     CONSTRAINT fields_names_slot_columns CHECK (
-        (service = 'apify') = (fields IS NOT NULL)
-        AND (fields IS NULL OR (jsonb_typeof(fields) = 'object'
-                                AND fields ?& ARRAY['full_name', 'email']
-                                AND NOT fields ?| ARRAY['id', 'company_id', 'slot_role', 'enrichment_status',
-                                                        'enrichment_source', 'enriched_at', 'created_at']))),
-    CONSTRAINT max_items_between_1_and_100 CHECK (max_items BETWEEN 1 AND 100),
+        fields IS NULL OR (service = 'apify' AND jsonb_typeof(fields) = 'object'
+                           AND fields ?& ARRAY['full_name', 'email']
+                           AND NOT fields ?| ARRAY['id', 'company_id', 'slot_role', 'enrichment_status',
+                                                   'enrichment_source', 'enriched_at', 'created_at'])),
+    CONSTRAINT max_items_between_1_and_100 CHECK (max_items IS NULL OR (service = 'apify' AND max_items BETWEEN 1 AND 100)),
     CONSTRAINT call_timeout_s_range CHECK (
         call_timeout_s BETWEEN 2 AND CASE service WHEN 'millionverifier' THEN 60 ELSE 3600 END)
 );
 COMMENT ON TABLE pipeline.services IS
-    'The outside services the stage work calls: base URL, and for Apify the actor, its input (with "{domain}", '
-    '"{role}" and "{titles}" placeholders), the job titles searched per slot role, and which item fields fill '
-    'which slot column. Keys are not here: they stay with the receiver.';
+    'Changes to the outside services'' defaults (pipeline.services_in_effect shows the result): base URL, and for '
+    'Apify the actor, its input (with "{domain}", "{role}" and "{titles}" placeholders), the job titles searched per '
+    'slot role, and which item fields fill which slot column. NULL keeps the default. Keys are not here: they stay '
+    'with the receiver.';
 COMMENT ON COLUMN pipeline.services.call_timeout_s IS
     'Apify: the actor run''s own timeout (?timeout=, below run-sync''s 300 s); MillionVerifier: its timeout '
     'parameter (2-60 s).';
 COMMENT ON COLUMN pipeline.services.fields IS
     'Slot column -> the dataset item fields that fill it, the first non-empty one wins '
     '(full_name, title, email, linkedin_url, phone).';
-
--- The actor: Leads Finder (apify.com/code_crafter/leads-finder), a public
--- Apify Store actor that finds the people of a company by its domain and
--- their job title (its documented input: company_domain, contact_job_title,
--- fetch_count; each dataset item is a person with full_name, first_name,
--- last_name, job_title, email, linkedin, mobile_number, company_domain, ...).
--- n8n/README.md says how to use another actor.
-INSERT INTO pipeline.services (service, base_url, actor, input, role_titles, fields, max_items, call_timeout_s)
-VALUES ('apify', 'https://api.apify.com', 'code_crafter~leads-finder',
-        '{"company_domain": ["{domain}"], "contact_job_title": "{titles}", "fetch_count": 1}',
-        '{"ceo": ["CEO", "Chief Executive Officer", "Founder"], "cfo": ["CFO", "Chief Financial Officer"]}',
-        '{"full_name": ["full_name", "fullName", "name"], "title": ["job_title", "jobTitle", "title", "position"],
-          "email": ["email"], "linkedin_url": ["linkedin", "linkedinUrl", "linkedin_url"],
-          "phone": ["mobile_number", "phone"]}',
-        1, 240),
-       ('millionverifier', 'https://api.millionverifier.com', NULL, NULL, NULL, NULL, NULL, 20);
 GRANT SELECT ON pipeline.services TO PUBLIC;
+
+-- What the stage work uses: each service's defaults, with what
+-- pipeline.services changes. The actor: Leads Finder
+-- (apify.com/code_crafter/leads-finder), a public Apify Store actor that
+-- finds the people of a company by its domain and their job title (its
+-- documented input: company_domain, contact_job_title, fetch_count; each
+-- dataset item is a person with full_name, first_name, last_name,
+-- job_title, email, linkedin, mobile_number, company_domain, ...).
+-- n8n/README.md says how to use another actor.
+CREATE VIEW pipeline.services_in_effect AS
+SELECT d.service,
+       coalesce(s.base_url, d.base_url) AS base_url,
+       coalesce(s.actor, d.actor) AS actor,
+       coalesce(s.input, d.input) AS input,
+       coalesce(s.role_titles, d.role_titles) AS role_titles,
+       coalesce(s.fields, d.fields) AS fields,
+       coalesce(s.max_items, d.max_items) AS max_items,
+       coalesce(s.call_timeout_s, d.call_timeout_s) AS call_timeout_s,
+       s.updated_at AS changed_at
+FROM (VALUES
+        ('apify', 'https://api.apify.com', 'code_crafter~leads-finder',
+         '{"company_domain": ["{domain}"], "contact_job_title": "{titles}", "fetch_count": 1}'::jsonb,
+         '{"ceo": ["CEO", "Chief Executive Officer", "Founder"], "cfo": ["CFO", "Chief Financial Officer"]}'::jsonb,
+         '{"full_name": ["full_name", "fullName", "name"], "title": ["job_title", "jobTitle", "title", "position"],
+           "email": ["email"], "linkedin_url": ["linkedin", "linkedinUrl", "linkedin_url"],
+           "phone": ["mobile_number", "phone"]}'::jsonb,
+         1, 240),
+        ('millionverifier', 'https://api.millionverifier.com', NULL, NULL, NULL, NULL, NULL, 20)
+     ) AS d(service, base_url, actor, input, role_titles, fields, max_items, call_timeout_s)
+LEFT JOIN pipeline.services s ON s.service = d.service;
+COMMENT ON VIEW pipeline.services_in_effect IS
+    'Each outside service as the stage work calls it: its defaults with what pipeline.services changes '
+    '(changed_at: when, NULL for the defaults).';
+GRANT SELECT ON pipeline.services_in_effect TO PUBLIC;
+
+-- Changing a service (the pipeline's owner): NULL keeps what is in effect;
+-- reset => true goes back to the defaults. Refused values name the field
+-- (the table's constraints). Returns the service as it is now in effect.
+CREATE FUNCTION pipeline.set_service(
+    service        text,
+    base_url       text DEFAULT NULL,
+    actor          text DEFAULT NULL,
+    input          jsonb DEFAULT NULL,
+    role_titles    jsonb DEFAULT NULL,
+    fields         jsonb DEFAULT NULL,
+    max_items      integer DEFAULT NULL,
+    call_timeout_s integer DEFAULT NULL,
+    reset          boolean DEFAULT false
+) RETURNS pipeline.services_in_effect
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_now pipeline.services_in_effect;
+BEGIN
+    IF reset THEN
+        DELETE FROM pipeline.services s WHERE s.service = set_service.service;
+    END IF;
+    INSERT INTO pipeline.services AS s (service, base_url, actor, input, role_titles, fields, max_items, call_timeout_s)
+    VALUES (set_service.service, set_service.base_url, set_service.actor, set_service.input, set_service.role_titles,
+            set_service.fields, set_service.max_items, set_service.call_timeout_s)
+    ON CONFLICT ON CONSTRAINT services_pkey DO UPDATE
+    SET base_url = coalesce(excluded.base_url, s.base_url), actor = coalesce(excluded.actor, s.actor),
+        input = coalesce(excluded.input, s.input), role_titles = coalesce(excluded.role_titles, s.role_titles),
+        fields = coalesce(excluded.fields, s.fields), max_items = coalesce(excluded.max_items, s.max_items),
+        call_timeout_s = coalesce(excluded.call_timeout_s, s.call_timeout_s), updated_at = now();
+    SELECT * INTO v_now FROM pipeline.services_in_effect e WHERE e.service = set_service.service;
+    RETURN v_now;
+END
+$$;
+COMMENT ON FUNCTION pipeline.set_service(text, text, text, jsonb, jsonb, jsonb, integer, integer, boolean) IS
+    'Changes how an outside service is called (NULL keeps a field; reset => true goes back to the defaults); '
+    'returns it as now in effect. For the pipeline''s owner.';
 
 -- One row per slot and stage that a service was called for: the calls
 -- started (each may be paid), the lease of the call in flight, and the last
@@ -2572,17 +2628,14 @@ CREATE FUNCTION pipeline.enrichment_calls(slot_ids bigint[])
 RETURNS TABLE (slot_id bigint, action text, method text, url text, query jsonb, body jsonb, detail text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_service pipeline.services;
+    v_service pipeline.services_in_effect;
     v_id      bigint;
     v_slot    marketing.company_slots;
     v_domain  text;
     v_titles  jsonb;
     v_busy    text;
 BEGIN
-    SELECT * INTO v_service FROM pipeline.services s WHERE s.service = 'apify';
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'pipeline.enrichment_calls: pipeline.services has no apify row' USING ERRCODE = 'no_data_found';
-    END IF;
+    SELECT * INTO v_service FROM pipeline.services_in_effect s WHERE s.service = 'apify';
     FOR v_id IN SELECT DISTINCT u.id FROM unnest(slot_ids) AS u(id) WHERE u.id IS NOT NULL ORDER BY u.id LOOP
         SELECT * INTO v_slot FROM marketing.company_slots s WHERE s.id = v_id FOR UPDATE;
         IF NOT FOUND THEN
@@ -2616,7 +2669,7 @@ END
 $$;
 COMMENT ON FUNCTION pipeline.enrichment_calls(bigint[]) IS
     'Stage 5: for each slot, the Apify request to send (action call, leased to the caller), or done, busy '
-    '(another delivery calls) or missing. Built from pipeline.services.';
+    '(another delivery calls) or missing. Built from pipeline.services_in_effect.';
 
 -- Stage 6's calls: the MillionVerifier request for each slot's email
 -- (without the key: the receiver adds it), or why not: an address verified
@@ -2625,16 +2678,12 @@ CREATE FUNCTION pipeline.verification_calls(slot_ids bigint[])
 RETURNS TABLE (slot_id bigint, action text, method text, url text, query jsonb, body jsonb, detail text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_service pipeline.services;
+    v_service pipeline.services_in_effect;
     v_id      bigint;
     v_slot    marketing.company_slots;
     v_busy    text;
 BEGIN
-    SELECT * INTO v_service FROM pipeline.services s WHERE s.service = 'millionverifier';
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'pipeline.verification_calls: pipeline.services has no millionverifier row'
-            USING ERRCODE = 'no_data_found';
-    END IF;
+    SELECT * INTO v_service FROM pipeline.services_in_effect s WHERE s.service = 'millionverifier';
     FOR v_id IN SELECT DISTINCT u.id FROM unnest(slot_ids) AS u(id) WHERE u.id IS NOT NULL ORDER BY u.id LOOP
         SELECT * INTO v_slot FROM marketing.company_slots s WHERE s.id = v_id FOR UPDATE;
         IF NOT FOUND THEN
@@ -4358,9 +4407,11 @@ BEGIN
     SET status = 'processed', processed_at = e.created_at, claimed_by = NULL
     WHERE e.id = ANY (ARRAY(
         SELECT o.id FROM pipeline.undelivered_types u
+        -- NB: not while it has an endpoint (a restore may bring both back).
         CROSS JOIN LATERAL (SELECT o.id FROM marketing.pipeline_events o
                             WHERE o.event_type = u.event_type AND o.status IN ('pending', 'failed')
                             LIMIT max_rows FOR UPDATE SKIP LOCKED) o
+        WHERE NOT EXISTS (SELECT 1 FROM pipeline.webhooks w WHERE w.event_type = u.event_type)
         LIMIT max_rows));
     GET DIAGNOSTICS v_settled = ROW_COUNT;
     IF v_age <= interval '0' THEN
@@ -4655,6 +4706,8 @@ WITH expected (kind, name) AS (
            ('table', 'pipeline.undelivered_types'),
            ('view', 'marketing.vw_work_progress'),
            ('view', 'marketing.vw_stuck_work'),
+           ('view', 'pipeline.services_in_effect'),
+           ('function', 'pipeline.set_service'),
            ('function', 'pipeline.enrichment_calls'),
            ('function', 'pipeline.verification_calls'),
            ('function', 'pipeline.finish_call'),

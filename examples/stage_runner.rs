@@ -30,7 +30,7 @@
 //! PIPELINE_N8N_WEBHOOK_TOKEN (the one n8n/n8n_webhook_registry.json names);
 //! others get 403. The services' keys come from APIFY_TOKEN and
 //! MILLIONVERIFIER_API_KEY; where the services are, and which actor, is the
-//! database's pipeline.services.
+//! database's pipeline.services_in_effect.
 //!
 //!   PIPELINE_N8N_WEBHOOK_TOKEN=... APIFY_TOKEN=... MILLIONVERIFIER_API_KEY=... \
 //!       cargo run --example stage_runner -- \
@@ -361,7 +361,7 @@ struct Sent {
 }
 
 /// The keys of the services the enrichment and verification steps call
-/// (where they are is the database's: pipeline.services).
+/// (where they are is the database's: pipeline.services_in_effect).
 #[derive(Clone, Debug, Default)]
 pub struct Services {
     pub apify_token: String,

@@ -261,8 +261,9 @@ $$;
 -- Stage 5. Fills a slot from what a people-finder returned: `items` is the
 -- JSON array of dataset items of an Apify actor run
 -- (run-sync-get-dataset-items), one person per item. Which item field fills
--- which column is pipeline.services.fields (the apify row: the one place
--- to change when another actor is used). The first item with a name or a
+-- which column is pipeline.services_in_effect.fields (the apify row: the
+-- one place to change, with pipeline.set_service, when another actor is
+-- used). The first item with a name or a
 -- usable email fills the slot (enriched, source `source`); an email the
 -- table would refuse is left out. No such item: the slot is not_found. A
 -- slot already decided is left as it is; returns the slot's
@@ -287,11 +288,7 @@ BEGIN
                         coalesce(jsonb_typeof(items), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT s.fields INTO v_fields FROM pipeline.services s WHERE s.service = 'apify';
-    IF v_fields IS NULL THEN
-        RAISE EXCEPTION 'pipeline.record_enrichment: pipeline.services has no apify row to map the items with'
-            USING ERRCODE = 'no_data_found';
-    END IF;
+    SELECT s.fields INTO v_fields FROM pipeline.services_in_effect s WHERE s.service = 'apify';
     IF v_slot.enrichment_status IN ('enriched', 'not_found') THEN
         UPDATE pipeline.service_calls c SET leased_until = NULL, done_at = coalesce(c.done_at, now())
         WHERE c.stage = 'enrichment' AND c.slot_id = v_slot.id;
@@ -328,7 +325,7 @@ END
 $$;
 COMMENT ON FUNCTION pipeline.record_enrichment(bigint, jsonb, text) IS
     'Stage 5: fills a slot from an Apify actor''s dataset items (the first person with a name or email, fields '
-    'mapped by pipeline.services), or marks it not_found; a slot already decided is left as it is. Returns the '
+    'mapped by pipeline.services_in_effect), or marks it not_found; a slot already decided is left as it is. Returns the '
     'enrichment_status.';
 
 -- Stage 6. Stores a MillionVerifier answer (GET /api/v3/?api=...&email=...)

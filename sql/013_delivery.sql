@@ -548,9 +548,11 @@ BEGIN
     SET status = 'processed', processed_at = e.created_at, claimed_by = NULL
     WHERE e.id = ANY (ARRAY(
         SELECT o.id FROM pipeline.undelivered_types u
+        -- NB: not while it has an endpoint (a restore may bring both back).
         CROSS JOIN LATERAL (SELECT o.id FROM marketing.pipeline_events o
                             WHERE o.event_type = u.event_type AND o.status IN ('pending', 'failed')
                             LIMIT max_rows FOR UPDATE SKIP LOCKED) o
+        WHERE NOT EXISTS (SELECT 1 FROM pipeline.webhooks w WHERE w.event_type = u.event_type)
         LIMIT max_rows));
     GET DIAGNOSTICS v_settled = ROW_COUNT;
     IF v_age <= interval '0' THEN

@@ -63,6 +63,8 @@ WITH expected (kind, name) AS (
            ('table', 'pipeline.undelivered_types'),
            ('view', 'marketing.vw_work_progress'),
            ('view', 'marketing.vw_stuck_work'),
+           ('view', 'pipeline.services_in_effect'),
+           ('function', 'pipeline.set_service'),
            ('function', 'pipeline.enrichment_calls'),
            ('function', 'pipeline.verification_calls'),
            ('function', 'pipeline.finish_call'),

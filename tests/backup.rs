@@ -49,7 +49,9 @@ fn dump_and_restore_keeps_the_pipeline() {
              SELECT * FROM pipeline.claim(3);
              SELECT pipeline.register_webhook('company_created', 'https://hooks.example/validate',
                  headers => '{\"Authorization\": \"Bearer sk-live-header-value\"}',
-                 secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');",
+                 secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');;
+             SELECT pipeline.set_service('apify', actor => 'someone~people-search', call_timeout_s => 120);
+             SELECT pipeline.undeliver_type('ticket_opened', 'audit only');",
         )
         .unwrap();
     let before = texts(&mut source, COUNTS);
@@ -95,6 +97,14 @@ fn dump_and_restore_keeps_the_pipeline() {
 
     let mut restored = cluster.connect("restored", "postgres");
     assert_eq!(texts(&mut restored, COUNTS), before);
+    // What was changed of the services and of the event types is kept.
+    let services = "SELECT format('%s %s %s', service, coalesce(actor, '-'), call_timeout_s)
+                    FROM pipeline.services_in_effect ORDER BY service";
+    assert_eq!(texts(&mut restored, services), texts(&mut source, services));
+    assert_eq!(
+        texts(&mut restored, "SELECT event_type || ': ' || reason FROM pipeline.undelivered_types ORDER BY 1"),
+        ["email_verified: the last stage's event: stage 7 (outreach ready) is the view marketing.vw_outreach_ready, nothing receives it", "ticket_opened: audit only"]
+    );
     // The endpoint is back without its credentials: nothing is claimed for
     // it (it would go out unsigned), and verify() says what to do.
     assert_eq!(

@@ -48,7 +48,7 @@ fn messy_companies_end_where_the_fixture_says() {
     let mut runner = support::cascade::start_runner_with(&conninfo, 6);
     let mut db = cluster.connect("postgres", "postgres");
     // A slot's call may be retried 22 s after a receiver died in it.
-    db.batch_execute("UPDATE pipeline.services SET call_timeout_s = 10 WHERE service = 'apify'")
+    db.batch_execute("SELECT pipeline.set_service('apify', call_timeout_s => 10)")
         .unwrap();
     support::cascade::import_registry(&mut db, runner.port);
     support::cascade::feed_messy_and_check_with(&mut db, Duration::from_secs(180), |fed| {

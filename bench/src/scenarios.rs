@@ -850,7 +850,7 @@ fn cascade(bench: &mut Bench) {
     let services = outreach_standins::serve("127.0.0.1:0", "bench-apify", "bench-mv");
     let services_url = format!("http://{}", services.addr);
     bench.sql(&format!(
-        "UPDATE pipeline.services SET base_url = '{services_url}'"
+        "SELECT pipeline.set_service(s, base_url => '{services_url}') FROM unnest(ARRAY['apify', 'millionverifier']) s"
     ));
     let _runner = stage_runner::serve(
         &format!("127.0.0.1:{port}"),

@@ -16,6 +16,11 @@ SELECT pg_catalog.pg_extension_config_dump('pipeline.webhooks', '');
 -- NB: not pipeline.webhook_credentials: headers and signing secrets stay out
 -- of dumps; docs/security.md says how to carry them (export_registry).
 SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_delivery_attempts', '');
+-- The stage work's service settings (only what was changed: the defaults
+-- are the view's), its calls, and the event types marked by hand.
+SELECT pg_catalog.pg_extension_config_dump('pipeline.services', '');
+SELECT pg_catalog.pg_extension_config_dump('pipeline.service_calls', '');
+SELECT pg_catalog.pg_extension_config_dump('pipeline.undelivered_types', 'WHERE event_type <> ''email_verified''');
 
 -- Identity sequences too, or restored rows would collide with new ones.
 -- NB: one call per statement; each call rewrites the pg_extension row.

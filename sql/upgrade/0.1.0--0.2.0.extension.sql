@@ -114,3 +114,9 @@ WHERE classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regcl
 UPDATE pg_catalog.pg_extension
 SET extnamespace = 'pipeline'::pg_catalog.regnamespace::pg_catalog.oid
 WHERE extname OPERATOR(pg_catalog.=) 'pipeline_ext';
+
+-- pg_dump keeps the new tables of the stage work as a fresh install does
+-- (sql/extension/config_dump.sql).
+SELECT pg_catalog.pg_extension_config_dump('pipeline.services', '');
+SELECT pg_catalog.pg_extension_config_dump('pipeline.service_calls', '');
+SELECT pg_catalog.pg_extension_config_dump('pipeline.undelivered_types', 'WHERE event_type <> ''email_verified''');

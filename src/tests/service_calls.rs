@@ -382,40 +382,76 @@ mod tests {
     #[pg_test]
     fn bad_service_settings_are_refused_naming_the_field() {
         for (change, field) in [
-            ("base_url = 'ftp://x.example'", "base_url_is_http_url"),
+            ("base_url => 'ftp://x.example'", "base_url_is_http_url"),
             (
-                "base_url = 'https://x.example/path?token=1'",
+                "base_url => 'https://x.example/path?token=1'",
                 "base_url_is_http_url",
             ),
-            ("actor = 'no-tilde'", "actor_is_username_tilde_name"),
-            ("actor = NULL", "actor_is_username_tilde_name"),
+            ("actor => 'no-tilde'", "actor_is_username_tilde_name"),
             (
-                "input = '{\"company\": \"x\"}'",
+                "input => '{\"company\": \"x\"}'",
                 "input_is_object_with_domain",
             ),
             (
-                "fields = '{\"full_name\": [\"name\"]}'",
+                "role_titles => '{\"ceo\": \"CEO\"}'",
+                "role_titles_is_object_of_arrays",
+            ),
+            (
+                "fields => '{\"full_name\": [\"name\"]}'",
                 "fields_names_slot_columns",
             ),
             (
-                "fields = fields || '{\"enrichment_status\": [\"x\"]}'",
+                "fields => '{\"full_name\": [], \"email\": [], \"enrichment_status\": [\"x\"]}'",
                 "fields_names_slot_columns",
             ),
-            ("max_items = 0", "max_items_between_1_and_100"),
-            ("call_timeout_s = 1", "call_timeout_s_range"),
+            ("max_items => 0", "max_items_between_1_and_100"),
+            ("call_timeout_s => 1", "call_timeout_s_range"),
         ] {
             assert_error(
-                &format!("UPDATE pipeline.services SET {change} WHERE service = 'apify'"),
+                &format!("SELECT pipeline.set_service('apify', {change})"),
                 field,
             );
         }
         assert_error(
-            "UPDATE pipeline.services SET call_timeout_s = 61 WHERE service = 'millionverifier'",
+            "SELECT pipeline.set_service('millionverifier', call_timeout_s => 61)",
             "call_timeout_s_range",
         );
         assert_error(
-            "INSERT INTO pipeline.services (service, base_url, call_timeout_s) VALUES ('hunter', 'https://x.example', 10)",
+            "SELECT pipeline.set_service('millionverifier', actor => 'a~b')",
+            "actor_is_username_tilde_name",
+        );
+        assert_error(
+            "SELECT pipeline.set_service('hunter', base_url => 'https://x.example')",
             "service_known",
+        );
+        // What is changed wins, the rest stays the default; reset goes back.
+        let now = json("SELECT to_jsonb(s) FROM pipeline.set_service('apify', actor => 'someone~people', max_items => 3) s");
+        assert_eq!(
+            (
+                &now["actor"],
+                &now["max_items"],
+                &now["base_url"],
+                &now["call_timeout_s"]
+            ),
+            (
+                &json!("someone~people"),
+                &json!(3),
+                &json!("https://api.apify.com"),
+                &json!(240)
+            )
+        );
+        let kept =
+            json("SELECT to_jsonb(s) FROM pipeline.set_service('apify', call_timeout_s => 100) s");
+        assert_eq!(
+            (&kept["actor"], &kept["call_timeout_s"]),
+            (&json!("someone~people"), &json!(100))
+        );
+        let reset = json("SELECT to_jsonb(s) FROM pipeline.set_service('apify', reset => true) s");
+        assert_eq!(reset["actor"], "code_crafter~leads-finder");
+        assert!(reset["changed_at"].is_string(), "{reset}");
+        assert_eq!(
+            count("SELECT count(*) FROM pipeline.services_in_effect WHERE changed_at IS NULL"),
+            1
         );
     }
 

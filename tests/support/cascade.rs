@@ -84,11 +84,13 @@ pub fn start_runner_with(conninfo: &str, chaos_seconds: u64) -> Runner {
         std::net::TcpStream::connect(("127.0.0.1", services_port)).is_ok()
     });
     let mut db = postgres::Client::connect(conninfo, postgres::NoTls).expect("connect");
-    db.execute(
-        "UPDATE pipeline.services SET base_url = $1",
-        &[&format!("http://127.0.0.1:{services_port}")],
-    )
-    .unwrap();
+    for service in ["apify", "millionverifier"] {
+        db.execute(
+            "SELECT pipeline.set_service($1, base_url => $2)",
+            &[&service, &format!("http://127.0.0.1:{services_port}")],
+        )
+        .unwrap();
+    }
     let mut runner = Runner {
         runner: None,
         _services: services,
