@@ -149,9 +149,14 @@ pub fn serve(
         }
         let answer = handle(pool, &services, &request.path, &request.body);
         if !(200..300).contains(&answer.status) {
+            // The reason only: the parts are in the answer, and in the
+            // attempt log that keeps it.
+            let reason = answer.body["error"].as_str().unwrap_or_default();
             eprintln!(
                 "stage runner: {} answered {}: {}",
-                request.path, answer.status, answer.body
+                request.path,
+                answer.status,
+                reason.chars().take(300).collect::<String>()
             );
         }
         json_response(answer.status, answer.retry_after, answer.body)
