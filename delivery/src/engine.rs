@@ -469,8 +469,8 @@ impl Engine {
     }
 }
 
-/// Waits until `fd` is readable or `timeout` passes.
-fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
+/// Waits until `fd` is readable or `timeout` passes; true when it is readable.
+fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
     let mut poll = libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -478,26 +478,13 @@ fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
     };
     let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
     // SAFETY: one pollfd on the stack, for a descriptor the dispatcher owns.
-    unsafe { libc::poll(&mut poll, 1, ms) };
+    unsafe { libc::poll(&mut poll, 1, ms) > 0 }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::queue::ClaimedRow;
-
-    /// Whether the descriptor becomes readable within `timeout`.
-    fn readable_within(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
-        let mut poll = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: one pollfd on the stack, for a descriptor the dispatcher
-        // owns and keeps open while the engine lives.
-        unsafe { libc::poll(&mut poll, 1, ms) > 0 }
-    }
     use std::collections::VecDeque;
     use std::sync::Arc;
 
@@ -599,7 +586,7 @@ mod tests {
             // check: then the wake-up, not the wait, is what counts).
             if wait >= Duration::from_secs(1) && engine.dispatcher().uncollected() > 0 {
                 assert!(
-                    readable_within(engine.dispatcher().wake_fd(), Duration::from_millis(200)),
+                    wait_readable(engine.dispatcher().wake_fd(), Duration::from_millis(200)),
                     "answers wait for the poll"
                 );
             }

@@ -142,8 +142,7 @@ impl HttpClient {
                 // A 2xx without the header the receiver confirms with did
                 // not come from the receiver's work: retried.
                 let unconfirmed = attempt.verdict == Verdict::Delivered
-                    && job
-                        .endpoint
+                    && endpoint
                         .confirm_header
                         .as_ref()
                         // NB: header names are looked up whatever their case.
@@ -170,7 +169,7 @@ impl HttpClient {
                 if unconfirmed {
                     attempt.error = Some(format!(
                         "HTTP {status} without the {} header the endpoint confirms its work with: not taken as delivered",
-                        job.endpoint.confirm_header.as_deref().unwrap_or_default()
+                        endpoint.confirm_header.as_deref().unwrap_or_default()
                     ));
                 } else if attempt.verdict != Verdict::Delivered {
                     attempt.error = Some(match reason(body.as_bytes()) {
