@@ -2801,10 +2801,8 @@ BEGIN
                           CASE WHEN http_status IS NULL THEN 'no answer' ELSE 'HTTP ' || http_status END,
                           coalesce(': ' || nullif(left(regexp_replace(coalesce(error, body, ''), '\s+', ' ', 'g'), 300), ''), ''));
     END IF;
+    -- NB: recording ended the call (record_enrichment, record_verification).
     IF v_status IS NULL THEN
-        UPDATE pipeline.service_calls c
-        SET leased_until = NULL, done_at = now()
-        WHERE c.stage = finish_call.stage AND c.slot_id = finish_call.slot;
         RETURN QUERY SELECT finish_call.slot, 200, NULL::integer, v_outcome;
         RETURN;
     END IF;
