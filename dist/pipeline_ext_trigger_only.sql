@@ -3602,6 +3602,11 @@ WITH stage_events AS MATERIALIZED (
            CASE WHEN r.validation_status <> 'valid' THEN 2 WHEN m.id IS NULL THEN 3 ELSE 4 END AS stage_no,
            CASE WHEN r.validation_status = 'invalid'
                 THEN 'invalid: ' || array_to_string(r.validation_errors, '; ') END AS ended,
+           -- NB: the kind of an end or a stoppage, in the pipeline's words
+           -- only (no domain, address or receiver's words): what monitoring
+           -- roles see, counted, in the funnel.
+           CASE WHEN r.validation_status = 'invalid'
+                THEN 'invalid: ' || split_part(r.validation_errors[1], ':', 1) END AS ended_kind,
            CASE WHEN r.validation_status = 'pending' THEN 'company_created'
                 WHEN m.id IS NULL THEN 'company_validated' ELSE 'company_promoted' END AS event_type,
            CASE WHEN m.id IS NULL THEN r.id ELSE m.id END AS event_row_id,
@@ -3613,8 +3618,8 @@ WITH stage_events AS MATERIALIZED (
     WHERE m.id IS NULL OR NOT EXISTS (SELECT 1 FROM marketing.company_slots s WHERE s.company_id = m.id)
     UNION ALL
     -- Companies entered by hand (no intake row) without slots.
-    SELECT NULL, m.id, NULL, m.company_name, m.domain, NULL, 4, NULL, 'company_promoted', m.id, m.created_at, m.created_at,
-           NULL, NULL
+    SELECT NULL, m.id, NULL, m.company_name, m.domain, NULL, 4, NULL, NULL, 'company_promoted', m.id, m.created_at,
+           m.created_at, NULL, NULL
     FROM marketing.company_master m
     WHERE m.intake_id IS NULL AND NOT EXISTS (SELECT 1 FROM marketing.company_slots s WHERE s.company_id = m.id)
     UNION ALL
@@ -3627,6 +3632,9 @@ WITH stage_events AS MATERIALIZED (
                 WHEN s.enrichment_status = 'enriched' AND s.email IS NULL
                     THEN format('%s found for %s, without an email to verify', coalesce(s.full_name, 'someone'), s.slot_role)
                 WHEN v.result IS NOT NULL AND v.result <> 'valid' THEN format('%s: %s', s.email, v.result) END,
+           CASE WHEN s.enrichment_status = 'not_found' THEN 'nobody found'
+                WHEN s.enrichment_status = 'enriched' AND s.email IS NULL THEN 'found without an email'
+                WHEN v.result IS NOT NULL AND v.result <> 'valid' THEN 'email ' || v.result END,
            CASE WHEN s.enrichment_status NOT IN ('enriched', 'not_found') THEN 'slots_created' ELSE 'contact_enriched' END,
            CASE WHEN s.enrichment_status NOT IN ('enriched', 'not_found') THEN m.id ELSE s.id END,
            greatest(s.created_at, s.enriched_at, v.verified_at, c.failed_at),
@@ -3665,6 +3673,16 @@ SELECT i.intake_id, i.company_id, i.slot_id, i.company, i.domain, i.slot_role, i
                                            coalesce(w.disabled_reason, 'no reason given'))
             ELSE format('no %s event waits or fails for it, and it has not moved since %s', i.event_type, i.since)
        END AS reason,
+       CASE WHEN i.ended IS NOT NULL THEN i.ended_kind
+            WHEN i.stage_no = 7 OR e.open OR i.leased_until > now() THEN NULL
+            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.entered THEN 'event dead'
+            WHEN answered.id IS NOT NULL THEN 'answered 2xx, nothing recorded'
+            WHEN i.since >= now() - pipeline._setting('stuck_after', '1h')::interval THEN NULL
+            WHEN i.call_error IS NOT NULL THEN 'service failure'
+            WHEN w.event_type IS NULL THEN 'no endpoint'
+            WHEN NOT w.enabled THEN 'endpoint disabled'
+            ELSE 'not moving'
+       END AS reason_kind,
        i.event_type AS waiting_for,
        coalesce(e.open_id, e.dead_id, answered.id) AS event_id,
        i.since
@@ -3688,7 +3706,8 @@ LEFT JOIN LATERAL (
 LEFT JOIN pipeline.webhooks w ON w.event_type = i.event_type;
 COMMENT ON VIEW marketing.vw_work_progress IS
     'Every company without slots and every slot: the stage it is at, its state (in_progress, done, failed, stuck), '
-    'why (the reason it ended or is stuck), the event it waits for and since when it has not moved.';
+    'why (the reason it ended or is stuck, and its kind in the pipeline''s words), the event it waits for and '
+    'since when it has not moved.';
 
 CREATE VIEW marketing.vw_stuck_work AS
 SELECT p.intake_id, p.company_id, p.slot_id, p.company, p.domain, p.slot_role, p.stage_no, p.stage, p.reason,
@@ -3703,8 +3722,10 @@ COMMENT ON VIEW marketing.vw_stuck_work IS
 -- How many companies reached each stage (and, from stage 4 on, how many
 -- contacts), and the work of each stage (companies up to stage 4, contacts
 -- from 5 on): arrived, in progress, done (the stage's work is recorded:
--- companies or contacts), failed (ended there; the reasons, numbers made N,
--- and how often each) and stuck. arrived = done + in_progress + failed + stuck.
+-- companies or contacts), failed (ended there) and stuck, with how often
+-- each kind of reason came (vw_work_progress.reason_kind: the pipeline's
+-- words, no company's data: monitoring roles read the funnel).
+-- arrived = done + in_progress + failed + stuck.
 CREATE VIEW marketing.vw_pipeline_funnel AS
 WITH counts (stage_no, companies, contacts) AS (
     SELECT 1, (SELECT count(*) FROM intake.company_raw_intake), NULL::bigint
@@ -3724,7 +3745,7 @@ WITH counts (stage_no, companies, contacts) AS (
     UNION ALL
     SELECT 7, count(DISTINCT company_id), count(*) FROM marketing.vw_outreach_ready
 ), progress AS MATERIALIZED (
-    SELECT p.stage_no, p.state, p.reason FROM marketing.vw_work_progress p
+    SELECT p.stage_no, p.state, p.reason_kind FROM marketing.vw_work_progress p
 ), states AS (
     SELECT p.stage_no,
            count(*) FILTER (WHERE p.state = 'in_progress') AS in_progress,
@@ -3734,7 +3755,7 @@ WITH counts (stage_no, companies, contacts) AS (
     GROUP BY p.stage_no
 ), reasons AS (
     SELECT r.stage_no, jsonb_object_agg(r.reason, r.n) AS failure_reasons
-    FROM (SELECT p.stage_no, regexp_replace(p.reason, '[0-9]+', 'N', 'g') AS reason, count(*) AS n
+    FROM (SELECT p.stage_no, p.reason_kind AS reason, count(*) AS n
           FROM progress p WHERE p.state IN ('failed', 'stuck') GROUP BY 1, 2) r
     GROUP BY r.stage_no
 )
@@ -3851,7 +3872,9 @@ $$;
 COMMENT ON FUNCTION pipeline.resume_stuck(integer) IS
     'pipeline.resume_company for every stuck company (marketing.vw_stuck_work), at most max_companies.';
 
-GRANT SELECT ON marketing.vw_work_progress, marketing.vw_stuck_work TO pg_monitor;
+-- NB: not to pg_monitor: the rows name companies, addresses and what
+-- receivers answered. Monitoring reads the counts (pipeline.status(), the
+-- funnel).
 
 -- ==== sql/013_delivery.sql ====
 

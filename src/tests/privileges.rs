@@ -529,6 +529,13 @@ mod tests {
         // recorded without delivery: no one's work.
         assert_eq!(status["without_endpoint"], 1, "{status}");
         assert_eq!(status["stuck_work"], 0, "{status}");
+        // The rows of work name companies and addresses: counts only.
+        for view in ["vw_work_progress", "vw_stuck_work"] {
+            assert_error(
+                &format!("SELECT count(*) FROM marketing.{view}"),
+                "permission denied",
+            );
+        }
         for view in [
             "vw_pipeline_status",
             "vw_endpoint_health",

@@ -118,6 +118,18 @@ mod tests {
              FROM marketing.vw_pipeline_funnel",
         );
         assert_eq!(funnel["validation"], json!([3, 0, 1, 1, 1]));
+        // The reasons by kind, with no company's data in them.
+        let reasons = json(
+            "SELECT jsonb_object_agg(stage, failure_reasons) FROM marketing.vw_pipeline_funnel
+             WHERE failure_reasons <> '{}'",
+        );
+        assert_eq!(
+            reasons,
+            json!({
+                "validation": {"invalid: website is not an http(s) URL or a domain name": 1, "event dead": 1},
+                "enrichment": {"nobody found": 1}
+            })
+        );
         assert_eq!(funnel["enrichment"], json!([2, 0, 1, 1, 0]));
         assert_eq!(funnel["outreach_ready"], json!([1, 0, 1, 0, 0]));
     }
