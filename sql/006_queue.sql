@@ -32,15 +32,26 @@
 -- enable_bitmapscan, enable_hashjoin and enable_mergejoin off (SET clauses),
 -- so that a guess that most rows match cannot make one read the whole
 -- table. tests/plans.rs checks the plans in each state, generic plans too.
+-- And they always take the generic plan (plan_cache_mode): with the
+-- settings above a generic plan's estimate holds a disabled node's 10^10,
+-- so PostgreSQL kept planning every statement afresh for the values of
+-- each call, a quarter of a deliverer's CPU time.
 -- They also run with jit off: a plan node the settings disable but that has
 -- no alternative (a sequential scan of pipeline.deliverers) costs 10^10,
 -- far above jit_above_cost, and PostgreSQL then compiled that statement
 -- with LLVM at every execution: tens of milliseconds each time, and about
 -- 25 MB that LLVM kept in the deliverer's process.
 
+-- NB: inlined where it is called, so it has no SET clause and qualifies
+-- every name and operator instead (no NULLIF either: it looks up = by
+-- search_path). With the clause, each call was a SQL function parsed and
+-- planned anew, several times in every claim and recording.
 CREATE FUNCTION pipeline._setting(name text, fallback text) RETURNS text
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(nullif(current_setting('pipeline.' || name, true), ''), fallback)
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN pg_catalog.current_setting('pipeline.' OPERATOR(pg_catalog.||) name, true)
+                     OPERATOR(pg_catalog.<>) ''
+                THEN pg_catalog.current_setting('pipeline.' OPERATOR(pg_catalog.||) name, true)
+                ELSE fallback END
 $$;
 
 -- Back to pending, due now, with a fresh set of attempts. With force, events
@@ -96,19 +107,22 @@ $$;
 COMMENT ON FUNCTION pipeline.backoff(integer) IS
     'Delay before retrying after failed attempt n: backoff_base * 2^(n-1), at most backoff_cap, times a random 0.5-1.';
 
--- Claiming due events: they become processing until the lease ends.
-CREATE FUNCTION pipeline.claim(
-    batch_size  integer DEFAULT 100,
-    lease       interval DEFAULT NULL,
-    event_types text[] DEFAULT NULL,
-    consumer    text DEFAULT NULL
-) RETURNS SETOF marketing.pipeline_events
+-- Claiming due events: they become processing until the lease ends. The
+-- claim itself, for pipeline.claim and the deliverers' _claim_deliveries:
+-- the ids claimed, their attempt and their payload's size.
+CREATE FUNCTION pipeline._claim_rows(
+    batch_size  integer,
+    lease       interval,
+    event_types text[],
+    consumer    text
+) RETURNS TABLE (id bigint, attempts integer, stored bigint)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_lease  interval := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
-    v_types  text[] := claim.event_types;
+    v_types  text[] := _claim_rows.event_types;
     v_quotas integer[];
 BEGIN
     IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 10000 THEN
@@ -186,7 +200,24 @@ BEGIN
         claimed_by = consumer
     FROM candidates c
     WHERE e.id = c.id
-    RETURNING e.*;
+    RETURNING e.id, e.attempts, pipeline._payload_bytes(e.payload);
+END
+$$;
+CREATE FUNCTION pipeline.claim(
+    batch_size  integer DEFAULT 100,
+    lease       interval DEFAULT NULL,
+    event_types text[] DEFAULT NULL,
+    consumer    text DEFAULT NULL
+) RETURNS SETOF marketing.pipeline_events
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    RETURN QUERY
+    SELECT e.*
+    FROM pipeline._claim_rows(batch_size, lease, event_types, consumer) c
+    CROSS JOIN LATERAL (SELECT e.* FROM marketing.pipeline_events e WHERE e.id = c.id OFFSET 0) e;
 END
 $$;
 COMMENT ON FUNCTION pipeline.claim(integer, interval, text[], text) IS
@@ -200,7 +231,8 @@ COMMENT ON FUNCTION pipeline.claim(integer, interval, text[], text) IS
 CREATE FUNCTION pipeline.release_claims(consumer text) RETURNS integer
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
     WITH released AS (
         UPDATE marketing.pipeline_events e
         -- NB: due since their creation, so that they go before the backlog
@@ -236,7 +268,8 @@ CREATE FUNCTION pipeline._settle(
 -- to planning it).
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 BEGIN
     -- NB: plans that hold whatever the statistics say. Each event is looked

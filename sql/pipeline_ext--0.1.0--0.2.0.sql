@@ -1304,10 +1304,12 @@ GRANT SELECT ON pipeline.stages TO PUBLIC;
 -- 25 MB that LLVM kept in the deliverer's process.
 
 CREATE FUNCTION pipeline._setting(name text, fallback text) RETURNS text
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(nullif(current_setting('pipeline.' || name, true), ''), fallback)
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN pg_catalog.current_setting('pipeline.' OPERATOR(pg_catalog.||) name, true)
+                     OPERATOR(pg_catalog.<>) ''
+                THEN pg_catalog.current_setting('pipeline.' OPERATOR(pg_catalog.||) name, true)
+                ELSE fallback END
 $$;
-
 
 -- Back to pending, due now, with a fresh set of attempts. With force, events
 -- still processing too (their consumer is gone): those keep their attempt
@@ -1366,19 +1368,22 @@ COMMENT ON FUNCTION pipeline.backoff(integer) IS
     'Delay before retrying after failed attempt n: backoff_base * 2^(n-1), at most backoff_cap, times a random 0.5-1.';
 
 
--- Claiming due events: they become processing until the lease ends.
-CREATE FUNCTION pipeline.claim(
-    batch_size  integer DEFAULT 100,
-    lease       interval DEFAULT NULL,
-    event_types text[] DEFAULT NULL,
-    consumer    text DEFAULT NULL
-) RETURNS SETOF marketing.pipeline_events
+-- Claiming due events: they become processing until the lease ends. The
+-- claim itself, for pipeline.claim and the deliverers' _claim_deliveries:
+-- the ids claimed, their attempt and their payload's size.
+CREATE FUNCTION pipeline._claim_rows(
+    batch_size  integer,
+    lease       interval,
+    event_types text[],
+    consumer    text
+) RETURNS TABLE (id bigint, attempts integer, stored bigint)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_lease  interval := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
-    v_types  text[] := claim.event_types;
+    v_types  text[] := _claim_rows.event_types;
     v_quotas integer[];
 BEGIN
     IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 10000 THEN
@@ -1456,10 +1461,26 @@ BEGIN
         claimed_by = consumer
     FROM candidates c
     WHERE e.id = c.id
-    RETURNING e.*;
+    RETURNING e.id, e.attempts, pipeline._payload_bytes(e.payload);
 END
 $$;
-
+CREATE FUNCTION pipeline.claim(
+    batch_size  integer DEFAULT 100,
+    lease       interval DEFAULT NULL,
+    event_types text[] DEFAULT NULL,
+    consumer    text DEFAULT NULL
+) RETURNS SETOF marketing.pipeline_events
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    RETURN QUERY
+    SELECT e.*
+    FROM pipeline._claim_rows(batch_size, lease, event_types, consumer) c
+    CROSS JOIN LATERAL (SELECT e.* FROM marketing.pipeline_events e WHERE e.id = c.id OFFSET 0) e;
+END
+$$;
 COMMENT ON FUNCTION pipeline.claim(integer, interval, text[], text) IS
     'Claims up to batch_size due events (oldest due first, skipping rows other consumers hold): '
     'they become processing with attempts + 1 until the lease ends (at most 1 day), claimed_by consumer. '
@@ -1472,7 +1493,8 @@ COMMENT ON FUNCTION pipeline.claim(integer, interval, text[], text) IS
 CREATE FUNCTION pipeline.release_claims(consumer text) RETURNS integer
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
     WITH released AS (
         UPDATE marketing.pipeline_events e
         -- NB: due since their creation, so that they go before the backlog
@@ -1483,7 +1505,6 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp
     )
     SELECT count(*)::integer FROM released
 $$;
-
 COMMENT ON FUNCTION pipeline.release_claims(text) IS
     'Makes the events a named consumer still holds due again now, ahead of events created after them (after its crash); returns how many.';
 
@@ -1510,7 +1531,8 @@ CREATE FUNCTION pipeline._settle(
 -- to planning it).
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 BEGIN
     -- NB: plans that hold whatever the statistics say. Each event is looked
@@ -1565,7 +1587,6 @@ BEGIN
     SELECT s.id, s.status::text FROM settled s;
 END
 $$;
-
 
 -- Recording a successful delivery.
 CREATE FUNCTION pipeline.mark_delivered(event_id bigint) RETURNS boolean
@@ -3893,7 +3914,8 @@ COMMENT ON COLUMN marketing.pipeline_delivery_attempts.outcome IS
 CREATE FUNCTION pipeline._delete_attempts() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         BEGIN
@@ -3910,7 +3932,6 @@ BEGIN
     RETURN NULL;
 END
 $$;
-
 CREATE TRIGGER delete_attempts AFTER DELETE ON marketing.pipeline_events
     REFERENCING OLD TABLE AS deleted_events
     FOR EACH STATEMENT EXECUTE FUNCTION pipeline._delete_attempts();
@@ -3988,27 +4009,40 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_types         text[];
-    v_kept          bigint[] := '{}';
-    v_back_ids      bigint[] := '{}';
-    v_back_attempts integer[] := '{}';
-    v_bytes         bigint := 0;
-    v_row           record;
+    v_long          boolean;
+    v_kept          bigint[];
+    v_back_ids      bigint[];
+    v_back_attempts integer[];
     v_lease         interval;
     v_timeout       text;
     v_default_ms    integer;
 BEGIN
+    -- A request may outlast the lease (an endpoint whose timeout_ms is
+    -- longer: a receiver that waits for a slow service): its events are held
+    -- for the timeout and a lease more, or they could be claimed again, and
+    -- sent twice, while the request is out.
+    v_lease := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
+    -- NB: the setting reads as '5s' where the extension defines it, and may
+    -- be a bare number of milliseconds where it is only a placeholder.
+    v_timeout := pipeline._setting('http_timeout', '5000');
+    v_default_ms := CASE WHEN v_timeout ~ '^\s*[0-9]+\s*$' THEN v_timeout::integer
+                         ELSE (extract(epoch FROM v_timeout::interval) * 1000)::integer END;
     -- NB: an endpoint without its credentials row (restored from a dump
     -- that leaves them out) is not claimed for: it would go out without its
     -- headers and signature. Its events wait for import_registry.
-    v_types := ARRAY(SELECT w.event_type::text FROM pipeline.webhooks w
-                     JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
-                     WHERE w.enabled
-                       AND (skip_types IS NULL OR w.event_type::text <> ALL (skip_types))
-                       AND (only_types IS NULL OR w.event_type::text = ANY (only_types)));
-    IF cardinality(v_types) = 0 THEN
+    SELECT array_agg(w.event_type::text),
+           bool_or(make_interval(secs => coalesce(w.timeout_ms, v_default_ms) / 1000.0) >= v_lease / 2)
+    INTO v_types, v_long
+    FROM pipeline.webhooks w
+    JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
+    WHERE w.enabled
+      AND (skip_types IS NULL OR w.event_type::text <> ALL (skip_types))
+      AND (only_types IS NULL OR w.event_type::text = ANY (only_types));
+    IF v_types IS NULL THEN
         RETURN;
     END IF;
     IF only_types IS NOT NULL THEN
@@ -4023,37 +4057,23 @@ BEGIN
         ) first
         WHERE e.id = first.id AND e.next_attempt_at > now();
     END IF;
-    FOR v_row IN
-        SELECT c.id, c.attempts, pipeline._payload_bytes(c.payload) AS stored
-        FROM pipeline.claim(batch_size, lease, v_types, consumer) c
-        ORDER BY c.id
-    LOOP
-        IF max_bytes IS NULL OR cardinality(v_kept) = 0 OR v_bytes + v_row.stored <= max_bytes THEN
-            v_kept := v_kept || v_row.id;
-            v_bytes := v_bytes + v_row.stored;
-        ELSE
-            v_back_ids := v_back_ids || v_row.id;
-            v_back_attempts := v_back_attempts || v_row.attempts;
-        END IF;
-    END LOOP;
+    -- Kept in id order until their bodies reach max_bytes (the first always
+    -- comes); the rest go back.
+    SELECT coalesce(array_agg(c.id) FILTER (WHERE c.keep), '{}'),
+           coalesce(array_agg(c.id) FILTER (WHERE NOT c.keep), '{}'),
+           coalesce(array_agg(c.attempts) FILTER (WHERE NOT c.keep), '{}')
+    INTO v_kept, v_back_ids, v_back_attempts
+    FROM (SELECT r.id, r.attempts,
+                 max_bytes IS NULL OR row_number() OVER w = 1 OR sum(r.stored) OVER w <= max_bytes AS keep
+          FROM pipeline._claim_rows(batch_size, lease, v_types, consumer) r
+          WINDOW w AS (ORDER BY r.id)) c;
     IF cardinality(v_back_ids) > 0 THEN
         PERFORM pipeline._release(v_back_ids, v_back_attempts);
     END IF;
-    -- A request may outlast the lease (an endpoint whose timeout_ms is
-    -- longer: a receiver that waits for a slow service): its events are held
-    -- for the timeout and a lease more, or they could be claimed again, and
-    -- sent twice, while the request is out.
-    v_lease := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
-    -- NB: the setting reads as '5s' where the extension defines it, and may
-    -- be a bare number of milliseconds where it is only a placeholder.
-    v_timeout := pipeline._setting('http_timeout', '5000');
-    v_default_ms := CASE WHEN v_timeout ~ '^\s*[0-9]+\s*$' THEN v_timeout::integer
-                         ELSE (extract(epoch FROM v_timeout::interval) * 1000)::integer END;
-    IF cardinality(v_kept) > 0
-       AND EXISTS (SELECT 1 FROM pipeline.webhooks w
-                   WHERE w.event_type::text = ANY (v_types)
-                     AND make_interval(secs => coalesce(w.timeout_ms, v_default_ms)
-                                               / 1000.0) >= v_lease / 2) THEN
+    IF cardinality(v_kept) = 0 THEN
+        RETURN;
+    END IF;
+    IF v_long THEN
         UPDATE marketing.pipeline_events e
         SET next_attempt_at = now() + v_lease
                               + make_interval(secs => coalesce(w.timeout_ms, v_default_ms)
@@ -4063,7 +4083,11 @@ BEGIN
           AND make_interval(secs => coalesce(w.timeout_ms, v_default_ms) / 1000.0)
               >= v_lease / 2;
     END IF;
-    IF cardinality(v_kept) > 0 AND consumer IS NOT NULL THEN
+    -- NB: looked at first: the upsert alone locks the row (a WAL record)
+    -- even when it changes nothing, and this runs at every claim.
+    IF consumer IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pipeline.deliverers d
+                       WHERE d.name = consumer AND d.last_active_at >= now() - interval '1 second') THEN
         INSERT INTO pipeline.deliverers AS d (name, last_active_at) VALUES (consumer, now())
         ON CONFLICT (name) DO UPDATE SET last_active_at = excluded.last_active_at
         WHERE d.last_active_at < excluded.last_active_at - interval '1 second';
@@ -4106,7 +4130,6 @@ BEGIN
     ORDER BY b.id;
 END
 $$;
-
 
 -- How each endpoint is doing, as its deliverers see it. _record_deliveries
 -- keeps whether it answers: failing_since is the first failure after its
@@ -4160,7 +4183,8 @@ CREATE FUNCTION pipeline._circuit_changed(
 ) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     IF state = 'paused' THEN
         INSERT INTO pipeline.endpoint_health AS h (event_type, paused_until, reported_by)
@@ -4193,7 +4217,8 @@ $$;
 CREATE FUNCTION pipeline._count_while_down(event_type text, failure text) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_max    integer := pipeline._setting('max_attempts', '10')::integer;
     v_error  text := format('not sent: the endpoint is down (the last failure: %s)', coalesce(failure, 'no answer'));
@@ -4237,7 +4262,8 @@ $$;
 CREATE FUNCTION pipeline._give_up_endpoint(event_type text, reason text) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_ended integer;
 BEGIN
@@ -4282,7 +4308,8 @@ CREATE FUNCTION pipeline._record_deliveries(
 -- function is parsed and planned again on every call).
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_bound  interval;
     v_failed record;
@@ -4328,6 +4355,15 @@ BEGIN
            CASE WHEN b.failed THEN now() END, b.failure
     FROM batch b
     WHERE (b.answered OR b.failed) AND EXISTS (SELECT 1 FROM pipeline.webhooks w WHERE w.event_type = b.event_type)
+      -- NB: a row the update below would leave as it is is not offered to
+      -- it: the upsert locks the row it finds (a WAL record) even when its
+      -- WHERE then changes nothing, and this runs at every recording.
+      AND NOT EXISTS (SELECT 1 FROM pipeline.endpoint_health h
+                      WHERE h.event_type = b.event_type
+                        AND b.answered = (h.failing_since IS NULL)
+                        AND h.last_answer_at >= now() - interval '1 second'
+                        AND NOT (b.failed AND (h.last_failure_at IS NULL
+                                               OR h.last_failure_at < now() - interval '1 second')))
     ON CONFLICT ON CONSTRAINT endpoint_health_pkey DO UPDATE
     SET failing_since = CASE WHEN excluded.last_answer_at IS NOT NULL THEN NULL
                              ELSE coalesce(h.failing_since, now()) END,
@@ -4379,7 +4415,6 @@ BEGIN
 END
 $$;
 
-
 -- Deleting old history in small batches (the worker calls it every round
 -- until it returns less than max_rows): delivered events older than
 -- older_than (their attempts go with them) and attempts older than it.
@@ -4389,7 +4424,8 @@ CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows intege
 RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
     v_settled bigint;
@@ -4435,7 +4471,6 @@ BEGIN
     RETURN v_settled + v_events + v_attempts;
 END
 $$;
-
 COMMENT ON FUNCTION pipeline.purge(interval, integer) IS
     'Settles up to max_rows events of pipeline.undelivered_types as processed, deletes up to max_rows delivered '
     'events older than older_than (default pipeline.retention) and up to max_rows old delivery attempts; returns '
@@ -4589,7 +4624,8 @@ GRANT EXECUTE ON FUNCTION pipeline.status() TO pg_monitor;
 CREATE FUNCTION pipeline._release(event_ids bigint[], attempts integer[]) RETURNS integer
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
     -- NB: by primary key whatever the statistics say, as in _settle.
     WITH held AS MATERIALIZED (
         SELECT j.event_id, e.status, e.attempts
@@ -4609,37 +4645,41 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp
     SELECT count(*)::integer FROM released
 $$;
 
-
 -- Seconds until the next event with an enabled endpoint is due (negative
 -- when one is due already; NULL when none waits), so the worker sleeps
 -- exactly until a retry or an expiring lease needs it. skip_types: types
 -- the worker is not claiming now (their endpoint is busy or probed).
 CREATE FUNCTION pipeline._next_due_in(skip_types text[] DEFAULT NULL) RETURNS double precision
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+-- NB: plpgsql, so that its statement is planned once per session.
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
-    SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
-    FROM pipeline.webhooks w
-    -- NB: as in _claim_deliveries: an endpoint without credentials is not
-    -- claimed for, so its events are not due (else the deliverer spins).
-    JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
-    CROSS JOIN LATERAL (
-        SELECT e.next_attempt_at
-        FROM marketing.pipeline_events e
-        WHERE e.event_type = w.event_type AND e.status IN ('pending', 'failed', 'processing')
-        ORDER BY e.next_attempt_at
-        LIMIT 1
-    ) n
-    WHERE w.enabled AND (skip_types IS NULL OR w.event_type::text <> ALL (skip_types))
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    RETURN (
+        SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
+        FROM pipeline.webhooks w
+        -- NB: as in _claim_deliveries: an endpoint without credentials is not
+        -- claimed for, so its events are not due (else the deliverer spins).
+        JOIN pipeline.webhook_credentials c ON c.event_type = w.event_type
+        CROSS JOIN LATERAL (
+            SELECT e.next_attempt_at
+            FROM marketing.pipeline_events e
+            WHERE e.event_type = w.event_type AND e.status IN ('pending', 'failed', 'processing')
+            ORDER BY e.next_attempt_at
+            LIMIT 1
+        ) n
+        WHERE w.enabled AND (skip_types IS NULL OR w.event_type::text <> ALL (skip_types)));
+END
 $$;
-
 
 -- An endpoint that failed answers again: the events that failed meanwhile
 -- are due now instead of on their backoff. Returns how many.
 CREATE FUNCTION pipeline._endpoint_recovered(event_type text) RETURNS integer
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
     WITH due AS (
         UPDATE marketing.pipeline_events e
         SET next_attempt_at = now()
@@ -4649,8 +4689,6 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp
     )
     SELECT count(*)::integer FROM due
 $$;
-
-
 -- ==== from sql/014_verify.sql ====
 
 -- 014_verify.sql: a self-check of the installation (last, so that it can

@@ -2,10 +2,12 @@
 //! with the extension preloaded, and runs it with that cluster's port:
 //!
 //!   pipeline_ext_bench --port 28817 --pgbench /usr/lib/postgresql/15/bin/pgbench \
-//!       [--smoke] [--out FILE] [--only SCENARIO ...]
+//!       [--smoke] [--out FILE] [--repetitions N] [--only SCENARIO ...]
 //!
-//! SCENARIO is one of capacity, throughput, arrival, statistics, latency,
-//! write, memory, history, cascade, faults, relay (all of them without --only).
+//! SCENARIO is one of capacity, throughput, arrival, statistics, steady
+//! (latency and deliverer CPU per event at steady commit rates, and idle),
+//! write, memory, history, cascade, faults, relay, relay-steady (the relay's
+//! steady rows only) (all of them without --only).
 //! arrival inserts rows in commits of 100 while the worker delivers;
 //! statistics does the same with the events table analyzed in each of four
 //! states (never, all delivered, all waiting, half). relay needs --relay PATH
@@ -152,6 +154,7 @@ fn main() {
     let mut relay = None;
     let mut out = None;
     let mut only = Vec::new();
+    let mut repetitions = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -161,6 +164,13 @@ fn main() {
             "--out" => out = args.next(),
             "--only" => only.push(args.next().expect("--only SCENARIO")),
             "--relay" => relay = args.next(),
+            "--repetitions" => {
+                repetitions = args.next().and_then(|n| n.parse::<usize>().ok());
+                assert!(
+                    repetitions.is_some_and(|n| n > 0),
+                    "--repetitions N (N >= 1)"
+                );
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -174,7 +184,7 @@ fn main() {
         pgbench,
         receiver: Receiver::start(2),
         smoke,
-        repetitions: if smoke { 1 } else { 3 },
+        repetitions: repetitions.unwrap_or(if smoke { 1 } else { 3 }),
         figures: Vec::new(),
         prefix: String::new(),
         targets: true,
@@ -183,9 +193,10 @@ fn main() {
 
     let started = Instant::now();
     scenarios::run(&mut bench, &only);
-    if only.is_empty() || only.iter().any(|o| o == "relay") {
+    let steady_only = only.iter().any(|o| o == "relay-steady");
+    if only.is_empty() || steady_only || only.iter().any(|o| o == "relay") {
         let relay = relay.expect("--relay PATH (pipeline-relay) for the relay scenarios");
-        relay::run(&mut bench, std::path::Path::new(&relay));
+        relay::run(&mut bench, std::path::Path::new(&relay), steady_only);
     }
     let table = table(&bench);
     println!("\n{table}");

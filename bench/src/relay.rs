@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::scenarios::{
-    backlog, cpu_seconds, latency, register, reset, rss, say, throughput_of, wait_processed,
+    backlog, cpu_seconds, idle, latency, register, reset, rss, say, throughput_of, wait_processed,
+    STEADY_RATES,
 };
 use crate::{Bench, Target};
 
@@ -45,7 +46,8 @@ impl Drop for Running {
     }
 }
 
-pub fn run(bench: &mut Bench, relay: &Path) {
+/// With `steady_only`, the direct relay's idle and steady-rate rows only.
+pub fn run(bench: &mut Bench, relay: &Path, steady_only: bool) {
     say("relay: a trigger-only install in database relay");
     bench.use_database("postgres");
     bench.sql("DROP DATABASE IF EXISTS relay");
@@ -64,9 +66,36 @@ pub fn run(bench: &mut Bench, relay: &Path) {
     bench.prefix = "relay, direct: ".into();
     {
         let running = Running::start(relay, &direct, &[]);
-        throughput_of(bench, 1, running.pid());
-        latency(bench, 100);
-        memory(bench, &running);
+        if !steady_only {
+            throughput_of(bench, 1, running.pid());
+        }
+        // The relay's CPU and that of the server processes serving it: the
+        // SQL of its turns runs there.
+        let mut deliverer = vec![running.pid()];
+        deliverer.extend(
+            bench
+                .db
+                .query(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'pipeline-relay'",
+                    &[],
+                )
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<_, i32>(0)),
+        );
+        idle(bench, &deliverer);
+        for rate in STEADY_RATES {
+            latency(bench, rate, &deliverer);
+        }
+        if !steady_only {
+            memory(bench, &running);
+        }
+    }
+    if steady_only {
+        bench.prefix.clear();
+        reset(bench);
+        bench.use_database("postgres");
+        return;
     }
 
     bench.prefix = "relay through PgBouncer, --poll 1s: ".into();
@@ -80,7 +109,7 @@ pub fn run(bench: &mut Bench, relay: &Path) {
         );
         let running = Running::start(relay, &pooled, &["--poll", "1s"]);
         throughput_of(bench, 1, running.pid());
-        latency(bench, 100);
+        latency(bench, 100, &[running.pid()]);
     }
     bench.prefix.clear();
     bench.targets = true;

@@ -1,22 +1,28 @@
 //! A deliverer's turn, the same for the extension's worker and for
-//! pipeline-relay. Each turn does what is due of:
+//! pipeline-relay. Each turn does what is due of, in one transaction:
 //!
-//!   1. record: one transaction logs the attempts that finished since the
-//!      last turn, settles their events (processed, failed with the next
-//!      attempt time, dead), disables endpoints that answered 410 Gone,
-//!      hands back unsent events, and makes the failed events of an endpoint
-//!      that answers again due at once. Outcomes are gathered for a moment
-//!      (RECORD_WITHIN, or half of what may wait unstored) so that one
-//!      transaction records many; no new request starts while
-//!      `unstored_cap` answers wait to be stored, so a crash repeats at most
-//!      that many deliveries besides the requests in flight.
-//!   2. claim: one short transaction claims due events whose endpoint has
-//!      room, up to the batch size and the bytes allowed in flight. They
-//!      become processing with a lease and the transaction commits: none
-//!      stays open while requests are out.
+//!   1. record: log the attempts that finished since the last turn, settle
+//!      their events (processed, failed with the next attempt time, dead),
+//!      disable endpoints that answered 410 Gone, hand back unsent events,
+//!      and make the failed events of an endpoint that answers again due at
+//!      once. Outcomes wait for the next claim to carry them, or at most
+//!      RECORD_WITHIN (or until half of what may wait unstored came in); no
+//!      new request starts while `unstored_cap` answers wait to be stored,
+//!      so a crash repeats at most that many deliveries besides the
+//!      requests in flight.
+//!   2. claim: claim due events whose endpoint has room, up to the batch
+//!      size and the bytes allowed in flight, and find when the next event
+//!      not claimed is due. They become processing with a lease and the
+//!      transaction commits: none stays open while requests are out. Claims
+//!      start at most every CLAIM_GAP, so the commits that come meanwhile
+//!      go in one claim.
 //!   3. deliver: the dispatcher sends them, each endpoint in a lane of its
 //!      own, so a slow or hanging endpoint delays no other; an endpoint that
 //!      keeps failing is probed one request at a time.
+//!
+//! A turn that records what came back and claims what was committed since
+//! is therefore one commit: at steady traffic, about one per event at 100
+//! events a second and one per CLAIM_GAP above that.
 //!
 //! The turn returns how long its caller may wait: until a request finishes
 //! (the dispatcher's wake_fd), new events are announced (the worker's latch,
@@ -27,7 +33,7 @@
 use std::time::{Duration, Instant};
 
 use crate::health::PROBE_LONGEST;
-use crate::queue::{jobs_of, Circuit, Claim, Limits, Queue};
+use crate::queue::{jobs_of, Circuit, Claim, Exchange, Limits, Queue};
 use crate::{Attempt, Change, Dispatcher, Job, Sender, Verdict};
 
 /// Longest time between two purges of old history.
@@ -39,10 +45,15 @@ pub const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// Outcomes kept for another try when recording them failed; beyond this
 /// the oldest are dropped (their events come back when the lease ends).
 const UNRECORDED_LIMIT: usize = 100_000;
-/// Outcomes are recorded together: once half of unstored_cap has come in,
-/// when nothing is in flight any more, or at the latest this long after the
-/// first of them came in.
-const RECORD_WITHIN: Duration = Duration::from_millis(10);
+/// Outcomes are recorded together: with the next claim, once half of
+/// unstored_cap has come in, or at the latest this long after the first of
+/// them came in. (At 100 events a second, one claim in two carries the
+/// outcomes of the events before it.)
+const RECORD_WITHIN: Duration = Duration::from_millis(20);
+/// Claims start at most this often: the commits that come meanwhile are
+/// claimed together by the next one. At steady rates above a few hundred
+/// events a second, that is what keeps the cost per event low.
+const CLAIM_GAP: Duration = Duration::from_millis(2);
 
 /// Answers that may wait to be stored before no new request starts: four
 /// times the requests in flight an endpoint has by default, at least 64
@@ -96,6 +107,8 @@ pub struct Engine {
     /// The last failure logged, so that a lasting one is logged once.
     last_failure: Option<String>,
     last_purge: Option<Instant>,
+    /// When the last claim started (see CLAIM_GAP).
+    last_claim_at: Option<Instant>,
 }
 
 impl Engine {
@@ -116,6 +129,7 @@ impl Engine {
             changes: Vec::new(),
             last_failure: None,
             last_purge: None,
+            last_claim_at: None,
         })
     }
 
@@ -188,10 +202,11 @@ impl Engine {
         if std::mem::take(&mut self.endpoints_changed) {
             self.dispatcher.hand_back_waiting();
         }
-        if !self.record_finished(queue, host, false) {
-            return ERROR_PAUSE;
-        }
+        self.collect(host);
         if !deliver {
+            if self.record_due() && !self.record(queue, host) {
+                return ERROR_PAUSE;
+            }
             return poll;
         }
         let now = Instant::now();
@@ -204,7 +219,18 @@ impl Engine {
             || self.next_due_at.is_some_and(|at| at <= now)
             || probe_in.is_some_and(|wait| wait.is_zero())
             || (self.refill_wanted && room());
-        if due && !self.claim_due(queue, host) {
+        // NB: commits that come within CLAIM_GAP of a claim are claimed
+        // together, by the next one.
+        let gap_left = self
+            .last_claim_at
+            .map_or(Duration::ZERO, |at| CLAIM_GAP.saturating_sub(at.elapsed()));
+        let deferred = due && !gap_left.is_zero();
+        if due && !deferred {
+            // What came back is recorded by the same transaction.
+            if !self.claim_due(queue, host) {
+                return ERROR_PAUSE;
+            }
+        } else if self.record_due() && !self.record(queue, host) {
             return ERROR_PAUSE;
         }
         self.purge_if_due(queue, host);
@@ -220,22 +246,29 @@ impl Engine {
         if let Some(since) = self.unrecorded_since {
             wait = wait.min(RECORD_WITHIN.saturating_sub(since.elapsed()));
         }
-        if self.claim_wanted && self.dispatcher.load().0 == 0 {
-            wait = Duration::ZERO;
+        if deferred || self.claim_wanted {
+            let gap_left = self
+                .last_claim_at
+                .map_or(Duration::ZERO, |at| CLAIM_GAP.saturating_sub(at.elapsed()));
+            wait = wait.min(gap_left);
         }
-        // NB: answers that came in during this turn are stored at once.
+        // NB: answers that came in during this turn are stored in time.
         if self.dispatcher.uncollected() > 0 {
             wait = wait.min(RECORD_WITHIN);
         }
         wait
     }
 
-    /// Claims due events while there is room, then finds when the next one
-    /// is due. False when a transaction failed.
+    /// Claims due events while there is room, recording what came back in
+    /// the same transactions, then knows when the next one is due. False
+    /// when a transaction failed.
     fn claim_due(&mut self, queue: &mut impl Queue, host: &impl Host) -> bool {
         let batch = self.limits.batch_size;
         self.claim_wanted = false;
         self.refill_wanted = false;
+        self.last_claim_at = Some(Instant::now());
+        let mut asked_skip: Vec<String>;
+        let mut next_due;
         loop {
             if host.interrupted() {
                 self.claim_wanted = true;
@@ -261,15 +294,33 @@ impl Engine {
                     max_bytes: budget,
                 });
             }
+            self.collect(host);
+            let (attempts, unsent, changes) = self.take_unrecorded();
+            let circuits = Circuit::of(&changes);
             host.activity("claiming events");
             let claimed_at = Instant::now();
-            let claimed = queue.claim(&claims);
-            let Some(claimed) = self.succeeded(host, "claiming events", claimed) else {
+            let result = queue.exchange(&Exchange {
+                attempts: &attempts,
+                unsent: &unsent,
+                circuits: &circuits,
+                claims: &claims,
+                next_due_skip: Some(&plan.skip),
+            });
+            let Some(exchanged) = self.succeeded(host, "claiming events", result) else {
+                self.restore_unrecorded(attempts, unsent, changes);
                 self.claim_wanted = true;
                 return false;
             };
+            self.recorded(
+                host,
+                &attempts,
+                &unsent,
+                &changes,
+                &circuits,
+                &exchanged.made_due,
+            );
             let mut full = false;
-            for (rows, want) in claimed.into_iter().zip(&claims) {
+            for (rows, want) in exchanged.claimed.into_iter().zip(&claims) {
                 full |= want.only.is_none() && rows.len() >= want.limit as usize;
                 if let (Some(only), true) = (&want.only, rows.is_empty()) {
                     // NB: else the probe stays due and the deliverer spins.
@@ -290,26 +341,36 @@ impl Engine {
             if budget <= 0 || plan.lanes_full {
                 self.refill_wanted = true;
             }
+            asked_skip = plan.skip;
+            next_due = exchanged.next_due.flatten();
             if !full {
                 break;
             }
-            if !self.record_finished(queue, host, false) {
-                return false;
-            }
         }
+        // NB: the next due event was looked for as the lanes were before
+        // this claim. A lane it filled is left alone now, and its waiting
+        // events may be due: then look again without them, or the
+        // deliverer would claim again at once for nothing.
         let skip = self.dispatcher.plan(batch as usize, Instant::now()).skip;
-        let next_due = queue.next_due_in(&skip);
-        let Some(next_due) = self.succeeded(host, "finding the next due event", next_due) else {
-            self.claim_wanted = true;
-            return false;
-        };
+        if next_due.is_some_and(|wait| wait.is_zero())
+            && skip.iter().any(|t| !asked_skip.contains(t))
+        {
+            let result = queue.exchange(&Exchange {
+                next_due_skip: Some(&skip),
+                ..Exchange::default()
+            });
+            let Some(exchanged) = self.succeeded(host, "finding the next due event", result) else {
+                self.claim_wanted = true;
+                return false;
+            };
+            next_due = exchanged.next_due.flatten();
+        }
         self.next_due_at = next_due.map(|wait| Instant::now() + wait);
         true
     }
 
-    /// Records the outcomes that came in, when it is time to (or `now`);
-    /// false when that failed (they are kept for the next turn).
-    fn record_finished(&mut self, queue: &mut impl Queue, host: &impl Host, now: bool) -> bool {
+    /// Takes what finished from the dispatcher; logs endpoints that went down.
+    fn collect(&mut self, host: &impl Host) {
         let collected = self.dispatcher.collect();
         if !collected.attempts.is_empty() {
             self.unrecorded_since.get_or_insert_with(Instant::now);
@@ -330,72 +391,123 @@ impl Engine {
             }
         }
         self.changes.extend(collected.changes);
-        if self.unrecorded.is_empty() && self.unreleased.is_empty() && self.changes.is_empty() {
-            return true;
-        }
-        let time = now
-            || !self.unreleased.is_empty()
+    }
+
+    /// Whether what came back must be recorded now rather than with the
+    /// next claim: hand-backs and circuit changes at once, outcomes once
+    /// half of what may wait unstored came in, or RECORD_WITHIN after the
+    /// first of them.
+    fn record_due(&self) -> bool {
+        !self.unreleased.is_empty()
             || !self.changes.is_empty()
-            || self.unrecorded.len() >= (self.dispatcher.unacknowledged_cap() / 2).max(1)
-            || self.dispatcher.load().0 == 0
-            || self
-                .unrecorded_since
-                .is_some_and(|at| at.elapsed() >= RECORD_WITHIN);
-        if !time {
-            return true;
-        }
-        host.activity("recording deliveries");
-        let (attempts, unsent, changes) = (
+            || (!self.unrecorded.is_empty()
+                && (self.unrecorded.len() >= (self.dispatcher.unacknowledged_cap() / 2).max(1)
+                    || self
+                        .unrecorded_since
+                        .is_some_and(|at| at.elapsed() >= RECORD_WITHIN)))
+    }
+
+    fn take_unrecorded(&mut self) -> (Vec<Attempt>, Vec<Job>, Vec<(String, Change)>) {
+        self.unrecorded_since = None;
+        (
             std::mem::take(&mut self.unrecorded),
             std::mem::take(&mut self.unreleased),
             std::mem::take(&mut self.changes),
-        );
-        self.unrecorded_since = None;
+        )
+    }
+
+    /// Keeps what a failed transaction did not record for the next one.
+    fn restore_unrecorded(
+        &mut self,
+        attempts: Vec<Attempt>,
+        unsent: Vec<Job>,
+        changes: Vec<(String, Change)>,
+    ) {
+        if attempts.is_empty() && unsent.is_empty() && changes.is_empty() {
+            return;
+        }
+        self.unrecorded.splice(0..0, attempts);
+        self.unreleased.splice(0..0, unsent);
+        // Stored next time (openings are logged already, and said again
+        // with the circuit).
+        self.changes.splice(0..0, changes);
+        self.unrecorded_since = Some(Instant::now());
+        if self.unrecorded.len() > UNRECORDED_LIMIT {
+            let excess = self.unrecorded.len() - UNRECORDED_LIMIT;
+            self.unrecorded.drain(..excess);
+            self.dispatcher.acknowledge(excess);
+            self.unacknowledged = self.unacknowledged.saturating_sub(excess);
+        }
+    }
+
+    /// After a transaction stored `attempts`, `unsent` and `circuits`.
+    fn recorded(
+        &mut self,
+        host: &impl Host,
+        attempts: &[Attempt],
+        unsent: &[Job],
+        changes: &[(String, Change)],
+        circuits: &[Circuit],
+        made_due: &[i32],
+    ) {
+        if attempts.is_empty() && unsent.is_empty() && changes.is_empty() {
+            return;
+        }
+        host.recorded(attempts);
+        self.dispatcher
+            .acknowledge(std::mem::take(&mut self.unacknowledged));
         let gone: Vec<String> = changes
             .iter()
             .filter(|(_, change)| *change == Change::Gone)
             .map(|(event_type, _)| event_type.clone())
             .collect();
+        self.dispatcher.forget_gone(&gone);
+        // A retry or a handed-back event may be due before anything the
+        // deliverer waits for: look again.
+        if !unsent.is_empty() || attempts.iter().any(|a| a.verdict != Verdict::Delivered) {
+            self.claim_wanted = true;
+        }
+        for (circuit, due) in circuits.iter().zip(made_due) {
+            if circuit.state == "half_open" {
+                let event_type = &circuit.event_type;
+                host.log(
+                    Level::Info,
+                    &format!("the endpoint of {event_type} answers again; {due} waiting events are due now"),
+                );
+            }
+            self.claim_wanted = true;
+        }
+    }
+
+    /// Records what came back, in a transaction of its own; false when that
+    /// failed (it is kept for the next turn).
+    fn record(&mut self, queue: &mut impl Queue, host: &impl Host) -> bool {
+        if self.unrecorded.is_empty() && self.unreleased.is_empty() && self.changes.is_empty() {
+            return true;
+        }
+        host.activity("recording deliveries");
+        let (attempts, unsent, changes) = self.take_unrecorded();
         let circuits = Circuit::of(&changes);
-        let result = queue.record(&attempts, &unsent, &circuits);
+        let result = queue.exchange(&Exchange {
+            attempts: &attempts,
+            unsent: &unsent,
+            circuits: &circuits,
+            ..Exchange::default()
+        });
         match self.succeeded(host, "recording deliveries", result) {
-            Some(due) => {
-                host.recorded(&attempts);
-                self.dispatcher
-                    .acknowledge(std::mem::take(&mut self.unacknowledged));
-                self.dispatcher.forget_gone(&gone);
-                // A retry or a handed-back event may be due before anything
-                // the deliverer waits for: look again.
-                if !unsent.is_empty() || attempts.iter().any(|a| a.verdict != Verdict::Delivered) {
-                    self.claim_wanted = true;
-                }
-                for (circuit, due) in circuits.iter().zip(due) {
-                    if circuit.state == "half_open" {
-                        let event_type = &circuit.event_type;
-                        host.log(
-                            Level::Info,
-                            &format!(
-                                "the endpoint of {event_type} answers again; {due} waiting events are due now"
-                            ),
-                        );
-                    }
-                    self.claim_wanted = true;
-                }
+            Some(exchanged) => {
+                self.recorded(
+                    host,
+                    &attempts,
+                    &unsent,
+                    &changes,
+                    &circuits,
+                    &exchanged.made_due,
+                );
                 true
             }
             None => {
-                self.unrecorded = attempts;
-                self.unreleased = unsent;
-                // Stored next time (openings are logged already, and said
-                // again with the circuit).
-                self.changes = changes;
-                self.unrecorded_since = Some(Instant::now());
-                if self.unrecorded.len() > UNRECORDED_LIMIT {
-                    let excess = self.unrecorded.len() - UNRECORDED_LIMIT;
-                    self.unrecorded.drain(..excess);
-                    self.dispatcher.acknowledge(excess);
-                    self.unacknowledged = self.unacknowledged.saturating_sub(excess);
-                }
+                self.restore_unrecorded(attempts, unsent, changes);
                 false
             }
         }
@@ -417,7 +529,8 @@ impl Engine {
             );
             self.dispatcher.drain_wake();
         }
-        self.record_finished(queue, host, true)
+        self.collect(host);
+        self.record(queue, host)
     }
 
     fn purge_if_due(&mut self, queue: &mut impl Queue, host: &impl Host) {
@@ -476,7 +589,8 @@ fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
         events: libc::POLLIN,
         revents: 0,
     };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // NB: rounded up: rounded down, a wait of less than a millisecond spins.
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
     // SAFETY: one pollfd on the stack, for a descriptor the dispatcher owns.
     unsafe { libc::poll(&mut poll, 1, ms) > 0 }
 }
@@ -484,7 +598,7 @@ fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::ClaimedRow;
+    use crate::queue::{ClaimedRow, Exchanged};
     use std::collections::VecDeque;
     use std::sync::Arc;
 
@@ -495,8 +609,11 @@ mod tests {
     }
 
     impl Queue for MemoryQueue {
-        fn claim(&mut self, claims: &[Claim]) -> Result<Vec<Vec<ClaimedRow>>, String> {
-            Ok(claims
+        fn exchange(&mut self, x: &Exchange) -> Result<Exchanged, String> {
+            self.delivered += x.attempts.len();
+            self.pending.extend(x.unsent.iter().map(|j| j.event_id));
+            let claimed = x
+                .claims
                 .iter()
                 .map(|claim| {
                     let n = (claim.limit as usize).min(self.pending.len());
@@ -515,22 +632,14 @@ mod tests {
                         })
                         .collect()
                 })
-                .collect())
-        }
-
-        fn record(
-            &mut self,
-            attempts: &[Attempt],
-            unsent: &[Job],
-            circuits: &[Circuit],
-        ) -> Result<Vec<i32>, String> {
-            self.delivered += attempts.len();
-            self.pending.extend(unsent.iter().map(|j| j.event_id));
-            Ok(vec![0; circuits.len()])
-        }
-
-        fn next_due_in(&mut self, _skip: &[String]) -> Result<Option<Duration>, String> {
-            Ok((!self.pending.is_empty()).then_some(Duration::ZERO))
+                .collect();
+            Ok(Exchanged {
+                made_due: vec![0; x.circuits.len()],
+                claimed,
+                next_due: x
+                    .next_due_skip
+                    .map(|_| (!self.pending.is_empty()).then_some(Duration::ZERO)),
+            })
         }
 
         fn purge(&mut self, _max_rows: i32) -> Result<i64, String> {

@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use pipeline_delivery::queue::{
-    self, Circuit, Claim, ClaimedRow, Outcomes, Queue, CIRCUIT_SQL, CLAIM_SQL, NEXT_DUE_SQL,
-    PURGE_SQL, RECORD_SQL, RELEASE_CLAIMS_SQL, RELEASE_SQL,
+    self, Circuit, Claim, ClaimedRow, Exchange, Exchanged, Outcomes, Queue, CIRCUIT_SQL, CLAIM_SQL,
+    NEXT_DUE_SQL, PURGE_SQL, RECORD_SQL, RELEASE_CLAIMS_SQL, RELEASE_SQL,
 };
 use pipeline_delivery::{Attempt, Job};
 use postgres::types::{ToSql, Type};
@@ -56,6 +56,15 @@ const SETTINGS_SQL: &str = "SELECT \
 const WORKER_SQL: &str =
     "SELECT CASE WHEN coalesce(pg_catalog.current_setting('pipeline.enabled', true), 'on') \
      OPERATOR(pg_catalog.=) ANY ('{on,true,yes,1}'::pg_catalog.text[]) THEN pipeline._worker_pid() END";
+
+/// What an error of `client` means to the relay.
+fn failed(client: &Client, error: &postgres::Error) -> Failure {
+    let mut failure = classify(error);
+    if client.is_closed() {
+        failure.kind = Kind::Connection;
+    }
+    failure
+}
 
 pub struct Store {
     client: Option<Client>,
@@ -150,21 +159,33 @@ impl Store {
             kind: Kind::Connection,
             message: "not connected".into(),
         })?;
-        client.query_typed(sql, params).map_err(|e| {
-            let mut failure = classify(&e);
-            if client.is_closed() {
-                failure.kind = Kind::Connection;
-            }
-            failure
-        })
+        client
+            .query_typed(sql, params)
+            .map_err(|e| failed(client, &e))
     }
 
     /// Runs `body` between BEGIN and COMMIT.
+    /// Statements without parameters, in one round trip.
+    fn batch(&mut self, sql: &str) -> Result<(), Failure> {
+        let client = self.client.as_mut().ok_or_else(|| Failure {
+            kind: Kind::Connection,
+            message: "not connected".into(),
+        })?;
+        client.batch_execute(sql).map_err(|e| failed(client, &e))
+    }
+
     fn in_transaction<R>(
         &mut self,
         body: impl FnOnce(&mut Store) -> Result<R, Failure>,
     ) -> Result<R, Failure> {
-        self.run("BEGIN", &[])?;
+        // NB: one round trip. The relay's commits (claims, outcomes) do not
+        // wait for their WAL to reach the disk, as the worker's do not
+        // (src/transaction.rs says why that loses nothing); SET LOCAL, so
+        // that through a pooler no other client's session is changed.
+        if let Err(failure) = self.batch("BEGIN; SET LOCAL synchronous_commit TO off") {
+            let _ = self.run("ROLLBACK", &[]);
+            return Err(failure);
+        }
         match body(self) {
             Ok(value) => {
                 self.run("COMMIT", &[])?;
@@ -261,43 +282,41 @@ impl Store {
 }
 
 impl Queue for Store {
-    fn claim(&mut self, claims: &[Claim]) -> Result<Vec<Vec<ClaimedRow>>, String> {
-        let all = |store: &mut Store| claims.iter().map(|want| store.claim_one(want)).collect();
-        let result = if claims.len() > 1 {
-            self.in_transaction(all)
-        } else {
-            all(self)
-        };
-        result.map_err(|f| f.message)
-    }
-
-    fn record(
-        &mut self,
-        attempts: &[Attempt],
-        unsent: &[Job],
-        circuits: &[Circuit],
-    ) -> Result<Vec<i32>, String> {
-        let statements =
-            usize::from(!attempts.is_empty()) + usize::from(!unsent.is_empty()) + circuits.len();
+    fn exchange(&mut self, x: &Exchange) -> Result<Exchanged, String> {
         let body = |store: &mut Store| {
-            store.record_attempts(attempts)?;
-            store.release(unsent)?;
-            circuits.iter().map(|c| store.circuit(c)).collect()
+            store.record_attempts(x.attempts)?;
+            store.release(x.unsent)?;
+            let made_due = x
+                .circuits
+                .iter()
+                .map(|c| store.circuit(c))
+                .collect::<Result<_, _>>()?;
+            let claimed = x
+                .claims
+                .iter()
+                .map(|want| store.claim_one(want))
+                .collect::<Result<_, _>>()?;
+            let next_due = match x.next_due_skip {
+                Some(skip) => {
+                    let skip = skip.to_vec();
+                    let rows = store.run(NEXT_DUE_SQL, &[(&skip, Type::TEXT_ARRAY)])?;
+                    Some(queue::due_in(rows.first().and_then(|r| r.get(0))))
+                }
+                None => None,
+            };
+            Ok(Exchanged {
+                made_due,
+                claimed,
+                next_due,
+            })
         };
-        let result = if statements > 1 {
+        // NB: a look for the next due event alone writes nothing.
+        let result = if x.statements() > 1 || (x.statements() == 1 && x.next_due_skip.is_none()) {
             self.in_transaction(body)
         } else {
             body(self)
         };
         result.map_err(|f| f.message)
-    }
-
-    fn next_due_in(&mut self, skip: &[String]) -> Result<Option<Duration>, String> {
-        let skip = skip.to_vec();
-        let rows = self
-            .run(NEXT_DUE_SQL, &[(&skip, Type::TEXT_ARRAY)])
-            .map_err(|f| f.message)?;
-        Ok(queue::due_in(rows.first().and_then(|r| r.get(0))))
     }
 
     fn purge(&mut self, max_rows: i32) -> Result<i64, String> {
