@@ -26,7 +26,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 
 /// Settings the worker's session holds whatever the database or role say.
-const PINNED: [(&std::ffi::CStr, &std::ffi::CStr); 6] = [
+const PINNED: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
     (c"search_path", c"pg_catalog, pg_temp"),
     (c"row_security", c"on"),
     (c"default_transaction_read_only", c"off"),
@@ -34,14 +34,6 @@ const PINNED: [(&std::ffi::CStr, &std::ffi::CStr); 6] = [
     // Short statements only: compiling one with LLVM would cost more than
     // running it, and LLVM keeps memory in the process for good.
     (c"jit", c"off"),
-    // The worker's commits (claims, outcomes) do not wait for their WAL to
-    // reach the disk: the WAL writer flushes it within moments. A crash of
-    // the server may forget the last of them, and then an event is sent
-    // again (its claim or its outcome was forgotten), never lost: delivery
-    // is at least once in any case. Waiting for the flush was a tenth of
-    // the worker's CPU time at steady rates, and a disk round trip before
-    // each request went out.
-    (c"synchronous_commit", c"off"),
 ];
 
 /// Pins the settings above for the rest of the session.

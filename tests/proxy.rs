@@ -89,6 +89,12 @@ fn proxy_credentials_come_from_a_file_and_show_nowhere() {
     ] {
         db.batch_execute(&statement).unwrap();
     }
+    // NB: the reload reaches the worker in its own time.
+    eventually(Duration::from_secs(10), "the reload", || {
+        cluster.log().contains(&format!(
+            "pipeline.http_proxy=http://127.0.0.1:{proxy_port}"
+        ))
+    });
     db.batch_execute(&format!(
         "SELECT pipeline.register_webhook('ping', '{}', allow_unknown_type => true)",
         receiver.url("/ping")

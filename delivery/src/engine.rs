@@ -207,7 +207,11 @@ impl Engine {
             if self.record_due() && !self.record(queue, host) {
                 return ERROR_PAUSE;
             }
-            return poll;
+            // NB: what came back while delivery stopped is still recorded.
+            return match self.unrecorded_since {
+                Some(since) => poll.min(RECORD_WITHIN.saturating_sub(since.elapsed())),
+                None => poll,
+            };
         }
         let now = Instant::now();
         let probe_in = self.dispatcher.next_probe_in(now);

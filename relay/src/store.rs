@@ -165,27 +165,11 @@ impl Store {
     }
 
     /// Runs `body` between BEGIN and COMMIT.
-    /// Statements without parameters, in one round trip.
-    fn batch(&mut self, sql: &str) -> Result<(), Failure> {
-        let client = self.client.as_mut().ok_or_else(|| Failure {
-            kind: Kind::Connection,
-            message: "not connected".into(),
-        })?;
-        client.batch_execute(sql).map_err(|e| failed(client, &e))
-    }
-
     fn in_transaction<R>(
         &mut self,
         body: impl FnOnce(&mut Store) -> Result<R, Failure>,
     ) -> Result<R, Failure> {
-        // NB: one round trip. The relay's commits (claims, outcomes) do not
-        // wait for their WAL to reach the disk, as the worker's do not
-        // (src/transaction.rs says why that loses nothing); SET LOCAL, so
-        // that through a pooler no other client's session is changed.
-        if let Err(failure) = self.batch("BEGIN; SET LOCAL synchronous_commit TO off") {
-            let _ = self.run("ROLLBACK", &[]);
-            return Err(failure);
-        }
+        self.run("BEGIN", &[])?;
         match body(self) {
             Ok(value) => {
                 self.run("COMMIT", &[])?;
@@ -310,8 +294,7 @@ impl Queue for Store {
                 next_due,
             })
         };
-        // NB: a look for the next due event alone writes nothing.
-        let result = if x.statements() > 1 || (x.statements() == 1 && x.next_due_skip.is_none()) {
+        let result = if x.statements() > 1 {
             self.in_transaction(body)
         } else {
             body(self)
