@@ -225,10 +225,7 @@ impl Engine {
             || (self.refill_wanted && room());
         // NB: commits that come within CLAIM_GAP of a claim are claimed
         // together, by the next one.
-        let gap_left = self
-            .last_claim_at
-            .map_or(Duration::ZERO, |at| CLAIM_GAP.saturating_sub(at.elapsed()));
-        let deferred = due && !gap_left.is_zero();
+        let deferred = due && !self.claim_gap_left().is_zero();
         if due && !deferred {
             // What came back is recorded by the same transaction.
             if !self.claim_due(queue, host) {
@@ -251,16 +248,19 @@ impl Engine {
             wait = wait.min(RECORD_WITHIN.saturating_sub(since.elapsed()));
         }
         if deferred || self.claim_wanted {
-            let gap_left = self
-                .last_claim_at
-                .map_or(Duration::ZERO, |at| CLAIM_GAP.saturating_sub(at.elapsed()));
-            wait = wait.min(gap_left);
+            wait = wait.min(self.claim_gap_left());
         }
         // NB: answers that came in during this turn are stored in time.
         if self.dispatcher.uncollected() > 0 {
             wait = wait.min(RECORD_WITHIN);
         }
         wait
+    }
+
+    /// How long until the next claim may start (see CLAIM_GAP).
+    fn claim_gap_left(&self) -> Duration {
+        self.last_claim_at
+            .map_or(Duration::ZERO, |at| CLAIM_GAP.saturating_sub(at.elapsed()))
     }
 
     /// Claims due events while there is room, recording what came back in
