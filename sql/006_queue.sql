@@ -109,13 +109,20 @@ COMMENT ON FUNCTION pipeline.backoff(integer) IS
 
 -- Claiming due events: they become processing until the lease ends. The
 -- claim itself, for pipeline.claim and the deliverers' _claim_deliveries:
--- the ids claimed, their attempt and their payload's size.
+-- the claimed rows as the claim left them (status processing, attempts
+-- counted). For the deliverers, two more:
+--   max_bytes  the events are taken in id order until their payloads reach
+--              this (the first always comes); those after it are left due
+--   leases     a lease per type of event_types (NULL: lease), for endpoints
+--              whose requests may outlast the lease
 CREATE FUNCTION pipeline._claim_rows(
     batch_size  integer,
     lease       interval,
     event_types text[],
-    consumer    text
-) RETURNS TABLE (id bigint, attempts integer, stored bigint)
+    consumer    text,
+    max_bytes   bigint DEFAULT NULL,
+    leases      interval[] DEFAULT NULL
+) RETURNS SETOF marketing.pipeline_events
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off
@@ -176,13 +183,19 @@ BEGIN
               GROUP BY c.event_type) p;
     END IF;
     -- Each type's share, oldest due first, skipping rows that another
-    -- consumer holds (it then takes the next ones of that type).
+    -- consumer holds (it then takes the next ones of that type). Over
+    -- max_bytes, the rest stay due (locked by this transaction until it
+    -- ends, which a deliverer's does at once).
+    -- NB: the rows come back as the update left them: read again by id in
+    -- the caller's statement, they would be as its snapshot saw them, before
+    -- the claim.
     RETURN QUERY
     WITH candidates AS (
-        SELECT c.id
+        SELECT c.id, c.event_type, c.stored
         FROM unnest(v_types, v_quotas) AS q(event_type, quota)
         CROSS JOIN LATERAL (
-            SELECT e.id
+            SELECT e.id, e.event_type::text AS event_type,
+                   CASE WHEN max_bytes IS NOT NULL THEN pipeline._payload_bytes(e.payload) END AS stored
             FROM marketing.pipeline_events e
             WHERE e.event_type = q.event_type
               AND e.status IN ('pending', 'failed', 'processing')
@@ -192,15 +205,23 @@ BEGIN
             FOR UPDATE SKIP LOCKED
         ) c
         WHERE q.quota > 0
+    ), kept AS (
+        SELECT k.id, k.event_type
+        FROM (SELECT c.id, c.event_type,
+                     max_bytes IS NULL OR row_number() OVER w = 1 OR sum(c.stored) OVER w <= max_bytes AS keep
+              FROM candidates c
+              WINDOW w AS (ORDER BY c.id)) k
+        WHERE k.keep
     )
     UPDATE marketing.pipeline_events e
     SET status = 'processing',
         attempts = e.attempts + 1,
-        next_attempt_at = now() + v_lease,
+        next_attempt_at = now() + coalesce((SELECT l.lease FROM unnest(_claim_rows.event_types, leases) AS l(event_type, lease)
+                                            WHERE l.event_type = k.event_type), v_lease),
         claimed_by = consumer
-    FROM candidates c
-    WHERE e.id = c.id
-    RETURNING e.id, e.attempts, pipeline._payload_bytes(e.payload);
+    FROM kept k
+    WHERE e.id = k.id
+    RETURNING e.*;
 END
 $$;
 CREATE FUNCTION pipeline.claim(
@@ -214,10 +235,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_hashjoin = off SET enable_mergejoin = off
     SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
-    RETURN QUERY
-    SELECT e.*
-    FROM pipeline._claim_rows(batch_size, lease, event_types, consumer) c
-    CROSS JOIN LATERAL (SELECT e.* FROM marketing.pipeline_events e WHERE e.id = c.id OFFSET 0) e;
+    RETURN QUERY SELECT * FROM pipeline._claim_rows(batch_size, lease, event_types, consumer);
 END
 $$;
 COMMENT ON FUNCTION pipeline.claim(integer, interval, text[], text) IS

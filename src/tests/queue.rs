@@ -90,6 +90,14 @@ mod tests {
         ));
         assert_eq!(claim("10"), [ids[0]]);
         assert_eq!(attempts(ids[0]), 2);
+
+        // The rows come back as the claim left them, not as they were.
+        let id = emit("ping", 1)[0];
+        assert_eq!(
+            json("SELECT jsonb_agg(jsonb_build_array(id, status, attempts, claimed_by))
+                  FROM pipeline.claim(10, consumer => 'relay-1')"),
+            serde_json::json!([[id, "processing", 1, "relay-1"]])
+        );
     }
 
     #[pg_test]
