@@ -7,7 +7,8 @@
 //! SCENARIO is one of capacity, throughput, arrival, statistics, steady
 //! (latency and deliverer CPU per event at steady commit rates, and idle),
 //! write, memory, history, cascade, faults, relay, relay-steady (the relay's
-//! steady rows only) (all of them without --only).
+//! steady rows only), relay-scale (1, 2 and 4 relays together) (all of them
+//! without --only).
 //! arrival inserts rows in commits of 100 while the worker delivers;
 //! statistics does the same with the events table analyzed in each of four
 //! states (never, all delivered, all waiting, half). relay needs --relay PATH
@@ -193,10 +194,18 @@ fn main() {
 
     let started = Instant::now();
     scenarios::run(&mut bench, &only);
-    let steady_only = only.iter().any(|o| o == "relay-steady");
-    if only.is_empty() || steady_only || only.iter().any(|o| o == "relay") {
+    let relay_rows = if only.is_empty() || only.iter().any(|o| o == "relay") {
+        Some(relay::Rows::All)
+    } else if only.iter().any(|o| o == "relay-steady") {
+        Some(relay::Rows::Steady)
+    } else if only.iter().any(|o| o == "relay-scale") {
+        Some(relay::Rows::Scale)
+    } else {
+        None
+    };
+    if let Some(rows) = relay_rows {
         let relay = relay.expect("--relay PATH (pipeline-relay) for the relay scenarios");
-        relay::run(&mut bench, std::path::Path::new(&relay), steady_only);
+        relay::run(&mut bench, std::path::Path::new(&relay), rows);
     }
     let table = table(&bench);
     println!("\n{table}");

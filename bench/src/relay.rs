@@ -1,7 +1,8 @@
 //! pipeline-relay's rows, beside the worker's and with the same receiver:
 //! a trigger-only install in the database `relay` of the benchmark cluster
 //! (where no worker runs), delivered by the relay over a direct connection
-//! (LISTEN), then through PgBouncer in transaction mode (--poll 1s).
+//! (LISTEN), then through PgBouncer in transaction mode (--poll 1s), and
+//! scaled out: 1, 2 and 4 relays draining one backlog together.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -22,6 +23,24 @@ struct Running(Child);
 
 impl Running {
     fn start(relay: &Path, url: &str, extra: &[&str]) -> Running {
+        Running::start_all(relay, url, extra, 1).pop().unwrap()
+    }
+
+    /// `count` relays, named bench-relay-1 and on when more than one.
+    fn start_all(relay: &Path, url: &str, extra: &[&str], count: usize) -> Vec<Running> {
+        let running = (1..=count)
+            .map(|i| {
+                let name = format!("bench-relay-{i}");
+                let named: &[&str] = if count > 1 { &["--name", &name] } else { &[] };
+                Running::spawn(relay, url, &[extra, named].concat())
+            })
+            .collect();
+        // Connected once it shows in pg_stat_activity; a second is plenty.
+        std::thread::sleep(Duration::from_secs(1));
+        running
+    }
+
+    fn spawn(relay: &Path, url: &str, extra: &[&str]) -> Running {
         let child = Command::new(relay)
             .args(["--database-url", url])
             .args(extra)
@@ -29,8 +48,6 @@ impl Running {
             .stderr(Stdio::null())
             .spawn()
             .expect("start pipeline-relay");
-        // Connected once it shows in pg_stat_activity; a second is plenty.
-        std::thread::sleep(Duration::from_secs(1));
         Running(child)
     }
 
@@ -46,8 +63,36 @@ impl Drop for Running {
     }
 }
 
-/// With `steady_only`, the direct relay's idle and steady-rate rows only.
-pub fn run(bench: &mut Bench, relay: &Path, steady_only: bool) {
+/// Which of the relay's rows to run.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Rows {
+    All,
+    /// The direct relay's idle and steady-rate rows.
+    Steady,
+    /// 1, 2 and 4 relays draining one backlog.
+    Scale,
+}
+
+/// The relays' processes and the server processes serving them (the SQL of
+/// their turns runs there): whose CPU a relay's figures count.
+fn deliverer_pids(bench: &mut Bench, running: &[Running]) -> Vec<i32> {
+    let mut pids: Vec<i32> = running.iter().map(Running::pid).collect();
+    pids.extend(
+        bench
+            .db
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'pipeline-relay'",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, i32>(0)),
+    );
+    pids
+}
+
+pub fn run(bench: &mut Bench, relay: &Path, rows: Rows) {
+    let steady_only = rows == Rows::Steady;
     say("relay: a trigger-only install in database relay");
     bench.use_database("postgres");
     bench.sql("DROP DATABASE IF EXISTS relay");
@@ -63,26 +108,19 @@ pub fn run(bench: &mut Bench, relay: &Path, steady_only: bool) {
         bench.port
     );
 
+    if rows == Rows::Scale {
+        scale_out(bench, relay, &direct);
+        reset(bench);
+        bench.use_database("postgres");
+        return;
+    }
     bench.prefix = "relay, direct: ".into();
     {
         let running = Running::start(relay, &direct, &[]);
+        let deliverer = deliverer_pids(bench, std::slice::from_ref(&running));
         if !steady_only {
-            throughput_of(bench, 1, running.pid());
+            throughput_of(bench, 1, &deliverer);
         }
-        // The relay's CPU and that of the server processes serving it: the
-        // SQL of its turns runs there.
-        let mut deliverer = vec![running.pid()];
-        deliverer.extend(
-            bench
-                .db
-                .query(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'pipeline-relay'",
-                    &[],
-                )
-                .unwrap()
-                .iter()
-                .map(|row| row.get::<_, i32>(0)),
-        );
         idle(bench, &deliverer);
         for rate in STEADY_RATES {
             latency(bench, rate, &deliverer);
@@ -108,13 +146,30 @@ pub fn run(bench: &mut Bench, relay: &Path, steady_only: bool) {
             pooler.port
         );
         let running = Running::start(relay, &pooled, &["--poll", "1s"]);
-        throughput_of(bench, 1, running.pid());
+        // NB: the pooler's server processes serve whoever asks: the relay's
+        // CPU only.
+        throughput_of(bench, 1, &[running.pid()]);
         latency(bench, 100, &[running.pid()]);
+    }
+    bench.targets = true;
+    scale_out(bench, relay, &direct);
+    reset(bench);
+    bench.use_database("postgres");
+}
+
+/// Stateless relays scaled out over one database (docs/scaling.md): 1, 2
+/// and 4 of them, each under its own name, drain one backlog of four
+/// endpoints' events together.
+fn scale_out(bench: &mut Bench, relay: &Path, direct: &str) {
+    bench.targets = false;
+    for count in [1, 2, 4] {
+        bench.prefix = format!("{count} relay(s) together, direct: ");
+        let running = Running::start_all(relay, direct, &[], count);
+        let deliverers = deliverer_pids(bench, &running);
+        throughput_of(bench, 4, &deliverers);
     }
     bench.prefix.clear();
     bench.targets = true;
-    reset(bench);
-    bench.use_database("postgres");
 }
 
 /// The relay's memory while it drains a large backlog.

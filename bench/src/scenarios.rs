@@ -25,8 +25,8 @@ pub fn run(bench: &mut Bench, only: &[String]) {
     }
     if wanted("throughput") {
         let worker = worker_pid(bench);
-        throughput_of(bench, 1, worker);
-        throughput_of(bench, 10, worker);
+        throughput_of(bench, 1, &[worker]);
+        throughput_of(bench, 10, &[worker]);
     }
     if wanted("arrival") {
         let worker = worker_pid(bench);
@@ -192,7 +192,7 @@ fn every_event_once(bench: &mut Bench, n: usize) -> Vec<Receipt> {
 }
 
 /// `deliverer`: the pid whose CPU time counts (the worker, the relay).
-pub(crate) fn throughput_of(bench: &mut Bench, endpoints: usize, deliverer: i32) {
+pub(crate) fn throughput_of(bench: &mut Bench, endpoints: usize, deliverer: &[i32]) {
     let n = bench.size(100_000, 2_000);
     let scenario = format!("throughput: {n} events, {endpoints} endpoint(s)");
     say(&scenario);
@@ -203,7 +203,7 @@ pub(crate) fn throughput_of(bench: &mut Bench, endpoints: usize, deliverer: i32)
             register(bench, event_type, &format!("/e{i}"), false);
         }
         backlog(bench, &types, n);
-        let cpu_before = cpu_seconds(deliverer);
+        let cpu_before = cpu_seconds_of(deliverer);
         bench.sql("UPDATE pipeline.webhooks SET enabled = true, disabled_reason = NULL");
         let receipts = every_event_once(bench, n);
         let first = receipts.iter().map(|r| r.1).min().unwrap();
@@ -220,7 +220,7 @@ pub(crate) fn throughput_of(bench: &mut Bench, endpoints: usize, deliverer: i32)
             &scenario,
             "deliverer CPU per event",
             "ms",
-            (cpu_seconds(deliverer) - cpu_before) * 1000.0 / n as f64,
+            (cpu_seconds_of(deliverer) - cpu_before) * 1000.0 / n as f64,
             None,
         );
     }
