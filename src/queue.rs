@@ -12,8 +12,8 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
 use pgrx::{PgBuiltInOids, PgOid};
 
 use pipeline_delivery::queue::{
-    self, Circuit, Claim, ClaimedRow, Exchange, Exchanged, Outcomes, Queue, ANY_ENABLED_SQL,
-    CIRCUIT_SQL, CLAIM_SQL, NEXT_DUE_SQL, PURGE_SQL, RECORD_SQL, RELEASE_CLAIMS_SQL, RELEASE_SQL,
+    self, Circuit, Claim, ClaimedRow, Exchange, Exchanged, Outcomes, Queue, CIRCUIT_SQL, CLAIM_SQL,
+    ENABLED_AND_NEXT_DUE_SQL, PURGE_SQL, RECORD_SQL, RELEASE_CLAIMS_SQL, RELEASE_SQL,
 };
 use pipeline_delivery::{Attempt, Job};
 
@@ -76,12 +76,10 @@ impl Queue for SpiQueue<'_> {
                 if x.next_due_skip.is_some() {
                     // NB: wake-ups are asked for before looking for due
                     // events: an event committed in between is either seen
-                    // here or wakes the worker.
-                    let any = client
-                        .update(&*plan(client, Statement::AnyEnabled)?, None, &[])?
-                        .first()
-                        .get_one::<bool>()?;
-                    wake::want_wakes(any.unwrap_or(true));
+                    // by that look or wakes the worker. They are given up
+                    // after it when no endpoint is enabled (enabling one
+                    // always wakes the worker).
+                    wake::want_wakes(true);
                 }
                 let claimed = x
                     .claims
@@ -90,14 +88,17 @@ impl Queue for SpiQueue<'_> {
                     .collect::<SpiResult<_>>()?;
                 let next_due = match x.next_due_skip {
                     Some(skip) => {
-                        let seconds = client
+                        let (any, seconds) = client
                             .update(
                                 &*plan(client, Statement::NextDue)?,
                                 None,
                                 &[skip.to_vec().into()],
                             )?
                             .first()
-                            .get_one::<f64>()?;
+                            .get_two::<bool, f64>()?;
+                        if any == Some(false) {
+                            wake::want_wakes(false);
+                        }
                         Some(queue::due_in(seconds))
                     }
                     None => None,
@@ -125,8 +126,8 @@ enum Statement {
     Record,
     Release,
     Circuit,
+    /// Whether any endpoint is enabled, and the next due event.
     NextDue,
-    AnyEnabled,
 }
 
 impl Statement {
@@ -163,8 +164,7 @@ impl Statement {
                 CIRCUIT_SQL,
                 vec![TEXTOID, TEXTOID, TEXTOID, INT4OID, TEXTOID],
             ),
-            Statement::NextDue => (NEXT_DUE_SQL, vec![TEXTARRAYOID]),
-            Statement::AnyEnabled => (ANY_ENABLED_SQL, vec![]),
+            Statement::NextDue => (ENABLED_AND_NEXT_DUE_SQL, vec![TEXTARRAYOID]),
         }
     }
 }

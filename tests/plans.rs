@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use pipeline_delivery::queue::{
-    ANY_ENABLED_SQL, CIRCUIT_SQL, CLAIM_SQL, NEXT_DUE_SQL, PURGE_SQL, RECORD_SQL,
+    CIRCUIT_SQL, CLAIM_SQL, ENABLED_AND_NEXT_DUE_SQL, NEXT_DUE_SQL, PURGE_SQL, RECORD_SQL,
     RELEASE_CLAIMS_SQL, RELEASE_SQL,
 };
 use postgres::types::{ToSql, Type};
@@ -268,8 +268,13 @@ fn deliver(db: &mut postgres::Client, plans: &Plans) -> BTreeMap<&'static str, S
     all.insert("recovered", seen);
     let (_, seen) = run(db, plans, NEXT_DUE_SQL, &[(&none, Type::TEXT_ARRAY)]);
     all.insert("next due", seen);
-    let (_, seen) = run(db, plans, ANY_ENABLED_SQL, &[]);
-    all.insert("any enabled", seen);
+    let (_, seen) = run(
+        db,
+        plans,
+        ENABLED_AND_NEXT_DUE_SQL,
+        &[(&none, Type::TEXT_ARRAY)],
+    );
+    all.insert("enabled and next due", seen);
 
     // A deliverer that restarts takes back what it held.
     claim(db, &mut all, "claim before a restart");

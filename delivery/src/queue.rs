@@ -37,8 +37,10 @@ pub const CIRCUIT_SQL: &str = "SELECT pipeline._circuit_changed($1, $2, $3, $4, 
 /// Seconds until the next deliverable event is due ($1 types to skip).
 pub const NEXT_DUE_SQL: &str = "SELECT pipeline._next_due_in($1)";
 
-/// Whether any endpoint is enabled.
-pub const ANY_ENABLED_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pipeline.webhooks WHERE enabled)";
+/// Whether any endpoint is enabled, and NEXT_DUE_SQL's seconds ($1 types to
+/// skip): the worker's last look of a turn, in one statement.
+pub const ENABLED_AND_NEXT_DUE_SQL: &str =
+    "SELECT EXISTS (SELECT 1 FROM pipeline.webhooks WHERE enabled), pipeline._next_due_in($1)";
 
 /// Takes back what a consumer of this name held ($1 the name).
 pub const RELEASE_CLAIMS_SQL: &str = "SELECT pipeline.release_claims($1)";

@@ -94,8 +94,10 @@ mod tests {
         // The rows come back as the claim left them, not as they were.
         let id = emit("ping", 1)[0];
         assert_eq!(
-            json("SELECT jsonb_agg(jsonb_build_array(id, status, attempts, claimed_by))
-                  FROM pipeline.claim(10, consumer => 'relay-1')"),
+            json(
+                "SELECT jsonb_agg(jsonb_build_array(id, status, attempts, claimed_by))
+                  FROM pipeline.claim(10, consumer => 'relay-1')"
+            ),
             serde_json::json!([[id, "processing", 1, "relay-1"]])
         );
     }
