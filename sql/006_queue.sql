@@ -436,12 +436,22 @@ BEGIN
         RAISE EXCEPTION 'pipeline.replay_failed: since (%) is after until (%)', since, until
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- NB: the failed events and the dead ones apart, each from its partial
+    -- index (the due one holds the failed): a condition on both statuses
+    -- matches neither index, and PostgreSQL read the whole table, delivered
+    -- history included (1.4 s with 20 million delivered events).
     RETURN QUERY SELECT pipeline._requeue(array_agg(e.id))
-    FROM marketing.pipeline_events e
-    WHERE e.status IN ('failed', 'dead')
-      AND (replay_failed.event_type IS NULL OR e.event_type = replay_failed.event_type)
-      AND (since IS NULL OR e.created_at >= since)
-      AND (until IS NULL OR e.created_at < until);
+    FROM (SELECT f.id FROM marketing.pipeline_events f
+          WHERE f.status = 'failed'
+            AND (replay_failed.event_type IS NULL OR f.event_type = replay_failed.event_type)
+            AND (since IS NULL OR f.created_at >= since)
+            AND (until IS NULL OR f.created_at < until)
+          UNION ALL
+          SELECT d.id FROM marketing.pipeline_events d
+          WHERE d.status = 'dead'
+            AND (replay_failed.event_type IS NULL OR d.event_type = replay_failed.event_type)
+            AND (since IS NULL OR d.created_at >= since)
+            AND (until IS NULL OR d.created_at < until)) e;
 END
 $$;
 COMMENT ON FUNCTION pipeline.replay_failed(text, timestamptz, timestamptz) IS
