@@ -328,6 +328,15 @@ const PLANNER_SETTINGS: [&str; 6] = [
     "plan_cache_mode=force_generic_plan",
 ];
 
+/// EXPLAIN (VERBOSE, COSTS OFF) of `sql`, as text.
+fn explain_verbose(db: &mut postgres::Client, sql: &str) -> String {
+    db.query(&format!("EXPLAIN (VERBOSE, COSTS OFF) {sql}"), &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<_, String>(0) + "\n")
+        .collect()
+}
+
 #[test]
 fn plans_hold_whatever_the_statistics_say() {
     let cluster = trigger_only_install("plans", &[("autovacuum", "off")]);
@@ -359,31 +368,17 @@ fn plans_hold_whatever_the_statistics_say() {
     // The trigger-only stand-in for the payload's size is inlined into the
     // claim (a function call with its own search_path change cost 13% of a
     // claim and its recording), which takes an SQL function without SET.
-    let plan: String = db
-        .query(
-            "EXPLAIN (VERBOSE, COSTS OFF)
-             SELECT pipeline._payload_bytes(e.payload) FROM marketing.pipeline_events e",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get::<_, String>(0) + "\n")
-        .collect();
+    let plan = explain_verbose(
+        &mut db,
+        "SELECT pipeline._payload_bytes(e.payload) FROM marketing.pipeline_events e",
+    );
     assert!(
         plan.contains("pg_column_size(payload)") && !plan.contains("_payload_bytes"),
         "pipeline._payload_bytes is inlined:\n{plan}"
     );
     // So is the settings' reader (as a function with a SET clause it was
     // parsed and planned anew at each call, several times a claim).
-    let plan: String = db
-        .query(
-            "EXPLAIN (VERBOSE, COSTS OFF) SELECT pipeline._setting('lease_time', '30s')",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get::<_, String>(0) + "\n")
-        .collect();
+    let plan = explain_verbose(&mut db, "SELECT pipeline._setting('lease_time', '30s')");
     assert!(
         plan.contains("current_setting") && !plan.contains("_setting('lease_time'"),
         "pipeline._setting is inlined:\n{plan}"

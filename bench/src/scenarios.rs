@@ -895,17 +895,29 @@ fn large_events(bench: &mut Bench) {
 }
 
 /// Median time of claiming 100 due events (rolled back each time), in ms.
+/// A query whose cost history must not raise: what it is, its SQL, and
+/// the count it must give (its first column) when it gives one.
+struct Timed {
+    what: String,
+    sql: String,
+    count: Option<i64>,
+}
+
 /// The median time of `query` (rows read to the end), each run in a
 /// transaction of its own that is rolled back (a claim or a replay changes
 /// nothing then).
-fn query_cost(bench: &mut Bench, query: &str, runs: usize) -> f64 {
+fn query_cost(bench: &mut Bench, query: &Timed, runs: usize) -> f64 {
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let mut tx = bench.db.transaction().unwrap();
         let started = Instant::now();
-        tx.query(query, &[])
-            .unwrap_or_else(|e| panic!("{query}: {e}"));
+        let rows = tx
+            .query(&query.sql, &[])
+            .unwrap_or_else(|e| panic!("{}: {e}", query.sql));
         times.push(started.elapsed().as_secs_f64() * 1000.0);
+        if let Some(count) = query.count {
+            assert_eq!(rows[0].get::<_, i64>(0), count, "{}", query.sql);
+        }
         tx.rollback().unwrap();
     }
     times.sort_by(|a, b| a.total_cmp(b));
@@ -915,28 +927,34 @@ fn query_cost(bench: &mut Bench, query: &str, runs: usize) -> f64 {
 /// What history must not slow down: a claim, pipeline.status(), every view
 /// of the pipeline, replays. With a backlog of 1,000 due events, recent
 /// deliveries, failures and their errors in place.
-fn history_queries(bench: &mut Bench) -> Vec<(String, String)> {
+fn history_queries(bench: &mut Bench) -> Vec<Timed> {
+    let timed = |what: &str, sql: String, count: Option<i64>| Timed {
+        what: what.to_string(),
+        sql,
+        count,
+    };
+    let replayed: i64 = bench
+        .one("SELECT max(id) FROM marketing.pipeline_events WHERE event_type = 'bench_recent'");
     let mut queries = vec![
-        (
-            "claim 100 of 1000 due events".to_string(),
-            "SELECT count(*) FROM pipeline.claim(100, event_types => '{bench_history}')".to_string(),
+        timed(
+            "claim 100 of 1000 due events",
+            "SELECT count(*) FROM pipeline.claim(100, event_types => '{bench_history}')".into(),
+            Some(100),
         ),
-        (
-            "pipeline.status()".to_string(),
-            "SELECT * FROM pipeline.status()".to_string(),
+        timed(
+            "pipeline.status()",
+            "SELECT * FROM pipeline.status()".into(),
+            None,
         ),
-        (
-            "replay of one delivered event".to_string(),
-            format!(
-                "SELECT pipeline.replay({})",
-                bench.one::<i64>(
-                    "SELECT max(id) FROM marketing.pipeline_events WHERE event_type = 'bench_recent'"
-                )
-            ),
+        timed(
+            "replay of one delivered event",
+            format!("SELECT pipeline.replay({replayed})"),
+            Some(replayed),
         ),
-        (
-            "replay of the failed events of a type".to_string(),
-            "SELECT count(*) FROM pipeline.replay_failed('bench_failing')".to_string(),
+        timed(
+            "replay of the failed events of a type",
+            "SELECT count(*) FROM pipeline.replay_failed('bench_failing')".into(),
+            Some(20),
         ),
     ];
     let views = bench
@@ -949,7 +967,7 @@ fn history_queries(bench: &mut Bench) -> Vec<(String, String)> {
         .unwrap();
     for view in views {
         let name: String = view.get(0);
-        queries.push((name.clone(), format!("SELECT * FROM {name}")));
+        queries.push(timed(&name, format!("SELECT * FROM {name}"), None));
     }
     queries
 }
@@ -986,7 +1004,7 @@ fn history(bench: &mut Bench) {
         .map(|_| {
             queries
                 .iter()
-                .map(|(_, q)| query_cost(bench, q, runs))
+                .map(|query| query_cost(bench, query, runs))
                 .collect()
         })
         .collect();
@@ -999,9 +1017,9 @@ fn history(bench: &mut Bench) {
     ));
     bench.sql("VACUUM ANALYZE marketing.pipeline_events");
     for empty_ms in empty {
-        for ((what, query), empty_ms) in queries.iter().zip(empty_ms) {
+        for (query, empty_ms) in queries.iter().zip(empty_ms) {
             let full_ms = query_cost(bench, query, runs);
-            let scenario = format!("{scenario}: {what}");
+            let scenario = format!("{scenario}: {}", query.what);
             bench.record(&scenario, "empty history", "ms", empty_ms, None);
             bench.record(&scenario, "with the history", "ms", full_ms, None);
             bench.record(

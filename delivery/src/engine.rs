@@ -33,7 +33,7 @@
 use std::time::{Duration, Instant};
 
 use crate::health::PROBE_LONGEST;
-use crate::queue::{jobs_of, Circuit, Claim, Exchange, Limits, Queue};
+use crate::queue::{jobs_of, Circuit, Claim, Exchange, Exchanged, Limits, Queue};
 use crate::{Attempt, Change, Dispatcher, Job, Sender, Verdict};
 
 /// Longest time between two purges of old history.
@@ -299,30 +299,18 @@ impl Engine {
                 });
             }
             self.collect(host);
-            let (attempts, unsent, changes) = self.take_unrecorded();
-            let circuits = Circuit::of(&changes);
             host.activity("claiming events");
             let claimed_at = Instant::now();
-            let result = queue.exchange(&Exchange {
-                attempts: &attempts,
-                unsent: &unsent,
-                circuits: &circuits,
-                claims: &claims,
-                next_due_skip: Some(&plan.skip),
-            });
-            let Some(exchanged) = self.succeeded(host, "claiming events", result) else {
-                self.restore_unrecorded(attempts, unsent, changes);
+            let Some(exchanged) = self.exchange_with_outcomes(
+                queue,
+                host,
+                "claiming events",
+                &claims,
+                Some(plan.skip.as_slice()),
+            ) else {
                 self.claim_wanted = true;
                 return false;
             };
-            self.recorded(
-                host,
-                &attempts,
-                &unsent,
-                &changes,
-                &circuits,
-                &exchanged.made_due,
-            );
             let mut full = false;
             for (rows, want) in exchanged.claimed.into_iter().zip(&claims) {
                 full |= want.only.is_none() && rows.len() >= want.limit as usize;
@@ -490,31 +478,45 @@ impl Engine {
             return true;
         }
         host.activity("recording deliveries");
+        self.exchange_with_outcomes(queue, host, "recording deliveries", &[], None)
+            .is_some()
+    }
+
+    /// One transaction that stores what came back since the last one, with
+    /// `claims` and the look for the next due event (skipping
+    /// `next_due_skip`) when given. Once it committed, what it stored is
+    /// acknowledged; when it failed, that is kept for the next one (and
+    /// None comes back).
+    fn exchange_with_outcomes(
+        &mut self,
+        queue: &mut impl Queue,
+        host: &impl Host,
+        what: &str,
+        claims: &[Claim],
+        next_due_skip: Option<&[String]>,
+    ) -> Option<Exchanged> {
         let (attempts, unsent, changes) = self.take_unrecorded();
         let circuits = Circuit::of(&changes);
         let result = queue.exchange(&Exchange {
             attempts: &attempts,
             unsent: &unsent,
             circuits: &circuits,
-            ..Exchange::default()
+            claims,
+            next_due_skip,
         });
-        match self.succeeded(host, "recording deliveries", result) {
-            Some(exchanged) => {
-                self.recorded(
-                    host,
-                    &attempts,
-                    &unsent,
-                    &changes,
-                    &circuits,
-                    &exchanged.made_due,
-                );
-                true
-            }
-            None => {
-                self.restore_unrecorded(attempts, unsent, changes);
-                false
-            }
-        }
+        let Some(exchanged) = self.succeeded(host, what, result) else {
+            self.restore_unrecorded(attempts, unsent, changes);
+            return None;
+        };
+        self.recorded(
+            host,
+            &attempts,
+            &unsent,
+            &changes,
+            &circuits,
+            &exchanged.made_due,
+        );
+        Some(exchanged)
     }
 
     /// Nothing new starts; the requests in flight get up to `grace` to
