@@ -30,8 +30,19 @@ CREATE DOMAIN pipeline.event_status AS text
 CREATE DOMAIN pipeline.event_source_op AS text
     CONSTRAINT source_op_known CHECK (VALUE IN ('INSERT', 'UPDATE', 'DELETE', 'EMIT'));
 
+-- The table is partitioned by ranges of id (015_partitions.sql): each
+-- partition holds the events of a day or more, and retention drops a whole
+-- partition once every event in it is delivered, instead of deleting rows
+-- that VACUUM then has to chase. Its indexes are the partitions' own, made
+-- with each partition (pipeline._add_partitions): the id is unique because
+-- one sequence numbers every event and the ranges do not overlap.
+-- NB: no index or key on the partitioned table itself. A partition made at
+-- run time is not a member of the extension, so pg_dump writes it as a
+-- table of its own and attaches it to the table CREATE EXTENSION made; an
+-- index of that table would then be built on the partition by the attach
+-- and once more by the dump's own CREATE INDEX, and the restore would fail.
 CREATE TABLE marketing.pipeline_events (
-    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id              bigint GENERATED ALWAYS AS IDENTITY,
     event_type      pipeline.event_type NOT NULL,
     payload         jsonb NOT NULL,
     status          pipeline.event_status NOT NULL DEFAULT 'pending',
@@ -46,21 +57,7 @@ CREATE TABLE marketing.pipeline_events (
     replay_count    integer NOT NULL DEFAULT 0,
     claimed_by      text,
     CONSTRAINT processed_at_iff_processed CHECK ((status = 'processed') = (processed_at IS NOT NULL))
-);
-
--- Claims: per event type, "due events in order" is a range scan of this
--- index, whatever the delivered history and however many events of other
--- types wait (for an endpoint, say).
-CREATE INDEX pipeline_events_due_idx ON marketing.pipeline_events (event_type, next_attempt_at, id)
-    WHERE status IN ('pending', 'failed', 'processing');
--- Recent events (ORDER BY created_at DESC) and time-range replays.
-CREATE INDEX pipeline_events_created_idx ON marketing.pipeline_events (created_at);
--- Dead events wait for a person: counting and listing them stays cheap.
-CREATE INDEX pipeline_events_dead_idx ON marketing.pipeline_events (created_at)
-    WHERE status = 'dead';
--- Latency views and retention of delivered events.
-CREATE INDEX pipeline_events_processed_idx ON marketing.pipeline_events (processed_at)
-    WHERE status = 'processed';
+) PARTITION BY RANGE (id);
 
 COMMENT ON TABLE marketing.pipeline_events IS
     'The event queue: one row per stage change (or pipeline.emit call), delivered to the webhook of its event_type.';
@@ -84,7 +81,9 @@ COMMENT ON COLUMN marketing.pipeline_events.claimed_by IS
 CREATE TABLE marketing.pipeline_error_log (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     stage           text NOT NULL,
-    event_id        bigint REFERENCES marketing.pipeline_events (id) ON DELETE SET NULL,
+    -- NB: no foreign key: PostgreSQL needs a key on the partitioned events
+    -- table for one. The event may be gone since (retention).
+    event_id        bigint,
     error_message   text NOT NULL,
     details         jsonb NOT NULL DEFAULT '{}',
     created_at      timestamptz NOT NULL DEFAULT now(),
@@ -98,10 +97,12 @@ CREATE TABLE marketing.pipeline_error_log (
 CREATE INDEX pipeline_error_log_created_idx ON marketing.pipeline_error_log (created_at);
 CREATE INDEX pipeline_error_log_unresolved_idx ON marketing.pipeline_error_log (created_at)
     WHERE NOT resolved;
--- Deleting old events sets event_id to NULL here; this index keeps that cheap.
+-- An event's errors (resolved once it is delivered).
 CREATE INDEX pipeline_error_log_event_idx ON marketing.pipeline_error_log (event_id);
 
 COMMENT ON TABLE marketing.pipeline_error_log IS
     'Failures of the pipeline: failed deliveries and errors reported by receivers (pipeline.log_error).';
 COMMENT ON COLUMN marketing.pipeline_error_log.stage IS 'Event type of the failed event, or the stage name a receiver reported.';
+COMMENT ON COLUMN marketing.pipeline_error_log.event_id IS
+    'The event the failure is about, if any; retention may have deleted it since.';
 COMMENT ON COLUMN marketing.pipeline_error_log.details IS 'Structured context: attempt, status code, response excerpt, ...';

@@ -372,11 +372,16 @@ COMMENT ON TABLE pipeline.watches IS
     'Table changes that become events, one row per pipeline.watch call. builtin marks the seven stage watches.';
 
 -- The tables of the pipeline itself: an event about them would feed itself.
+-- Their partitions too (015_partitions.sql).
 CREATE FUNCTION pipeline._is_internal(source_table regclass) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT n.nspname IN ('pg_catalog', 'information_schema', 'pg_toast', 'pipeline')
         OR c.oid IN (to_regclass('marketing.pipeline_events'), to_regclass('marketing.pipeline_error_log'),
                      to_regclass('marketing.pipeline_delivery_attempts'))
+        OR EXISTS (SELECT FROM pg_inherits i
+                   WHERE i.inhrelid = c.oid
+                     AND i.inhparent IN (to_regclass('marketing.pipeline_events'),
+                                         to_regclass('marketing.pipeline_delivery_attempts')))
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.oid = source_table
 $$;

@@ -5,8 +5,11 @@
 -- pipeline._record_deliveries in a new transaction. Both are plain SQL, so an
 -- outside consumer in trigger-only mode can use them too.
 
+-- Partitioned like the events, by the same ranges of event_id: a day's
+-- attempts go with the day's events (015_partitions.sql), and its indexes
+-- are the partitions' own (see marketing.pipeline_events).
 CREATE TABLE marketing.pipeline_delivery_attempts (
-    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id               bigint GENERATED ALWAYS AS IDENTITY,
     -- NB: no foreign key (see _delete_attempts below).
     event_id         bigint NOT NULL,
     attempt          integer NOT NULL,
@@ -19,9 +22,7 @@ CREATE TABLE marketing.pipeline_delivery_attempts (
     response_excerpt text,
     created_at       timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT outcome_known CHECK (outcome IN ('delivered', 'retry', 'failed', 'gone', 'rejected', 'refused'))
-);
-CREATE INDEX pipeline_delivery_attempts_event_idx ON marketing.pipeline_delivery_attempts (event_id, attempt);
-CREATE INDEX pipeline_delivery_attempts_created_idx ON marketing.pipeline_delivery_attempts (created_at);
+) PARTITION BY RANGE (event_id);
 COMMENT ON TABLE marketing.pipeline_delivery_attempts IS
     'Every delivery attempt: endpoint, HTTP status (NULL when no response came), duration, and the error or the start of the response body.';
 COMMENT ON COLUMN marketing.pipeline_delivery_attempts.outcome IS
@@ -527,66 +528,7 @@ BEGIN
 END
 $$;
 
--- Deleting old history in small batches (the worker calls it every round
--- until it returns less than max_rows): delivered events older than
--- older_than (their attempts go with them) and attempts older than it.
--- Failed and dead events stay until someone replays or deletes them. First,
--- events of types recorded without delivery are settled as processed.
-CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
-RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off
-    SET plan_cache_mode = force_generic_plan AS $$
-DECLARE
-    v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
-    v_settled bigint;
-    v_events  bigint;
-    v_attempts bigint;
-BEGIN
-    IF max_rows IS NULL OR max_rows < 1 THEN
-        RAISE EXCEPTION 'pipeline.purge: max_rows must be at least 1' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    -- Events of the types recorded without delivery (pipeline.undelivered_types)
-    -- end as processed, at their creation: no deliverer waits for them.
-    UPDATE marketing.pipeline_events e
-    SET status = 'processed', processed_at = e.created_at, claimed_by = NULL
-    WHERE e.id = ANY (ARRAY(
-        SELECT o.id FROM pipeline.undelivered_types u
-        -- NB: not while it has an endpoint (a restore may bring both back).
-        CROSS JOIN LATERAL (SELECT o.id FROM marketing.pipeline_events o
-                            WHERE o.event_type = u.event_type AND o.status IN ('pending', 'failed')
-                            LIMIT max_rows FOR UPDATE SKIP LOCKED) o
-        WHERE NOT EXISTS (SELECT 1 FROM pipeline.webhooks w WHERE w.event_type = u.event_type)
-        LIMIT max_rows));
-    GET DIAGNOSTICS v_settled = ROW_COUNT;
-    IF v_age <= interval '0' THEN
-        RETURN v_settled;  -- retention 0 keeps everything
-    END IF;
-    DELETE FROM marketing.pipeline_events e
-    WHERE e.id = ANY (ARRAY(
-        SELECT o.id FROM marketing.pipeline_events o
-        WHERE o.status = 'processed' AND o.processed_at < now() - v_age
-        ORDER BY o.processed_at
-        LIMIT max_rows
-        FOR UPDATE SKIP LOCKED));
-    GET DIAGNOSTICS v_events = ROW_COUNT;
-    WITH old AS (
-        SELECT a.id FROM marketing.pipeline_delivery_attempts a
-        WHERE a.created_at < now() - v_age
-        ORDER BY a.created_at
-        LIMIT max_rows
-    )
-    DELETE FROM marketing.pipeline_delivery_attempts a USING old WHERE a.id = old.id;
-    GET DIAGNOSTICS v_attempts = ROW_COUNT;
-    DELETE FROM pipeline.deliverers d WHERE d.last_active_at < now() - v_age;
-    RETURN v_settled + v_events + v_attempts;
-END
-$$;
-COMMENT ON FUNCTION pipeline.purge(interval, integer) IS
-    'Settles up to max_rows events of pipeline.undelivered_types as processed, deletes up to max_rows delivered '
-    'events older than older_than (default pipeline.retention) and up to max_rows old delivery attempts; returns '
-    'how many rows it settled or deleted. Retention 0 keeps everything.';
+-- (Retention, pipeline.purge: 015_partitions.sql.)
 
 -- Per endpoint: state, backlog and the last hour of deliveries.
 CREATE VIEW marketing.vw_endpoint_health AS

@@ -116,9 +116,14 @@ pub extern "C-unwind" fn _PG_init() {
     requires = ["delivery"]
 );
 ::pgrx::extension_sql_file!(
+    "../sql/015_partitions.sql",
+    name = "partitions",
+    requires = ["verify"]
+);
+::pgrx::extension_sql_file!(
     "../sql/extension/worker_role.sql",
     name = "worker_role",
-    requires = ["delivery"]
+    requires = ["partitions"]
 );
 ::pgrx::extension_sql_file!(
     "../sql/extension/config_dump.sql",

@@ -70,12 +70,14 @@ const AS_INSTALLED_BY_0_1_0: &str = "
       AND objid = (SELECT oid FROM pg_extension WHERE extname = 'pipeline_ext');
     UPDATE pg_extension SET extnamespace = 'public'::regnamespace WHERE extname = 'pipeline_ext';";
 
-/// Every row of every table of the pipeline, by table, as JSON objects.
+/// Every row of every table of the pipeline, by table, as JSON objects
+/// (the rows of a partitioned table read through it, not its partitions).
 fn rows(client: &mut postgres::Client) -> BTreeMap<String, Vec<Value>> {
     let tables = texts(
         client,
         "SELECT c.oid::regclass::text FROM pg_class c
-         WHERE c.relkind = 'r' AND c.relnamespace::regnamespace::text IN ('intake', 'marketing', 'pipeline')
+         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+           AND c.relnamespace::regnamespace::text IN ('intake', 'marketing', 'pipeline')
          ORDER BY 1",
     );
     tables

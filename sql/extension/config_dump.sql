@@ -9,13 +9,18 @@ SELECT pg_catalog.pg_extension_config_dump('intake.company_raw_intake', '');
 SELECT pg_catalog.pg_extension_config_dump('marketing.company_master', '');
 SELECT pg_catalog.pg_extension_config_dump('marketing.company_slots', '');
 SELECT pg_catalog.pg_extension_config_dump('marketing.email_verification', '');
-SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_events', '');
+-- The events and attempts are kept in partitions (015_partitions.sql):
+-- CREATE EXTENSION makes the first two, whose rows are dumped here; the
+-- later ones are not members and pg_dump writes them whole.
+SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_events_0', '');
+SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_events_1', '');
 SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_error_log', '');
 SELECT pg_catalog.pg_extension_config_dump('pipeline.watches', 'WHERE NOT builtin');
 SELECT pg_catalog.pg_extension_config_dump('pipeline.webhooks', '');
 -- NB: not pipeline.webhook_credentials: headers and signing secrets stay out
 -- of dumps; docs/security.md says how to carry them (export_registry).
-SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_delivery_attempts', '');
+SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_delivery_attempts_0', '');
+SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_delivery_attempts_1', '');
 -- The stage work's service settings (only what was changed: the defaults
 -- are the view's), its calls, and the event types marked by hand.
 SELECT pg_catalog.pg_extension_config_dump('pipeline.services', '');

@@ -61,5 +61,7 @@ GRANT UPDATE (enabled, disabled_reason, updated_at) ON pipeline.webhooks TO pipe
 -- Say when it last claimed events (pipeline.status()).
 GRANT SELECT, INSERT, DELETE ON pipeline.deliverers TO pipeline_worker;
 GRANT UPDATE (last_active_at) ON pipeline.deliverers TO pipeline_worker;
+-- Make the event history's partitions and drop old ones (pipeline.purge).
+GRANT EXECUTE ON FUNCTION pipeline._maintain_partitions(interval) TO pipeline_worker;
 -- Keep each endpoint's health (and give up on one that never answers).
 GRANT SELECT, INSERT, UPDATE ON pipeline.endpoint_health TO pipeline_worker;

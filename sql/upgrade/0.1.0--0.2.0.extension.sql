@@ -91,6 +91,8 @@ GRANT UPDATE (enabled, disabled_reason, updated_at) ON pipeline.webhooks TO pipe
 -- Say when it last claimed events (pipeline.status()).
 GRANT SELECT, INSERT, DELETE ON pipeline.deliverers TO pipeline_worker;
 GRANT UPDATE (last_active_at) ON pipeline.deliverers TO pipeline_worker;
+-- Make the event history's partitions and drop old ones (pipeline.purge).
+GRANT EXECUTE ON FUNCTION pipeline._maintain_partitions(interval) TO pipeline_worker;
 -- Keep each endpoint's health (and give up on one that never answers).
 GRANT SELECT, INSERT, UPDATE ON pipeline.endpoint_health TO pipeline_worker;
 
@@ -120,3 +122,24 @@ WHERE extname OPERATOR(pg_catalog.=) 'pipeline_ext';
 SELECT pg_catalog.pg_extension_config_dump('pipeline.services', '');
 SELECT pg_catalog.pg_extension_config_dump('pipeline.service_calls', '');
 SELECT pg_catalog.pg_extension_config_dump('pipeline.undelivered_types', 'WHERE event_type <> ''email_verified''');
+
+-- The event history is partitioned (015_partitions.sql): the 0.1.0 tables
+-- of events and attempts are the first partitions and stay configuration
+-- tables; the second partitions are too, and the sequences are new. The
+-- 0.1.0 sequences went with their tables' identity: PostgreSQL leaves them
+-- in the list of configuration tables, where pg_dump would trip on them.
+UPDATE pg_catalog.pg_extension e
+SET (extconfig, extcondition) = (
+    SELECT pg_catalog.array_agg(c.rel ORDER BY c.n), pg_catalog.array_agg(c.cond ORDER BY c.n)
+    FROM ROWS FROM (pg_catalog.unnest(e.extconfig), pg_catalog.unnest(e.extcondition)) WITH ORDINALITY AS c(rel, cond, n)
+    WHERE EXISTS (SELECT FROM pg_catalog.pg_class k WHERE k.oid OPERATOR(pg_catalog.=) c.rel))
+WHERE e.extname OPERATOR(pg_catalog.=) 'pipeline_ext';
+SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_events_1', '');
+SELECT pg_catalog.pg_extension_config_dump('marketing.pipeline_delivery_attempts_1', '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('marketing.pipeline_events', 'id'), '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('marketing.pipeline_delivery_attempts', 'id'), '');
+-- The wake-up trigger of the events moves to the partitioned table
+-- (the shared part dropped the 0.1.0 table's).
+CREATE TRIGGER pipeline_wake_worker
+    AFTER INSERT OR UPDATE ON marketing.pipeline_events
+    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._wake_worker();

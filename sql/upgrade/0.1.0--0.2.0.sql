@@ -424,6 +424,96 @@ COMMENT ON DOMAIN pipeline.event_type IS 'Lower-case identifier: a letter, then 
 -- Which deliverer holds a claimed event (pipeline.release_claims).
 ALTER TABLE marketing.pipeline_events ADD COLUMN claimed_by text;
 
+-- The event history becomes partitioned (015_partitions.sql). The 0.1.0
+-- tables of events and attempts keep their rows and become the first
+-- partitions: renamed here, with their indexes named as a new partition's
+-- are, and without what the partitioned tables hold from now on (identity,
+-- triggers, policies, privileges, comments); the foreign keys to the events
+-- go. pipeline._add_partitions(0) attaches them further down, reading each
+-- once to prove its ids fit (UPGRADING.md gives the time for a million
+-- events); nothing is rewritten. The id sequences are made again with the
+-- partitioned tables, at the values they had.
+DO $partitions$
+DECLARE
+    v_table  text;
+    v_old    regclass;
+    v_name   text;
+    v_column text;
+    v_next   bigint;
+BEGIN
+    IF (SELECT max(e.id) FROM marketing.pipeline_events e) >= 68719476736 THEN
+        RAISE EXCEPTION 'pipeline_ext 0.1.0 to 0.2.0: marketing.pipeline_events has ids of 2^36 and more'
+            USING HINT = 'The first partition of the events holds ids below 2^36 (68719476736); ask the project for a conversion of larger ids.';
+    END IF;
+    ALTER TABLE marketing.pipeline_error_log DROP CONSTRAINT pipeline_error_log_event_id_fkey;
+    ALTER TABLE marketing.pipeline_delivery_attempts DROP CONSTRAINT pipeline_delivery_attempts_event_id_fkey;
+    FOREACH v_table IN ARRAY ARRAY['pipeline_events', 'pipeline_delivery_attempts'] LOOP
+        v_old := format('marketing.%I', v_table)::regclass;
+        EXECUTE format('SELECT CASE WHEN s.is_called THEN s.last_value + 1 ELSE s.last_value END FROM %s s',
+                       pg_get_serial_sequence(v_old::text, 'id'))
+            INTO v_next;
+        PERFORM set_config('pipeline_upgrade.' || v_table || '_next_id', v_next::text, true);
+        EXECUTE format('ALTER TABLE %s ALTER COLUMN id DROP IDENTITY', v_old);
+        FOR v_name IN SELECT t.tgname FROM pg_trigger t WHERE t.tgrelid = v_old AND NOT t.tgisinternal LOOP
+            EXECUTE format('DROP TRIGGER %I ON %s', v_name, v_old);
+        END LOOP;
+        FOR v_name IN SELECT p.polname FROM pg_policy p WHERE p.polrelid = v_old LOOP
+            EXECUTE format('DROP POLICY %I ON %s', v_name, v_old);
+        END LOOP;
+        EXECUTE format('ALTER TABLE %s DISABLE ROW LEVEL SECURITY', v_old);
+        EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', v_old);
+        FOR v_name IN SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END
+                      FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a
+                      WHERE c.oid = v_old AND a.grantee <> c.relowner LOOP
+            EXECUTE format('REVOKE ALL ON %s FROM %s', v_old, v_name);
+        END LOOP;
+        FOR v_column, v_name IN
+            SELECT DISTINCT t.attname, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END
+            FROM pg_attribute t CROSS JOIN LATERAL aclexplode(t.attacl) a
+            WHERE t.attrelid = v_old AND t.attnum > 0 LOOP
+            EXECUTE format('REVOKE ALL (%I) ON %s FROM %s', v_column, v_old, v_name);
+        END LOOP;
+        FOR v_column IN
+            SELECT t.attname FROM pg_attribute t
+            JOIN pg_description d ON d.classoid = 'pg_class'::regclass AND d.objoid = t.attrelid AND d.objsubid = t.attnum
+            WHERE t.attrelid = v_old AND t.attnum > 0 LOOP
+            EXECUTE format('COMMENT ON COLUMN %s.%I IS NULL', v_old, v_column);
+        END LOOP;
+        EXECUTE format('COMMENT ON TABLE %s IS NULL', v_old);
+        EXECUTE format('ALTER TABLE %s RENAME CONSTRAINT %I TO %I', v_old, v_table || '_pkey', v_table || '_0_pkey');
+        FOR v_name IN
+            SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+            WHERE i.indrelid = v_old AND c.relname <> v_table || '_0_pkey' LOOP
+            EXECUTE format('ALTER INDEX marketing.%I RENAME TO %I', v_name,
+                           v_table || '_0_' || substr(v_name, length(v_table) + 2));
+        END LOOP;
+        EXECUTE format('ALTER TABLE %s RENAME TO %I', v_old, v_table || '_0');
+    END LOOP;
+END
+$partitions$;
+
+-- The table CREATE EXTENSION makes (sql/003_events.sql), with the sequence
+-- where it was.
+CREATE TABLE marketing.pipeline_events (
+    id              bigint GENERATED ALWAYS AS IDENTITY,
+    event_type      pipeline.event_type NOT NULL,
+    payload         jsonb NOT NULL,
+    status          pipeline.event_status NOT NULL DEFAULT 'pending',
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    processed_at    timestamptz,
+    last_error      text,
+    source_table    text,
+    source_op       pipeline.event_source_op,
+    source_key      jsonb,
+    replay_count    integer NOT NULL DEFAULT 0,
+    claimed_by      text,
+    CONSTRAINT processed_at_iff_processed CHECK ((status = 'processed') = (processed_at IS NOT NULL))
+) PARTITION BY RANGE (id);
+SELECT setval(pg_get_serial_sequence('marketing.pipeline_events', 'id'),
+              current_setting('pipeline_upgrade.pipeline_events_next_id')::bigint, false);
+
 
 COMMENT ON TABLE marketing.pipeline_events IS
     'The event queue: one row per stage change (or pipeline.emit call), delivered to the webhook of its event_type.';
@@ -461,6 +551,9 @@ COMMENT ON TABLE marketing.pipeline_error_log IS
     'Failures of the pipeline: failed deliveries and errors reported by receivers (pipeline.log_error).';
 
 COMMENT ON COLUMN marketing.pipeline_error_log.stage IS 'Event type of the failed event, or the stage name a receiver reported.';
+
+COMMENT ON COLUMN marketing.pipeline_error_log.event_id IS
+    'The event the failure is about, if any; retention may have deleted it since.';
 
 COMMENT ON COLUMN marketing.pipeline_error_log.details IS 'Structured context: attempt, status code, response excerpt, ...';
 
@@ -848,6 +941,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT n.nspname IN ('pg_catalog', 'information_schema', 'pg_toast', 'pipeline')
         OR c.oid IN (to_regclass('marketing.pipeline_events'), to_regclass('marketing.pipeline_error_log'),
                      to_regclass('marketing.pipeline_delivery_attempts'))
+        OR EXISTS (SELECT FROM pg_inherits i
+                   WHERE i.inhrelid = c.oid
+                     AND i.inhparent IN (to_regclass('marketing.pipeline_events'),
+                                         to_regclass('marketing.pipeline_delivery_attempts')))
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.oid = source_table
 $$;
@@ -3911,11 +4008,29 @@ COMMENT ON FUNCTION pipeline.resume_stuck(integer) IS
 -- ==== from sql/013_delivery.sql ====
 
 -- The attempt log: no foreign key (attempts go with their events through
--- the triggers below), and refused deliveries.
-ALTER TABLE marketing.pipeline_delivery_attempts
-    DROP CONSTRAINT pipeline_delivery_attempts_event_id_fkey,
+-- the triggers below), and refused deliveries. Its 0.1.0 table is the
+-- first partition (see 003_events.sql above).
+ALTER TABLE marketing.pipeline_delivery_attempts_0
     DROP CONSTRAINT outcome_known,
     ADD CONSTRAINT outcome_known CHECK (outcome IN ('delivered', 'retry', 'failed', 'gone', 'rejected', 'refused'));
+
+CREATE TABLE marketing.pipeline_delivery_attempts (
+    id               bigint GENERATED ALWAYS AS IDENTITY,
+    -- NB: no foreign key (see _delete_attempts below).
+    event_id         bigint NOT NULL,
+    attempt          integer NOT NULL,
+    event_type       text NOT NULL,
+    url              text NOT NULL,
+    outcome          text NOT NULL,
+    status_code      integer,
+    duration_ms      integer NOT NULL,
+    error            text,
+    response_excerpt text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT outcome_known CHECK (outcome IN ('delivered', 'retry', 'failed', 'gone', 'rejected', 'refused'))
+) PARTITION BY RANGE (event_id);
+SELECT setval(pg_get_serial_sequence('marketing.pipeline_delivery_attempts', 'id'),
+              current_setting('pipeline_upgrade.pipeline_delivery_attempts_next_id')::bigint, false);
 
 COMMENT ON TABLE marketing.pipeline_delivery_attempts IS
     'Every delivery attempt: endpoint, HTTP status (NULL when no response came), duration, and the error or the start of the response body.';
@@ -4429,66 +4544,7 @@ BEGIN
 END
 $$;
 
--- Deleting old history in small batches (the worker calls it every round
--- until it returns less than max_rows): delivered events older than
--- older_than (their attempts go with them) and attempts older than it.
--- Failed and dead events stay until someone replays or deletes them. First,
--- events of types recorded without delivery are settled as processed.
-CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
-RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
-    SET enable_hashjoin = off SET enable_mergejoin = off
-    SET plan_cache_mode = force_generic_plan AS $$
-DECLARE
-    v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
-    v_settled bigint;
-    v_events  bigint;
-    v_attempts bigint;
-BEGIN
-    IF max_rows IS NULL OR max_rows < 1 THEN
-        RAISE EXCEPTION 'pipeline.purge: max_rows must be at least 1' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    -- Events of the types recorded without delivery (pipeline.undelivered_types)
-    -- end as processed, at their creation: no deliverer waits for them.
-    UPDATE marketing.pipeline_events e
-    SET status = 'processed', processed_at = e.created_at, claimed_by = NULL
-    WHERE e.id = ANY (ARRAY(
-        SELECT o.id FROM pipeline.undelivered_types u
-        -- NB: not while it has an endpoint (a restore may bring both back).
-        CROSS JOIN LATERAL (SELECT o.id FROM marketing.pipeline_events o
-                            WHERE o.event_type = u.event_type AND o.status IN ('pending', 'failed')
-                            LIMIT max_rows FOR UPDATE SKIP LOCKED) o
-        WHERE NOT EXISTS (SELECT 1 FROM pipeline.webhooks w WHERE w.event_type = u.event_type)
-        LIMIT max_rows));
-    GET DIAGNOSTICS v_settled = ROW_COUNT;
-    IF v_age <= interval '0' THEN
-        RETURN v_settled;  -- retention 0 keeps everything
-    END IF;
-    DELETE FROM marketing.pipeline_events e
-    WHERE e.id = ANY (ARRAY(
-        SELECT o.id FROM marketing.pipeline_events o
-        WHERE o.status = 'processed' AND o.processed_at < now() - v_age
-        ORDER BY o.processed_at
-        LIMIT max_rows
-        FOR UPDATE SKIP LOCKED));
-    GET DIAGNOSTICS v_events = ROW_COUNT;
-    WITH old AS (
-        SELECT a.id FROM marketing.pipeline_delivery_attempts a
-        WHERE a.created_at < now() - v_age
-        ORDER BY a.created_at
-        LIMIT max_rows
-    )
-    DELETE FROM marketing.pipeline_delivery_attempts a USING old WHERE a.id = old.id;
-    GET DIAGNOSTICS v_attempts = ROW_COUNT;
-    DELETE FROM pipeline.deliverers d WHERE d.last_active_at < now() - v_age;
-    RETURN v_settled + v_events + v_attempts;
-END
-$$;
-COMMENT ON FUNCTION pipeline.purge(interval, integer) IS
-    'Settles up to max_rows events of pipeline.undelivered_types as processed, deletes up to max_rows delivered '
-    'events older than older_than (default pipeline.retention) and up to max_rows old delivery attempts; returns '
-    'how many rows it settled or deleted. Retention 0 keeps everything.';
+-- (Retention, pipeline.purge: 015_partitions.sql.)
 
 
 -- Per endpoint: state, backlog and the last hour of deliveries.
@@ -4861,6 +4917,316 @@ $$;
 COMMENT ON FUNCTION pipeline.verify() IS
     'Lists every schema, table, view, function and stage trigger the pipeline needs, each endpoint, and whether '
     'work is stuck, with ok or what is wrong.';
+
+-- ==== from sql/015_partitions.sql (new in 0.2.0; pipeline.purge moved here from 013_delivery.sql) ====
+
+-- 015_partitions.sql: the event history in partitions, made ahead of need
+-- and dropped whole; retention (pipeline.purge).
+--
+-- marketing.pipeline_events and marketing.pipeline_delivery_attempts are
+-- partitioned by ranges of the event id: partition k holds the ids from
+-- k * 2^36 up to (k + 1) * 2^36, as marketing.pipeline_events_<k> and
+-- marketing.pipeline_delivery_attempts_<k>. One sequence numbers every
+-- event; the deliverers' purge (pipeline.purge, every tenth of the
+-- retention, at least once a minute) moves it to the start of the next
+-- partition once the current one has held events for a span:
+--
+--   span = a quarter of pipeline.retention, at least a day
+--          (a week with retention 0, which keeps everything)
+--
+-- so a partition holds a day or more of events, and a week's retention
+-- keeps about six partitions. The partition after the current one is made
+-- in an earlier transaction than the one that moves the sequence into it:
+-- a write never finds no partition for its event.
+--
+-- Why ranges of id and not of created_at: events are found by id (a claim
+-- settles by id; replays, the error log and receivers name events by id),
+-- and a condition on id reaches one partition. 2^36 ids per partition keep
+-- ids below 2^53 (receivers in JavaScript read them as numbers) for 131,072
+-- partitions: 359 years of daily ones.
+--
+-- Retention: a partition before the current one whose events were all
+-- created and delivered longer than pipeline.retention ago is dropped with
+-- its attempts (DROP TABLE: the disk comes back at once and VACUUM has
+-- nothing to chase). A partition that still holds an event waiting for
+-- delivery, or a dead one, is kept: dead events wait for a person
+-- (pipeline.replay_failed, or deleting them). In such a partition the
+-- delivered events older than the retention are deleted in batches, as
+-- before partitions. Events of younger partitions wait for their partition:
+-- a delivered event is kept for the retention and at most a span more.
+--
+-- Dropping a partition needs an ACCESS EXCLUSIVE lock on both tables for a
+-- moment; it waits at most 100 ms for it (writers queue behind the wait),
+-- and tries again at the next purge when it did not get it.
+--
+-- Partitions are made and dropped by pipeline._maintain_partitions, which
+-- runs with its owner's rights (a deliverer may not create tables) and
+-- takes nothing from its caller but an age. In the extension, the first two
+-- partitions are made by CREATE EXTENSION and belong to it (pg_dump writes
+-- their rows); later ones do not, so pg_dump writes them whole, as tables
+-- attached to the extension's.
+
+-- The partitions of number k of both tables, with their indexes (made on
+-- the empty tables, then attached: attaching takes a SHARE UPDATE EXCLUSIVE
+-- lock, which writers do not wait for, where CREATE TABLE ... PARTITION OF
+-- takes an ACCESS EXCLUSIVE one). A table of that name that exists and is
+-- not attached yet is attached (the upgrade makes the 0.1.0 table partition
+-- 0 this way). Returns whether it made or attached anything.
+CREATE FUNCTION pipeline._add_partitions(k integer) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c_width    CONSTANT bigint := 68719476736;  -- 2^36
+    v_events   text := 'pipeline_events_' || k;
+    v_attempts text := 'pipeline_delivery_attempts_' || k;
+    v_changed  boolean := false;
+BEGIN
+    IF k IS NULL OR k < 0 OR k >= 131072 THEN
+        RAISE EXCEPTION 'pipeline._add_partitions: partition % is outside 0 - 131071', k
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF to_regclass(format('marketing.%I', v_events)) IS NULL THEN
+        EXECUTE format('CREATE TABLE marketing.%I (LIKE marketing.pipeline_events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                       v_events);
+        EXECUTE format('ALTER TABLE marketing.%I ADD CONSTRAINT %I PRIMARY KEY (id)', v_events, v_events || '_pkey');
+        -- Claims: per event type, "due events in order" is a range scan of
+        -- this index, whatever the delivered history and however many events
+        -- of other types wait (for an endpoint, say).
+        EXECUTE format('CREATE INDEX %I ON marketing.%I (event_type, next_attempt_at, id) '
+                       'WHERE status IN (''pending'', ''failed'', ''processing'')', v_events || '_due_idx', v_events);
+        -- Recent events (ORDER BY created_at DESC) and time-range replays.
+        EXECUTE format('CREATE INDEX %I ON marketing.%I (created_at)', v_events || '_created_idx', v_events);
+        -- Dead events wait for a person: counting and listing them stays cheap.
+        EXECUTE format('CREATE INDEX %I ON marketing.%I (created_at) WHERE status = ''dead''',
+                       v_events || '_dead_idx', v_events);
+        -- Latency views and retention of delivered events.
+        EXECUTE format('CREATE INDEX %I ON marketing.%I (processed_at) WHERE status = ''processed''',
+                       v_events || '_processed_idx', v_events);
+        EXECUTE format('REVOKE ALL ON marketing.%I FROM PUBLIC', v_events);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_inherits i WHERE i.inhrelid = format('marketing.%I', v_events)::regclass) THEN
+        EXECUTE format('ALTER TABLE marketing.pipeline_events ATTACH PARTITION marketing.%I FOR VALUES FROM (%s) TO (%s)',
+                       v_events, k * c_width, (k + 1) * c_width);
+        v_changed := true;
+    END IF;
+    IF to_regclass(format('marketing.%I', v_attempts)) IS NULL THEN
+        EXECUTE format('CREATE TABLE marketing.%I (LIKE marketing.pipeline_delivery_attempts INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                       v_attempts);
+        EXECUTE format('ALTER TABLE marketing.%I ADD CONSTRAINT %I PRIMARY KEY (id)', v_attempts, v_attempts || '_pkey');
+        EXECUTE format('CREATE INDEX %I ON marketing.%I (event_id, attempt)', v_attempts || '_event_idx', v_attempts);
+        EXECUTE format('CREATE INDEX %I ON marketing.%I (created_at)', v_attempts || '_created_idx', v_attempts);
+        EXECUTE format('REVOKE ALL ON marketing.%I FROM PUBLIC', v_attempts);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_inherits i WHERE i.inhrelid = format('marketing.%I', v_attempts)::regclass) THEN
+        EXECUTE format('ALTER TABLE marketing.pipeline_delivery_attempts ATTACH PARTITION marketing.%I FOR VALUES FROM (%s) TO (%s)',
+                       v_attempts, k * c_width, (k + 1) * c_width);
+        v_changed := true;
+    END IF;
+    RETURN v_changed;
+END
+$$;
+REVOKE ALL ON FUNCTION pipeline._add_partitions(integer) FROM PUBLIC;
+COMMENT ON FUNCTION pipeline._add_partitions(integer) IS
+    'Makes (or attaches) partition k of marketing.pipeline_events and marketing.pipeline_delivery_attempts: event ids k * 2^36 to (k + 1) * 2^36.';
+
+-- What pipeline.purge runs first: makes the partition after the current
+-- one, moves the sequence on when the current one has held events for a
+-- span, and drops the partitions older than older_than whose events are all
+-- delivered. Returns the id below which every partition left is older than
+-- older_than (they hold waiting or dead events, or could not be dropped
+-- now): pipeline.purge deletes delivered rows only there. 0 when another
+-- transaction is at it (then nothing is deleted by rows this time).
+-- NB: SECURITY DEFINER, for CREATE and DROP TABLE; only the deliverers'
+-- roles may call it (pipeline_worker; pipeline-relay's role by the grant
+-- docs/relay.md gives). Every name is qualified, and what is made or
+-- dropped is decided by the catalog and the sequence, not by the caller.
+CREATE FUNCTION pipeline._maintain_partitions(older_than interval) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET lock_timeout = '100ms'
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    c_width     CONSTANT bigint := 68719476736;  -- 2^36
+    v_retention interval := pipeline._setting('retention', '7d')::interval;
+    v_span      interval;
+    v_seq       regclass := pg_get_serial_sequence('marketing.pipeline_events', 'id')::regclass;
+    v_next      bigint;
+    v_current   integer;
+    v_had       integer[];
+    v_first     timestamptz;
+    v_part      record;
+    v_newest    timestamptz;
+    v_delivered timestamptz;
+    v_open      boolean;
+    v_attempts  regclass;
+    v_bound     bigint;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock('marketing.pipeline_events'::regclass::oid::integer, 15) THEN
+        RETURN 0;
+    END IF;
+    v_span := CASE WHEN v_retention <= interval '0' THEN interval '7 days'
+                   ELSE greatest(interval '1 day', v_retention / 4) END;
+    EXECUTE format('SELECT CASE WHEN s.is_called THEN s.last_value + 1 ELSE s.last_value END FROM %s s', v_seq)
+        INTO v_next;
+    v_current := v_next / c_width;
+    v_had := ARRAY(SELECT substr(c.relname, 17)::integer
+                   FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                   WHERE i.inhparent = 'marketing.pipeline_events'::regclass
+                     AND c.relname ~ '^pipeline_events_[0-9]+$');
+    -- The current partition (missing only if someone dropped it: writes
+    -- fail until it is back) and the next.
+    IF NOT v_current = ANY (v_had) THEN
+        PERFORM pipeline._add_partitions(v_current);
+    END IF;
+    IF NOT v_current + 1 = ANY (v_had) THEN
+        PERFORM pipeline._add_partitions(v_current + 1);
+    ELSE
+        -- The next one was made by an earlier transaction: the sequence may
+        -- move into it once the current one has held events for a span.
+        SELECT e.created_at INTO v_first
+        FROM marketing.pipeline_events e
+        WHERE e.id >= v_current * c_width AND e.id < (v_current + 1) * c_width
+        ORDER BY e.id
+        LIMIT 1;
+        IF v_first < now() - v_span THEN
+            PERFORM setval(v_seq, (v_current + 1) * c_width, false);
+            v_current := v_current + 1;
+            PERFORM pipeline._add_partitions(v_current + 1);
+        END IF;
+    END IF;
+
+    v_bound := v_current * c_width;
+    IF older_than IS NULL OR older_than <= interval '0' THEN
+        RETURN v_bound;  -- retention 0 keeps everything
+    END IF;
+    FOR v_part IN
+        SELECT c.oid::regclass AS events, substr(c.relname, 17)::integer AS k
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'marketing.pipeline_events'::regclass
+          AND c.relname ~ '^pipeline_events_[0-9]+$'
+          AND substr(c.relname, 17)::integer < v_current
+        ORDER BY 2
+    LOOP
+        -- From the partition's own indexes (newest event, last delivery,
+        -- any event waiting or dead).
+        EXECUTE format($q$SELECT (SELECT max(e.created_at) FROM %1$s e),
+                                 (SELECT max(e.processed_at) FROM %1$s e WHERE e.status = 'processed'),
+                                 EXISTS (SELECT FROM %1$s e WHERE e.status IN ('pending', 'failed', 'processing'))
+                                 OR EXISTS (SELECT FROM %1$s e WHERE e.status = 'dead')$q$, v_part.events)
+            INTO v_newest, v_delivered, v_open;
+        IF v_newest >= now() - older_than OR v_delivered >= now() - older_than THEN
+            -- Not all old yet, nor any partition after it.
+            v_bound := v_part.k * c_width;
+            EXIT;
+        END IF;
+        CONTINUE WHEN v_open;  -- kept; its delivered rows go by rows
+        v_attempts := to_regclass(format('marketing.%I', 'pipeline_delivery_attempts_' || v_part.k));
+        BEGIN
+            -- The first partitions belong to the extension (made by CREATE
+            -- EXTENSION): it lets go of them first.
+            IF EXISTS (SELECT FROM pg_depend d
+                       WHERE d.classid = 'pg_class'::regclass AND d.objid IN (v_part.events, v_attempts)
+                         AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e') THEN
+                EXECUTE format('ALTER EXTENSION pipeline_ext DROP TABLE %s', v_part.events);
+                IF v_attempts IS NOT NULL THEN
+                    EXECUTE format('ALTER EXTENSION pipeline_ext DROP TABLE %s', v_attempts);
+                END IF;
+            END IF;
+            EXECUTE format('DROP TABLE %s', v_part.events);
+            IF v_attempts IS NOT NULL THEN
+                EXECUTE format('DROP TABLE %s', v_attempts);
+            END IF;
+        EXCEPTION WHEN lock_not_available THEN
+            -- Busy now: tried again at the next purge, and no rows of it or
+            -- later ones are deleted meanwhile.
+            v_bound := v_part.k * c_width;
+            EXIT;
+        END;
+    END LOOP;
+    RETURN v_bound;
+END
+$$;
+REVOKE ALL ON FUNCTION pipeline._maintain_partitions(interval) FROM PUBLIC;
+COMMENT ON FUNCTION pipeline._maintain_partitions(interval) IS
+    'Makes the next partition of the event history, moves the id sequence into it once the current one has held a span '
+    '(a quarter of pipeline.retention, at least a day) and drops the partitions delivered longer than older_than ago '
+    '(pipeline.purge calls it).';
+
+-- Deleting old history (the deliverers call it every tenth of the
+-- retention, again while it returns max_rows or more): first the
+-- partitions above; then, in small batches, delivered events older than
+-- older_than in the partitions kept for an event that waits or is dead
+-- (their attempts go with them) and attempts older than it there. Failed
+-- and dead events stay until someone replays or deletes them. Before that,
+-- events of types recorded without delivery are settled as processed.
+CREATE FUNCTION pipeline.purge(older_than interval DEFAULT NULL, max_rows integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+    SET enable_hashjoin = off SET enable_mergejoin = off
+    SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_age     interval := coalesce(older_than, pipeline._setting('retention', '7d')::interval);
+    v_below   bigint;
+    v_settled bigint;
+    v_events  bigint;
+    v_attempts bigint;
+BEGIN
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'pipeline.purge: max_rows must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Partitions (only the deliverers' roles and the owner may make and drop
+    -- them; for another caller, rows are deleted wherever they are old).
+    IF has_function_privilege('pipeline._maintain_partitions(interval)', 'EXECUTE') THEN
+        v_below := pipeline._maintain_partitions(v_age);
+    END IF;
+    -- Events of the types recorded without delivery (pipeline.undelivered_types)
+    -- end as processed, at their creation: no deliverer waits for them.
+    UPDATE marketing.pipeline_events e
+    SET status = 'processed', processed_at = e.created_at, claimed_by = NULL
+    WHERE e.id = ANY (ARRAY(
+        SELECT o.id FROM pipeline.undelivered_types u
+        -- NB: not while it has an endpoint (a restore may bring both back).
+        CROSS JOIN LATERAL (SELECT o.id FROM marketing.pipeline_events o
+                            WHERE o.event_type = u.event_type AND o.status IN ('pending', 'failed')
+                            LIMIT max_rows FOR UPDATE SKIP LOCKED) o
+        WHERE NOT EXISTS (SELECT 1 FROM pipeline.webhooks w WHERE w.event_type = u.event_type)
+        LIMIT max_rows));
+    GET DIAGNOSTICS v_settled = ROW_COUNT;
+    IF v_age <= interval '0' THEN
+        RETURN v_settled;  -- retention 0 keeps everything
+    END IF;
+    v_below := coalesce(v_below, 9223372036854775807);
+    DELETE FROM marketing.pipeline_events e
+    WHERE e.id = ANY (ARRAY(
+        SELECT o.id FROM marketing.pipeline_events o
+        WHERE o.status = 'processed' AND o.processed_at < now() - v_age AND o.id < v_below
+        ORDER BY o.processed_at
+        LIMIT max_rows
+        FOR UPDATE SKIP LOCKED));
+    GET DIAGNOSTICS v_events = ROW_COUNT;
+    WITH old AS (
+        SELECT a.event_id, a.id FROM marketing.pipeline_delivery_attempts a
+        WHERE a.created_at < now() - v_age AND a.event_id < v_below
+        ORDER BY a.created_at
+        LIMIT max_rows
+    )
+    DELETE FROM marketing.pipeline_delivery_attempts a USING old
+    WHERE a.event_id = old.event_id AND a.id = old.id;
+    GET DIAGNOSTICS v_attempts = ROW_COUNT;
+    DELETE FROM pipeline.deliverers d WHERE d.last_active_at < now() - v_age;
+    RETURN v_settled + v_events + v_attempts;
+END
+$$;
+COMMENT ON FUNCTION pipeline.purge(interval, integer) IS
+    'Makes the next partition of the event history and drops those delivered longer than older_than (default '
+    'pipeline.retention) ago; settles up to max_rows events of pipeline.undelivered_types as processed, deletes up to '
+    'max_rows delivered events older than older_than from partitions kept for waiting or dead events and up to max_rows '
+    'old delivery attempts there; returns how many rows it settled or deleted. Retention 0 keeps everything.';
+
+-- The first partition, and the next one ahead.
+SELECT pipeline._add_partitions(0);
+SELECT pipeline._add_partitions(1);
 
 -- ==== the watches' triggers ====
 --
