@@ -5028,6 +5028,25 @@ REVOKE ALL ON FUNCTION pipeline._add_partitions(integer) FROM PUBLIC;
 COMMENT ON FUNCTION pipeline._add_partitions(integer) IS
     'Makes (or attaches) partition k of marketing.pipeline_events and marketing.pipeline_delivery_attempts: event ids k * 2^36 to (k + 1) * 2^36.';
 
+-- Whether a table's catalog row was written by a transaction that has
+-- committed, and not by this one: the sequence may move only into a
+-- partition that no rollback can take away again (setval is not undone by
+-- one). From the row's xmin, widened to 64 bits by its distance to the
+-- next xid (a subtransaction's may lie past it).
+CREATE FUNCTION pipeline._committed(rel regclass) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN s.x < 3 THEN true  -- bootstrap and frozen
+                ELSE coalesce(pg_xact_status((s.next + s.d - CASE WHEN s.d >= 2147483648 THEN 4294967296
+                                                                   WHEN s.d < -2147483648 THEN -4294967296
+                                                                   ELSE 0 END)::text::xid8) = 'committed',
+                              true) END  -- NULL: too old to be known
+    FROM (SELECT c.xmin::text::bigint AS x, n.next,
+                 c.xmin::text::bigint - (n.next & 4294967295) AS d
+          FROM pg_class c, (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS next) n
+          WHERE c.oid = rel) s
+$$;
+REVOKE ALL ON FUNCTION pipeline._committed(regclass) FROM PUBLIC;
+
 -- What pipeline.purge runs first: makes the partition after the current
 -- one, moves the sequence on when the current one has held events for a
 -- span, and drops the partitions older than older_than whose events are all
@@ -5052,7 +5071,6 @@ DECLARE
     v_seq       regclass := pg_get_serial_sequence('marketing.pipeline_events', 'id')::regclass;
     v_next      bigint;
     v_current   integer;
-    v_had       integer[];
     v_first     timestamptz;
     v_part      record;
     v_newest    timestamptz;
@@ -5069,20 +5087,15 @@ BEGIN
     EXECUTE format('SELECT CASE WHEN s.is_called THEN s.last_value + 1 ELSE s.last_value END FROM %s s', v_seq)
         INTO v_next;
     v_current := v_next / c_width;
-    v_had := ARRAY(SELECT substr(c.relname, 17)::integer
-                   FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                   WHERE i.inhparent = 'marketing.pipeline_events'::regclass
-                     AND c.relname ~ '^pipeline_events_[0-9]+$');
     -- The current partition (missing only if someone dropped it: writes
-    -- fail until it is back) and the next.
-    IF NOT v_current = ANY (v_had) THEN
-        PERFORM pipeline._add_partitions(v_current);
-    END IF;
-    IF NOT v_current + 1 = ANY (v_had) THEN
-        PERFORM pipeline._add_partitions(v_current + 1);
-    ELSE
-        -- The next one was made by an earlier transaction: the sequence may
-        -- move into it once the current one has held events for a span.
+    -- fail until it is back) and the next (nothing to do when they are
+    -- there).
+    PERFORM pipeline._add_partitions(v_current);
+    PERFORM pipeline._add_partitions(v_current + 1);
+    IF pipeline._committed(format('marketing.%I', 'pipeline_events_' || (v_current + 1))::regclass)
+       AND pipeline._committed(format('marketing.%I', 'pipeline_delivery_attempts_' || (v_current + 1))::regclass) THEN
+        -- The next one was made by a committed transaction: the sequence
+        -- may move into it once the current one has held events for a span.
         SELECT e.created_at INTO v_first
         FROM marketing.pipeline_events e
         WHERE e.id >= v_current * c_width AND e.id < (v_current + 1) * c_width

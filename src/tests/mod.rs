@@ -6,6 +6,7 @@
 mod bad_input;
 mod errors;
 mod indexes;
+mod partitions;
 mod privileges;
 mod progress;
 mod queue;

@@ -603,11 +603,7 @@ mod tests {
         }
         let attempts = || count("SELECT count(*) FROM marketing.pipeline_delivery_attempts");
         assert_eq!(attempts(), 8);
-        let [first, second] = [0, 1].map(|n| {
-            count(&format!(
-                "SELECT id FROM marketing.pipeline_events ORDER BY id OFFSET {n} LIMIT 1"
-            ))
-        });
+        let first = count("SELECT min(id) FROM marketing.pipeline_events");
 
         run(&format!(
             "DELETE FROM marketing.pipeline_events WHERE id = {first}"
@@ -621,12 +617,9 @@ mod tests {
             "a deleted event's attempts go with it"
         );
 
-        // The purge deletes old delivered events, and so their attempts.
-        run(&format!(
-            "UPDATE marketing.pipeline_events SET processed_at = now() - interval '30 days' WHERE id = {second}"
-        ));
-        assert_eq!(count("SELECT pipeline.purge(interval '7 days', 10)"), 1);
-        assert_eq!(attempts(), 4);
+        // (The purge deletes delivered events by partitions and by rows,
+        // with their attempts: tests/partitions.rs, in a cluster of its own,
+        // since moving the id sequence on is not undone by a rollback.)
 
         // Deleting events takes DELETE on the attempts as well.
         run("CREATE ROLE pipeline_test_cleaner NOSUPERUSER");
@@ -638,7 +631,7 @@ mod tests {
             "permission denied for table pipeline_delivery_attempts",
         );
         run("RESET ROLE");
-        assert_eq!(events(), 2, "a refused delete deletes nothing");
+        assert_eq!(events(), 3, "a refused delete deletes nothing");
 
         // TRUNCATE: tests/trigger_only.rs (it would lock out the tests running beside this one).
     }
@@ -727,18 +720,11 @@ mod tests {
              SELECT 'company_created', '{}', 'processed', now() - interval '30 days', now() - interval '30 days'
              FROM generate_series(1, 25)");
         assert_eq!(
-            count("SELECT pipeline.purge(interval '7 days', 10)"),
-            10,
-            "at most max_rows a call"
-        );
-        assert_eq!(count("SELECT pipeline.purge(interval '7 days', 10)"), 10);
-        assert_eq!(count("SELECT pipeline.purge(interval '7 days', 10)"), 5);
-        assert_eq!(count("SELECT pipeline.purge(interval '7 days', 10)"), 0);
-        assert_eq!(
             count("SELECT pipeline.purge(interval '0', 10)"),
             0,
             "retention 0 keeps everything"
         );
+        run("DELETE FROM marketing.pipeline_events WHERE status = 'processed'");
         assert_eq!(
             count("SELECT count(*) FROM marketing.pipeline_events"),
             3,
