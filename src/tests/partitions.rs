@@ -110,7 +110,9 @@ mod tests {
     fn only_the_deliverers_maintain_partitions() {
         run("CREATE ROLE pipeline_test_operator NOSUPERUSER");
         run("GRANT SELECT, DELETE ON marketing.pipeline_events, marketing.pipeline_delivery_attempts TO pipeline_test_operator");
+        run("GRANT UPDATE (status, processed_at, claimed_by) ON marketing.pipeline_events TO pipeline_test_operator");
         run("GRANT SELECT, DELETE ON pipeline.deliverers TO pipeline_test_operator");
+        run("GRANT SELECT ON pipeline.webhooks TO pipeline_test_operator");
         run("GRANT USAGE ON SCHEMA tests TO pipeline_test_operator");
         run("SELECT pipeline.emit('company_created', '{}')");
         run("UPDATE marketing.pipeline_events SET status = 'processed', created_at = now() - interval '10 days',
