@@ -4906,6 +4906,19 @@ UNION ALL
  LEFT JOIN pipeline.endpoint_health h ON h.event_type = w.event_type
  ORDER BY 2)
 UNION ALL
+-- The event history's partitions (015_partitions.sql): events are written
+-- to the newest one; the deliverers' purge keeps one made ahead of it.
+-- NB: reads only the events' ids, which every role may.
+SELECT 'partitions', 'marketing.pipeline_events',
+       CASE WHEN p.newest IS NULL THEN 'none: writes of events fail until pipeline.purge (by a deliverer or the owner) makes one'
+            WHEN EXISTS (SELECT FROM marketing.pipeline_events e WHERE e.id >= p.newest * 68719476736)
+            THEN format('none made ahead of partition %s, where events are written now: a deliverer with EXECUTE '
+                        'on pipeline._maintain_partitions makes the next one (docs/data-model.md#partitions)', p.newest)
+            ELSE 'ok' END
+FROM (SELECT max(substr(c.relname, 17)::bigint) AS newest
+      FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+      WHERE i.inhparent = 'marketing.pipeline_events'::regclass AND c.relname ~ '^pipeline_events_[0-9]+$') p
+UNION ALL
 -- Work that stopped where nobody will pick it up again by itself.
 SELECT 'work', 'stuck companies and slots',
        CASE WHEN count(*) = 0 THEN 'ok'
@@ -4915,8 +4928,8 @@ FROM marketing.vw_stuck_work s
 $$;
 
 COMMENT ON FUNCTION pipeline.verify() IS
-    'Lists every schema, table, view, function and stage trigger the pipeline needs, each endpoint, and whether '
-    'work is stuck, with ok or what is wrong.';
+    'Lists every schema, table, view, function and stage trigger the pipeline needs, each endpoint, whether a '
+    'partition of the events is made ahead and whether work is stuck, with ok or what is wrong.';
 
 -- ==== from sql/015_partitions.sql (new in 0.2.0; pipeline.purge moved here from 013_delivery.sql) ====
 
