@@ -4944,11 +4944,11 @@ COMMENT ON FUNCTION pipeline.verify() IS
 -- retention, at least once a minute) moves it to the start of the next
 -- partition once the current one has held events for a span:
 --
---   span = a quarter of pipeline.retention, at least a day
+--   span = a quarter of pipeline.retention, at least an hour
 --          (a week with retention 0, which keeps everything)
 --
--- so a partition holds a day or more of events, and a week's retention
--- keeps about six partitions. The partition after the current one is made
+-- or once it is half full (2^35 events), so a retention keeps about six
+-- partitions whatever it is (a week's: 1.75 days each). The partition after the current one is made
 -- in an earlier transaction than the one that moves the sequence into it:
 -- a write never finds no partition for its event.
 --
@@ -4956,7 +4956,8 @@ COMMENT ON FUNCTION pipeline.verify() IS
 -- settles by id; replays, the error log and receivers name events by id),
 -- and a condition on id reaches one partition. 2^36 ids per partition keep
 -- ids below 2^53 (receivers in JavaScript read them as numbers) for 131,072
--- partitions: 359 years of daily ones.
+-- partitions: 359 years of daily ones, 15 of hourly ones (a retention of
+-- four hours or less).
 --
 -- Retention: a partition before the current one whose events were all
 -- created and delivered longer than pipeline.retention ago is dropped with
@@ -4966,7 +4967,8 @@ COMMENT ON FUNCTION pipeline.verify() IS
 -- (pipeline.replay_failed, or deleting them). In such a partition the
 -- delivered events older than the retention are deleted in batches, as
 -- before partitions. Events of younger partitions wait for their partition:
--- a delivered event is kept for the retention and at most a span more.
+-- a delivered event is kept for the retention and at most a span more (a
+-- quarter of the retention, or an hour).
 --
 -- Dropping a partition needs an ACCESS EXCLUSIVE lock on both tables for a
 -- moment; it waits at most 100 ms for it (writers queue behind the wait),
@@ -5096,7 +5098,7 @@ BEGIN
         RETURN 0;
     END IF;
     v_span := CASE WHEN v_retention <= interval '0' THEN interval '7 days'
-                   ELSE greatest(interval '1 day', v_retention / 4) END;
+                   ELSE greatest(interval '1 hour', v_retention / 4) END;
     EXECUTE format('SELECT CASE WHEN s.is_called THEN s.last_value + 1 ELSE s.last_value END FROM %s s', v_seq)
         INTO v_next;
     v_current := v_next / c_width;
@@ -5108,13 +5110,14 @@ BEGIN
     IF pipeline._committed(format('marketing.%I', 'pipeline_events_' || (v_current + 1))::regclass)
        AND pipeline._committed(format('marketing.%I', 'pipeline_delivery_attempts_' || (v_current + 1))::regclass) THEN
         -- The next one was made by a committed transaction: the sequence
-        -- may move into it once the current one has held events for a span.
+        -- may move into it once the current one has held events for a span,
+        -- or is half full.
         SELECT e.created_at INTO v_first
         FROM marketing.pipeline_events e
         WHERE e.id >= v_current * c_width AND e.id < (v_current + 1) * c_width
         ORDER BY e.id
         LIMIT 1;
-        IF v_first < now() - v_span THEN
+        IF v_first < now() - v_span OR v_next >= v_current * c_width + c_width / 2 THEN
             PERFORM setval(v_seq, (v_current + 1) * c_width, false);
             v_current := v_current + 1;
             PERFORM pipeline._add_partitions(v_current + 1);
@@ -5175,8 +5178,8 @@ $$;
 REVOKE ALL ON FUNCTION pipeline._maintain_partitions(interval) FROM PUBLIC;
 COMMENT ON FUNCTION pipeline._maintain_partitions(interval) IS
     'Makes the next partition of the event history, moves the id sequence into it once the current one has held a span '
-    '(a quarter of pipeline.retention, at least a day) and drops the partitions delivered longer than older_than ago '
-    '(pipeline.purge calls it).';
+    '(a quarter of pipeline.retention, at least an hour) or is half full, and drops the partitions delivered longer than '
+    'older_than ago (pipeline.purge calls it).';
 
 -- Deleting old history (the deliverers call it every tenth of the
 -- retention, again while it returns max_rows or more): first the
