@@ -956,6 +956,18 @@ struct Timed {
 /// transaction of its own that is rolled back (a claim or a replay changes
 /// nothing then).
 fn query_cost(bench: &mut Bench, query: &Timed, runs: usize) -> f64 {
+    // BENCH_EXPLAIN=1: the plan of each, as it ran (once, rolled back).
+    if std::env::var_os("BENCH_EXPLAIN").is_some() {
+        let mut tx = bench.db.transaction().unwrap();
+        let plan = tx
+            .query(&format!("EXPLAIN (ANALYZE, BUFFERS) {}", query.sql), &[])
+            .unwrap_or_else(|e| panic!("{}: {e}", query.sql));
+        eprintln!("[explain] {}", query.what);
+        for line in plan {
+            eprintln!("[explain]   {}", line.get::<_, String>(0));
+        }
+        tx.rollback().unwrap();
+    }
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let mut tx = bench.db.transaction().unwrap();
@@ -1058,6 +1070,10 @@ fn history(bench: &mut Bench) {
     );
     say(&scenario);
     bench.sql("ALTER SYSTEM SET pipeline.retention = '30d'");
+    // NB: the worker stays out of it: its purge would move the sequence on
+    // as soon as the history below is written (it is older than a span),
+    // under the hand that writes it partition by partition.
+    bench.sql("ALTER SYSTEM SET pipeline.enabled = off");
     bench.sql("SELECT pg_reload_conf()");
     reset(bench);
     history_present(bench);
@@ -1150,6 +1166,7 @@ fn history(bench: &mut Bench) {
     );
     reset(bench);
     bench.sql("ALTER SYSTEM RESET pipeline.retention");
+    bench.sql("ALTER SYSTEM RESET pipeline.enabled");
     bench.sql("SELECT pg_reload_conf()");
     bench.sql("VACUUM marketing.pipeline_events");
 }
