@@ -4601,7 +4601,12 @@ RETURNS TABLE (
     next_give_up_at        timestamptz,
     stuck_work             bigint
 )
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+    -- NB: the view's plan passes PostgreSQL's JIT threshold on a young
+    -- database (estimates of tables autovacuum has not analyzed yet), and
+    -- compiling it took 60 - 100 ms for a read of 2 - 4 ms (bin/bench
+    -- --only history, BENCH_EXPLAIN=1).
+    SET jit = off AS $$
     SELECT * FROM marketing.vw_pipeline_status
 $$;
 COMMENT ON FUNCTION pipeline.status() IS

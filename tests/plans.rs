@@ -383,6 +383,16 @@ fn plans_hold_whatever_the_statistics_say() {
             }
         }
     }
+    // What monitoring calls is not compiled with LLVM for a read of a few
+    // milliseconds (docs/benchmark-notes.md, issue 22's third pass).
+    let config: Vec<String> = db
+        .query_one(
+            "SELECT proconfig FROM pg_proc WHERE oid = 'pipeline.status()'::regprocedure",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(config.iter().any(|c| c == "jit=off"), "{config:?}");
     // The trigger-only stand-in for the payload's size is inlined into the
     // claim (a function call with its own search_path change cost 13% of a
     // claim and its recording), which takes an SQL function without SET.
