@@ -58,17 +58,8 @@ fn dump_and_restore_keeps_the_pipeline() {
     // Carried apart from the dump, as docs/security.md says.
     let registry: String = one(&mut source, "SELECT pipeline.export_registry()::text");
 
-    let dump = cluster
-        .client("pg_dump", "postgres")
-        .arg("source")
-        .output()
-        .unwrap();
-    assert!(
-        dump.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    let text = String::from_utf8_lossy(&dump.stdout);
+    let dump = cluster.dump("source");
+    let text = String::from_utf8_lossy(&dump);
     assert!(
         text.contains("https://hooks.example/validate"),
         "the endpoint is dumped"
@@ -76,24 +67,7 @@ fn dump_and_restore_keeps_the_pipeline() {
     for secret in ["MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "sk-live-header-value"] {
         assert!(!text.contains(secret), "{secret} is in the dump");
     }
-    let file = std::env::temp_dir().join(format!("pipeline_ext-dump-{}.sql", std::process::id()));
-    std::fs::write(&file, &dump.stdout).unwrap();
-
-    // Restoring replays rows into tables whose stage triggers already exist;
-    // replica mode keeps them from emitting the restored rows a second time.
-    let restore = cluster
-        .client("psql", "postgres")
-        .env("PGOPTIONS", "-c session_replication_role=replica")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "restored", "-f"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    std::fs::remove_file(&file).ok();
-    assert!(
-        restore.status.success(),
-        "{}",
-        String::from_utf8_lossy(&restore.stderr)
-    );
+    cluster.restore("restored", &dump);
 
     let mut restored = cluster.connect("restored", "postgres");
     assert_eq!(texts(&mut restored, COUNTS), before);

@@ -10,7 +10,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{one, repo_root, texts, Cluster};
+use support::{behaviours, one, texts, Cluster};
 
 const WIDTH: i64 = 1 << 36;
 
@@ -279,30 +279,8 @@ fn in_the_extension() {
 
 #[test]
 fn in_trigger_only_mode() {
-    let cluster = Cluster::start("partitions-trigger-only", &[]);
-    let mut admin = cluster.connect("postgres", "postgres");
-    admin.batch_execute("CREATE ROLE app_owner LOGIN").unwrap();
-    admin
-        .batch_execute("CREATE DATABASE app OWNER app_owner")
-        .unwrap();
-    let script = repo_root().join("dist/pipeline_ext_trigger_only.sql");
-    let out = cluster.psql(
-        "app",
-        "app_owner",
-        &[
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-f",
-            script.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut db = cluster.connect("app", "app_owner");
+    let cluster = behaviours::trigger_only_install("partitions-trigger-only", &[]);
+    let mut db = cluster.connect("neon", "app_owner");
     partitions_live_and_die(&mut db);
 
     // A longer retention makes longer spans: a quarter of 30 days.
@@ -418,34 +396,8 @@ fn pg_dump_carries_partitions_made_at_run_time() {
     let before = texts(&mut source, rows);
     assert_eq!(before.len(), 6, "{before:?}");
 
-    let dump = cluster
-        .client("pg_dump", "postgres")
-        .arg("source")
-        .output()
-        .unwrap();
-    assert!(
-        dump.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    let file = std::env::temp_dir().join(format!(
-        "pipeline_ext-partitions-{}.sql",
-        std::process::id()
-    ));
-    std::fs::write(&file, &dump.stdout).unwrap();
-    let restore = cluster
-        .client("psql", "postgres")
-        .env("PGOPTIONS", "-c session_replication_role=replica")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "restored", "-f"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    std::fs::remove_file(&file).ok();
-    assert!(
-        restore.status.success(),
-        "{}",
-        String::from_utf8_lossy(&restore.stderr)
-    );
+    let dump = cluster.dump("source");
+    cluster.restore("restored", &dump);
 
     let mut restored = cluster.connect("restored", "postgres");
     assert_eq!(texts(&mut restored, rows), before);

@@ -174,6 +174,45 @@ impl Cluster {
             .expect("run psql")
     }
 
+    /// pg_dump of a database, as postgres (plain SQL).
+    pub fn dump(&self, database: &str) -> Vec<u8> {
+        let dump = self
+            .client("pg_dump", "postgres")
+            .arg(database)
+            .output()
+            .unwrap();
+        assert!(
+            dump.status.success(),
+            "{}",
+            String::from_utf8_lossy(&dump.stderr)
+        );
+        dump.stdout
+    }
+
+    /// Restores a dump into an empty database, stopping at the first error.
+    /// Its rows go into tables whose stage triggers already exist: replica
+    /// mode keeps them from emitting the restored rows a second time.
+    pub fn restore(&self, database: &str, dump: &[u8]) {
+        let file = std::env::temp_dir().join(format!(
+            "pipeline_ext-dump-{}-{database}.sql",
+            std::process::id()
+        ));
+        fs::write(&file, dump).unwrap();
+        let restore = self
+            .client("psql", "postgres")
+            .env("PGOPTIONS", "-c session_replication_role=replica")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", database, "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        fs::remove_file(&file).ok();
+        assert!(
+            restore.status.success(),
+            "{}",
+            String::from_utf8_lossy(&restore.stderr)
+        );
+    }
+
     /// A cluster with ssl on (the certificate of `authority`) where every
     /// role but postgres must log in with a SCRAM password over TLS;
     /// postgres itself is trusted from 127.0.0.1, for the tests' own
