@@ -176,7 +176,8 @@ pub fn register(preloading: bool) {
     GucRegistry::define_int_guc(
         c"pipeline.retention",
         c"Age after which delivered events and delivery attempts are deleted.",
-        c"The worker deletes them in small batches. 0 keeps everything.",
+        c"The worker drops a partition of the history once all its events are delivered and this old, and deletes \
+          old delivered rows in small batches where a partition is kept for waiting or dead events. 0 keeps everything.",
         &RETENTION_S,
         0,
         i32::MAX,
