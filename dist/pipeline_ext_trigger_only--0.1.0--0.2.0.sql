@@ -5129,6 +5129,7 @@ DECLARE
     v_delivered timestamptz;
     v_open      boolean;
     v_attempts  regclass;
+    v_table     regclass;
     v_bound     bigint;
 BEGIN
     IF NOT pg_try_advisory_xact_lock('marketing.pipeline_events'::regclass::oid::integer, 15) THEN
@@ -5142,8 +5143,14 @@ BEGIN
     -- The current partition (missing only if someone dropped it: writes
     -- fail until it is back) and the next (nothing to do when they are
     -- there).
-    PERFORM pipeline._add_partitions(v_current);
-    PERFORM pipeline._add_partitions(v_current + 1);
+    BEGIN
+        PERFORM pipeline._add_partitions(v_current);
+        PERFORM pipeline._add_partitions(v_current + 1);
+    EXCEPTION WHEN lock_not_available THEN
+        -- Attaching waits for a VACUUM or ANALYZE of the partitioned
+        -- table by hand, for one: made at the next purge.
+        RETURN 0;
+    END;
     IF pipeline._committed(format('marketing.%I', 'pipeline_events_' || (v_current + 1))::regclass)
        AND pipeline._committed(format('marketing.%I', 'pipeline_delivery_attempts_' || (v_current + 1))::regclass) THEN
         -- The next one was made by a committed transaction: the sequence
@@ -5188,25 +5195,29 @@ BEGIN
         CONTINUE WHEN v_open;  -- kept; its delivered rows go by rows
         v_attempts := to_regclass(format('marketing.%I', 'pipeline_delivery_attempts_' || v_part.k));
         BEGIN
-            -- The first partitions belong to the extension (made by CREATE
-            -- EXTENSION): it lets go of them first.
-            IF EXISTS (SELECT FROM pg_depend d
-                       WHERE d.classid = 'pg_class'::regclass AND d.objid IN (v_part.events, v_attempts)
-                         AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e') THEN
-                EXECUTE format('ALTER EXTENSION pipeline_ext DROP TABLE %s', v_part.events);
-                IF v_attempts IS NOT NULL THEN
-                    EXECUTE format('ALTER EXTENSION pipeline_ext DROP TABLE %s', v_attempts);
+            FOREACH v_table IN ARRAY array_remove(ARRAY[v_part.events, v_attempts], NULL) LOOP
+                -- The first partitions belong to the extension (made by
+                -- CREATE EXTENSION): it lets go of them first.
+                IF EXISTS (SELECT FROM pg_depend d
+                           WHERE d.classid = 'pg_class'::regclass AND d.objid = v_table
+                             AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e') THEN
+                    EXECUTE format('ALTER EXTENSION pipeline_ext DROP TABLE %s', v_table);
                 END IF;
-            END IF;
-            EXECUTE format('DROP TABLE %s', v_part.events);
-            IF v_attempts IS NOT NULL THEN
-                EXECUTE format('DROP TABLE %s', v_attempts);
-            END IF;
-        EXCEPTION WHEN lock_not_available THEN
-            -- Busy now: tried again at the next purge, and no rows of it or
-            -- later ones are deleted meanwhile.
-            v_bound := v_part.k * c_width;
-            EXIT;
+                EXECUTE format('DROP TABLE %s', v_table);
+            END LOOP;
+        EXCEPTION
+            WHEN lock_not_available THEN
+                -- Busy now: tried again at the next purge, and no rows of it
+                -- or later ones are deleted meanwhile.
+                v_bound := v_part.k * c_width;
+                EXIT;
+            WHEN dependent_objects_still_exist THEN
+                -- Someone's view (say) reads the partition itself: it stays,
+                -- and its old delivered rows go by rows.
+                RAISE WARNING 'pipeline.purge: partition % of the events is kept: %', v_part.events, SQLERRM
+                    USING HINT = 'Objects that use a partition of marketing.pipeline_events or '
+                                 'marketing.pipeline_delivery_attempts keep it from being dropped: use the '
+                                 'partitioned tables instead.';
         END;
     END LOOP;
     RETURN v_bound;

@@ -348,6 +348,53 @@ fn a_busy_table_is_dropped_at_the_next_purge_and_nobody_waits_long() {
     reader.batch_execute("COMMIT").unwrap();
     purge(&mut db, "");
     assert_eq!(parts(&mut db), [1, 2]);
+
+    // Attaching a new partition waits for a VACUUM of the events by hand
+    // (it holds the same lock): the purge does not wait, and makes it at
+    // its next run.
+    db.batch_execute(
+        "DROP TABLE marketing.pipeline_events_2, marketing.pipeline_delivery_attempts_2",
+    )
+    .unwrap();
+    reader
+        .batch_execute("BEGIN; LOCK marketing.pipeline_events IN SHARE UPDATE EXCLUSIVE MODE")
+        .unwrap();
+    let start = Instant::now();
+    assert_eq!(purge(&mut db, ""), 0);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(parts(&mut db), [1]);
+    reader.batch_execute("COMMIT").unwrap();
+    purge(&mut db, "");
+    assert_eq!(parts(&mut db), [1, 2]);
+
+    // A view of someone's that reads a partition itself keeps it: the purge
+    // says so, goes on, and deletes its delivered rows by rows instead.
+    emit(&mut db);
+    db.batch_execute(
+        "UPDATE marketing.pipeline_events SET status = 'processed', processed_at = now()",
+    )
+    .unwrap();
+    age(&mut db, 1, 10);
+    db.batch_execute(
+        "CREATE VIEW public.partition_one AS SELECT id FROM marketing.pipeline_events_1",
+    )
+    .unwrap();
+    purge(&mut db, ""); // moves on to partition 2, keeps 1
+    assert_eq!(parts(&mut db), [1, 2, 3]);
+    assert_eq!(
+        one::<i64>(&mut db, "SELECT count(*) FROM marketing.pipeline_events"),
+        0,
+        "its rows went by rows"
+    );
+    assert!(
+        cluster
+            .log()
+            .contains("partition marketing.pipeline_events_1 of the events is kept"),
+        "the purge says why"
+    );
+    db.batch_execute("DROP VIEW public.partition_one").unwrap();
+    purge(&mut db, "");
+    assert_eq!(parts(&mut db), [2, 3]);
     cluster.stop();
 }
 
