@@ -23,9 +23,13 @@
 --     calls it, so a caller's search_path cannot redirect its names either.
 --     The few SQL functions left inlinable (they sit in CHECK constraints on
 --     the write path) qualify every operator instead.
---   * Nothing runs with raised rights: there is no SECURITY DEFINER function.
---     A watched row becomes JSON as the role that wrote it; what it may then
---     write to the event queue is decided by row-level security policies
+--   * Little runs with raised rights, and only what must: the stage
+--     watches' capture (pipeline._capture_sealed, 004_capture.sql) and the
+--     making and dropping of the history's partitions
+--     (pipeline._maintain_partitions, 015_partitions.sql) are SECURITY
+--     DEFINER, each checked as docs/security.md says. Other watched rows
+--     become JSON as the role that wrote them, and what it may then write
+--     to the event queue is decided by row-level security policies
 --     (004_capture.sql). Queue consumers get column privileges only.
 
 SET LOCAL search_path = pg_catalog, pg_temp;
