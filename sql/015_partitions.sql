@@ -133,7 +133,8 @@ REVOKE ALL ON FUNCTION pipeline._committed(regclass) FROM PUBLIC;
 -- delivered. Returns the id below which every partition left is older than
 -- older_than (they hold waiting or dead events, or could not be dropped
 -- now): pipeline.purge deletes delivered rows only there. 0 when another
--- transaction is at it (then nothing is deleted by rows this time).
+-- transaction is at it, or when making a partition waited for a lock (then
+-- nothing is deleted by rows this time).
 -- NB: SECURITY DEFINER, for CREATE and DROP TABLE; only the deliverers'
 -- roles may call it (pipeline_worker; pipeline-relay's role by the grant
 -- docs/relay.md gives). Every name is qualified, and what is made or
