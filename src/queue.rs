@@ -64,7 +64,11 @@ impl SpiQueue<'_> {
 impl Queue for SpiQueue<'_> {
     fn exchange(&mut self, x: &Exchange) -> Result<Exchanged, String> {
         let max_event_bytes = self.max_event_bytes as i64;
+        let durable = x.durable();
         self.run(|| {
+            if !durable {
+                transaction::commit_without_flush();
+            }
             Spi::connect_mut(|client| {
                 record(client, x.attempts)?;
                 release(client, x.unsent)?;

@@ -101,6 +101,27 @@ pub fn run<R>(role: Option<&str>, body: impl FnOnce() -> SpiResult<R>) -> Result
     }
 }
 
+/// The current transaction commits without waiting for its WAL to reach
+/// the disk (SET LOCAL synchronous_commit = off): for transactions that
+/// only claim (pipeline_delivery::queue::Exchange::durable says why that is
+/// safe).
+pub fn commit_without_flush() {
+    // SAFETY: inside a transaction (the setting goes back at its end, as
+    // SET LOCAL's does); NUL-terminated names; a user-settable setting.
+    unsafe {
+        pg_sys::set_config_option(
+            c"synchronous_commit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            pg_sys::PGERROR as i32,
+            false,
+        );
+    }
+}
+
 /// Flushes pending statistics before the worker sleeps.
 pub fn flush_statistics() {
     // SAFETY: outside any transaction, on the main thread.

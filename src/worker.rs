@@ -232,7 +232,7 @@ impl Worker {
         }
         self.engine.set_limits(limits_of(&self.settings));
         // Events may be deliverable now (enabled again, a client that works).
-        self.engine.wake();
+        self.engine.poll();
     }
 
     /// Records what finished and claims what there is room for; returns

@@ -8,10 +8,13 @@
 //! kept for later jobs), so a hanging endpoint holds its own slots only,
 //! never another's.
 //!
-//! The caller collects finished attempts whenever it likes: every finish
-//! writes a byte to a pipe whose read end it can wait on beside PostgreSQL's
-//! latch, so outcomes are recorded and new events claimed while slow
-//! requests are still out. It acknowledges them once they are stored; no new
+//! The caller collects finished attempts whenever it likes: a finish writes
+//! a byte to a pipe whose read end it can wait on beside PostgreSQL's latch,
+//! so outcomes are recorded and new events claimed while slow requests are
+//! still out. A caller that will come for them in time anyway (it waits to
+//! store outcomes together) says so, and is then woken only by what cannot
+//! wait: a circuit that changed, events handed back, half the cap below
+//! reached, a stop. It acknowledges them once they are stored; no new
 //! request starts while the unacknowledged ones reach the cap it set. So the
 //! deliveries a crash can repeat (answered, not yet stored) are bounded by
 //! the requests in flight plus that cap, not by the batch claimed.
@@ -72,6 +75,8 @@ struct State {
     threads: usize,
     idle: usize,
     stopped: bool,
+    /// The caller is not woken by a finish that can wait for its next look.
+    quiet_finishes: bool,
 }
 
 struct Lane {
@@ -139,6 +144,13 @@ impl Dispatcher {
         let mut state = lock(&self.shared.state);
         state.unacknowledged_cap = cap.max(1);
         self.wake_startable(state);
+    }
+
+    /// Whether a finish that can wait (see the top of this file) wakes the
+    /// caller: not when it will collect within the time it allows outcomes
+    /// to wait anyway.
+    pub fn set_quiet_finishes(&self, quiet: bool) {
+        lock(&self.shared.state).quiet_finishes = quiet;
     }
 
     /// The cap of unacknowledged answers in force now (see State::effective_cap).
@@ -403,6 +415,15 @@ impl State {
         }
     }
 
+    /// Whether the attempt just finished must wake the caller.
+    fn finish_wakes(&self) -> bool {
+        !self.quiet_finishes
+            || self.stopped
+            || !self.changes.is_empty()
+            || !self.handed_back.is_empty()
+            || self.unacknowledged * 2 >= self.effective_cap()
+    }
+
     /// The cap of unacknowledged answers in force: the caller's, or the
     /// requests the busy endpoints may have in flight together when that is
     /// more (ten endpoints of 16 each record less often than one would).
@@ -532,10 +553,11 @@ fn sender_thread(shared: &Shared) {
         let mut state = lock(&shared.state);
         state.finish(&job, attempt, Instant::now());
         state.idle += 1;
+        let wake = state.finish_wakes();
         drop(state);
         // NB: no other thread is woken: the only job this finish can make
         // startable is its lane's next, which this thread takes itself.
-        if !shared.wake_pending.swap(true, Ordering::SeqCst) {
+        if wake && !shared.wake_pending.swap(true, Ordering::SeqCst) {
             // SAFETY: writes one byte from a local to a descriptor we own;
             // the pipe is non-blocking, and a full pipe wakes the reader too.
             unsafe {
@@ -943,6 +965,71 @@ mod tests {
                 .count(),
             7
         );
+    }
+
+    /// Whether the wake-up pipe becomes readable within `ms`.
+    fn woken_within(dispatcher: &Dispatcher, ms: i32) -> bool {
+        let mut poll = libc::pollfd {
+            fd: dispatcher.wake_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one descriptor we own, with a local pollfd.
+        let ready = unsafe { libc::poll(&mut poll, 1, ms) } == 1;
+        dispatcher.drain_wake();
+        ready
+    }
+
+    /// With quiet finishes, a delivery does not wake the caller; a circuit
+    /// change, half the cap of unstored answers, and a stop do.
+    #[test]
+    fn quiet_finishes_wake_only_for_what_cannot_wait() {
+        let only = endpoint("only", 4);
+        let dispatcher = Dispatcher::new(Arc::new(|job: &Job| Attempt {
+            verdict: if job.event_id == 9 {
+                Verdict::Gone
+            } else {
+                Verdict::Delivered
+            },
+            ..Attempt::new(job)
+        }))
+        .unwrap();
+        dispatcher.set_unacknowledged_cap(6);
+        dispatcher.set_quiet_finishes(true);
+        dispatcher.submit(jobs(&only, 0..1));
+        assert!(!woken_within(&dispatcher, 300), "a delivery can wait");
+        assert_eq!(dispatcher.collect().attempts.len(), 1);
+        dispatcher.submit(jobs(&only, 1..3));
+        assert!(
+            woken_within(&dispatcher, 2000),
+            "three unstored of a cap of six"
+        );
+        dispatcher.acknowledge(3);
+        dispatcher.collect();
+        dispatcher.submit(jobs(&only, 9..10));
+        assert!(
+            woken_within(&dispatcher, 2000),
+            "410 Gone changes the endpoint"
+        );
+        let collected = dispatcher.collect();
+        assert_eq!(collected.changes, [("only".to_string(), Change::Gone)]);
+
+        let slow = Dispatcher::new(Arc::new(|job: &Job| {
+            std::thread::sleep(Duration::from_millis(300));
+            delivered(job)
+        }))
+        .unwrap();
+        slow.set_quiet_finishes(true);
+        slow.submit(jobs(&only, 0..1));
+        std::thread::sleep(Duration::from_millis(50));
+        slow.stop();
+        assert!(
+            woken_within(&slow, 2000),
+            "a stop waits for what is in flight"
+        );
+        let loud = Dispatcher::new(Arc::new(delivered)).unwrap();
+        loud.submit(jobs(&only, 0..1));
+        assert!(woken_within(&loud, 2000), "by default every finish wakes");
     }
 
     #[test]

@@ -5,24 +5,26 @@
 //!      their events (processed, failed with the next attempt time, dead),
 //!      disable endpoints that answered 410 Gone, hand back unsent events,
 //!      and make the failed events of an endpoint that answers again due at
-//!      once. Outcomes wait for the next claim to carry them, or at most
-//!      RECORD_WITHIN (or until half of what may wait unstored came in); no
-//!      new request starts while `unstored_cap` answers wait to be stored,
-//!      so a crash repeats at most that many deliveries besides the
-//!      requests in flight.
+//!      once. Outcomes are stored together, once half of what may wait
+//!      unstored came in or RECORD_WITHIN after the first of them (a claim
+//!      that comes then carries them); no new request starts while
+//!      `unstored_cap` answers wait to be stored, so a crash repeats at most
+//!      that many deliveries besides the requests in flight.
 //!   2. claim: claim due events whose endpoint has room, up to the batch
 //!      size and the bytes allowed in flight, and find when the next event
 //!      not claimed is due. They become processing with a lease and the
 //!      transaction commits: none stays open while requests are out. Claims
 //!      start at most every CLAIM_GAP, so the commits that come meanwhile
-//!      go in one claim.
+//!      go in one claim. A transaction that only claims does not wait for
+//!      its commit to reach the disk (see [`Exchange::durable`]).
 //!   3. deliver: the dispatcher sends them, each endpoint in a lane of its
 //!      own, so a slow or hanging endpoint delays no other; an endpoint that
 //!      keeps failing is probed one request at a time.
 //!
-//! A turn that records what came back and claims what was committed since
-//! is therefore one commit: at steady traffic, about one per event at 100
-//! events a second and one per CLAIM_GAP above that.
+//! At steady traffic a turn is therefore one commit per event at 100
+//! events a second and one per CLAIM_GAP above that, none of which waits
+//! for the disk, and one flushed commit per RECORD_WITHIN or per half of
+//! `unstored_cap` answers for what came back.
 //!
 //! The turn returns how long its caller may wait: until a request finishes
 //! (the dispatcher's wake_fd), new events are announced (the worker's latch,
@@ -45,15 +47,21 @@ pub const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// Outcomes kept for another try when recording them failed; beyond this
 /// the oldest are dropped (their events come back when the lease ends).
 const UNRECORDED_LIMIT: usize = 100_000;
-/// Outcomes are recorded together: with the next claim, once half of
-/// unstored_cap has come in, or at the latest this long after the first of
-/// them came in. (At 100 events a second, one claim in two carries the
-/// outcomes of the events before it.)
-const RECORD_WITHIN: Duration = Duration::from_millis(20);
+/// Outcomes are recorded together: once half of unstored_cap has come in,
+/// or this long after the first of them came in. (At 100 events a second,
+/// one recording stores about twenty; at 1000, one stores 32 every 32 ms.
+/// Storing each with the claim after it cost a recording per event.)
+const RECORD_WITHIN: Duration = Duration::from_millis(200);
 /// Claims start at most this often: the commits that come meanwhile are
 /// claimed together by the next one. At steady rates above a few hundred
 /// events a second, that is what keeps the cost per event low.
 const CLAIM_GAP: Duration = Duration::from_millis(2);
+/// A claim made only because new events were committed does not look for
+/// the next due event (nothing it knows of changed: retries, hand-backs,
+/// circuits and endpoints each ask for a look), unless the last look is
+/// this old: other deliverers' leases are learnt at least this often while
+/// events come. (The look was a third of such a claim's SQL.)
+const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// Answers that may wait to be stored before no new request starts: four
 /// times the requests in flight an endpoint has by default, at least 64
@@ -88,6 +96,11 @@ pub struct Engine {
     /// Look for due events at the next turn (new events were announced, an
     /// endpoint answers again, a retry was recorded).
     claim_wanted: bool,
+    /// The next claim also looks for the next due event: something other
+    /// than new events asked for it (see LOOK_EVERY).
+    look_wanted: bool,
+    /// When the last look was, and which types it left out.
+    last_look: Option<(Instant, Vec<String>)>,
     /// An endpoint changed (disabled, removed, moved, new credentials): the
     /// jobs held waiting go back to the queue before anything more is sent.
     endpoints_changed: bool,
@@ -119,6 +132,8 @@ impl Engine {
             limits,
             dispatcher,
             claim_wanted: true,
+            look_wanted: true,
+            last_look: None,
             endpoints_changed: false,
             refill_wanted: false,
             next_due_at: None,
@@ -137,7 +152,7 @@ impl Engine {
         self.dispatcher
             .set_unacknowledged_cap(unstored_cap(&limits));
         self.limits = limits;
-        self.claim_wanted = true;
+        self.poll();
     }
 
     pub fn dispatcher(&self) -> &Dispatcher {
@@ -169,9 +184,16 @@ impl Engine {
         self.next_due_at.map(|at| at.saturating_duration_since(now))
     }
 
-    /// New events may be due: look at the next turn.
+    /// New events were committed: claim them at the next turn.
     pub fn wake(&mut self) {
         self.claim_wanted = true;
+    }
+
+    /// Events may have become due otherwise (a poll, a reconnection, new
+    /// settings): claim, and look for the next due event, at the next turn.
+    pub fn poll(&mut self) {
+        self.claim_wanted = true;
+        self.look_wanted = true;
     }
 
     /// An endpoint was changed (the worker's wake-up, the relay's
@@ -180,7 +202,7 @@ impl Engine {
     /// was disabled or removed; a new URL or new credentials else).
     pub fn endpoints_changed(&mut self) {
         self.endpoints_changed = true;
-        self.claim_wanted = true;
+        self.poll();
     }
 
     /// Outcomes and hand-backs not recorded yet.
@@ -208,6 +230,7 @@ impl Engine {
                 return ERROR_PAUSE;
             }
             // NB: what came back while delivery stopped is still recorded.
+            self.quiet_finishes();
             return match self.unrecorded_since {
                 Some(since) => poll.min(RECORD_WITHIN.saturating_sub(since.elapsed())),
                 None => poll,
@@ -227,7 +250,7 @@ impl Engine {
         // together, by the next one.
         let deferred = due && !self.claim_gap_left().is_zero();
         if due && !deferred {
-            // What came back is recorded by the same transaction.
+            // What came back is recorded by the same transaction, when due.
             if !self.claim_due(queue, host) {
                 return ERROR_PAUSE;
             }
@@ -254,7 +277,18 @@ impl Engine {
         if self.dispatcher.uncollected() > 0 {
             wait = wait.min(RECORD_WITHIN);
         }
+        self.quiet_finishes();
         wait
+    }
+
+    /// While outcomes wait to be stored (and no claim waits for room), the
+    /// deliverer comes back for the next ones within RECORD_WITHIN anyway:
+    /// finishes need not wake it (one wake-up per event fewer at steady
+    /// rates). The dispatcher still wakes it for circuits, hand-backs and
+    /// half the cap of unstored answers.
+    fn quiet_finishes(&self) {
+        self.dispatcher
+            .set_quiet_finishes(self.unrecorded_since.is_some() && !self.refill_wanted);
     }
 
     /// How long until the next claim may start (see CLAIM_GAP).
@@ -268,17 +302,34 @@ impl Engine {
     /// when a transaction failed.
     fn claim_due(&mut self, queue: &mut impl Queue, host: &impl Host) -> bool {
         let batch = self.limits.batch_size;
+        let now = Instant::now();
+        let mut look = std::mem::take(&mut self.look_wanted)
+            || self.refill_wanted
+            || self.next_due_at.is_some_and(|at| at <= now)
+            || self
+                .last_look
+                .as_ref()
+                .is_none_or(|(at, _)| at.elapsed() >= LOOK_EVERY);
         self.claim_wanted = false;
         self.refill_wanted = false;
-        self.last_claim_at = Some(Instant::now());
+        self.last_claim_at = Some(now);
         let mut asked_skip: Vec<String>;
         let mut next_due;
         loop {
             if host.interrupted() {
                 self.claim_wanted = true;
+                self.look_wanted |= look;
                 return true;
             }
             let plan = self.dispatcher.plan(batch as usize, Instant::now());
+            // NB: probes, a full lane or the byte budget, and a lane that
+            // filled or emptied since the last look change what is due.
+            look |= !plan.probes.is_empty()
+                || plan.lanes_full
+                || self
+                    .last_look
+                    .as_ref()
+                    .is_none_or(|(_, skip)| *skip != plan.skip);
             let budget = self.limits.max_bytes_in_flight as i64 - plan.held_bytes as i64;
             let mut claims: Vec<Claim> = plan
                 .probes
@@ -305,10 +356,12 @@ impl Engine {
                 queue,
                 host,
                 "claiming events",
+                self.record_due(),
                 &claims,
-                Some(plan.skip.as_slice()),
+                look.then_some(plan.skip.as_slice()),
             ) else {
                 self.claim_wanted = true;
+                self.look_wanted = true;
                 return false;
             };
             let mut full = false;
@@ -320,6 +373,15 @@ impl Engine {
                         self.dispatcher
                             .probe_found_nothing(event_type, Instant::now());
                     }
+                }
+                // NB: the byte budget may have left due events behind,
+                // which only a look would show: look at the next turn.
+                let bytes: i64 = rows.iter().map(|row| row.body_bytes).sum();
+                if !look
+                    && !rows.is_empty()
+                    && bytes + self.limits.max_event_bytes as i64 >= want.max_bytes
+                {
+                    self.poll();
                 }
                 let (jobs, refused) = jobs_of(rows, &self.limits, claimed_at);
                 self.dispatcher.submit(jobs);
@@ -334,11 +396,17 @@ impl Engine {
                 self.refill_wanted = true;
             }
             asked_skip = plan.skip;
-            next_due = exchanged.next_due.flatten();
+            next_due = exchanged.next_due;
             if !full {
                 break;
             }
         }
+        // Not looked: what was known before still holds.
+        let Some(next_due) = next_due else {
+            return true;
+        };
+        self.last_look = Some((Instant::now(), asked_skip.clone()));
+        let mut next_due = next_due;
         // NB: the next due event was looked for as the lanes were before
         // this claim. A lane it filled is left alone now, and its waiting
         // events may be due: then look again without them, or the
@@ -353,9 +421,11 @@ impl Engine {
             });
             let Some(exchanged) = self.succeeded(host, "finding the next due event", result) else {
                 self.claim_wanted = true;
+                self.look_wanted = true;
                 return false;
             };
             next_due = exchanged.next_due.flatten();
+            self.last_look = Some((Instant::now(), skip));
         }
         self.next_due_at = next_due.map(|wait| Instant::now() + wait);
         true
@@ -457,7 +527,7 @@ impl Engine {
         // A retry or a handed-back event may be due before anything the
         // deliverer waits for: look again.
         if !unsent.is_empty() || attempts.iter().any(|a| a.verdict != Verdict::Delivered) {
-            self.claim_wanted = true;
+            self.poll();
         }
         for (circuit, due) in circuits.iter().zip(made_due) {
             if circuit.state == "half_open" {
@@ -467,7 +537,7 @@ impl Engine {
                     &format!("the endpoint of {event_type} answers again; {due} waiting events are due now"),
                 );
             }
-            self.claim_wanted = true;
+            self.poll();
         }
     }
 
@@ -478,12 +548,12 @@ impl Engine {
             return true;
         }
         host.activity("recording deliveries");
-        self.exchange_with_outcomes(queue, host, "recording deliveries", &[], None)
+        self.exchange_with_outcomes(queue, host, "recording deliveries", true, &[], None)
             .is_some()
     }
 
-    /// One transaction that stores what came back since the last one, with
-    /// `claims` and the look for the next due event (skipping
+    /// One transaction that stores what came back since the last one (when
+    /// `store`), with `claims` and the look for the next due event (skipping
     /// `next_due_skip`) when given. Once it committed, what it stored is
     /// acknowledged; when it failed, that is kept for the next one (and
     /// None comes back).
@@ -492,10 +562,15 @@ impl Engine {
         queue: &mut impl Queue,
         host: &impl Host,
         what: &str,
+        store: bool,
         claims: &[Claim],
         next_due_skip: Option<&[String]>,
     ) -> Option<Exchanged> {
-        let (attempts, unsent, changes) = self.take_unrecorded();
+        let (attempts, unsent, changes) = if store {
+            self.take_unrecorded()
+        } else {
+            Default::default()
+        };
         let circuits = Circuit::of(&changes);
         let result = queue.exchange(&Exchange {
             attempts: &attempts,
@@ -608,15 +683,26 @@ mod tests {
     use std::collections::VecDeque;
     use std::sync::Arc;
 
-    /// A queue in memory: `pending` events of one type, claimed in order.
+    /// A queue in memory: `pending` events of one type, claimed in order;
+    /// it counts what the exchanges did.
+    #[derive(Default)]
     struct MemoryQueue {
         pending: VecDeque<i64>,
         delivered: usize,
+        /// Exchanges that looked for the next due event.
+        looks: usize,
+        /// Exchanges that stored outcomes, and of them those that waited
+        /// for the disk.
+        stores: usize,
+        durable: usize,
     }
 
     impl Queue for MemoryQueue {
         fn exchange(&mut self, x: &Exchange) -> Result<Exchanged, String> {
             self.delivered += x.attempts.len();
+            self.looks += usize::from(x.next_due_skip.is_some());
+            self.stores += usize::from(!x.attempts.is_empty());
+            self.durable += usize::from(x.durable());
             self.pending.extend(x.unsent.iter().map(|j| j.event_id));
             let claimed = x
                 .claims
@@ -661,11 +747,8 @@ mod tests {
         fn log(&self, _level: Level, _message: &str) {}
     }
 
-    /// A backlog far larger than the answers that may wait to be stored
-    /// goes out whole, turn after turn, without waiting for a poll.
-    #[test]
-    fn a_large_backlog_flows_with_answers_stored_as_they_come() {
-        let limits = Limits {
+    fn limits() -> Limits {
+        Limits {
             batch_size: 500,
             concurrency: 16,
             http_timeout: Duration::from_secs(5),
@@ -674,16 +757,105 @@ mod tests {
             max_bytes_in_flight: 64 << 20,
             poll_interval: Duration::from_secs(10),
             retention: Duration::ZERO,
-        };
-        let sender: Sender = Arc::new(|job: &Job| Attempt {
+        }
+    }
+
+    fn delivering() -> Sender {
+        Arc::new(|job: &Job| Attempt {
             verdict: Verdict::Delivered,
             status_code: Some(204),
             ..Attempt::new(job)
-        });
-        let mut engine = Engine::new(limits, sender).unwrap();
+        })
+    }
+
+    /// Turns as a deliverer does: waits for what it asked, then turns.
+    fn turn_after_wait(engine: &mut Engine, queue: &mut MemoryQueue, wait: Duration) -> Duration {
+        wait_readable(engine.dispatcher().wake_fd(), wait);
+        engine.dispatcher().drain_wake();
+        engine.turn(queue, &Quiet, true)
+    }
+
+    /// Events committed one at a time (the worker's latch, the relay's
+    /// LISTEN) are claimed without looking for the next due event and
+    /// without storing each answer: the answers go together, in a
+    /// transaction of their own that waits for the disk, and the claims'
+    /// do not. A poll, a retry to schedule, or a second since the last
+    /// look make the next claim look.
+    #[test]
+    fn single_events_are_claimed_without_a_look_and_answers_stored_together() {
+        let mut engine = Engine::new(limits(), delivering()).unwrap();
+        let mut queue = MemoryQueue::default();
+        let mut wait = engine.turn(&mut queue, &Quiet, true);
+        assert_eq!(queue.looks, 1, "the first claim looks");
+        for id in 0..5 {
+            std::thread::sleep(CLAIM_GAP + Duration::from_millis(3));
+            queue.pending.push_back(id);
+            engine.wake();
+            wait = turn_after_wait(&mut engine, &mut queue, Duration::ZERO);
+        }
+        assert_eq!(queue.looks, 1, "new events alone ask for no look");
+        assert_eq!(queue.stores, 0, "answers wait to be stored together");
+        assert_eq!(queue.durable, 0, "claims alone need no flush");
+        let started = Instant::now();
+        while queue.delivered < 5 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{} stored",
+                queue.delivered
+            );
+            wait = turn_after_wait(&mut engine, &mut queue, wait);
+        }
+        assert_eq!(queue.stores, 1, "five answers, one recording");
+        assert_eq!(queue.durable, 1);
+        assert!(started.elapsed() <= RECORD_WITHIN + Duration::from_millis(100));
+
+        engine.poll();
+        std::thread::sleep(CLAIM_GAP);
+        turn_after_wait(&mut engine, &mut queue, Duration::ZERO);
+        assert_eq!(queue.looks, 2, "a poll looks");
+
+        std::thread::sleep(LOOK_EVERY);
+        queue.pending.push_back(5);
+        engine.wake();
+        turn_after_wait(&mut engine, &mut queue, Duration::ZERO);
+        assert_eq!(
+            queue.looks, 3,
+            "a look at least every {LOOK_EVERY:?} while events come"
+        );
+    }
+
+    /// A claim that may have been cut short by the byte budget looks again
+    /// at the next turn: only a look would show the events it left due.
+    #[test]
+    fn a_claim_near_the_byte_budget_looks_again() {
+        let limits = Limits {
+            max_event_bytes: 10,
+            max_bytes_in_flight: 12,
+            ..limits()
+        };
+        let mut engine = Engine::new(limits, delivering()).unwrap();
+        let mut queue = MemoryQueue::default();
+        engine.turn(&mut queue, &Quiet, true);
+        assert_eq!(queue.looks, 1);
+        queue.pending.push_back(1);
+        std::thread::sleep(CLAIM_GAP);
+        engine.wake();
+        turn_after_wait(&mut engine, &mut queue, Duration::ZERO);
+        assert_eq!(queue.looks, 1, "claimed without a look");
+        assert!(engine.wants_claim(), "and wants another claim");
+        std::thread::sleep(CLAIM_GAP);
+        turn_after_wait(&mut engine, &mut queue, Duration::ZERO);
+        assert_eq!(queue.looks, 2, "which looks");
+    }
+
+    /// A backlog far larger than the answers that may wait to be stored
+    /// goes out whole, turn after turn, without waiting for a poll.
+    #[test]
+    fn a_large_backlog_flows_with_answers_stored_as_they_come() {
+        let mut engine = Engine::new(limits(), delivering()).unwrap();
         let mut queue = MemoryQueue {
             pending: (0..20_000).collect(),
-            delivered: 0,
+            ..MemoryQueue::default()
         };
         let started = Instant::now();
         loop {

@@ -310,6 +310,17 @@ impl Exchange<'_> {
             + self.claims.len()
             + usize::from(self.next_due_skip.is_some())
     }
+
+    /// Whether its commit must reach the disk before the deliverer goes
+    /// on: when it stores outcomes, hand-backs or circuits. One that only
+    /// claims (and looks for the next due event) may commit without waiting
+    /// for the flush: a crash that loses it loses claims of requests that
+    /// were in flight then, whose events are due again after the restart,
+    /// as they would be had it been flushed (pipeline.release_claims). The
+    /// next flushed commit, of any session, writes it to disk with the rest.
+    pub fn durable(&self) -> bool {
+        !self.attempts.is_empty() || !self.unsent.is_empty() || !self.circuits.is_empty()
+    }
 }
 
 /// What an [`Exchange`] gave back.

@@ -203,7 +203,7 @@ impl Relay {
         while !self.stopping() {
             let now = Instant::now();
             if now >= self.next_poll_at {
-                self.engine.wake();
+                self.engine.poll();
                 self.next_poll_at = now + self.poll_every();
             }
             if !self.store.connected() {
@@ -322,7 +322,7 @@ impl Relay {
                 self.last_busy_at = Instant::now();
                 self.next_poll_at = Instant::now() + self.poll_every();
                 self.metrics.set_state(State::Connected, "");
-                self.engine.wake();
+                self.engine.poll();
                 self.start_listener();
                 None
             }

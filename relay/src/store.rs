@@ -149,16 +149,20 @@ impl Store {
         Ok(rows.first().and_then(|r| r.get(0)).unwrap_or(0))
     }
 
+    fn client(&mut self) -> Result<&mut Client, Failure> {
+        self.client.as_mut().ok_or_else(|| Failure {
+            kind: Kind::Connection,
+            message: "not connected".into(),
+        })
+    }
+
     /// Runs one statement; a failure says whether the connection broke.
     pub fn run(
         &mut self,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<Row>, Failure> {
-        let client = self.client.as_mut().ok_or_else(|| Failure {
-            kind: Kind::Connection,
-            message: "not connected".into(),
-        })?;
+        let client = self.client()?;
         client
             .query_typed(sql, params)
             .map_err(|e| failed(client, &e))
@@ -170,6 +174,28 @@ impl Store {
         body: impl FnOnce(&mut Store) -> Result<R, Failure>,
     ) -> Result<R, Failure> {
         self.run("BEGIN", &[])?;
+        self.finish_transaction(body)
+    }
+
+    /// As in_transaction, with a commit that does not wait for the disk.
+    fn in_transaction_without_flush<R>(
+        &mut self,
+        body: impl FnOnce(&mut Store) -> Result<R, Failure>,
+    ) -> Result<R, Failure> {
+        let client = self.client()?;
+        // NB: one round trip for both.
+        client
+            .batch_execute("BEGIN; SET LOCAL synchronous_commit = off")
+            .map_err(|e| failed(client, &e))?;
+        self.finish_transaction(body)
+    }
+
+    /// Runs `body` in the transaction begun, and commits it (or rolls it
+    /// back when `body` failed).
+    fn finish_transaction<R>(
+        &mut self,
+        body: impl FnOnce(&mut Store) -> Result<R, Failure>,
+    ) -> Result<R, Failure> {
         match body(self) {
             Ok(value) => {
                 self.run("COMMIT", &[])?;
@@ -294,7 +320,11 @@ impl Queue for Store {
                 next_due,
             })
         };
-        let result = if x.statements() > 1 {
+        // NB: a transaction that only claims need not wait for the disk
+        // (Exchange::durable); SET LOCAL needs the transaction around it.
+        let result = if !x.durable() {
+            self.in_transaction_without_flush(body)
+        } else if x.statements() > 1 {
             self.in_transaction(body)
         } else {
             body(self)
