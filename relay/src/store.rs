@@ -321,13 +321,15 @@ impl Queue for Store {
             })
         };
         // NB: a transaction that only claims need not wait for the disk
-        // (Exchange::durable); SET LOCAL needs the transaction around it.
-        let result = if !x.durable() {
-            self.in_transaction_without_flush(body)
-        } else if x.statements() > 1 {
+        // (Exchange::durable). A single statement goes alone all the same:
+        // the BEGIN and COMMIT that SET LOCAL needs cost more than the
+        // flush they save.
+        let result = if x.statements() <= 1 {
+            body(self)
+        } else if x.durable() {
             self.in_transaction(body)
         } else {
-            body(self)
+            self.in_transaction_without_flush(body)
         };
         result.map_err(|f| f.message)
     }
