@@ -3789,6 +3789,32 @@ WITH stage_events AS MATERIALIZED (
     LEFT JOIN pipeline.service_calls c
         ON c.slot_id = s.id
        AND c.stage = CASE WHEN s.enrichment_status NOT IN ('enriched', 'not_found') THEN 'enrichment' ELSE 'verification' END
+), unanswered AS (
+    -- The rows whose stage event may have been answered 2xx with nothing
+    -- recorded: recent, not at an end, no event open or dead for them, no
+    -- service call out; here those that got to their stage recently too.
+    SELECT i.event_type, i.event_row_id, i.entered
+    FROM items i
+    LEFT JOIN stage_events e ON e.event_type = i.event_type AND e.row_id = i.event_row_id
+    WHERE i.stage_no < 7 AND i.ended IS NULL AND e.open IS NOT TRUE AND e.dead_id IS NULL
+      AND (i.leased_until IS NULL OR i.leased_until <= now())
+      AND i.since >= now() - pipeline._setting('stuck_after', '1h')::interval
+      AND i.entered >= now() - pipeline._setting('stuck_after', '1h')::interval
+), answered_since AS MATERIALIZED (
+    -- For many of them (a bulk import whose events were all delivered), one
+    -- pass over the processed stage events written since the first of them
+    -- got there, by row; a look-up per row would read those events once
+    -- per row (10 minutes for 100,000 rows).
+    SELECT pe.event_type::text AS event_type, pipeline._event_row_id(pe.event_type, pe.payload) AS row_id,
+           max(pe.created_at) AS last_at,
+           (array_agg(pe.id ORDER BY pe.created_at DESC, pe.id DESC))[1] AS id
+    FROM marketing.pipeline_events pe
+    WHERE pe.created_at >= (SELECT min(u.entered) FROM unanswered u
+                            WHERE (SELECT count(*) FROM unanswered) > 20)
+      AND pe.status = 'processed'
+      AND pe.event_type IN ('company_created', 'company_validated', 'company_promoted', 'slots_created',
+                            'contact_enriched')
+    GROUP BY 1, 2
 )
 SELECT i.intake_id, i.company_id, i.slot_id, i.company, i.domain, i.slot_role, i.stage_no, st.stage,
        CASE WHEN i.ended IS NOT NULL THEN 'failed'
@@ -3831,17 +3857,28 @@ LEFT JOIN stage_events e ON e.event_type = i.event_type AND e.row_id = i.event_r
 -- A receiver answered 2xx for the row's stage event but recorded nothing
 -- (n8n answers 200 while it starts up): stuck at once, not after
 -- pipeline.stuck_after. Looked for only while the row is recent (older
--- ones are stuck anyway), among the events written since it got there.
+-- ones are stuck anyway), among the events written since it got there:
+-- from answered_since for many rows that got there recently, else row by
+-- row (a row that got there long ago and moved since, by a failed service
+-- call, is looked up alone: a pass from then would read all history since).
+LEFT JOIN answered_since a
+       ON i.stage_no < 7 AND i.ended IS NULL AND e.open IS NOT TRUE AND e.dead_id IS NULL
+      AND (i.leased_until IS NULL OR i.leased_until <= now())
+      AND i.since >= now() - pipeline._setting('stuck_after', '1h')::interval
+      AND a.event_type = i.event_type AND a.row_id = i.event_row_id AND a.last_at >= i.entered
 LEFT JOIN LATERAL (
     SELECT pe.id FROM marketing.pipeline_events pe
     WHERE i.stage_no < 7 AND i.ended IS NULL AND e.open IS NOT TRUE AND e.dead_id IS NULL
       AND (i.leased_until IS NULL OR i.leased_until <= now())
       AND i.since >= now() - pipeline._setting('stuck_after', '1h')::interval
+      AND (i.entered < now() - pipeline._setting('stuck_after', '1h')::interval
+           OR (SELECT count(*) FROM unanswered) <= 20)
       AND pe.created_at >= i.entered AND pe.event_type = i.event_type AND pe.status = 'processed'
       AND pipeline._event_row_id(pe.event_type, pe.payload) = i.event_row_id
     ORDER BY pe.id DESC
     LIMIT 1
-) answered ON true
+) answered_alone ON true
+CROSS JOIN LATERAL (SELECT coalesce(answered_alone.id, a.id) AS id) answered
 LEFT JOIN pipeline.webhooks w ON w.event_type = i.event_type;
 COMMENT ON VIEW marketing.vw_work_progress IS
     'Every company without slots and every slot: the stage it is at, its state (in_progress, done, failed, stuck), '

@@ -1133,6 +1133,8 @@ fn history(bench: &mut Bench) {
         }
     }
 
+    bulk_answered(bench);
+
     // Retention: the oldest partition (23 to 30 days old), all delivered,
     // goes whole with its attempts, as the purge of a 22-day retention
     // finds it. (Tried again if a lock was busy: the purge waits at most
@@ -1171,6 +1173,50 @@ fn history(bench: &mut Bench) {
     bench.sql("ALTER SYSTEM RESET pipeline.enabled");
     bench.sql("SELECT pg_reload_conf()");
     bench.sql("VACUUM marketing.pipeline_events");
+}
+
+/// A bulk import whose events were all answered 2xx before any receiver
+/// recorded its work (n8n answers as it starts up): every row is stuck at
+/// once, each found among the events written since (one pass for all of
+/// them, not one per row), beside whatever history there is.
+fn bulk_answered(bench: &mut Bench) {
+    let companies = bench.size(10_000, 200);
+    let scenario = format!(
+        "stuck work: a bulk import of {companies} companies whose events were all answered 2xx with nothing recorded"
+    );
+    say(&scenario);
+    bench.sql(&format!(
+        "INSERT INTO intake.company_raw_intake (company, website, import_batch_id)
+         SELECT 'Bulk ' || g, 'https://bulk' || g || '.example', 'bench' FROM generate_series(1, {companies}) g"
+    ));
+    bench.sql(
+        "UPDATE marketing.pipeline_events SET status = 'processed', processed_at = now(), attempts = 1
+         WHERE event_type = 'company_created' AND status = 'pending'",
+    );
+    bench.sql("ANALYZE intake.company_raw_intake");
+    let runs = if bench.smoke { 1 } else { 3 };
+    for (what, sql, count) in [
+        (
+            "marketing.vw_stuck_work",
+            "SELECT count(*) FROM marketing.vw_stuck_work",
+            Some(companies as i64),
+        ),
+        ("pipeline.status()", "SELECT * FROM pipeline.status()", None),
+    ] {
+        let query = Timed {
+            what: what.into(),
+            sql: sql.into(),
+            count,
+        };
+        for _ in 0..bench.repetitions {
+            let ms = query_cost(bench, &query, runs);
+            bench.record(&scenario, what, "ms", ms, Some(Target::AtMost(1000.0)));
+        }
+    }
+    bench.sql(
+        "TRUNCATE intake.company_raw_intake, marketing.company_master, marketing.company_slots, pipeline.service_calls,
+                  marketing.email_verification",
+    );
 }
 
 fn cascade(bench: &mut Bench) {

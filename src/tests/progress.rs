@@ -169,6 +169,41 @@ mod tests {
         );
     }
 
+    /// Many rows answered at once (a bulk import whose events were all
+    /// delivered before any receiver recorded its work) are found by one
+    /// pass over the events, each with its own event; those whose event
+    /// waits are not stuck.
+    #[pg_test]
+    fn a_bulk_import_answered_2xx_with_nothing_recorded_is_stuck_row_by_row() {
+        run("INSERT INTO intake.company_raw_intake (company, website)
+             SELECT 'Bulk ' || g, 'https://bulk' || g || '.example' FROM generate_series(1, 30) g");
+        run("UPDATE marketing.pipeline_events SET status = 'processed', processed_at = now(), attempts = 1
+             WHERE event_type = 'company_created' AND payload -> 'new' ->> 'company' <> ALL (ARRAY['Bulk 1', 'Bulk 2'])");
+        let stuck = json(
+            "SELECT jsonb_build_array(count(*), count(*) FILTER (
+                        WHERE w.reason = format('company_created event %s was answered 2xx, but its work is not recorded', e.id)
+                          AND w.event_id = e.id))
+             FROM marketing.vw_stuck_work w
+             JOIN marketing.pipeline_events e
+               ON e.event_type = 'company_created' AND (e.payload -> 'new' ->> 'id')::bigint = w.intake_id",
+        );
+        assert_eq!(stuck, json!([28, 28]));
+        assert_eq!(
+            json("SELECT jsonb_agg(state ORDER BY company) FROM marketing.vw_work_progress
+                  WHERE company IN ('Bulk 1', 'Bulk 2')"),
+            json!(["in_progress", "in_progress"])
+        );
+        // The same rows looked up one by one (20 or fewer) say the same.
+        run("UPDATE marketing.pipeline_events SET status = 'pending', processed_at = NULL
+             WHERE event_type = 'company_created' AND (payload -> 'new' ->> 'id')::bigint % 3 <> 0");
+        let alone = count("SELECT count(*) FROM marketing.vw_stuck_work
+                           WHERE reason LIKE 'company_created event % was answered 2xx, but its work is not recorded'");
+        let answered = count("SELECT count(*) FROM marketing.pipeline_events
+                              WHERE event_type = 'company_created' AND status = 'processed'");
+        assert!(answered <= 20, "{answered}");
+        assert_eq!(alone, answered);
+    }
+
     #[pg_test]
     fn event_types_without_delivery_end_and_are_not_waiting_work() {
         assert_error(
