@@ -189,17 +189,23 @@ mod tests {
         );
         assert_eq!(stuck, json!([28, 28]));
         assert_eq!(
-            json("SELECT jsonb_agg(state ORDER BY company) FROM marketing.vw_work_progress
-                  WHERE company IN ('Bulk 1', 'Bulk 2')"),
+            json(
+                "SELECT jsonb_agg(state ORDER BY company) FROM marketing.vw_work_progress
+                  WHERE company IN ('Bulk 1', 'Bulk 2')"
+            ),
             json!(["in_progress", "in_progress"])
         );
         // The same rows looked up one by one (20 or fewer) say the same.
-        run("UPDATE marketing.pipeline_events SET status = 'pending', processed_at = NULL
-             WHERE event_type = 'company_created' AND (payload -> 'new' ->> 'id')::bigint % 3 <> 0");
+        run(
+            "UPDATE marketing.pipeline_events SET status = 'pending', processed_at = NULL
+             WHERE event_type = 'company_created' AND (payload -> 'new' ->> 'id')::bigint % 3 <> 0",
+        );
         let alone = count("SELECT count(*) FROM marketing.vw_stuck_work
                            WHERE reason LIKE 'company_created event % was answered 2xx, but its work is not recorded'");
-        let answered = count("SELECT count(*) FROM marketing.pipeline_events
-                              WHERE event_type = 'company_created' AND status = 'processed'");
+        let answered = count(
+            "SELECT count(*) FROM marketing.pipeline_events
+                              WHERE event_type = 'company_created' AND status = 'processed'",
+        );
         assert!(answered <= 20, "{answered}");
         assert_eq!(alone, answered);
     }
