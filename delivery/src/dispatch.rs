@@ -43,7 +43,8 @@ use super::{Attempt, Job, Verdict};
 /// What sends one job.
 pub type Sender = Arc<dyn Fn(&Job) -> Attempt + Send + Sync>;
 
-/// Longest a thread waits without looking at probes and deadlines.
+/// Longest a thread waits without looking at probes and deadlines while
+/// jobs wait in a lane (with none waiting, it sleeps until told).
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 pub struct Dispatcher {
@@ -462,9 +463,11 @@ impl State {
         None
     }
 
-    /// When a waiting thread should look again without being told.
-    fn next_check(&self, now: Instant) -> Duration {
+    /// When a waiting thread should look again without being told: never
+    /// while no job waits.
+    fn next_check(&self, now: Instant) -> Option<Duration> {
         let waiting = || self.lanes.iter().filter(|lane| !lane.jobs.is_empty());
+        waiting().next()?;
         let probe = waiting()
             .filter(|lane| lane.in_flight == 0)
             .filter_map(|lane| lane.health.probe_at());
@@ -476,6 +479,7 @@ impl State {
             .map(|at| at.saturating_duration_since(now))
             .unwrap_or(IDLE_CHECK)
             .min(IDLE_CHECK)
+            .into()
     }
 
     /// Notes a finished attempt.
@@ -538,12 +542,20 @@ fn sender_thread(shared: &Shared) {
                     state.idle -= 1;
                     break job;
                 }
-                let wait = state.next_check(now);
-                state = shared
-                    .work
-                    .wait_timeout(state, wait)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                // NB: with no job waiting, nothing is due until the caller
+                // submits, acknowledges or stops, which tells the threads:
+                // idle threads sleep for good (woken each second, sixteen of
+                // them cost an idle worker 2 ms of CPU a second).
+                state = match state.next_check(now) {
+                    Some(wait) => {
+                        shared
+                            .work
+                            .wait_timeout(state, wait)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
+                    }
+                    None => shared.work.wait(state).unwrap_or_else(|e| e.into_inner()),
+                };
             }
         };
         let sender = lock(&shared.sender).clone();
@@ -965,6 +977,19 @@ mod tests {
                 .count(),
             7
         );
+    }
+
+    /// Idle sending threads wait without a timeout while no job waits (an
+    /// idle deliverer uses no CPU), and look again at least every
+    /// IDLE_CHECK while one does.
+    #[test]
+    fn idle_threads_sleep_until_told() {
+        let only = endpoint("only", 1);
+        let mut state = State::default();
+        let now = Instant::now();
+        assert_eq!(state.next_check(now), None);
+        state.lane("only").jobs.extend(jobs(&only, 0..1));
+        assert_eq!(state.next_check(now), Some(IDLE_CHECK));
     }
 
     /// Whether the wake-up pipe becomes readable within `ms`.
