@@ -3814,17 +3814,21 @@ WITH stage_events AS MATERIALIZED (
     LEFT JOIN pipeline.service_calls c
         ON c.slot_id = s.id
        AND c.stage = CASE WHEN s.enrichment_status NOT IN ('enriched', 'not_found') THEN 'enrichment' ELSE 'verification' END
-), unanswered AS (
-    -- The rows whose stage event may have been answered 2xx with nothing
-    -- recorded: recent, not at an end, no event open or dead for them, no
-    -- service call out; here those that got to their stage recently too.
-    SELECT i.event_type, i.event_row_id, i.entered
+), tracked AS (
+    -- Each row with its stage's open and dead events, and whether its stage
+    -- event may have been answered 2xx with nothing recorded: recent, not at
+    -- an end, no event open or dead for it, no service call out.
+    SELECT i.*, e.open, e.dead_id, e.dead_error, e.dead_at, e.open_id, e.failing_error,
+           i.stage_no < 7 AND i.ended IS NULL AND e.open IS NOT TRUE AND e.dead_id IS NULL
+               AND (i.leased_until IS NULL OR i.leased_until <= now())
+               AND i.since >= now() - pipeline._setting('stuck_after', '1h')::interval AS may_be_answered
     FROM items i
     LEFT JOIN stage_events e ON e.event_type = i.event_type AND e.row_id = i.event_row_id
-    WHERE i.stage_no < 7 AND i.ended IS NULL AND e.open IS NOT TRUE AND e.dead_id IS NULL
-      AND (i.leased_until IS NULL OR i.leased_until <= now())
-      AND i.since >= now() - pipeline._setting('stuck_after', '1h')::interval
-      AND i.entered >= now() - pipeline._setting('stuck_after', '1h')::interval
+), unanswered AS (
+    -- Of them, those that got to their stage recently too.
+    SELECT t.event_type, t.event_row_id, t.entered
+    FROM tracked t
+    WHERE t.may_be_answered AND t.entered >= now() - pipeline._setting('stuck_after', '1h')::interval
 ), answered_since AS MATERIALIZED (
     -- For many of them (a bulk import whose events were all delivered), one
     -- pass over the processed stage events written since the first of them
@@ -3844,16 +3848,16 @@ WITH stage_events AS MATERIALIZED (
 SELECT i.intake_id, i.company_id, i.slot_id, i.company, i.domain, i.slot_role, i.stage_no, st.stage,
        CASE WHEN i.ended IS NOT NULL THEN 'failed'
             WHEN i.stage_no = 7 THEN 'done'
-            WHEN e.open OR i.leased_until > now() THEN 'in_progress'
-            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.entered THEN 'stuck'
+            WHEN i.open OR i.leased_until > now() THEN 'in_progress'
+            WHEN i.dead_id IS NOT NULL AND i.dead_at >= i.entered THEN 'stuck'
             WHEN answered.id IS NOT NULL THEN 'stuck'
             WHEN i.since < now() - pipeline._setting('stuck_after', '1h')::interval THEN 'stuck'
             ELSE 'in_progress' END AS state,
        CASE WHEN i.ended IS NOT NULL THEN i.ended
             WHEN i.stage_no = 7 THEN NULL
-            WHEN e.open OR i.leased_until > now() THEN coalesce(i.call_error, e.failing_error)
-            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.entered
-                THEN format('%s event %s is dead: %s', i.event_type, e.dead_id, coalesce(i.call_error, e.dead_error))
+            WHEN i.open OR i.leased_until > now() THEN coalesce(i.call_error, i.failing_error)
+            WHEN i.dead_id IS NOT NULL AND i.dead_at >= i.entered
+                THEN format('%s event %s is dead: %s', i.event_type, i.dead_id, coalesce(i.call_error, i.dead_error))
             WHEN answered.id IS NOT NULL
                 THEN format('%s event %s was answered 2xx, but its work is not recorded%s', i.event_type, answered.id,
                             coalesce(' (the last failure: ' || i.call_error || ')', ''))
@@ -3864,8 +3868,8 @@ SELECT i.intake_id, i.company_id, i.slot_id, i.company, i.domain, i.slot_role, i
             ELSE format('no %s event waits or fails for it, and it has not moved since %s', i.event_type, i.since)
        END AS reason,
        CASE WHEN i.ended IS NOT NULL THEN i.ended_kind
-            WHEN i.stage_no = 7 OR e.open OR i.leased_until > now() THEN NULL
-            WHEN e.dead_id IS NOT NULL AND e.dead_at >= i.entered THEN 'event dead'
+            WHEN i.stage_no = 7 OR i.open OR i.leased_until > now() THEN NULL
+            WHEN i.dead_id IS NOT NULL AND i.dead_at >= i.entered THEN 'event dead'
             WHEN answered.id IS NOT NULL THEN 'answered 2xx, nothing recorded'
             WHEN i.since >= now() - pipeline._setting('stuck_after', '1h')::interval THEN NULL
             WHEN i.call_error IS NOT NULL THEN 'service failure'
@@ -3874,11 +3878,10 @@ SELECT i.intake_id, i.company_id, i.slot_id, i.company, i.domain, i.slot_role, i
             ELSE 'not moving'
        END AS reason_kind,
        i.event_type AS waiting_for,
-       coalesce(e.open_id, e.dead_id, answered.id) AS event_id,
+       coalesce(i.open_id, i.dead_id, answered.id) AS event_id,
        i.since
-FROM items i
+FROM tracked i
 JOIN pipeline.stages st ON st.stage_no = i.stage_no
-LEFT JOIN stage_events e ON e.event_type = i.event_type AND e.row_id = i.event_row_id
 -- A receiver answered 2xx for the row's stage event but recorded nothing
 -- (n8n answers 200 while it starts up): stuck at once, not after
 -- pipeline.stuck_after. Looked for only while the row is recent (older
@@ -3887,15 +3890,10 @@ LEFT JOIN stage_events e ON e.event_type = i.event_type AND e.row_id = i.event_r
 -- row (a row that got there long ago and moved since, by a failed service
 -- call, is looked up alone: a pass from then would read all history since).
 LEFT JOIN answered_since a
-       ON i.stage_no < 7 AND i.ended IS NULL AND e.open IS NOT TRUE AND e.dead_id IS NULL
-      AND (i.leased_until IS NULL OR i.leased_until <= now())
-      AND i.since >= now() - pipeline._setting('stuck_after', '1h')::interval
-      AND a.event_type = i.event_type AND a.row_id = i.event_row_id AND a.last_at >= i.entered
+       ON i.may_be_answered AND a.event_type = i.event_type AND a.row_id = i.event_row_id AND a.last_at >= i.entered
 LEFT JOIN LATERAL (
     SELECT pe.id FROM marketing.pipeline_events pe
-    WHERE i.stage_no < 7 AND i.ended IS NULL AND e.open IS NOT TRUE AND e.dead_id IS NULL
-      AND (i.leased_until IS NULL OR i.leased_until <= now())
-      AND i.since >= now() - pipeline._setting('stuck_after', '1h')::interval
+    WHERE i.may_be_answered
       AND (i.entered < now() - pipeline._setting('stuck_after', '1h')::interval
            OR (SELECT count(*) FROM unanswered) <= 20)
       AND pe.created_at >= i.entered AND pe.event_type = i.event_type AND pe.status = 'processed'
