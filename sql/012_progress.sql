@@ -128,6 +128,10 @@ WITH stage_events AS MATERIALIZED (
     SELECT t.event_type, t.event_row_id, t.entered
     FROM tracked t
     WHERE t.may_be_answered AND t.entered >= now() - pipeline._setting('stuck_after', '1h')::interval
+), bulk AS (
+    -- Whether they are many (more than 20): then answered_since finds them,
+    -- else each is looked up alone.
+    SELECT count(*) > 20 AS many FROM unanswered
 ), answered_since AS MATERIALIZED (
     -- For many of them (a bulk import whose events were all delivered), one
     -- pass over the processed stage events written since the first of them
@@ -137,8 +141,7 @@ WITH stage_events AS MATERIALIZED (
            max(pe.created_at) AS last_at,
            (array_agg(pe.id ORDER BY pe.created_at DESC, pe.id DESC))[1] AS id
     FROM marketing.pipeline_events pe
-    WHERE pe.created_at >= (SELECT min(u.entered) FROM unanswered u
-                            WHERE (SELECT count(*) FROM unanswered) > 20)
+    WHERE pe.created_at >= (SELECT min(u.entered) FROM unanswered u WHERE (SELECT b.many FROM bulk b))
       AND pe.status = 'processed'
       AND pe.event_type IN ('company_created', 'company_validated', 'company_promoted', 'slots_created',
                             'contact_enriched')
@@ -194,7 +197,7 @@ LEFT JOIN LATERAL (
     SELECT pe.id FROM marketing.pipeline_events pe
     WHERE i.may_be_answered
       AND (i.entered < now() - pipeline._setting('stuck_after', '1h')::interval
-           OR (SELECT count(*) FROM unanswered) <= 20)
+           OR NOT (SELECT b.many FROM bulk b))
       AND pe.created_at >= i.entered AND pe.event_type = i.event_type AND pe.status = 'processed'
       AND pipeline._event_row_id(pe.event_type, pe.payload) = i.event_row_id
     ORDER BY pe.id DESC

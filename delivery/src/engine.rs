@@ -360,8 +360,7 @@ impl Engine {
                 &claims,
                 look.then_some(plan.skip.as_slice()),
             ) else {
-                self.claim_wanted = true;
-                self.look_wanted = true;
+                self.poll();
                 return false;
             };
             let mut full = false;
@@ -420,8 +419,7 @@ impl Engine {
                 ..Exchange::default()
             });
             let Some(exchanged) = self.succeeded(host, "finding the next due event", result) else {
-                self.claim_wanted = true;
-                self.look_wanted = true;
+                self.poll();
                 return false;
             };
             next_due = exchanged.next_due.flatten();
