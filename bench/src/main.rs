@@ -5,7 +5,9 @@
 //!       [--smoke] [--out FILE] [--repetitions N] [--only SCENARIO ...]
 //!
 //! SCENARIO is one of capacity, throughput, arrival, statistics, steady
-//! (latency and deliverer CPU per event at steady commit rates, and idle),
+//! (latency and deliverer CPU per event at steady commit rates, idle, and
+//! the floor: what one transaction per event costs the server at 100/s and
+//! 1000/s),
 //! write, memory, history, cascade, faults, relay, relay-steady (the relay's
 //! steady rows only), relay-scale (1, 2 and 4 relays together) (all of them
 //! without --only).
@@ -21,6 +23,7 @@
 //! writes the same table as markdown.
 
 mod faults;
+mod floor;
 mod receiver;
 mod relay;
 mod scenarios;

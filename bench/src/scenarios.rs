@@ -44,6 +44,7 @@ pub fn run(bench: &mut Bench, only: &[String]) {
         for rate in STEADY_RATES {
             latency(bench, rate, &worker);
         }
+        crate::floor::run(bench);
     }
     if wanted("isolation") {
         isolation(bench);
@@ -1080,14 +1081,26 @@ fn history(bench: &mut Bench) {
     reset(bench);
     history_present(bench);
     let queries = history_queries(bench);
-    let empty: Vec<Vec<f64>> = (0..bench.repetitions)
-        .map(|_| {
-            queries
-                .iter()
-                .map(|query| query_cost(bench, query, runs))
-                .collect()
-        })
-        .collect();
+    let measure_all = |bench: &mut Bench, queries: &[Timed]| -> Vec<Vec<f64>> {
+        (0..bench.repetitions)
+            .map(|_| {
+                queries
+                    .iter()
+                    .map(|query| query_cost(bench, query, runs))
+                    .collect()
+            })
+            .collect()
+    };
+    let empty = measure_all(bench, &queries);
+    // The same again with the partitions the history below ends in, made
+    // ahead and left empty: what the number of partitions costs by itself
+    // (each statement over the events opens and locks every partition and
+    // its indexes), apart from what the rows in them cost.
+    bench.sql(&format!(
+        "SELECT pipeline._add_partitions(k) FROM generate_series(2, {}) k",
+        PARTITIONS + 1
+    ));
+    let empty_partitioned = measure_all(bench, &queries);
 
     // The same present after the history, oldest first, each partition's
     // worth of events followed by the move to the next partition.
@@ -1117,17 +1130,32 @@ fn history(bench: &mut Bench) {
     history_present(bench);
     bench.sql("VACUUM ANALYZE marketing.pipeline_delivery_attempts");
     let queries = history_queries(bench);
-    for empty_ms in empty {
-        for (query, empty_ms) in queries.iter().zip(empty_ms) {
+    for (empty_ms, partitioned_ms) in empty.into_iter().zip(empty_partitioned) {
+        for ((query, empty_ms), partitioned_ms) in queries.iter().zip(empty_ms).zip(partitioned_ms)
+        {
             let full_ms = query_cost(bench, query, runs);
             let scenario = format!("{scenario}: {}", query.what);
             bench.record(&scenario, "empty history", "ms", empty_ms, None);
+            bench.record(
+                &scenario,
+                &format!("empty history, {} partitions", PARTITIONS + 2),
+                "ms",
+                partitioned_ms,
+                None,
+            );
             bench.record(&scenario, "with the history", "ms", full_ms, None);
             bench.record(
                 &scenario,
                 "with / empty",
                 "%",
                 100.0 * full_ms / empty_ms,
+                Some(Target::AtMost(110.0)),
+            );
+            bench.record(
+                &scenario,
+                "with / empty in as many partitions",
+                "%",
+                100.0 * full_ms / partitioned_ms,
                 Some(Target::AtMost(110.0)),
             );
         }
