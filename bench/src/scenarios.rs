@@ -1104,8 +1104,8 @@ fn history(bench: &mut Bench) {
     let empty = measure_all(bench, &queries);
     // The same again with the partitions the history below ends in, made
     // ahead and left empty: what the number of partitions costs by itself
-    // (each statement over the events opens and locks every partition and
-    // its indexes), apart from what the rows in them cost.
+    // (each statement over the events locks every partition and opens the
+    // indexes it scans in each), apart from what the rows in them cost.
     bench.sql(&format!(
         "SELECT pipeline._add_partitions(k) FROM generate_series(2, {}) k",
         PARTITIONS + 1
