@@ -1437,6 +1437,47 @@ LANGUAGE sql STABLE AS $$
                 ELSE fallback END
 $$;
 
+-- The floor of the claims: every event with a lower id is settled
+-- (processed or dead), so the deliverers' statements look no lower, and
+-- PostgreSQL leaves the partitions below it (the delivered history) out
+-- when each statement starts. Each partition it keeps costs a statement that
+-- reads the events by an index about 0.02 - 0.04 ms, whether it holds a
+-- row or not (docs/benchmark-notes.md, "Sixth pass"). _maintain_partitions
+-- (015_partitions.sql) sets it at each purge; a replay lowers it first
+-- (_unsettle). An event set back to pending by hand below it, rather than
+-- by pipeline.replay, is claimed after the next purge.
+--   id         the floor
+--   moved_xid  the transaction that last moved the id sequence into a new
+--              partition: until every transaction older than it has ended,
+--              one of them may still add an event to the partition before,
+--              and the floor stays there
+CREATE TABLE pipeline.settled_below (
+    one       boolean PRIMARY KEY DEFAULT true CONSTRAINT one_row CHECK (one),
+    id        bigint NOT NULL DEFAULT 0,
+    moved_xid xid8
+);
+INSERT INTO pipeline.settled_below DEFAULT VALUES;
+GRANT SELECT ON pipeline.settled_below TO PUBLIC;
+COMMENT ON TABLE pipeline.settled_below IS
+    'Every event with an id below this one is settled (processed or dead): claims look no lower. '
+    'Set by the purge, lowered by replays.';
+
+-- Lowers the floor of the claims to event_id, before a replay sets events
+-- back. NB: SECURITY DEFINER, so that whoever may replay need not write
+-- the floor; it can only lower it (claims then read more partitions, as
+-- before there was a floor). The shared lock tells _maintain_partitions
+-- that a replay is under way until it commits: the floor rises only while
+-- none is, so never above events set back that it cannot see yet. Only a
+-- replay that lowers the floor writes the row (and waits for another one
+-- that did, until it commits).
+CREATE FUNCTION pipeline._unsettle(event_id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared('marketing.pipeline_events'::regclass::oid::integer, 16);
+    UPDATE pipeline.settled_below s SET id = _unsettle.event_id WHERE s.id > _unsettle.event_id;
+END
+$$;
+
 -- Back to pending, due now, with a fresh set of attempts. With force, events
 -- still processing too (their consumer is gone): those keep their attempt
 -- count, so that a late outcome of the old claim cannot settle the new one.
@@ -1445,6 +1486,8 @@ $$;
 CREATE FUNCTION pipeline._requeue(event_ids bigint[], force boolean DEFAULT false) RETURNS SETOF bigint
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_notify('pipeline_wake', 'replay');
+    -- Claims look from the lowest of them again.
+    SELECT pipeline._unsettle(min(r.id)) FROM unnest(event_ids) AS r(id);
     UPDATE marketing.pipeline_events e
     SET status = 'pending',
         next_attempt_at = now(),
@@ -1513,6 +1556,7 @@ DECLARE
     v_lease  interval := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
     v_types  text[] := _claim_rows.event_types;
     v_quotas integer[];
+    v_from   bigint;
 BEGIN
     IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 10000 THEN
         RAISE EXCEPTION 'pipeline.claim: batch_size must be between 1 and 10000, not %', coalesce(batch_size::text, 'NULL')
@@ -1523,6 +1567,10 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'A consumer that dies leaves its events processing until the lease ends.';
     END IF;
+    -- Every event below it is settled: each statement reads only the
+    -- partitions from there on (a variable: PostgreSQL leaves the others
+    -- out when the statement starts).
+    v_from := coalesce((SELECT s.id FROM pipeline.settled_below s), 0);
     IF v_types IS NULL THEN
         -- The types with open events, from the due index, skipping from one
         -- type to the next (a loose index scan) instead of reading every row.
@@ -1530,11 +1578,12 @@ BEGIN
             WITH RECURSIVE open_types (event_type) AS (
                 SELECT min(e.event_type::text)
                 FROM marketing.pipeline_events e
-                WHERE e.status IN ('pending', 'failed', 'processing')
+                WHERE e.status IN ('pending', 'failed', 'processing') AND e.id >= v_from
                 UNION ALL
                 SELECT (SELECT min(e.event_type::text)
                         FROM marketing.pipeline_events e
-                        WHERE e.status IN ('pending', 'failed', 'processing') AND e.event_type > o.event_type)
+                        WHERE e.status IN ('pending', 'failed', 'processing') AND e.event_type > o.event_type
+                          AND e.id >= v_from)
                 FROM open_types o
                 WHERE o.event_type IS NOT NULL
             )
@@ -1557,6 +1606,7 @@ BEGIN
                         WHERE e.event_type = types.event_type
                           AND e.status IN ('pending', 'failed', 'processing')
                           AND e.next_attempt_at <= now()
+                          AND e.id >= v_from
                         ORDER BY e.next_attempt_at, e.id
                         LIMIT batch_size
                     ) c
@@ -1582,6 +1632,7 @@ BEGIN
             WHERE e.event_type = q.event_type
               AND e.status IN ('pending', 'failed', 'processing')
               AND e.next_attempt_at <= now()
+              AND e.id >= v_from
             ORDER BY e.next_attempt_at, e.id
             LIMIT q.quota
             FOR UPDATE SKIP LOCKED
@@ -1602,7 +1653,7 @@ BEGIN
                                             WHERE l.event_type = k.event_type), v_lease),
         claimed_by = consumer
     FROM kept k
-    WHERE e.id = k.id
+    WHERE e.id = k.id AND e.id >= v_from
     RETURNING e.*;
 END
 $$;
@@ -1673,7 +1724,13 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_hashjoin = off SET enable_mergejoin = off
     SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
+DECLARE
+    v_lo bigint;
+    v_hi bigint;
 BEGIN
+    -- The partitions the events are in, and no others, are read (a
+    -- deliverer's events are usually all in the newest).
+    SELECT min(o.id), max(o.id) INTO v_lo, v_hi FROM unnest(_settle.event_ids) AS o(id);
     -- NB: plans that hold whatever the statistics say. Each event is looked
     -- up by its primary key (OFFSET 0 keeps the status test out of that
     -- look-up), and the update compares with the values read, not with
@@ -1694,7 +1751,7 @@ BEGIN
                     _settle.give_up, _settle.details)
                  AS o(event_id, attempt, delivered, error, retry_at, give_up, details)
         CROSS JOIN LATERAL (SELECT e.status, e.attempts FROM marketing.pipeline_events e
-                            WHERE e.id = o.event_id OFFSET 0) e
+                            WHERE e.id = o.event_id AND e.id BETWEEN v_lo AND v_hi OFFSET 0) e
         WHERE e.status = 'processing' AND (o.attempt IS NULL OR e.attempts = o.attempt)
     ), settled AS (
         UPDATE marketing.pipeline_events e
@@ -1708,6 +1765,7 @@ BEGIN
         FROM outcome o
         -- Still as read: a concurrent settle of the same attempt wins.
         WHERE e.id = o.event_id AND e.status = o.current_status AND e.attempts = o.current_attempts
+          AND e.id BETWEEN v_lo AND v_hi
         RETURNING e.id, e.event_type, e.status, e.attempts, o.error, o.details
     ), logged AS (
         INSERT INTO marketing.pipeline_error_log (stage, event_id, error_message, details)
@@ -4267,6 +4325,7 @@ DECLARE
     v_lease      interval;
     v_timeout    text;
     v_default_ms integer;
+    v_from       bigint;
 BEGIN
     -- A request may outlast the lease (an endpoint whose timeout_ms is
     -- longer: a receiver that waits for a slow service): its events are held
@@ -4295,16 +4354,18 @@ BEGIN
         RETURN;
     END IF;
     IF only_types IS NOT NULL THEN
+        -- (the floor of the claims, as in _claim_rows)
+        v_from := coalesce((SELECT s.id FROM pipeline.settled_below s), 0);
         UPDATE marketing.pipeline_events e
         SET next_attempt_at = now()
         FROM unnest(v_types) AS t(event_type)
         CROSS JOIN LATERAL (
             SELECT o.id FROM marketing.pipeline_events o
-            WHERE o.event_type = t.event_type AND o.status IN ('pending', 'failed')
+            WHERE o.event_type = t.event_type AND o.status IN ('pending', 'failed') AND o.id >= v_from
             ORDER BY o.next_attempt_at, o.id
             LIMIT 1
         ) first
-        WHERE e.id = first.id AND e.next_attempt_at > now();
+        WHERE e.id = first.id AND e.next_attempt_at > now() AND e.id >= v_from;
     END IF;
     -- One statement claims and builds the bodies (from the rows as the
     -- claim left them), in id order, until they reach max_bytes (the first
@@ -4544,7 +4605,11 @@ DECLARE
     v_retry_at  timestamptz[];
     v_give_up   boolean[];
     v_details   jsonb[];
+    v_lo        bigint;
+    v_hi        bigint;
 BEGIN
+    -- The partitions the events are in, and no others, are read.
+    SELECT min(o.id), max(o.id) INTO v_lo, v_hi FROM unnest(_record_deliveries.event_ids) AS o(id);
     -- NB: only when some endpoint answered 410: an UPDATE of the endpoints,
     -- even of no row, announces them on pipeline_wake.
     IF 'gone' = ANY (_record_deliveries.outcomes) THEN
@@ -4570,7 +4635,8 @@ BEGIN
                     _record_deliveries.status_codes, _record_deliveries.errors, _record_deliveries.durations_ms,
                     _record_deliveries.excerpts, _record_deliveries.urls)
                  AS o(event_id, attempt, outcome, status_code, error, duration_ms, excerpt, url)
-        CROSS JOIN LATERAL (SELECT e.event_type FROM marketing.pipeline_events e WHERE e.id = o.event_id OFFSET 0) e
+        CROSS JOIN LATERAL (SELECT e.event_type FROM marketing.pipeline_events e
+                            WHERE e.id = o.event_id AND e.id BETWEEN v_lo AND v_hi OFFSET 0) e
         RETURNING l.event_id, l.event_type, l.outcome, l.status_code, l.error
     ), batch AS (
         SELECT a.event_type,
@@ -4838,6 +4904,8 @@ LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off
     SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_from bigint := coalesce((SELECT s.id FROM pipeline.settled_below s), 0);  -- as in _claim_rows
 BEGIN
     RETURN (
         SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
@@ -4848,7 +4916,7 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT e.next_attempt_at
             FROM marketing.pipeline_events e
-            WHERE e.event_type = w.event_type AND e.status IN ('pending', 'failed', 'processing')
+            WHERE e.event_type = w.event_type AND e.status IN ('pending', 'failed', 'processing') AND e.id >= v_from
             ORDER BY e.next_attempt_at
             LIMIT 1
         ) n
@@ -5208,6 +5276,9 @@ DECLARE
     v_attempts  regclass;
     v_table     regclass;
     v_bound     bigint;
+    v_free      boolean;
+    v_moved     boolean := false;
+    v_floor     bigint;
 BEGIN
     IF NOT pg_try_advisory_xact_lock('marketing.pipeline_events'::regclass::oid::integer, 15) THEN
         RETURN 0;
@@ -5228,7 +5299,14 @@ BEGIN
         -- table by hand, for one: made at the next purge.
         RETURN 0;
     END;
-    IF pipeline._committed(format('marketing.%I', 'pipeline_events_' || (v_current + 1))::regclass)
+    -- The floor of the claims (pipeline.settled_below) may rise, and the
+    -- sequence move, only while no replay is under way (pipeline._unsettle
+    -- holds this lock shared until it commits), and in a transaction whose
+    -- every statement sees what committed before it.
+    v_free := current_setting('transaction_isolation') = 'read committed'
+              AND pg_try_advisory_xact_lock('marketing.pipeline_events'::regclass::oid::integer, 16);
+    IF v_free
+       AND pipeline._committed(format('marketing.%I', 'pipeline_events_' || (v_current + 1))::regclass)
        AND pipeline._committed(format('marketing.%I', 'pipeline_delivery_attempts_' || (v_current + 1))::regclass) THEN
         -- The next one was made by a committed transaction: the sequence
         -- may move into it once the current one has held events for a span,
@@ -5241,8 +5319,40 @@ BEGIN
         IF v_first < now() - v_span OR v_next >= v_current * c_width + c_width / 2 THEN
             PERFORM setval(v_seq, (v_current + 1) * c_width, false);
             v_current := v_current + 1;
+            v_moved := true;
             PERFORM pipeline._add_partitions(v_current + 1);
         END IF;
+    END IF;
+    IF v_free THEN
+        -- The floor: the start of the oldest partition with an event
+        -- waiting (from scratch, so an event set back by hand is found
+        -- too), at most the start of the current one; of the one before
+        -- while a transaction older than the move into the current one runs
+        -- (it may yet add events there).
+        v_floor := CASE WHEN NOT v_moved
+                             AND coalesce((SELECT s.moved_xid < pg_snapshot_xmin(pg_current_snapshot())
+                                           FROM pipeline.settled_below s), true)
+                        THEN v_current ELSE v_current - 1 END * c_width;
+        FOR v_part IN
+            SELECT c.oid::regclass AS events, substr(c.relname, 17)::integer AS k
+            FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = 'marketing.pipeline_events'::regclass
+              AND c.relname ~ '^pipeline_events_[0-9]+$'
+              AND substr(c.relname, 17)::bigint * c_width < v_floor
+            ORDER BY 2
+        LOOP
+            EXECUTE format('SELECT EXISTS (SELECT FROM %s e WHERE e.status IN (''pending'', ''failed'', ''processing''))',
+                           v_part.events)
+                INTO v_open;
+            IF v_open THEN
+                v_floor := v_part.k * c_width;
+                EXIT;
+            END IF;
+        END LOOP;
+        UPDATE pipeline.settled_below s
+        SET id = greatest(v_floor, 0),
+            moved_xid = CASE WHEN v_moved THEN pg_current_xact_id() ELSE s.moved_xid END
+        WHERE s.id IS DISTINCT FROM greatest(v_floor, 0) OR v_moved;
     END IF;
 
     v_bound := v_current * c_width;

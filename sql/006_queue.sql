@@ -54,6 +54,47 @@ LANGUAGE sql STABLE AS $$
                 ELSE fallback END
 $$;
 
+-- The floor of the claims: every event with a lower id is settled
+-- (processed or dead), so the deliverers' statements look no lower, and
+-- PostgreSQL leaves the partitions below it (the delivered history) out
+-- when each statement starts. Each partition it keeps costs a statement that
+-- reads the events by an index about 0.02 - 0.04 ms, whether it holds a
+-- row or not (docs/benchmark-notes.md, "Sixth pass"). _maintain_partitions
+-- (015_partitions.sql) sets it at each purge; a replay lowers it first
+-- (_unsettle). An event set back to pending by hand below it, rather than
+-- by pipeline.replay, is claimed after the next purge.
+--   id         the floor
+--   moved_xid  the transaction that last moved the id sequence into a new
+--              partition: until every transaction older than it has ended,
+--              one of them may still add an event to the partition before,
+--              and the floor stays there
+CREATE TABLE pipeline.settled_below (
+    one       boolean PRIMARY KEY DEFAULT true CONSTRAINT one_row CHECK (one),
+    id        bigint NOT NULL DEFAULT 0,
+    moved_xid xid8
+);
+INSERT INTO pipeline.settled_below DEFAULT VALUES;
+GRANT SELECT ON pipeline.settled_below TO PUBLIC;
+COMMENT ON TABLE pipeline.settled_below IS
+    'Every event with an id below this one is settled (processed or dead): claims look no lower. '
+    'Set by the purge, lowered by replays.';
+
+-- Lowers the floor of the claims to event_id, before a replay sets events
+-- back. NB: SECURITY DEFINER, so that whoever may replay need not write
+-- the floor; it can only lower it (claims then read more partitions, as
+-- before there was a floor). The shared lock tells _maintain_partitions
+-- that a replay is under way until it commits: the floor rises only while
+-- none is, so never above events set back that it cannot see yet. Only a
+-- replay that lowers the floor writes the row (and waits for another one
+-- that did, until it commits).
+CREATE FUNCTION pipeline._unsettle(event_id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared('marketing.pipeline_events'::regclass::oid::integer, 16);
+    UPDATE pipeline.settled_below s SET id = _unsettle.event_id WHERE s.id > _unsettle.event_id;
+END
+$$;
+
 -- Back to pending, due now, with a fresh set of attempts. With force, events
 -- still processing too (their consumer is gone): those keep their attempt
 -- count, so that a late outcome of the old claim cannot settle the new one.
@@ -62,6 +103,8 @@ $$;
 CREATE FUNCTION pipeline._requeue(event_ids bigint[], force boolean DEFAULT false) RETURNS SETOF bigint
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_notify('pipeline_wake', 'replay');
+    -- Claims look from the lowest of them again.
+    SELECT pipeline._unsettle(min(r.id)) FROM unnest(event_ids) AS r(id);
     UPDATE marketing.pipeline_events e
     SET status = 'pending',
         next_attempt_at = now(),
@@ -131,6 +174,7 @@ DECLARE
     v_lease  interval := coalesce(lease, pipeline._setting('lease_time', '30s')::interval);
     v_types  text[] := _claim_rows.event_types;
     v_quotas integer[];
+    v_from   bigint;
 BEGIN
     IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 10000 THEN
         RAISE EXCEPTION 'pipeline.claim: batch_size must be between 1 and 10000, not %', coalesce(batch_size::text, 'NULL')
@@ -141,6 +185,10 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'A consumer that dies leaves its events processing until the lease ends.';
     END IF;
+    -- Every event below it is settled: each statement reads only the
+    -- partitions from there on (a variable: PostgreSQL leaves the others
+    -- out when the statement starts).
+    v_from := coalesce((SELECT s.id FROM pipeline.settled_below s), 0);
     IF v_types IS NULL THEN
         -- The types with open events, from the due index, skipping from one
         -- type to the next (a loose index scan) instead of reading every row.
@@ -148,11 +196,12 @@ BEGIN
             WITH RECURSIVE open_types (event_type) AS (
                 SELECT min(e.event_type::text)
                 FROM marketing.pipeline_events e
-                WHERE e.status IN ('pending', 'failed', 'processing')
+                WHERE e.status IN ('pending', 'failed', 'processing') AND e.id >= v_from
                 UNION ALL
                 SELECT (SELECT min(e.event_type::text)
                         FROM marketing.pipeline_events e
-                        WHERE e.status IN ('pending', 'failed', 'processing') AND e.event_type > o.event_type)
+                        WHERE e.status IN ('pending', 'failed', 'processing') AND e.event_type > o.event_type
+                          AND e.id >= v_from)
                 FROM open_types o
                 WHERE o.event_type IS NOT NULL
             )
@@ -175,6 +224,7 @@ BEGIN
                         WHERE e.event_type = types.event_type
                           AND e.status IN ('pending', 'failed', 'processing')
                           AND e.next_attempt_at <= now()
+                          AND e.id >= v_from
                         ORDER BY e.next_attempt_at, e.id
                         LIMIT batch_size
                     ) c
@@ -200,6 +250,7 @@ BEGIN
             WHERE e.event_type = q.event_type
               AND e.status IN ('pending', 'failed', 'processing')
               AND e.next_attempt_at <= now()
+              AND e.id >= v_from
             ORDER BY e.next_attempt_at, e.id
             LIMIT q.quota
             FOR UPDATE SKIP LOCKED
@@ -220,7 +271,7 @@ BEGIN
                                             WHERE l.event_type = k.event_type), v_lease),
         claimed_by = consumer
     FROM kept k
-    WHERE e.id = k.id
+    WHERE e.id = k.id AND e.id >= v_from
     RETURNING e.*;
 END
 $$;
@@ -289,7 +340,13 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET enable_hashjoin = off SET enable_mergejoin = off
     SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
+DECLARE
+    v_lo bigint;
+    v_hi bigint;
 BEGIN
+    -- The partitions the events are in, and no others, are read (a
+    -- deliverer's events are usually all in the newest).
+    SELECT min(o.id), max(o.id) INTO v_lo, v_hi FROM unnest(_settle.event_ids) AS o(id);
     -- NB: plans that hold whatever the statistics say. Each event is looked
     -- up by its primary key (OFFSET 0 keeps the status test out of that
     -- look-up), and the update compares with the values read, not with
@@ -310,7 +367,7 @@ BEGIN
                     _settle.give_up, _settle.details)
                  AS o(event_id, attempt, delivered, error, retry_at, give_up, details)
         CROSS JOIN LATERAL (SELECT e.status, e.attempts FROM marketing.pipeline_events e
-                            WHERE e.id = o.event_id OFFSET 0) e
+                            WHERE e.id = o.event_id AND e.id BETWEEN v_lo AND v_hi OFFSET 0) e
         WHERE e.status = 'processing' AND (o.attempt IS NULL OR e.attempts = o.attempt)
     ), settled AS (
         UPDATE marketing.pipeline_events e
@@ -324,6 +381,7 @@ BEGIN
         FROM outcome o
         -- Still as read: a concurrent settle of the same attempt wins.
         WHERE e.id = o.event_id AND e.status = o.current_status AND e.attempts = o.current_attempts
+          AND e.id BETWEEN v_lo AND v_hi
         RETURNING e.id, e.event_type, e.status, e.attempts, o.error, o.details
     ), logged AS (
         INSERT INTO marketing.pipeline_error_log (stage, event_id, error_message, details)

@@ -143,6 +143,7 @@ DECLARE
     v_lease      interval;
     v_timeout    text;
     v_default_ms integer;
+    v_from       bigint;
 BEGIN
     -- A request may outlast the lease (an endpoint whose timeout_ms is
     -- longer: a receiver that waits for a slow service): its events are held
@@ -171,16 +172,18 @@ BEGIN
         RETURN;
     END IF;
     IF only_types IS NOT NULL THEN
+        -- (the floor of the claims, as in _claim_rows)
+        v_from := coalesce((SELECT s.id FROM pipeline.settled_below s), 0);
         UPDATE marketing.pipeline_events e
         SET next_attempt_at = now()
         FROM unnest(v_types) AS t(event_type)
         CROSS JOIN LATERAL (
             SELECT o.id FROM marketing.pipeline_events o
-            WHERE o.event_type = t.event_type AND o.status IN ('pending', 'failed')
+            WHERE o.event_type = t.event_type AND o.status IN ('pending', 'failed') AND o.id >= v_from
             ORDER BY o.next_attempt_at, o.id
             LIMIT 1
         ) first
-        WHERE e.id = first.id AND e.next_attempt_at > now();
+        WHERE e.id = first.id AND e.next_attempt_at > now() AND e.id >= v_from;
     END IF;
     -- One statement claims and builds the bodies (from the rows as the
     -- claim left them), in id order, until they reach max_bytes (the first
@@ -420,7 +423,11 @@ DECLARE
     v_retry_at  timestamptz[];
     v_give_up   boolean[];
     v_details   jsonb[];
+    v_lo        bigint;
+    v_hi        bigint;
 BEGIN
+    -- The partitions the events are in, and no others, are read.
+    SELECT min(o.id), max(o.id) INTO v_lo, v_hi FROM unnest(_record_deliveries.event_ids) AS o(id);
     -- NB: only when some endpoint answered 410: an UPDATE of the endpoints,
     -- even of no row, announces them on pipeline_wake.
     IF 'gone' = ANY (_record_deliveries.outcomes) THEN
@@ -446,7 +453,8 @@ BEGIN
                     _record_deliveries.status_codes, _record_deliveries.errors, _record_deliveries.durations_ms,
                     _record_deliveries.excerpts, _record_deliveries.urls)
                  AS o(event_id, attempt, outcome, status_code, error, duration_ms, excerpt, url)
-        CROSS JOIN LATERAL (SELECT e.event_type FROM marketing.pipeline_events e WHERE e.id = o.event_id OFFSET 0) e
+        CROSS JOIN LATERAL (SELECT e.event_type FROM marketing.pipeline_events e
+                            WHERE e.id = o.event_id AND e.id BETWEEN v_lo AND v_hi OFFSET 0) e
         RETURNING l.event_id, l.event_type, l.outcome, l.status_code, l.error
     ), batch AS (
         SELECT a.event_type,
@@ -704,6 +712,8 @@ LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
     SET enable_hashjoin = off SET enable_mergejoin = off
     SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_from bigint := coalesce((SELECT s.id FROM pipeline.settled_below s), 0);  -- as in _claim_rows
 BEGIN
     RETURN (
         SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
@@ -714,7 +724,7 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT e.next_attempt_at
             FROM marketing.pipeline_events e
-            WHERE e.event_type = w.event_type AND e.status IN ('pending', 'failed', 'processing')
+            WHERE e.event_type = w.event_type AND e.status IN ('pending', 'failed', 'processing') AND e.id >= v_from
             ORDER BY e.next_attempt_at
             LIMIT 1
         ) n

@@ -160,6 +160,9 @@ DECLARE
     v_attempts  regclass;
     v_table     regclass;
     v_bound     bigint;
+    v_free      boolean;
+    v_moved     boolean := false;
+    v_floor     bigint;
 BEGIN
     IF NOT pg_try_advisory_xact_lock('marketing.pipeline_events'::regclass::oid::integer, 15) THEN
         RETURN 0;
@@ -180,7 +183,14 @@ BEGIN
         -- table by hand, for one: made at the next purge.
         RETURN 0;
     END;
-    IF pipeline._committed(format('marketing.%I', 'pipeline_events_' || (v_current + 1))::regclass)
+    -- The floor of the claims (pipeline.settled_below) may rise, and the
+    -- sequence move, only while no replay is under way (pipeline._unsettle
+    -- holds this lock shared until it commits), and in a transaction whose
+    -- every statement sees what committed before it.
+    v_free := current_setting('transaction_isolation') = 'read committed'
+              AND pg_try_advisory_xact_lock('marketing.pipeline_events'::regclass::oid::integer, 16);
+    IF v_free
+       AND pipeline._committed(format('marketing.%I', 'pipeline_events_' || (v_current + 1))::regclass)
        AND pipeline._committed(format('marketing.%I', 'pipeline_delivery_attempts_' || (v_current + 1))::regclass) THEN
         -- The next one was made by a committed transaction: the sequence
         -- may move into it once the current one has held events for a span,
@@ -193,8 +203,40 @@ BEGIN
         IF v_first < now() - v_span OR v_next >= v_current * c_width + c_width / 2 THEN
             PERFORM setval(v_seq, (v_current + 1) * c_width, false);
             v_current := v_current + 1;
+            v_moved := true;
             PERFORM pipeline._add_partitions(v_current + 1);
         END IF;
+    END IF;
+    IF v_free THEN
+        -- The floor: the start of the oldest partition with an event
+        -- waiting (from scratch, so an event set back by hand is found
+        -- too), at most the start of the current one; of the one before
+        -- while a transaction older than the move into the current one runs
+        -- (it may yet add events there).
+        v_floor := CASE WHEN NOT v_moved
+                             AND coalesce((SELECT s.moved_xid < pg_snapshot_xmin(pg_current_snapshot())
+                                           FROM pipeline.settled_below s), true)
+                        THEN v_current ELSE v_current - 1 END * c_width;
+        FOR v_part IN
+            SELECT c.oid::regclass AS events, substr(c.relname, 17)::integer AS k
+            FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = 'marketing.pipeline_events'::regclass
+              AND c.relname ~ '^pipeline_events_[0-9]+$'
+              AND substr(c.relname, 17)::bigint * c_width < v_floor
+            ORDER BY 2
+        LOOP
+            EXECUTE format('SELECT EXISTS (SELECT FROM %s e WHERE e.status IN (''pending'', ''failed'', ''processing''))',
+                           v_part.events)
+                INTO v_open;
+            IF v_open THEN
+                v_floor := v_part.k * c_width;
+                EXIT;
+            END IF;
+        END LOOP;
+        UPDATE pipeline.settled_below s
+        SET id = greatest(v_floor, 0),
+            moved_xid = CASE WHEN v_moved THEN pg_current_xact_id() ELSE s.moved_xid END
+        WHERE s.id IS DISTINCT FROM greatest(v_floor, 0) OR v_moved;
     END IF;
 
     v_bound := v_current * c_width;

@@ -47,6 +47,11 @@ fn purge(db: &mut postgres::Client, args: &str) -> i64 {
     one(db, &format!("SELECT pipeline.purge({args})"))
 }
 
+/// The floor of the claims: every event below it is settled.
+fn floor(db: &mut postgres::Client) -> i64 {
+    one(db, "SELECT id FROM pipeline.settled_below")
+}
+
 /// Events of partition k, as "status" counts.
 fn left_in(db: &mut postgres::Client, k: i64) -> Vec<String> {
     texts(
@@ -95,6 +100,7 @@ fn partitions_live_and_die(db: &mut postgres::Client) {
     )
     .unwrap();
     assert_eq!(parts(db), [0, 1]);
+    assert_eq!(floor(db), 0);
 
     // Partition 0: three events, delivered, an error about one.
     let first: Vec<i64> = (0..3).map(|_| emit(db)).collect();
@@ -124,7 +130,10 @@ fn partitions_live_and_die(db: &mut postgres::Client) {
     assert_eq!(emit(db), WIDTH);
     purge(db, "");
     assert_eq!(parts(db), [0, 1, 2], "partition 1 is young");
+    assert_eq!(floor(db), 0, "an event of partition 0 waits");
     deliver_due(db);
+    purge(db, "");
+    assert_eq!(floor(db), WIDTH, "partition 0 is settled");
 
     // All of partition 0 delivered longer than the retention ago: dropped
     // with its attempts. The error keeps the id of its event.
@@ -186,11 +195,13 @@ fn partitions_live_and_die(db: &mut postgres::Client) {
     assert_eq!(left_in(db, 1), ["dead 1"]);
     assert_eq!(left_in(db, 2), ["processed 1"]);
     assert_eq!(parts(db), [1, 2, 3], "kept for its dead event");
+    assert_eq!(floor(db), 2 * WIDTH, "a dead event is settled");
 
     // Replayed, the dead event is claimed from its old partition; once
     // delivered longer than the retention ago, the partition goes.
     db.batch_execute(&format!("SELECT pipeline.replay({dead})"))
         .unwrap();
+    assert_eq!(floor(db), dead, "a replay lowers the floor");
     assert_eq!(
         one::<i64>(
             db,
@@ -203,6 +214,19 @@ fn partitions_live_and_die(db: &mut postgres::Client) {
     deliver_due(db);
     purge(db, "");
     assert_eq!(parts(db), [1, 2, 3], "delivered just now");
+    assert_eq!(floor(db), 2 * WIDTH);
+
+    // An event set back by hand below the floor is found by the next purge.
+    db.batch_execute(&format!(
+        "UPDATE marketing.pipeline_events SET status = 'pending', processed_at = NULL, next_attempt_at = now() WHERE id = {dead}"
+    ))
+    .unwrap();
+    purge(db, "");
+    assert_eq!(floor(db), WIDTH);
+    deliver_due(db);
+    assert_eq!(left_in(db, 1), ["processed 1"]);
+    purge(db, "");
+    assert_eq!(floor(db), 2 * WIDTH);
     age(db, 1, 8);
     purge(db, "");
     assert_eq!(parts(db), [2, 3], "{:?}", left_in(db, 1));
@@ -313,6 +337,82 @@ fn in_trigger_only_mode() {
     );
     purge(&mut db, "");
     assert_eq!(texts(&mut db, partitions_row), ["ok"]);
+    cluster.stop();
+}
+
+/// The floor of the claims never rises above an event that waits: not
+/// while a replay that set one back below it is under way (the purge would
+/// not see that event, and would write over the replay's lower floor once it
+/// committed), nor into the newest partition while a transaction that began
+/// before the sequence moved there runs (it may still add events to the
+/// partition before).
+#[test]
+fn the_floor_of_the_claims_hides_no_waiting_event() {
+    let cluster = Cluster::start("partitions-floor", &[]);
+    let mut db = cluster.connect("postgres", "postgres");
+    db.batch_execute(
+        "CREATE EXTENSION pipeline_ext;
+         SELECT pipeline.register_webhook('company_created', 'https://n8n.example/validate')",
+    )
+    .unwrap();
+    let claimed = |db: &mut postgres::Client| -> Vec<i64> {
+        db.query(
+            "SELECT event_id FROM pipeline._claim_deliveries(10) ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+    };
+    let old = emit(&mut db);
+    deliver_due(&mut db);
+    age(&mut db, 0, 2);
+    purge(&mut db, ""); // moves into partition 1
+    assert_eq!(floor(&mut db), 0, "not above the partition moved from");
+    assert_eq!(emit(&mut db), WIDTH);
+    deliver_due(&mut db);
+
+    // Every event is delivered, and the floor would rise above partition 0,
+    // but a replay of an event there is under way (not committed yet): the
+    // purge leaves the floor alone, at once.
+    let mut other = cluster.connect("postgres", "postgres");
+    other
+        .batch_execute(&format!("BEGIN; SELECT pipeline.replay({old})"))
+        .unwrap();
+    let start = Instant::now();
+    purge(&mut db, "");
+    assert!(start.elapsed() < Duration::from_secs(2));
+    other.batch_execute("COMMIT").unwrap();
+    assert_eq!(floor(&mut db), 0);
+    assert_eq!(claimed(&mut db), [old], "claimed as soon as it is replayed");
+    db.batch_execute(&format!(
+        "SELECT pipeline.mark_delivered_many(ARRAY[{old}]::bigint[])"
+    ))
+    .unwrap();
+    purge(&mut db, "");
+    assert_eq!(floor(&mut db), WIDTH);
+
+    // An event added to partition 1 by a transaction that began before the
+    // sequence moved on to partition 2, and committed after.
+    let mut late = cluster.connect("postgres", "postgres");
+    late.batch_execute("BEGIN; SELECT pipeline.emit('company_created', '{}')")
+        .unwrap();
+    age(&mut db, 1, 2);
+    purge(&mut db, ""); // moves into partition 2
+    assert_eq!(emit(&mut db), 2 * WIDTH);
+    deliver_due(&mut db);
+    purge(&mut db, "");
+    assert_eq!(floor(&mut db), WIDTH, "the late transaction still runs");
+    late.batch_execute("COMMIT").unwrap();
+    assert_eq!(claimed(&mut db), [WIDTH + 1]);
+    db.batch_execute(&format!(
+        "SELECT pipeline.mark_delivered_many(ARRAY[{}]::bigint[])",
+        WIDTH + 1
+    ))
+    .unwrap();
+    purge(&mut db, "");
+    assert_eq!(floor(&mut db), 2 * WIDTH, "once it has ended");
     cluster.stop();
 }
 
