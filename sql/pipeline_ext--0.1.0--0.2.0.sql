@@ -1458,11 +1458,20 @@ $$;
 -- count, so that a late outcome of the old claim cannot settle the new one.
 -- A listening deliverer (pipeline-relay) hears of it on pipeline_wake (see
 -- 011_webhooks.sql).
+-- NB: plpgsql, so that its statement is planned once per session (with
+-- the history's partitions, planning was most of a replay), and reads
+-- only the partitions of the ids given.
 CREATE FUNCTION pipeline._requeue(event_ids bigint[], force boolean DEFAULT false) RETURNS SETOF bigint
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    SELECT pg_notify('pipeline_wake', 'replay');
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_lo bigint;
+    v_hi bigint;
+BEGIN
+    PERFORM pg_notify('pipeline_wake', 'replay');
+    SELECT min(r.id), max(r.id) INTO v_lo, v_hi FROM unnest(_requeue.event_ids) AS r(id);
     -- Claims look from the lowest of them again.
-    SELECT pipeline._unsettle(min(r.id)) FROM unnest(event_ids) AS r(id);
+    PERFORM pipeline._unsettle(v_lo);
+    RETURN QUERY
     UPDATE marketing.pipeline_events e
     SET status = 'pending',
         next_attempt_at = now(),
@@ -1470,8 +1479,10 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
         processed_at = NULL,
         replay_count = e.replay_count + 1,
         claimed_by = NULL
-    WHERE e.id = ANY (event_ids) AND (e.status <> 'processing' OR force)
+    WHERE e.id = ANY (_requeue.event_ids) AND e.id BETWEEN v_lo AND v_hi
+      AND (e.status <> 'processing' OR _requeue.force)
     RETURNING e.id;
+END
 $$;
 
 
@@ -1480,14 +1491,18 @@ CREATE FUNCTION pipeline._require_events(event_ids bigint[]) RETURNS void
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_missing bigint[];
+    v_lo      bigint;
+    v_hi      bigint;
 BEGIN
     IF event_ids IS NULL OR array_position(event_ids, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'event ids must not be NULL'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
+    -- (only the partitions of the ids given are read)
+    SELECT min(want.id), max(want.id) INTO v_lo, v_hi FROM unnest(event_ids) AS want(id);
     SELECT array_agg(DISTINCT want.id ORDER BY want.id) INTO v_missing
     FROM unnest(event_ids) AS want(id)
-    WHERE NOT EXISTS (SELECT 1 FROM marketing.pipeline_events e WHERE e.id = want.id);
+    WHERE NOT EXISTS (SELECT 1 FROM marketing.pipeline_events e WHERE e.id = want.id AND e.id BETWEEN v_lo AND v_hi);
     IF v_missing IS NOT NULL THEN
         RAISE EXCEPTION 'no event with id %', array_to_string(v_missing[1:20], ', ')
                         || CASE WHEN cardinality(v_missing) > 20 THEN ' (and more)' ELSE '' END
@@ -1820,11 +1835,14 @@ CREATE FUNCTION pipeline.replay_many(event_ids bigint[], force boolean DEFAULT f
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_busy bigint[];
+    v_lo   bigint;
+    v_hi   bigint;
 BEGIN
     PERFORM pipeline._require_events(event_ids);
+    SELECT min(r.id), max(r.id) INTO v_lo, v_hi FROM unnest(event_ids) AS r(id);
     SELECT array_agg(e.id ORDER BY e.id) INTO v_busy
     FROM marketing.pipeline_events e
-    WHERE e.id = ANY (event_ids) AND e.status = 'processing';
+    WHERE e.id = ANY (event_ids) AND e.id BETWEEN v_lo AND v_hi AND e.status = 'processing';
     IF v_busy IS NOT NULL AND NOT coalesce(force, false) THEN
         RAISE EXCEPTION 'pipeline.replay: events % are being delivered right now', v_busy
             USING ERRCODE = 'object_in_use',
