@@ -49,6 +49,9 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
+        -- Ids may begin again (RESTART IDENTITY): claims look from the
+        -- start again (015_partitions.sql).
+        PERFORM pipeline._unsettle(0);
         BEGIN
             TRUNCATE marketing.pipeline_delivery_attempts;
         EXCEPTION WHEN object_in_use THEN

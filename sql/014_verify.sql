@@ -20,6 +20,7 @@ WITH expected (kind, name) AS (
            ('table', 'pipeline.stages'),
            ('table', 'pipeline.webhooks'),
            ('table', 'marketing.pipeline_delivery_attempts'),
+           ('table', 'pipeline.settled_below'),
            ('view', 'marketing.vw_outreach_ready'),
            ('view', 'marketing.vw_pipeline_funnel'),
            ('view', 'marketing.vw_pending_events'),

@@ -4219,6 +4219,9 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
+        -- Ids may begin again (RESTART IDENTITY): claims look from the
+        -- start again (015_partitions.sql).
+        PERFORM pipeline._unsettle(0);
         BEGIN
             TRUNCATE marketing.pipeline_delivery_attempts;
         EXCEPTION WHEN object_in_use THEN
@@ -4957,6 +4960,7 @@ WITH expected (kind, name) AS (
            ('table', 'pipeline.stages'),
            ('table', 'pipeline.webhooks'),
            ('table', 'marketing.pipeline_delivery_attempts'),
+           ('table', 'pipeline.settled_below'),
            ('view', 'marketing.vw_outreach_ready'),
            ('view', 'marketing.vw_pipeline_funnel'),
            ('view', 'marketing.vw_pending_events'),

@@ -413,6 +413,14 @@ fn the_floor_of_the_claims_hides_no_waiting_event() {
     .unwrap();
     purge(&mut db, "");
     assert_eq!(floor(&mut db), 2 * WIDTH, "once it has ended");
+
+    // Emptied with its ids begun again: claims look from the start again.
+    db.batch_execute("TRUNCATE marketing.pipeline_events RESTART IDENTITY")
+        .unwrap();
+    assert_eq!(floor(&mut db), 0);
+    let again = emit(&mut db);
+    assert!(again < WIDTH);
+    assert_eq!(claimed(&mut db), [again]);
     cluster.stop();
 }
 

@@ -236,6 +236,8 @@ impl Engine {
                 None => poll,
             };
         }
+        // NB: before the claim, which it may ask for (see purge_if_due).
+        self.purge_if_due(queue, host);
         let now = Instant::now();
         let probe_in = self.dispatcher.next_probe_in(now);
         let room = || {
@@ -257,7 +259,6 @@ impl Engine {
         } else if self.record_due() && !self.record(queue, host) {
             return ERROR_PAUSE;
         }
-        self.purge_if_due(queue, host);
 
         let now = Instant::now();
         let mut wait = poll;
@@ -634,6 +635,11 @@ impl Engine {
                 _ => break,
             }
         }
+        // NB: the purge may have lowered the floor of the claims
+        // (pipeline.settled_below) to an event set back by hand, which
+        // wakes no deliverer: the turn claims and looks (once a minute at
+        // most when idle, about a millisecond).
+        self.poll();
     }
 
     /// A failure is logged (once while it lasts) and gives None: the
@@ -820,6 +826,32 @@ mod tests {
             queue.looks, 3,
             "a look at least every {LOOK_EVERY:?} while events come"
         );
+    }
+
+    /// Events that became claimable without a wake-up (the purge lowered
+    /// the floor of the claims below an event set back by hand) are
+    /// claimed by the turn that purges.
+    #[test]
+    fn a_purge_is_followed_by_a_claim_and_a_look() {
+        let limits = Limits {
+            // (a purge every second)
+            retention: Duration::from_secs(10),
+            ..limits()
+        };
+        let mut engine = Engine::new(limits, delivering()).unwrap();
+        let mut queue = MemoryQueue::default();
+        engine.turn(&mut queue, &Quiet, true);
+        std::thread::sleep(CLAIM_GAP);
+        engine.turn(&mut queue, &Quiet, true);
+        queue.pending.push_back(7);
+        std::thread::sleep(CLAIM_GAP);
+        engine.turn(&mut queue, &Quiet, true);
+        assert_eq!(queue.pending, [7], "no wake-up, no purge: not claimed");
+        std::thread::sleep(Duration::from_secs(1));
+        let looks = queue.looks;
+        engine.turn(&mut queue, &Quiet, true);
+        assert!(queue.pending.is_empty(), "claimed after the purge");
+        assert_eq!(queue.looks, looks + 1, "with a look");
     }
 
     /// A claim that may have been cut short by the byte budget looks again
