@@ -5148,6 +5148,10 @@ COMMENT ON FUNCTION pipeline.verify() IS
 -- a delivered event is kept for the retention and at most a span more (a
 -- quarter of the retention, or an hour).
 --
+-- The floor of the claims (pipeline.settled_below, 006_queue.sql): the
+-- purge sets it to the start of the oldest partition with an event waiting,
+-- so that the deliverers' statements leave the partitions below it out.
+--
 -- Dropping a partition needs an ACCESS EXCLUSIVE lock on both tables for a
 -- moment; it waits at most 100 ms for it (writers queue behind the wait),
 -- and tries again at the next purge when it did not get it.

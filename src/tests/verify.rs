@@ -13,7 +13,7 @@ mod tests {
         assert_eq!(problems(), serde_json::json!({}));
         let kinds = json("SELECT jsonb_object_agg(kind, n) FROM (SELECT kind, count(*) AS n FROM pipeline.verify() GROUP BY kind) k");
         assert_eq!(kinds["schema"], 3);
-        assert_eq!(kinds["table"], 17);
+        assert_eq!(kinds["table"], 18);
         assert_eq!(kinds["view"], 11);
         assert_eq!(kinds["work"], 1);
         assert_eq!(kinds["trigger"], 6);
