@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::pace::{Pace, PACE};
 use crate::scenarios::{cpu_seconds, say};
 use crate::Bench;
 
@@ -34,10 +35,12 @@ pub(crate) fn run(bench: &mut Bench) {
         );
         say(&scenario);
         for _ in 0..bench.repetitions {
+            let pace = Pace::start();
             for (what, sql) in TRANSACTIONS {
                 let ms = server_cpu_per_transaction(bench, sql, rate, seconds);
                 bench.record(&scenario, what, "ms", ms, None);
             }
+            bench.record(&scenario, PACE, "ms", pace.finish(), None);
         }
     }
     bench.sql("DROP TABLE bench.floor");

@@ -24,6 +24,7 @@
 
 mod faults;
 mod floor;
+mod pace;
 mod receiver;
 mod relay;
 mod scenarios;

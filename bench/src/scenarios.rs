@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::pace::{Pace, PACE};
 use crate::receiver::{capacity, Receipt};
 use crate::{Bench, Target};
 
@@ -535,8 +536,10 @@ pub(crate) fn latency(bench: &mut Bench, rate: usize, deliverer: &[i32]) {
         // NB: the registration's own wake-up is over before the count starts.
         std::thread::sleep(Duration::from_millis(200));
         let cpu_before = cpu_seconds_of(deliverer);
+        let pace = Pace::start();
         let (achieved, ms) = commit_latencies(bench, rate, seconds, None, &|_| true);
         let cpu = cpu_seconds_of(deliverer) - cpu_before;
+        let pace = pace.finish();
         bench.record(&scenario, "commits/s achieved", "/s", achieved, None);
         bench.record(
             &scenario,
@@ -566,6 +569,7 @@ pub(crate) fn latency(bench: &mut Bench, rate: usize, deliverer: &[i32]) {
             cpu * 1000.0 / ms.len() as f64,
             cpu_target,
         );
+        bench.record(&scenario, PACE, "ms", pace, None);
     }
 }
 
