@@ -47,6 +47,14 @@ pub type Sender = Arc<dyn Fn(&Job) -> Attempt + Send + Sync>;
 /// jobs wait in a lane (with none waiting, it sleeps until told).
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
+/// A sending thread that has had nothing to do for this long ends, while
+/// more than KEEP_THREADS are left.
+#[cfg(not(test))]
+const IDLE_EXIT: Duration = Duration::from_secs(10);
+#[cfg(test)]
+const IDLE_EXIT: Duration = Duration::from_millis(200);
+const KEEP_THREADS: usize = 2;
+
 pub struct Dispatcher {
     shared: Arc<Shared>,
     wake_read: OwnedFd,
@@ -531,8 +539,10 @@ fn sender_thread(shared: &Shared) {
     loop {
         let job = {
             let mut state = lock(&shared.state);
+            // Whether this thread waited IDLE_EXIT for nothing.
+            let mut unused = false;
             loop {
-                if state.stopped {
+                if state.stopped || (unused && state.threads > KEEP_THREADS) {
                     state.idle -= 1;
                     state.threads -= 1;
                     return;
@@ -544,8 +554,15 @@ fn sender_thread(shared: &Shared) {
                 }
                 // NB: with no job waiting, nothing is due until the caller
                 // submits, acknowledges or stops, which tells the threads:
-                // idle threads sleep for good (woken each second, sixteen of
-                // them cost an idle worker 2 ms of CPU a second).
+                // idle threads sleep until told (woken each second, sixteen
+                // of them cost an idle worker 2 ms of CPU a second), or end
+                // after IDLE_EXIT. The threads a backlog needed (up to each
+                // endpoint's max_in_flight, 160 for ten endpoints) lingered
+                // otherwise, and steady traffic afterwards woke a different
+                // one for each event, longest asleep first, its caches
+                // cold: the worker's CPU per event was a third higher after
+                // a backlog (docs/benchmark-notes.md, "Sixth pass").
+                unused = false;
                 state = match state.next_check(now) {
                     Some(wait) => {
                         shared
@@ -554,7 +571,17 @@ fn sender_thread(shared: &Shared) {
                             .unwrap_or_else(|e| e.into_inner())
                             .0
                     }
-                    None => shared.work.wait(state).unwrap_or_else(|e| e.into_inner()),
+                    None if state.threads <= KEEP_THREADS => {
+                        shared.work.wait(state).unwrap_or_else(|e| e.into_inner())
+                    }
+                    None => {
+                        let (woken, waited) = shared
+                            .work
+                            .wait_timeout(state, IDLE_EXIT)
+                            .unwrap_or_else(|e| e.into_inner());
+                        unused = waited.timed_out();
+                        woken
+                    }
                 };
             }
         };
@@ -700,6 +727,39 @@ mod tests {
         );
         assert_eq!(dispatcher.load(), (0, 0));
         assert_eq!(dispatcher.plan(100, Instant::now()).held_bytes, 0);
+    }
+
+    /// The threads a burst needed end once idle for IDLE_EXIT, all but
+    /// KEEP_THREADS, and those left still send.
+    #[test]
+    fn threads_idle_for_long_end_but_a_few() {
+        let wide = endpoint("wide", 12);
+        let dispatcher = Dispatcher::new(Arc::new(|job: &Job| {
+            std::thread::sleep(Duration::from_millis(20));
+            delivered(job)
+        }))
+        .unwrap();
+        dispatcher.submit(jobs(&wide, 0..12));
+        collect_until(&dispatcher, Duration::from_secs(5), |c| {
+            c.attempts.len() == 12
+        });
+        let threads = || lock(&dispatcher.shared.state).threads;
+        assert_eq!(threads(), 12, "one thread per job in flight");
+        let started = Instant::now();
+        while threads() > KEEP_THREADS {
+            assert!(
+                started.elapsed() < IDLE_EXIT * 5,
+                "{} threads left",
+                threads()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(IDLE_EXIT * 2);
+        assert_eq!(threads(), KEEP_THREADS, "a few are kept");
+        dispatcher.submit(jobs(&wide, 12..16));
+        collect_until(&dispatcher, Duration::from_secs(5), |c| {
+            c.attempts.len() == 4
+        });
     }
 
     #[test]
