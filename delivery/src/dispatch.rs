@@ -542,7 +542,7 @@ fn sender_thread(shared: &Shared) {
             // Whether this thread waited IDLE_EXIT for nothing.
             let mut unused = false;
             loop {
-                if state.stopped || (unused && state.threads > KEEP_THREADS) {
+                if state.stopped {
                     state.idle -= 1;
                     state.threads -= 1;
                     return;
@@ -552,6 +552,14 @@ fn sender_thread(shared: &Shared) {
                     state.idle -= 1;
                     break job;
                 }
+                // NB: only after looking for a job: a submit between the
+                // timeout and this lock counted this thread as idle, and its
+                // notification may have reached no other thread.
+                if unused && state.threads > KEEP_THREADS {
+                    state.idle -= 1;
+                    state.threads -= 1;
+                    return;
+                }
                 // NB: with no job waiting, nothing is due until the caller
                 // submits, acknowledges or stops, which tells the threads:
                 // idle threads sleep until told (woken each second, sixteen
@@ -560,8 +568,9 @@ fn sender_thread(shared: &Shared) {
                 // endpoint's max_in_flight, 160 for ten endpoints) lingered
                 // otherwise, and steady traffic afterwards woke a different
                 // one for each event, longest asleep first, its caches
-                // cold: the worker's CPU per event was a third higher after
-                // a backlog (docs/benchmark-notes.md, "Sixth pass").
+                // cold: the worker's CPU per event was up to 1.7 times as
+                // high after a backlog (docs/benchmark-notes.md, "Sixth
+                // pass").
                 unused = false;
                 state = match state.next_check(now) {
                     Some(wait) => {
