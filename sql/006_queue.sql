@@ -79,6 +79,14 @@ COMMENT ON TABLE pipeline.settled_below IS
     'Every event with an id below this one is settled (processed or dead): claims look no lower. '
     'Set by the purge, lowered by replays.';
 
+-- The floor as the deliverers' statements read it (0 if its row is gone).
+-- NB: no SET clause, so that it is inlined where it is called; its one
+-- name is qualified instead (as in _setting).
+CREATE FUNCTION pipeline._settled_below() RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT s.id FROM pipeline.settled_below s), 0)
+$$;
+
 -- Lowers the floor of the claims to event_id, before a replay sets events
 -- back. NB: SECURITY DEFINER, so that whoever may replay need not write
 -- the floor; it can only lower it (claims then read more partitions, as
@@ -203,7 +211,7 @@ BEGIN
     -- Every event below it is settled: each statement reads only the
     -- partitions from there on (a variable: PostgreSQL leaves the others
     -- out when the statement starts).
-    v_from := coalesce((SELECT s.id FROM pipeline.settled_below s), 0);
+    v_from := pipeline._settled_below();
     IF v_types IS NULL THEN
         -- The types with open events, from the due index, skipping from one
         -- type to the next (a loose index scan) instead of reading every row.

@@ -175,8 +175,7 @@ BEGIN
         RETURN;
     END IF;
     IF only_types IS NOT NULL THEN
-        -- (the floor of the claims, as in _claim_rows)
-        v_from := coalesce((SELECT s.id FROM pipeline.settled_below s), 0);
+        v_from := pipeline._settled_below();  -- (as in _claim_rows)
         UPDATE marketing.pipeline_events e
         SET next_attempt_at = now()
         FROM unnest(v_types) AS t(event_type)
@@ -716,7 +715,7 @@ LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
     SET enable_hashjoin = off SET enable_mergejoin = off
     SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    v_from bigint := coalesce((SELECT s.id FROM pipeline.settled_below s), 0);  -- as in _claim_rows
+    v_from bigint := pipeline._settled_below();  -- as in _claim_rows
 BEGIN
     RETURN (
         SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision

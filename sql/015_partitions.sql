@@ -112,6 +112,16 @@ REVOKE ALL ON FUNCTION pipeline._add_partitions(integer) FROM PUBLIC;
 COMMENT ON FUNCTION pipeline._add_partitions(integer) IS
     'Makes (or attaches) partition k of marketing.pipeline_events and marketing.pipeline_delivery_attempts: event ids k * 2^36 to (k + 1) * 2^36.';
 
+-- The partitions of the events and their numbers.
+CREATE FUNCTION pipeline._event_partitions() RETURNS TABLE (events regclass, k integer)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.oid::regclass, substr(c.relname, 17)::integer
+    FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+    WHERE i.inhparent = 'marketing.pipeline_events'::regclass
+      AND c.relname ~ '^pipeline_events_[0-9]+$'
+$$;
+REVOKE ALL ON FUNCTION pipeline._event_partitions() FROM PUBLIC;
+
 -- Whether a table's catalog row was written by a transaction that has
 -- committed, and not by this one: the sequence may move only into a
 -- partition that no rollback can take away again (setval is not undone by
@@ -222,12 +232,7 @@ BEGIN
                                            FROM pipeline.settled_below s), true)
                         THEN v_current ELSE v_current - 1 END * c_width;
         FOR v_part IN
-            SELECT c.oid::regclass AS events, substr(c.relname, 17)::integer AS k
-            FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-            WHERE i.inhparent = 'marketing.pipeline_events'::regclass
-              AND c.relname ~ '^pipeline_events_[0-9]+$'
-              AND substr(c.relname, 17)::bigint * c_width < v_floor
-            ORDER BY 2
+            SELECT p.events, p.k FROM pipeline._event_partitions() p WHERE p.k * c_width < v_floor ORDER BY p.k
         LOOP
             EXECUTE format('SELECT EXISTS (SELECT FROM %s e WHERE e.status IN (''pending'', ''failed'', ''processing''))',
                            v_part.events)
@@ -248,12 +253,7 @@ BEGIN
         RETURN v_bound;  -- retention 0 keeps everything
     END IF;
     FOR v_part IN
-        SELECT c.oid::regclass AS events, substr(c.relname, 17)::integer AS k
-        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-        WHERE i.inhparent = 'marketing.pipeline_events'::regclass
-          AND c.relname ~ '^pipeline_events_[0-9]+$'
-          AND substr(c.relname, 17)::integer < v_current
-        ORDER BY 2
+        SELECT p.events, p.k FROM pipeline._event_partitions() p WHERE p.k < v_current ORDER BY p.k
     LOOP
         -- From the partition's own indexes (newest event, last delivery,
         -- any event waiting or dead).

@@ -1437,6 +1437,14 @@ COMMENT ON TABLE pipeline.settled_below IS
     'Every event with an id below this one is settled (processed or dead): claims look no lower. '
     'Set by the purge, lowered by replays.';
 
+-- The floor as the deliverers' statements read it (0 if its row is gone).
+-- NB: no SET clause, so that it is inlined where it is called; its one
+-- name is qualified instead (as in _setting).
+CREATE FUNCTION pipeline._settled_below() RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT s.id FROM pipeline.settled_below s), 0)
+$$;
+
 -- Lowers the floor of the claims to event_id, before a replay sets events
 -- back. NB: SECURITY DEFINER, so that whoever may replay need not write
 -- the floor; it can only lower it (claims then read more partitions, as
@@ -1560,7 +1568,7 @@ BEGIN
     -- Every event below it is settled: each statement reads only the
     -- partitions from there on (a variable: PostgreSQL leaves the others
     -- out when the statement starts).
-    v_from := coalesce((SELECT s.id FROM pipeline.settled_below s), 0);
+    v_from := pipeline._settled_below();
     IF v_types IS NULL THEN
         -- The types with open events, from the due index, skipping from one
         -- type to the next (a loose index scan) instead of reading every row.
@@ -4350,8 +4358,7 @@ BEGIN
         RETURN;
     END IF;
     IF only_types IS NOT NULL THEN
-        -- (the floor of the claims, as in _claim_rows)
-        v_from := coalesce((SELECT s.id FROM pipeline.settled_below s), 0);
+        v_from := pipeline._settled_below();  -- (as in _claim_rows)
         UPDATE marketing.pipeline_events e
         SET next_attempt_at = now()
         FROM unnest(v_types) AS t(event_type)
@@ -4901,7 +4908,7 @@ LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
     SET enable_hashjoin = off SET enable_mergejoin = off
     SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    v_from bigint := coalesce((SELECT s.id FROM pipeline.settled_below s), 0);  -- as in _claim_rows
+    v_from bigint := pipeline._settled_below();  -- as in _claim_rows
 BEGIN
     RETURN (
         SELECT extract(epoch FROM min(n.next_attempt_at) - clock_timestamp())::double precision
@@ -5225,6 +5232,16 @@ REVOKE ALL ON FUNCTION pipeline._add_partitions(integer) FROM PUBLIC;
 COMMENT ON FUNCTION pipeline._add_partitions(integer) IS
     'Makes (or attaches) partition k of marketing.pipeline_events and marketing.pipeline_delivery_attempts: event ids k * 2^36 to (k + 1) * 2^36.';
 
+-- The partitions of the events and their numbers.
+CREATE FUNCTION pipeline._event_partitions() RETURNS TABLE (events regclass, k integer)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.oid::regclass, substr(c.relname, 17)::integer
+    FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+    WHERE i.inhparent = 'marketing.pipeline_events'::regclass
+      AND c.relname ~ '^pipeline_events_[0-9]+$'
+$$;
+REVOKE ALL ON FUNCTION pipeline._event_partitions() FROM PUBLIC;
+
 -- Whether a table's catalog row was written by a transaction that has
 -- committed, and not by this one: the sequence may move only into a
 -- partition that no rollback can take away again (setval is not undone by
@@ -5335,12 +5352,7 @@ BEGIN
                                            FROM pipeline.settled_below s), true)
                         THEN v_current ELSE v_current - 1 END * c_width;
         FOR v_part IN
-            SELECT c.oid::regclass AS events, substr(c.relname, 17)::integer AS k
-            FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-            WHERE i.inhparent = 'marketing.pipeline_events'::regclass
-              AND c.relname ~ '^pipeline_events_[0-9]+$'
-              AND substr(c.relname, 17)::bigint * c_width < v_floor
-            ORDER BY 2
+            SELECT p.events, p.k FROM pipeline._event_partitions() p WHERE p.k * c_width < v_floor ORDER BY p.k
         LOOP
             EXECUTE format('SELECT EXISTS (SELECT FROM %s e WHERE e.status IN (''pending'', ''failed'', ''processing''))',
                            v_part.events)
@@ -5361,12 +5373,7 @@ BEGIN
         RETURN v_bound;  -- retention 0 keeps everything
     END IF;
     FOR v_part IN
-        SELECT c.oid::regclass AS events, substr(c.relname, 17)::integer AS k
-        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-        WHERE i.inhparent = 'marketing.pipeline_events'::regclass
-          AND c.relname ~ '^pipeline_events_[0-9]+$'
-          AND substr(c.relname, 17)::integer < v_current
-        ORDER BY 2
+        SELECT p.events, p.k FROM pipeline._event_partitions() p WHERE p.k < v_current ORDER BY p.k
     LOOP
         -- From the partition's own indexes (newest event, last delivery,
         -- any event waiting or dead).
