@@ -14,9 +14,10 @@
 --     calls it, so a caller's search_path cannot redirect its names either.
 --     The few SQL functions left inlinable (they sit in CHECK constraints on
 --     the write path) qualify every operator instead.
---   * Little runs with raised rights, and only what must: the stage
---     watches' capture (pipeline._capture_sealed, 004_capture.sql) and the
---     making and dropping of the history's partitions
+--   * Little runs with raised rights, and only what must: the capture of
+--     the stage watches and of tables with plain columns
+--     (pipeline._capture_stage, pipeline._capture_sealed, 004_capture.sql)
+--     and the making and dropping of the history's partitions
 --     (pipeline._maintain_partitions, 015_partitions.sql) are SECURITY
 --     DEFINER, each checked as docs/security.md says. Other watched rows
 --     become JSON as the role that wrote them, and what it may then write

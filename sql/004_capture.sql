@@ -140,13 +140,22 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     JOIN pg_roles r ON r.oid = t.typowner
 $$;
 
--- The capture function is made twice from this one body:
---   pipeline._capture_sealed()  SECURITY DEFINER: writes the event as the
---                              pipeline's owner, so that a writer of the
---                              table can insert no event of the watch's
---                              type of its own; behind the stage watches,
---                              and the watches of tables whose columns are
---                              plain (pipeline._plain_columns);
+-- The capture function is made three times from this one body:
+--   pipeline._capture_stage()   SECURITY DEFINER: writes the event as the
+--                              pipeline's owner, behind the stage watches.
+--                              Only the owner may execute it, so only the
+--                              owner can make a trigger that runs it
+--                              (CREATE TRIGGER asks for EXECUTE; firing
+--                              does not): it need not look up who called
+--                              it. That look-up was about 3.5% of a
+--                              single-row intake insert (docs/benchmark-notes.md,
+--                              "Seventh pass");
+--   pipeline._capture_sealed()  the same, for any role's triggers: it
+--                              checks that its trigger is a watch's,
+--                              behind the watches of tables whose columns
+--                              are plain (pipeline._plain_columns), so that
+--                              a writer of the table can insert no event of
+--                              the watch's type of its own;
 --   pipeline._capture()        with the rights of the role whose write
 --                              fired it (see the top of this file), behind
 --                              the watches of tables with other types.
@@ -297,6 +306,11 @@ BEGIN
         'CREATE FUNCTION pipeline._capture_sealed() RETURNS trigger '
         'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L',
         pg_catalog.replace(v_body, '    -- (pipeline._capture_sealed() checks here who called it: see below.)' || E'\n', v_seal));
+    EXECUTE pg_catalog.format(
+        'CREATE FUNCTION pipeline._capture_stage() RETURNS trigger '
+        'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L',
+        pg_catalog.replace(v_body, '    -- (pipeline._capture_sealed() checks here who called it: see below.)' || E'\n',
+                           '    -- (only the pipeline''s owner may make a trigger that runs pipeline._capture_stage())' || E'\n'));
 END
 $install$;
 COMMENT ON FUNCTION pipeline._capture() IS
@@ -311,6 +325,13 @@ COMMENT ON FUNCTION pipeline._capture_sealed() IS
 -- NB: pipeline.watch() runs as the role that watches, which names it in
 -- CREATE TRIGGER; the function checks who called it.
 GRANT EXECUTE ON FUNCTION pipeline._capture_sealed() TO PUBLIC;
+COMMENT ON FUNCTION pipeline._capture_stage() IS
+    'Trigger function behind the stage watches: writes the row change as an event with the rights of the pipeline''s '
+    'owner. Only the owner may execute it, so only the owner can make a trigger that runs it.';
+-- NB: the one thing that keeps other roles' triggers from writing events
+-- as the owner with it (CREATE TRIGGER checks EXECUTE; a firing trigger
+-- does not).
+REVOKE ALL ON FUNCTION pipeline._capture_stage() FROM PUBLIC;
 
 
 -- Emitting an event by hand (for receivers and scripts): as the caller,
@@ -402,7 +423,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT EXISTS (
         SELECT 1 FROM pg_trigger t
         WHERE t.tgrelid = source_table AND t.tgname = trigger_name
-          AND t.tgfoid IN ('pipeline._capture()'::regprocedure, 'pipeline._capture_sealed()'::regprocedure)
+          AND t.tgfoid IN ('pipeline._capture()'::regprocedure, 'pipeline._capture_sealed()'::regprocedure,
+                           'pipeline._capture_stage()'::regprocedure)
           AND pipeline._trigger_event_type(t.tgargs) = event_type
           AND (t.tgtype::integer & CASE operation WHEN 'INSERT' THEN 4 WHEN 'DELETE' THEN 8
                                                   WHEN 'UPDATE' THEN 16 ELSE 0 END) <> 0)
@@ -438,9 +460,10 @@ CREATE POLICY pipeline_events_produce ON marketing.pipeline_events FOR INSERT
             ELSE pg_trigger_depth() > 0
                  AND EXISTS (
                      -- NB: a watch whose trigger writes with the writer's
-                     -- rights: a sealed watch's (the stages', and those of
-                     -- tables with plain columns) are written by
-                     -- pipeline._capture_sealed() as the owner, never by a writer.
+                     -- rights: the stages' and a sealed watch's (of a
+                     -- table with plain columns) are written by
+                     -- pipeline._capture_stage() and pipeline._capture_sealed()
+                     -- as the owner, never by a writer.
                      SELECT 1
                      FROM pipeline.watches w
                      JOIN pg_class c ON c.oid = w.source_table
@@ -520,8 +543,9 @@ $$;
 
 -- Starting to turn changes of a table into events (replaces an earlier watch
 -- of the same table, event type and operation). stage: a stage watch (the
--- install's, the owner's only). The trigger of a stage watch, and of a
--- table whose columns are plain, runs pipeline._capture_sealed().
+-- install's, the owner's only). The trigger of a stage watch runs
+-- pipeline._capture_stage(), that of a table whose columns are plain
+-- pipeline._capture_sealed().
 CREATE FUNCTION pipeline._watch(
     source_table regclass,
     event_type   text,
@@ -533,8 +557,9 @@ CREATE FUNCTION pipeline._watch(
 ) RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_capture regprocedure := CASE WHEN stage OR pipeline._plain_columns(source_table)
-                                   THEN 'pipeline._capture_sealed()' ELSE 'pipeline._capture()' END;
+    v_capture regprocedure := CASE WHEN stage THEN 'pipeline._capture_stage()'
+                                   WHEN pipeline._plain_columns(source_table) THEN 'pipeline._capture_sealed()'
+                                   ELSE 'pipeline._capture()' END;
     v_op      text := upper(btrim(operation));
     v_kind    "char";
     v_schema  name;

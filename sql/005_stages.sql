@@ -52,7 +52,7 @@ DECLARE
     s pipeline.stages;
 BEGIN
     FOR s IN SELECT * FROM pipeline.stages WHERE event_type IS NOT NULL ORDER BY stage_no LOOP
-        -- NB: stage watches: their triggers run pipeline._capture_sealed().
+        -- NB: stage watches: their triggers run pipeline._capture_stage().
         PERFORM pipeline._watch(s.source_table, s.event_type, s.operation, s.condition, s.columns, s.group_by, true);
     END LOOP;
 END

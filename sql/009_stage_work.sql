@@ -66,13 +66,14 @@ GRANT SELECT, INSERT, UPDATE ON pipeline.domain_locks TO PUBLIC;
 -- valid would be promoted without validation; a slot marked enriched
 -- would skip enrichment). Deciding takes UPDATE on the column that says
 -- the decision, as the stage functions have it; the owner has it.
+-- NB: row triggers whose WHEN says "decided", so that an undecided row (all
+-- of them, as a rule) costs the executor one test of its columns and calls
+-- no function (as statement triggers over the new rows, they cost about
+-- 1% of a single-row intake insert: docs/benchmark-notes.md, "Seventh pass").
 CREATE FUNCTION pipeline._intake_arrives_pending() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT has_column_privilege(TG_RELID, 'validation_status', 'UPDATE')
-       AND EXISTS (SELECT 1 FROM pipeline_new_rows r
-                   WHERE r.validation_status <> 'pending' OR r.validated
-                      OR cardinality(r.validation_errors) > 0 OR r.validated_at IS NOT NULL) THEN
+    IF NOT has_column_privilege(TG_RELID, 'validation_status', 'UPDATE') THEN
         RAISE EXCEPTION 'role % may not insert an intake row that is already validated', current_user
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = 'validated, validation_status, validation_errors and validated_at are set by validation '
@@ -83,16 +84,15 @@ BEGIN
 END
 $$;
 CREATE TRIGGER intake_arrives_pending AFTER INSERT ON intake.company_raw_intake
-    REFERENCING NEW TABLE AS pipeline_new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._intake_arrives_pending();
+    FOR EACH ROW
+    WHEN (NEW.validation_status <> 'pending' OR NEW.validated
+          OR cardinality(NEW.validation_errors) > 0 OR NEW.validated_at IS NOT NULL)
+    EXECUTE FUNCTION pipeline._intake_arrives_pending();
 
 CREATE FUNCTION pipeline._slots_arrive_pending() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT has_column_privilege(TG_RELID, 'enrichment_status', 'UPDATE')
-       AND EXISTS (SELECT 1 FROM pipeline_new_rows r
-                   WHERE r.enrichment_status <> 'pending' OR r.enriched_at IS NOT NULL
-                      OR r.enrichment_source IS NOT NULL) THEN
+    IF NOT has_column_privilege(TG_RELID, 'enrichment_status', 'UPDATE') THEN
         RAISE EXCEPTION 'role % may not insert a slot that is already enriched', current_user
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = 'enrichment_status, enrichment_source and enriched_at are set by enrichment '
@@ -103,8 +103,9 @@ BEGIN
 END
 $$;
 CREATE TRIGGER slots_arrive_pending AFTER INSERT ON marketing.company_slots
-    REFERENCING NEW TABLE AS pipeline_new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._slots_arrive_pending();
+    FOR EACH ROW
+    WHEN (NEW.enrichment_status <> 'pending' OR NEW.enriched_at IS NOT NULL OR NEW.enrichment_source IS NOT NULL)
+    EXECUTE FUNCTION pipeline._slots_arrive_pending();
 
 -- Stage 2. Decides a pending intake row: valid when its website is usable
 -- and no other company has its domain; invalid otherwise, with every reason.

@@ -114,8 +114,10 @@ triggers AS (
                WHEN to_regclass(wt.table_name) IS NULL THEN 'missing table'
                WHEN t.oid IS NULL THEN 'missing'
                WHEN t.tgenabled = 'D' THEN 'disabled'
-               WHEN t.tgfoid <> 'pipeline._capture_sealed()'::regprocedure
-                    AND (wt.stage OR t.tgfoid <> 'pipeline._capture()'::regprocedure) THEN 'calls another function'
+               WHEN CASE WHEN wt.stage THEN t.tgfoid <> 'pipeline._capture_stage()'::regprocedure
+                         ELSE t.tgfoid NOT IN ('pipeline._capture_sealed()'::regprocedure,
+                                               'pipeline._capture()'::regprocedure)
+                    END THEN 'calls another function'
                ELSE 'ok'
            END AS status
     FROM wanted_triggers wt

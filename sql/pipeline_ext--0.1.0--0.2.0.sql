@@ -23,9 +23,10 @@
 --     calls it, so a caller's search_path cannot redirect its names either.
 --     The few SQL functions left inlinable (they sit in CHECK constraints on
 --     the write path) qualify every operator instead.
---   * Little runs with raised rights, and only what must: the stage
---     watches' capture (pipeline._capture_sealed, 004_capture.sql) and the
---     making and dropping of the history's partitions
+--   * Little runs with raised rights, and only what must: the capture of
+--     the stage watches and of tables with plain columns
+--     (pipeline._capture_stage, pipeline._capture_sealed, 004_capture.sql)
+--     and the making and dropping of the history's partitions
 --     (pipeline._maintain_partitions, 015_partitions.sql) are SECURITY
 --     DEFINER, each checked as docs/security.md says. Other watched rows
 --     become JSON as the role that wrote them, and what it may then write
@@ -722,13 +723,22 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     JOIN pg_roles r ON r.oid = t.typowner
 $$;
 
--- The capture function is made twice from this one body:
---   pipeline._capture_sealed()  SECURITY DEFINER: writes the event as the
---                              pipeline's owner, so that a writer of the
---                              table can insert no event of the watch's
---                              type of its own; behind the stage watches,
---                              and the watches of tables whose columns are
---                              plain (pipeline._plain_columns);
+-- The capture function is made three times from this one body:
+--   pipeline._capture_stage()   SECURITY DEFINER: writes the event as the
+--                              pipeline's owner, behind the stage watches.
+--                              Only the owner may execute it, so only the
+--                              owner can make a trigger that runs it
+--                              (CREATE TRIGGER asks for EXECUTE; firing
+--                              does not): it need not look up who called
+--                              it. That look-up was about 3.5% of a
+--                              single-row intake insert (docs/benchmark-notes.md,
+--                              "Seventh pass");
+--   pipeline._capture_sealed()  the same, for any role's triggers: it
+--                              checks that its trigger is a watch's,
+--                              behind the watches of tables whose columns
+--                              are plain (pipeline._plain_columns), so that
+--                              a writer of the table can insert no event of
+--                              the watch's type of its own;
 --   pipeline._capture()        with the rights of the role whose write
 --                              fired it (see the top of this file), behind
 --                              the watches of tables with other types.
@@ -879,6 +889,11 @@ BEGIN
         'CREATE FUNCTION pipeline._capture_sealed() RETURNS trigger '
         'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L',
         pg_catalog.replace(v_body, '    -- (pipeline._capture_sealed() checks here who called it: see below.)' || E'\n', v_seal));
+    EXECUTE pg_catalog.format(
+        'CREATE FUNCTION pipeline._capture_stage() RETURNS trigger '
+        'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L',
+        pg_catalog.replace(v_body, '    -- (pipeline._capture_sealed() checks here who called it: see below.)' || E'\n',
+                           '    -- (only the pipeline''s owner may make a trigger that runs pipeline._capture_stage())' || E'\n'));
 END
 $install$;
 
@@ -895,6 +910,13 @@ COMMENT ON FUNCTION pipeline._capture_sealed() IS
 -- NB: pipeline.watch() runs as the role that watches, which names it in
 -- CREATE TRIGGER; the function checks who called it.
 GRANT EXECUTE ON FUNCTION pipeline._capture_sealed() TO PUBLIC;
+COMMENT ON FUNCTION pipeline._capture_stage() IS
+    'Trigger function behind the stage watches: writes the row change as an event with the rights of the pipeline''s '
+    'owner. Only the owner may execute it, so only the owner can make a trigger that runs it.';
+-- NB: the one thing that keeps other roles' triggers from writing events
+-- as the owner with it (CREATE TRIGGER checks EXECUTE; a firing trigger
+-- does not).
+REVOKE ALL ON FUNCTION pipeline._capture_stage() FROM PUBLIC;
 
 
 
@@ -978,7 +1000,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT EXISTS (
         SELECT 1 FROM pg_trigger t
         WHERE t.tgrelid = source_table AND t.tgname = trigger_name
-          AND t.tgfoid IN ('pipeline._capture()'::regprocedure, 'pipeline._capture_sealed()'::regprocedure)
+          AND t.tgfoid IN ('pipeline._capture()'::regprocedure, 'pipeline._capture_sealed()'::regprocedure,
+                           'pipeline._capture_stage()'::regprocedure)
           AND pipeline._trigger_event_type(t.tgargs) = event_type
           AND (t.tgtype::integer & CASE operation WHEN 'INSERT' THEN 4 WHEN 'DELETE' THEN 8
                                                   WHEN 'UPDATE' THEN 16 ELSE 0 END) <> 0)
@@ -1024,9 +1047,10 @@ CREATE POLICY pipeline_events_produce ON marketing.pipeline_events FOR INSERT
             ELSE pg_trigger_depth() > 0
                  AND EXISTS (
                      -- NB: a watch whose trigger writes with the writer's
-                     -- rights: a sealed watch's (the stages', and those of
-                     -- tables with plain columns) are written by
-                     -- pipeline._capture_sealed() as the owner, never by a writer.
+                     -- rights: the stages' and a sealed watch's (of a
+                     -- table with plain columns) are written by
+                     -- pipeline._capture_stage() and pipeline._capture_sealed()
+                     -- as the owner, never by a writer.
                      SELECT 1
                      FROM pipeline.watches w
                      JOIN pg_class c ON c.oid = w.source_table
@@ -1110,8 +1134,9 @@ $$;
 
 -- Starting to turn changes of a table into events (replaces an earlier watch
 -- of the same table, event type and operation). stage: a stage watch (the
--- install's, the owner's only). The trigger of a stage watch, and of a
--- table whose columns are plain, runs pipeline._capture_sealed().
+-- install's, the owner's only). The trigger of a stage watch runs
+-- pipeline._capture_stage(), that of a table whose columns are plain
+-- pipeline._capture_sealed().
 CREATE FUNCTION pipeline._watch(
     source_table regclass,
     event_type   text,
@@ -1123,8 +1148,9 @@ CREATE FUNCTION pipeline._watch(
 ) RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_capture regprocedure := CASE WHEN stage OR pipeline._plain_columns(source_table)
-                                   THEN 'pipeline._capture_sealed()' ELSE 'pipeline._capture()' END;
+    v_capture regprocedure := CASE WHEN stage THEN 'pipeline._capture_stage()'
+                                   WHEN pipeline._plain_columns(source_table) THEN 'pipeline._capture_sealed()'
+                                   ELSE 'pipeline._capture()' END;
     v_op      text := upper(btrim(operation));
     v_kind    "char";
     v_schema  name;
@@ -2241,13 +2267,14 @@ GRANT SELECT, INSERT, UPDATE ON pipeline.domain_locks TO PUBLIC;
 -- valid would be promoted without validation; a slot marked enriched
 -- would skip enrichment). Deciding takes UPDATE on the column that says
 -- the decision, as the stage functions have it; the owner has it.
+-- NB: row triggers whose WHEN says "decided", so that an undecided row (all
+-- of them, as a rule) costs the executor one test of its columns and calls
+-- no function (as statement triggers over the new rows, they cost about
+-- 1% of a single-row intake insert: docs/benchmark-notes.md, "Seventh pass").
 CREATE FUNCTION pipeline._intake_arrives_pending() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT has_column_privilege(TG_RELID, 'validation_status', 'UPDATE')
-       AND EXISTS (SELECT 1 FROM pipeline_new_rows r
-                   WHERE r.validation_status <> 'pending' OR r.validated
-                      OR cardinality(r.validation_errors) > 0 OR r.validated_at IS NOT NULL) THEN
+    IF NOT has_column_privilege(TG_RELID, 'validation_status', 'UPDATE') THEN
         RAISE EXCEPTION 'role % may not insert an intake row that is already validated', current_user
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = 'validated, validation_status, validation_errors and validated_at are set by validation '
@@ -2258,16 +2285,15 @@ BEGIN
 END
 $$;
 CREATE TRIGGER intake_arrives_pending AFTER INSERT ON intake.company_raw_intake
-    REFERENCING NEW TABLE AS pipeline_new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._intake_arrives_pending();
+    FOR EACH ROW
+    WHEN (NEW.validation_status <> 'pending' OR NEW.validated
+          OR cardinality(NEW.validation_errors) > 0 OR NEW.validated_at IS NOT NULL)
+    EXECUTE FUNCTION pipeline._intake_arrives_pending();
 
 CREATE FUNCTION pipeline._slots_arrive_pending() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT has_column_privilege(TG_RELID, 'enrichment_status', 'UPDATE')
-       AND EXISTS (SELECT 1 FROM pipeline_new_rows r
-                   WHERE r.enrichment_status <> 'pending' OR r.enriched_at IS NOT NULL
-                      OR r.enrichment_source IS NOT NULL) THEN
+    IF NOT has_column_privilege(TG_RELID, 'enrichment_status', 'UPDATE') THEN
         RAISE EXCEPTION 'role % may not insert a slot that is already enriched', current_user
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = 'enrichment_status, enrichment_source and enriched_at are set by enrichment '
@@ -2278,8 +2304,9 @@ BEGIN
 END
 $$;
 CREATE TRIGGER slots_arrive_pending AFTER INSERT ON marketing.company_slots
-    REFERENCING NEW TABLE AS pipeline_new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION pipeline._slots_arrive_pending();
+    FOR EACH ROW
+    WHEN (NEW.enrichment_status <> 'pending' OR NEW.enriched_at IS NOT NULL OR NEW.enrichment_source IS NOT NULL)
+    EXECUTE FUNCTION pipeline._slots_arrive_pending();
 
 -- Stage 2. Decides a pending intake row: valid when its website is usable
 -- and no other company has its domain; invalid otherwise, with every reason.
@@ -5061,8 +5088,10 @@ triggers AS (
                WHEN to_regclass(wt.table_name) IS NULL THEN 'missing table'
                WHEN t.oid IS NULL THEN 'missing'
                WHEN t.tgenabled = 'D' THEN 'disabled'
-               WHEN t.tgfoid <> 'pipeline._capture_sealed()'::regprocedure
-                    AND (wt.stage OR t.tgfoid <> 'pipeline._capture()'::regprocedure) THEN 'calls another function'
+               WHEN CASE WHEN wt.stage THEN t.tgfoid <> 'pipeline._capture_stage()'::regprocedure
+                         ELSE t.tgfoid NOT IN ('pipeline._capture_sealed()'::regprocedure,
+                                               'pipeline._capture()'::regprocedure)
+                    END THEN 'calls another function'
                ELSE 'ok'
            END AS status
     FROM wanted_triggers wt
@@ -5516,7 +5545,7 @@ BEGIN
         WHERE w.source_table OPERATOR(pg_catalog.=) v_watch.source_table
           AND w.event_type OPERATOR(pg_catalog.=) v_watch.event_type
           AND w.operation OPERATOR(pg_catalog.=) v_watch.operation;
-        -- NB: the stage watches' triggers run pipeline._capture_sealed().
+        -- NB: the stage watches' triggers run pipeline._capture_stage().
         PERFORM pipeline._watch(v_watch.source_table, v_watch.event_type, v_watch.operation,
                                 v_watch.condition, v_watch.columns, v_watch.group_by, v_watch.builtin);
         UPDATE pipeline.watches w SET builtin = v_watch.builtin, created_at = v_watch.created_at

@@ -200,6 +200,19 @@ mod tests {
             "INSERT INTO public.decoy VALUES (3)",
             "runs only as the trigger of a watch",
         );
+        // The stages' own, which looks up nothing, cannot be given a
+        // trigger at all by anyone but the owner.
+        assert_error(
+            "CREATE TRIGGER stage AFTER INSERT ON public.decoy
+             REFERENCING NEW TABLE AS pipeline_rows FOR EACH STATEMENT
+             EXECUTE FUNCTION pipeline._capture_stage('company_created', '', 'id')",
+            "permission denied for function pipeline._capture_stage",
+        );
+        assert_error(
+            "CREATE TRIGGER stage AFTER INSERT ON public.decoy FOR EACH ROW
+             EXECUTE FUNCTION pipeline._capture_stage('company_created', '', 'id')",
+            "permission denied for function pipeline._capture_stage",
+        );
         run("DROP TRIGGER capture ON public.decoy");
         // Its own intake row makes the genuine event.
         run("INSERT INTO intake.company_raw_intake (company, website) VALUES ('Real Co', 'https://real.example')");
@@ -251,6 +264,14 @@ mod tests {
             "INSERT INTO public.clerk_scratch VALUES (2)",
             "runs only as the trigger of a watch",
         );
+        run("SET LOCAL ROLE pipeline_test_shop");
+        assert_error(
+            "CREATE TRIGGER stage AFTER INSERT ON public.shop_orders
+             REFERENCING NEW TABLE AS pipeline_rows FOR EACH STATEMENT
+             EXECUTE FUNCTION pipeline._capture_stage('order_made', '', 'id')",
+            "permission denied for function pipeline._capture_stage",
+        );
+        run("SET LOCAL ROLE pipeline_test_clerk");
         // Its real order is an event, as written.
         run("INSERT INTO public.shop_orders VALUES (1, 'real', '{a}')");
         run("RESET ROLE");
@@ -306,6 +327,20 @@ mod tests {
             &format!(
                 "INSERT INTO marketing.company_slots (company_id, slot_role, full_name, enrichment_status)
                  VALUES ({company}, 'ceo', 'Fake Person', 'enriched')"
+            ),
+            "may not insert a slot that is already enriched",
+        );
+        // One decided row among undecided ones of the same statement.
+        assert_error(
+            "INSERT INTO intake.company_raw_intake (company, website, validation_status)
+             VALUES ('A Co', 'https://a.example', 'pending'), ('B Co', 'https://b.example', 'invalid'),
+                    ('C Co', 'https://c.example', 'pending')",
+            "may not insert an intake row that is already validated",
+        );
+        assert_error(
+            &format!(
+                "INSERT INTO marketing.company_slots (company_id, slot_role, enrichment_source)
+                 VALUES ({company}, 'cto', NULL), ({company}, 'coo', 'apify')"
             ),
             "may not insert a slot that is already enriched",
         );

@@ -241,7 +241,7 @@ mod tests {
                 "SELECT count(*) FROM pipeline.stages s
                  JOIN pipeline.watches w USING (source_table, event_type, operation)
                  JOIN pg_trigger t ON t.tgrelid = w.source_table AND t.tgname = w.trigger_name
-                 WHERE t.tgfoid = 'pipeline._capture_sealed()'::regprocedure"
+                 WHERE t.tgfoid = 'pipeline._capture_stage()'::regprocedure"
             ),
             6
         );
