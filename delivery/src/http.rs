@@ -15,10 +15,11 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
-use ureq::unversioned::transport::DefaultConnector;
+use ureq::unversioned::transport::{Connector, DefaultConnector};
 use ureq::Proxy;
 
 use super::network::{Blocked, GuardedResolver, Network};
+use super::one_write::OneWrite;
 
 use super::signature::sign;
 use super::verdict::{retry_after, Verdict};
@@ -35,9 +36,12 @@ const READ_LIMIT: u64 = 64 * 1024;
 /// connections to it as their slots together, not only one endpoint's
 /// worth. Idle connections close after 15 s.
 const IDLE_CONNECTIONS: usize = 4096;
-/// A connection's read buffer: it holds a response's headers, which may be
-/// as large as ureq's limit (64 KiB).
+/// The buffer ureq reads an answer from: it holds a response's headers,
+/// which may be as large as ureq's limit (64 KiB).
 const INPUT_BUFFER: usize = 64 * 1024;
+/// The socket's (and TLS's) own read buffer, which the answer passes
+/// through on its way to the one above (one_write.rs).
+const SOCKET_INPUT_BUFFER: usize = 16 * 1024;
 /// A connection's write buffer (ureq's default is 128 KiB): requests are
 /// small, and a large body goes out in several writes.
 const OUTPUT_BUFFER: usize = 16 * 1024;
@@ -88,14 +92,18 @@ impl HttpClient {
             .max_redirects(0)
             .max_idle_connections(IDLE_CONNECTIONS)
             .max_idle_connections_per_host(IDLE_CONNECTIONS)
-            .input_buffer_size(INPUT_BUFFER)
+            .input_buffer_size(SOCKET_INPUT_BUFFER)
             .output_buffer_size(OUTPUT_BUFFER)
             .user_agent(concat!("pipeline_ext/", env!("CARGO_PKG_VERSION")))
             .build();
         Ok(HttpClient {
             agent: ureq::Agent::with_parts(
                 config,
-                DefaultConnector::default(),
+                // NB: last, after TLS: a request is one write (and one record).
+                DefaultConnector::default().chain(OneWrite {
+                    output: OUTPUT_BUFFER,
+                    input: INPUT_BUFFER,
+                }),
                 GuardedResolver::new(blocked),
             ),
         })

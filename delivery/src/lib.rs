@@ -7,7 +7,8 @@
 //! queue: the SQL both deliverers run and the rows it reads and writes;
 //! dispatch: lanes per endpoint, threads, handing outcomes back as they
 //! come; health: probing an endpoint that fails; http: one request;
-//! network: addresses never to connect to; redact: an endpoint's secrets
+//! network: addresses never to connect to; one_write: a request's head and
+//! body sent together; redact: an endpoint's secrets
 //! kept out of what is stored of its answers; signature: Standard
 //! Webhooks; verdict: what an answer means.
 
@@ -16,6 +17,7 @@ mod engine;
 mod health;
 mod http;
 mod network;
+mod one_write;
 pub mod queue;
 mod redact;
 mod signature;
