@@ -293,6 +293,78 @@ mod tests {
         assert_eq!(writes.iter().map(Vec::len).collect::<Vec<_>>(), [30, 15]);
     }
 
+    /// Through HttpClient and a real socket: the receiver's kernel counts
+    /// the segments that carried data.
+    #[test]
+    fn a_request_reaches_the_receiver_in_one_segment() {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        use std::os::fd::AsRawFd;
+        use std::time::{Duration, Instant};
+
+        const BODY: &str = r#"{"id": 7, "data": {"new": {"company": "Acme"}}}"#;
+        fn data_segments_in(socket: &TcpStream) -> u32 {
+            // SAFETY: tcp_info is integers only, for which all zeroes is a
+            // value.
+            let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            // SAFETY: the kernel writes at most `len` bytes into `info`, which
+            // is that large, for a socket this thread holds open.
+            let rc = unsafe {
+                libc::getsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_INFO,
+                    (&mut info as *mut libc::tcp_info).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+            info.tcpi_data_segs_in
+        }
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let receiver = std::thread::spawn(move || {
+            let (mut socket, _) = listener.accept().unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 8192];
+            while !got.ends_with(BODY.as_bytes()) {
+                let n = socket.read(&mut buf).unwrap();
+                assert!(n > 0, "the request ended early: {got:?}");
+                got.extend_from_slice(&buf[..n]);
+            }
+            socket
+                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .unwrap();
+            data_segments_in(&socket)
+        });
+        let endpoint = crate::Endpoint::from_row(
+            "company_created",
+            &url,
+            "POST",
+            "{}",
+            None,
+            Some(5000),
+            None,
+            None,
+            Duration::from_secs(5),
+            1,
+        )
+        .unwrap();
+        let job = crate::Job {
+            event_id: 7,
+            attempt: 1,
+            endpoint: std::sync::Arc::new(endpoint),
+            body: BODY.to_string(),
+            deadline: Instant::now() + Duration::from_secs(5),
+        };
+        let client = crate::HttpClient::new(None, None, Vec::new()).unwrap();
+        let attempt = client.send(&job);
+        assert_eq!(attempt.status_code, Some(204), "{attempt:?}");
+        assert_eq!(receiver.join().unwrap(), 1, "head and body in one segment");
+    }
+
     #[test]
     fn an_answer_larger_than_the_connection_buffer_is_read_whole() {
         let answer: Vec<u8> = (0..300u32).map(|i| (i % 251) as u8).collect();
