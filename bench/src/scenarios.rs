@@ -89,10 +89,7 @@ pub(crate) fn reset(bench: &mut Bench) {
                     DECLARE
                         k integer;
                     BEGIN
-                        FOR k IN SELECT substr(c.relname, 17)::integer FROM pg_catalog.pg_inherits i
-                                 JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
-                                 WHERE i.inhparent = 'marketing.pipeline_events'::regclass
-                                   AND substr(c.relname, 17)::integer > 1 LOOP
+                        FOR k IN SELECT p.k FROM pipeline._event_partitions() p WHERE p.k > 1 LOOP
                             EXECUTE format('DROP TABLE marketing.%I, marketing.%I',
                                            'pipeline_events_' || k, 'pipeline_delivery_attempts_' || k);
                         END LOOP;
@@ -327,8 +324,7 @@ fn on_partitions(bench: &mut Bench, statement: &str) {
          DECLARE
              p regclass;
          BEGIN
-             FOR p IN SELECT i.inhrelid::regclass FROM pg_catalog.pg_inherits i
-                      WHERE i.inhparent = 'marketing.pipeline_events'::regclass LOOP
+             FOR p IN SELECT e.events FROM pipeline._event_partitions() e LOOP
                  EXECUTE format('{statement}', p);
              END LOOP;
          END
